@@ -1,0 +1,14 @@
+"""fxprune: structural pruning on the traced graph, with proof and honest numbers.
+
+>>> import fxprune
+>>> result = fxprune.compile(model, example_inputs, channels=0.5)
+>>> fxprune.verify.equivalence(model, result, example_inputs).ok
+"""
+
+from fxprune import errors, verify
+from fxprune.api import apply_plan, compile, load
+from fxprune.plan import CompileResult, Plan
+
+__version__ = "0.1.0"
+
+__all__ = ["CompileResult", "Plan", "apply_plan", "compile", "errors", "load", "verify"]

@@ -1,0 +1,239 @@
+"""``fxprune.compile`` and ``fxprune.apply_plan``: copy -> trace -> dependency graph -> passes."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fxprune.errors import ConfigError, UnsupportedModelError
+from fxprune.graph import trace
+from fxprune.graph.trace import as_args
+from fxprune.passes import run_passes
+from fxprune.passes.channels import Channels, prune_channels
+from fxprune.plan import CompileResult, LayerRow, Plan, Summary
+from fxprune.stats import layer_stats
+
+PASSES = {"channels": (prune_channels, Channels)}
+
+
+def check_tied(model: nn.Module) -> None:
+    """Refuse models whose parameters are shared under two names (slicing one slices both)."""
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            raise UnsupportedModelError(
+                f"parameters '{seen[id(p)]}' and '{name}' are the same tensor (tied weights): "
+                "fxprune does not prune tied weights; untie them (clone one) or add both layers "
+                "to ignore= and leaf_modules="
+            )
+        seen[id(p)] = name
+
+
+def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
+    """Expand names / globs / module types to module names; unknown entries are an error."""
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for p in patterns:
+        if isinstance(p, type):
+            hit = [n for n, m in model.named_modules() if n and isinstance(m, p)]
+            if not hit:
+                raise ConfigError(f"{what}: no module of type {p.__name__} in the model")
+            out += hit
+        elif isinstance(p, nn.Module):
+            hit = [n for n, m in model.named_modules() if m is p]
+            if not hit:
+                raise ConfigError(f"{what}: the given {type(p).__name__} is not part of the model")
+            out += hit
+        elif isinstance(p, str):
+            hit = [n for n in names if n == p or fnmatch.fnmatchcase(n, p)]
+            if not hit:
+                close = [n for n in names if p.split(".")[-1] in n][:3]
+                raise ConfigError(
+                    f"{what}: {p!r} matches no module name"
+                    + (f" (did you mean {close}?)" if close else "")
+                )
+            out.append(p)
+        else:
+            raise ConfigError(f"{what}: entries must be names, module types or modules, got {p!r}")
+    return tuple(out)
+
+
+def _summary(before: dict, after: dict) -> Summary:
+    rows = []
+    for layer in sorted(set(before) | set(after)):
+        b, a = (
+            before.get(layer, {"params": 0, "macs": 0}),
+            after.get(layer, {"params": 0, "macs": 0}),
+        )
+        rows.append(LayerRow(layer, b["params"], a["params"], b["macs"], a["macs"]))
+    return Summary(rows)
+
+
+def _inputs_spec(args: tuple) -> list[dict]:
+    spec = []
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            raise ConfigError(f"example_inputs must be tensors, got {type(a).__name__}")
+        spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
+    return spec
+
+
+def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config):
+    t0 = time.perf_counter()
+    check_tied(model)
+    work = model if inplace else copy.deepcopy(model)
+    was_training = model.training
+    work.eval()
+    traced = trace(work, args, mode=mode, leaf_modules=leaf_modules)
+    gm = traced.gm
+    before = layer_stats(gm)
+    _, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
+    from fxprune.graph import build_graph
+
+    barriers = (
+        build_graph(gm, allow_approximate=allow_approximate).barrier_report()
+        if any(r.changed for r in results)
+        else _barriers(gm, allow_approximate)
+    )
+    after = layer_stats(gm)
+    if traced.mode == "fx":
+        gm.train(was_training)
+    model.train(was_training)
+    plan = Plan(
+        traced.mode,
+        _inputs_spec(args),
+        config,
+        [{"name": r.name, "kept": r.kept} for r in results if r.changed],
+    )
+    return CompileResult(
+        gm,
+        plan,
+        _summary(before, after),
+        barriers,
+        results,
+        approximate=any(r.approximate_groups for r in results),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _barriers(gm, allow_approximate):
+    from fxprune.graph import build_graph
+
+    return build_graph(gm, allow_approximate=allow_approximate).barrier_report()
+
+
+def compile(  # noqa: A001 - the public name the project promises
+    model: nn.Module,
+    example_inputs,
+    *,
+    channels: float = 0.0,
+    importance: str = "l1",
+    ignore: Sequence[str | type | nn.Module] = (),
+    layer_ratios: Mapping[str, float] | None = None,
+    round_to: int = 1,
+    min_channels: int = 1,
+    global_ranking: bool = False,
+    allow_approximate: bool = False,
+    mode: str = "auto",
+    leaf_modules: Sequence[str | type] = (),
+    inplace: bool = False,
+    seed: int = 0,
+) -> CompileResult:
+    """Prune ``model`` structurally and return the smaller model with its plan and summary.
+
+    Args:
+        model: the dense model. It is copied and left untouched unless ``inplace=True``.
+        example_inputs: a tensor or tuple of tensors with the shapes used at inference.
+        channels: fraction of each coupled group's channels to remove, in [0, 1).
+        importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` or ``"random"``, scored over the group.
+        ignore: modules (names, globs, types or module objects) whose output channels stay.
+        layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
+        round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
+        min_channels: never keep fewer channels than this in a group.
+        global_ranking: rank channels across groups instead of a ratio per group.
+        allow_approximate: also prune groups whose removal cannot be exact (a LayerNorm over
+            the channel dim); they are reported as approximate.
+        mode: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+        leaf_modules: submodules torch.fx must not trace into (their channels are kept).
+        inplace: prune ``model``'s own layers (the runnable result is still ``.module``).
+        seed: for ``importance="random"``.
+
+    Returns:
+        A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
+
+    Raises:
+        ConfigError: an option is out of range or names nothing in the model.
+        TraceError: the model could not be captured (the message names the part).
+        UnsupportedModelError: tied weights or non-tensor outputs.
+
+    Example:
+        >>> import torch, torchvision, fxprune
+        >>> m = torchvision.models.resnet18()
+        >>> r = fxprune.compile(m, torch.randn(1, 3, 224, 224), channels=0.5, ignore=["fc"])
+        >>> r.summary.params_ratio < 0.35
+        True
+    """
+    args = as_args(example_inputs)
+    _inputs_spec(args)
+    ignore_t = resolve_names(model, ignore, "ignore")
+    ratios = tuple((layer_ratios or {}).items())
+    resolve_names(model, [k for k, _ in ratios], "layer_ratios")
+    cfg = Channels(
+        channels, importance, ignore_t, ratios, round_to, min_channels, global_ranking, seed
+    )
+    config = {
+        "channels": channels,
+        "importance": importance,
+        "ignore": list(ignore_t),
+        "layer_ratios": dict(ratios),
+        "round_to": round_to,
+        "min_channels": min_channels,
+        "global_ranking": global_ranking,
+        "allow_approximate": allow_approximate,
+        "seed": seed,
+    }
+    passes = [(prune_channels, cfg)] if (channels or ratios) else []
+    return _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan | dict | str,
+    example_inputs=None,
+    leaf_modules: Sequence[str | type] = (),
+) -> CompileResult:
+    """Rebuild a plan's pruned architecture from a fresh dense ``model`` (weights sliced from it).
+
+    Load a saved pruned state_dict into ``result.module`` afterwards, or use :func:`load`.
+    ``example_inputs`` default to zeros of the shapes recorded in the plan.
+    """
+    if isinstance(plan, str):
+        plan = Plan.from_json(plan)
+    elif isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    args = as_args(example_inputs) if example_inputs is not None else plan.example_inputs()
+    passes = []
+    for entry in plan.passes:
+        if entry["name"] not in PASSES:
+            raise ConfigError(f"plan has unknown pass {entry['name']!r}")
+        fn, cfg_cls = PASSES[entry["name"]]
+        passes.append((fn, cfg_cls(kept=entry["kept"])))
+    allow = bool(plan.config.get("allow_approximate", False))
+    return _run(model, args, passes, plan.mode, leaf_modules, allow, False, plan.config)
+
+
+def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResult:
+    """Load a checkpoint written by ``CompileResult.save`` onto a fresh dense ``model``.
+
+    Uses ``torch.load(weights_only=True)`` unless ``trust=True``.
+    """
+    ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
+    res = apply_plan(model, ckpt["plan"])
+    res.module.load_state_dict(ckpt["state_dict"])
+    return res

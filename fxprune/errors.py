@@ -1,0 +1,48 @@
+"""Every error fxprune raises derives from :class:`FxPruneError`.
+
+User mistakes (bad arguments, untraceable models) are typed errors with a message that names the
+argument, node or layer and says what to do; ``assert`` is kept for internal invariants.
+"""
+
+from __future__ import annotations
+
+
+class FxPruneError(Exception):
+    """Base class of all fxprune errors."""
+
+
+class ConfigError(FxPruneError, ValueError):
+    """An option is out of range or refers to something that does not exist."""
+
+
+class TraceError(FxPruneError):
+    """Neither torch.fx symbolic tracing nor torch.export could capture the model."""
+
+
+class UnsupportedModelError(FxPruneError):
+    """The model has a property fxprune refuses to prune (tied weights, non-tensor outputs, ...)."""
+
+
+class UnsupportedOpError(FxPruneError):
+    """An operator has no coupling rule and the caller asked for strict handling."""
+
+
+class PassError(FxPruneError):
+    """A pass produced a graph that does not run; names the pass and the node."""
+
+
+class PlanError(FxPruneError):
+    """A saved plan does not match the model it is applied to."""
+
+
+class ExportError(FxPruneError):
+    """An exporter failed (validation, tolerance, missing extra)."""
+
+
+class MissingExtraError(FxPruneError, ImportError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(f"{purpose} needs the '{package}' package: pip install 'fxprune[{extra}]'")
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,78 @@
+"""Apply a removal: slice every parameter, fix module attributes and shape constants, re-check."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fxprune.errors import PassError
+from fxprune.graph.depgraph import DependencyGraph
+from fxprune.graph.rules import keep_along
+from fxprune.graph.trace import propagate_shapes
+
+
+def param_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """For each parameter that shrinks: dim -> bool mask of the indices that stay."""
+    keeps: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for name, dims in graph.params.items():
+        for d, pd in dims.items():
+            m = ~removed[pd.vec]
+            if not m.all():
+                keeps[name][d] = m
+    for name, arr in graph.param_arrays.items():
+        for d in range(arr.ndim):
+            if arr.shape[d] > 1:
+                m = keep_along(removed, arr, d)
+                if not m.all():
+                    keeps[name][d] = keeps[name].get(d, np.ones_like(m)) & m
+    return dict(keeps)
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    old = getattr(mod, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        setattr(mod, attr, value)
+
+
+def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[int, np.ndarray]]:
+    """Remove ``units`` from ``graph.gm`` in place and check the result still runs (on fake data).
+
+    Returns the per-parameter kept masks (used by the equivalence check and the plan).
+    Raises PassError naming the node whose shapes no longer fit.
+    """
+    gm = graph.gm
+    removed = graph.removed_mask(units)
+    keeps = param_keeps(graph, removed)
+    with torch.no_grad():
+        for name, dims in keeps.items():
+            t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
+            new = t.detach()
+            for d, m in dims.items():
+                idx = torch.as_tensor(np.nonzero(m)[0], device=t.device)
+                new = new.index_select(d, idx)
+            set_tensor(gm, name, new.contiguous())
+    for _node, fn in graph.rewrites:
+        fn(removed)
+    gm.recompile()
+    try:
+        propagate_shapes(gm, args)
+    except Exception as e:  # noqa: BLE001
+        raise PassError(f"the pruned graph does not run: {e}") from e
+    return keeps
+
+
+def _is_param(gm, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False

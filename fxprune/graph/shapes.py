@@ -1,0 +1,419 @@
+"""Coupling rules for shape operators: reshape, permute, cat, split, indexing, matmul, shuffle.
+
+Channels survive these ops but move: a concat puts them at offsets, a split takes a slice, a view
+merges them with spatial positions. Each rule moves the atom array the same way the op moves the
+data, and registers a rewrite for every constant (split sizes, slice bounds, view sizes) that
+encodes a channel count.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.graph.depgraph import Analysis, compress, varying_dims
+from fxprune.graph.rules import (
+    align,
+    arg,
+    barrier,
+    elementwise,
+    keep_along,
+    new_sizes,
+    none_output,
+    out_ndim,
+    rule,
+    set_arg,
+)
+from fxprune.graph.trace import tensor_meta
+
+aten = torch.ops.aten
+
+
+# ---- shape ops ----------------------------------------------------------------------------------
+
+
+def reshape_blocks(src: tuple[int, ...], dst: tuple[int, ...]):
+    """Pair runs of input dims with runs of output dims whose sizes multiply to the same number."""
+    blocks, i, j = [], 0, 0
+    while i < len(src) and j < len(dst):
+        I, J, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                I.append(i)
+                pi *= src[i]
+                i += 1
+            elif j < len(dst):
+                J.append(j)
+                pj *= dst[j]
+                j += 1
+            else:
+                return None
+        blocks.append((I, J))
+    if not blocks:
+        return [(list(range(len(src))), list(range(len(dst))))]
+    blocks[-1][0].extend(range(i, len(src)))
+    blocks[-1][1].extend(range(j, len(dst)))
+    return blocks
+
+
+def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.ndarray | None:
+    """Move atoms through a reshape; None when it cannot be followed."""
+    if 0 in src or 0 in dst:
+        return None
+    blocks = reshape_blocks(tuple(src), tuple(dst))
+    if blocks is None:
+        return None
+    active_in = set()
+    full_in, full_out = [], []
+    for I, J in blocks:
+        act = any(X.shape[d] > 1 for d in I)
+        if act:
+            active_in.update(I)
+        full_in += [src[d] if act else 1 for d in I]
+        full_out += [dst[d] if act else 1 for d in J]
+    out = np.broadcast_to(X, full_in).reshape(full_out)
+    out = compress(out)
+    for I, J in blocks:
+        vary_in = [d for d in I if X.shape[d] > 1]
+        vary_out = [d for d in J if out.shape[d] > 1]
+        if len(vary_in) == 1 and len(vary_out) > 1:
+            # One channel dim split into several (channel shuffle, heads): keep the largest as the
+            # channel dim and couple the others, so removal stays a whole slice.
+            primary = max(vary_out, key=lambda d: (out.shape[d], d))
+            ref = out
+            for d in vary_out:
+                if d != primary:
+                    ref = ref.take([0], axis=d)
+            ctx.union(out, ref)
+            out = ref
+    if len(varying_dims(out)) > 1:
+        ctx.multi_arrays.append((node.name, out))
+    return out
+
+
+def _size_args(node: fx.Node):
+    """(start index, sizes) of the size arguments of view/reshape/expand-like calls."""
+    if node.op == "call_method":
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            return 1, list(node.args[1])
+        return 2, list(node.args[1:])
+    return 1, list(arg(node, 1, "shape", []) or [])
+
+
+def _rewrite_sizes(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
+    start, sizes = _size_args(node)
+    if len(sizes) != len(dense_shape) or not any(
+        isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 for d, s in enumerate(sizes)
+    ):
+        return
+
+    def fix(removed):
+        new = new_sizes(removed, out_arr, dense_shape)
+        fixed = [
+            new[d] if isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 else s
+            for d, s in enumerate(sizes)
+        ]
+        if start == 2:  # method form: x.view(a, b, c)
+            node.args = (node.args[0], *fixed)
+        elif node.op == "call_method":
+            node.args = (node.args[0], tuple(fixed))
+        else:
+            set_arg(
+                node,
+                1,
+                "shape",
+                list(fixed) if isinstance(arg(node, 1, "shape"), list) else tuple(fixed),
+            )
+
+    ctx.on_apply(node, fix)
+
+
+# fmt: off
+@rule(
+    torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, aten.view, aten.reshape,
+    aten._unsafe_view, aten.flatten, aten.squeeze, aten.unsqueeze, aten.unflatten, nn.Flatten,
+    nn.Unflatten, torch.unflatten, "method:view", "method:reshape", "method:flatten",
+    "method:squeeze", "method:unsqueeze", "method:unflatten", "method:view_as",
+    "method:reshape_as",
+)
+# fmt: on
+def _reshape(ctx, node):
+    x = node.args[0]
+    X, t, o = ctx.atoms(x), tensor_meta(x), tensor_meta(node)
+    if X is None or o is None:
+        return none_output(node)
+    out = reshape_atoms(ctx, node, X, tuple(t.shape), tuple(o.shape))
+    if out is None:
+        return barrier(ctx, node, "reshape the analysis cannot follow")
+    if node.target in (
+        torch.reshape,
+        aten.view,
+        aten.reshape,
+        aten._unsafe_view,
+        "view",
+        "reshape",
+    ) or getattr(node.target, "overloadpacket", None) in (aten.view, aten.reshape):
+        _rewrite_sizes(ctx, node, out, tuple(o.shape))
+    return out
+
+
+# fmt: off
+@rule(
+    torch.permute, torch.transpose, torch.t, torch.movedim, torch.swapaxes, aten.permute,
+    aten.transpose, aten.t, aten.movedim, aten.swapaxes, "method:permute", "method:transpose",
+    "method:t", "method:movedim", "method:swapaxes",
+)
+# fmt: on
+def _permute(ctx, node):
+    X = ctx.atoms(node.args[0])
+    nd = X.ndim
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = str(getattr(node.target, "overloadpacket", name)).split(".")[-1]
+    if name == "permute":
+        dims = (
+            node.args[1:]
+            if node.op == "call_method" and not isinstance(node.args[1], (tuple, list))
+            else arg(node, 1, "dims")
+        )
+        perm = [d % nd for d in dims]
+    elif name == "t":
+        perm = list(range(nd))[::-1]
+    else:  # transpose / swapaxes / movedim of two dims
+        a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        if name == "movedim":
+            return np.moveaxis(X, a, b)
+        perm = list(range(nd))
+        perm[a % nd], perm[b % nd] = perm[b % nd], perm[a % nd]
+    return np.transpose(X, perm)
+
+
+@rule(aten.expand, "method:expand", torch.broadcast_to, aten.broadcast_to)
+def _expand(ctx, node):
+    X, o = ctx.atoms(node.args[0]), tensor_meta(node)
+    out = align(X, o.ndim)
+    _rewrite_sizes(ctx, node, out, tuple(o.shape))
+    return out
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat)
+def _cat(ctx, node):
+    tensors = [a for a in arg(node, 0, "tensors") if isinstance(a, fx.Node)]
+    nd = out_ndim(node)
+    d = arg(node, 1, "dim", 0) % nd
+    arrs = [align(ctx.atoms(a), nd) for a in tensors]
+    if all(a.shape[d] == 1 for a in arrs):
+        # Concatenating along a dim without channels (tokens, space): same channels in every part.
+        return elementwise(ctx, node, tensors)
+    other = np.broadcast_shapes(
+        *[tuple(1 if i == d else s for i, s in enumerate(a.shape)) for a in arrs]
+    )
+    parts = []
+    for a, t in zip(arrs, tensors, strict=True):
+        shape = list(other)
+        shape[d] = tensor_meta(t).shape[d]
+        parts.append(np.broadcast_to(a, shape))
+    out = compress(np.concatenate(parts, axis=d))
+    if len(varying_dims(out)) > 1:
+        ctx.multi_arrays.append((node.name, out))
+    return out
+
+
+# fmt: off
+@rule(
+    torch.split, torch.chunk, torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk,
+    aten.tensor_split, "method:split", "method:chunk", "method:tensor_split", aten.unbind,
+    torch.unbind, "method:unbind",
+)
+# fmt: on
+def _split(ctx, node):
+    x = node.args[0]
+    X, t = ctx.atoms(x), tensor_meta(x)
+    outs = node.meta.get("val")
+    name = (
+        node.target
+        if isinstance(node.target, str)
+        else str(getattr(node.target, "overloadpacket", getattr(node.target, "__name__", "")))
+    )
+    name = name.split(".")[-1]
+    d = arg(node, 2 if name != "unbind" else 1, "dim", 0) % t.ndim
+    if X.shape[d] == 1:
+        return tuple(np.delete(X, d, axis=d) if name == "unbind" else X for _ in outs)
+    if name in ("unbind", "tensor_split"):
+        return barrier(ctx, node, f"{name} along a channel dim")
+    sizes = [o.shape[d] for o in outs]
+    offs = np.cumsum([0] + sizes)
+    pieces = tuple(X.take(range(offs[i], offs[i + 1]), axis=d) for i in range(len(sizes)))
+
+    def fix(removed):
+        new = [int(keep_along(removed, p, d).sum()) for p in pieces]
+        if node.op == "call_method":
+            node.target = "split"
+            node.args, node.kwargs = (node.args[0], new, d), {}
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], new, d), {}
+        else:
+            node.target = torch.split
+            node.args, node.kwargs = (node.args[0], new, d), {}
+
+    ctx.on_apply(node, fix)
+    return pieces
+
+
+@rule(operator.getitem)
+def _getitem(ctx, node):
+    src, idx = node.args
+    v = ctx.values.get(src)
+    if isinstance(v, (tuple, list)):
+        return v[idx]
+    X, t = ctx.atoms(src), tensor_meta(src)
+    if X is None:
+        return none_output(node)
+    return _index(ctx, node, X, tuple(t.shape), idx)
+
+
+def _index(ctx, node, X, shape, idx):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
+        # Advanced indexing: follow it only when no channel dim is indexed.
+        if varying_dims(X):
+            return barrier(ctx, node, "tensor indexing on a tensor with channels")
+        return none_output(node)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out_dims, d, rewrites = [], 0, []
+    arr = X
+    for k, i in enumerate(idx):
+        if i is Ellipsis:
+            skip = X.ndim - n_real
+            out_dims += [(dd, slice(None)) for dd in range(d, d + skip)]
+            d += skip
+        elif i is None:
+            out_dims.append((None, None))
+        elif isinstance(i, int):
+            if X.shape[d] > 1:
+                ctx.block(X.take([i], axis=d), node, "selects one channel")
+                rewrites.append((k, d, i))
+            out_dims.append((d, i))
+            d += 1
+        elif isinstance(i, slice):
+            if X.shape[d] > 1 and i.step not in (None, 1):
+                return barrier(ctx, node, "strided slice along a channel dim")
+            if X.shape[d] > 1 and (i.start not in (None, 0) or i.stop is not None):
+                rewrites.append((k, d, i))
+            out_dims.append((d, i))
+            d += 1
+        else:
+            return barrier(ctx, node, f"index {i!r}")
+    out_dims += [(dd, slice(None)) for dd in range(d, X.ndim)]
+    pieces = []
+    for dd, i in out_dims:
+        if dd is None:
+            pieces.append(None)
+        elif X.shape[dd] == 1:
+            pieces.append(0 if isinstance(i, int) else slice(None))
+        else:
+            pieces.append(i)
+    arr = X[tuple(pieces)]
+    if rewrites:
+
+        def fix(removed):
+            new = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+            for k, dd, i in rewrites:
+                keep = keep_along(removed, X, dd)
+                before = np.concatenate([[0], np.cumsum(keep)])
+                n = shape[dd]
+                if isinstance(i, int):
+                    new[k] = int(before[i % n])
+                else:
+                    s, e, _ = i.indices(n)
+                    new[k] = slice(int(before[s]), int(before[e]), None)
+            node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0])
+
+        ctx.on_apply(node, fix)
+    return arr
+
+
+@rule(aten.slice)
+def _aten_slice(ctx, node):
+    x = node.args[0]
+    X, t = ctx.atoms(x), tensor_meta(x)
+    d = arg(node, 1, "dim", 0) % t.ndim
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+    if X.shape[d] == 1:
+        return X
+    if step != 1 or isinstance(start, fx.Node) or isinstance(end, fx.Node):
+        return barrier(ctx, node, "strided or computed slice along a channel dim")
+    s, e, _ = slice(start, end).indices(t.shape[d])
+    out = X.take(range(s, e), axis=d)
+
+    def fix(removed):
+        keep = keep_along(removed, X, d)
+        before = np.concatenate([[0], np.cumsum(keep)])
+        set_arg(node, 2, "start", int(before[s]))
+        set_arg(node, 3, "end", int(before[e]))
+
+    ctx.on_apply(node, fix)
+    return out
+
+
+@rule(aten.select)
+def _aten_select(ctx, node):
+    x = node.args[0]
+    X, t = ctx.atoms(x), tensor_meta(x)
+    d = arg(node, 1, "dim") % t.ndim
+    if X.shape[d] > 1:
+        return barrier(ctx, node, "selects one channel")
+    return np.delete(X, d, axis=d) if X.ndim else X
+
+
+# ---- channel mixing without weights -------------------------------------------------------------
+
+
+# fmt: off
+@rule(
+    torch.matmul, torch.bmm, operator.matmul, aten.matmul, aten.bmm, aten.mm, "method:matmul",
+    "method:bmm",
+)
+# fmt: on
+def _matmul(ctx, node):
+    a, b = node.args[0], node.args[1]
+    A, B = ctx.atoms(a), ctx.atoms(b)
+    if A is None or B is None or A.ndim < 2 or B.ndim < 2:
+        return barrier(ctx, node, "vector matmul")
+    if A.shape[-1] > 1 or B.shape[-2] > 1:
+        ctx.block(A, node, "contracts a dim that carries channels")
+        ctx.block(B, node, "contracts a dim that carries channels")
+        return none_output(node)
+    nd = out_ndim(node)
+    rows, cols = align(A, nd), align(B, nd)  # [..., n, 1] and [..., 1, m]
+    if rows.shape[-2] > 1 and cols.shape[-1] > 1:
+        return barrier(ctx, node, "both operands carry channels")
+    return elementwise_arrays(ctx, node, [rows, cols])
+
+
+def elementwise_arrays(ctx, node, arrs):
+    out = np.broadcast_arrays(*arrs)
+    res = out[0].copy()
+    for s in out[1:]:
+        ctx.union(res, s)
+        res = np.where(res >= 0, res, s)
+    return res
+
+
+@rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, aten.channel_shuffle)
+def _channel_shuffle(ctx, node):
+    X = ctx.atoms(node.args[0])
+    g = ctx.modules[node.target].groups if node.op == "call_module" else arg(node, 1, "groups")
+    if X.ndim < 2 or X.shape[1] == 1:
+        return X
+    c = X.shape[1]
+    grid = X.reshape(X.shape[:1] + (g, c // g) + X.shape[2:])
+    ref = grid.take([0], axis=1)
+    ctx.union(grid, ref)  # channel j of every shuffle group goes together
+    return np.repeat(np.squeeze(ref, axis=1), g, axis=1)

@@ -1,0 +1,78 @@
+"""Importance criteria, scored over every weight coupled to a unit (the whole group, not one layer).
+
+A unit's score sums the magnitude of every weight slice that would be deleted with it: the rows of
+the producing convs/linears, the columns of the consuming ones and the norm scales. This is the
+"group" magnitude of Torch-Pruning's ``GroupMagnitudeImportance`` computed directly on fxprune's
+units (see docs/design.md for why Torch-Pruning's classes are not called directly).
+
+| criterion  | cost                   | score of a unit                                         |
+|------------|------------------------|---------------------------------------------------------|
+| ``l1``     | weights only           | sum of abs over its conv/linear/embedding/norm slices    |
+| ``l2``     | weights only           | sqrt of the sum of squares over the same slices          |
+| ``bn_scale``| weights only          | sum of abs of its norm scales (gamma); l1 where none     |
+| ``random`` | none                   | uniform random (a baseline)                              |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fxprune.graph.depgraph import DependencyGraph, Group
+
+CRITERIA = ("l1", "l2", "bn_scale", "random")
+
+
+def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> np.ndarray:
+    scores = np.zeros(graph.n_atoms, dtype=np.float64)
+    gm = graph.gm
+    with torch.no_grad():
+        for name, dims in graph.params.items():
+            try:
+                w = gm.get_parameter(name)
+            except AttributeError:
+                continue
+            w = w.detach().float().abs() if power == 1 else w.detach().float().pow(2)
+            for d, pd in dims.items():
+                if pd.role not in roles:
+                    continue
+                other = [k for k in range(w.ndim) if k != d]
+                s = (w.sum(dim=other) if other else w).cpu().numpy().astype(np.float64)
+                ok = pd.vec >= 0
+                np.add.at(scores, pd.vec[ok], s[ok])
+    return scores
+
+
+def unit_scores(graph: DependencyGraph, criterion: str, seed: int = 0) -> dict[int, float]:
+    """Score every unit of every group; higher means more important."""
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return {u: float(rng.random()) for g in graph.groups for u in g.units}
+    n_units = int(graph.label.max()) + 1 if graph.n_atoms else 0
+
+    def by_unit(roles, power):
+        per_atom = _atom_scores(graph, roles, power)
+        s = np.bincount(graph.label, weights=per_atom, minlength=n_units)
+        return np.sqrt(s) if power == 2 else s
+
+    if criterion in ("l1", "l2"):
+        s = by_unit(("weight", "norm"), 1 if criterion == "l1" else 2)
+        return {u: float(s[u]) for g in graph.groups for u in g.units}
+    if criterion == "bn_scale":
+        bn = by_unit(("norm",), 1)
+        l1 = None
+        out = {}
+        for g in graph.groups:
+            if any(bn[u] > 0 for u in g.units):
+                out.update({u: float(bn[u]) for u in g.units})
+            else:  # no norm in this group: fall back to the weights' l1
+                l1 = by_unit(("weight", "norm"), 1) if l1 is None else l1
+                out.update({u: float(l1[u]) for u in g.units})
+        return out
+    raise ValueError(f"unknown importance {criterion!r}; choose one of {CRITERIA}")
+
+
+def group_mean(scores: dict[int, float], group: Group) -> float:
+    vals = [scores[u] for u in group.units]
+    m = float(np.mean(vals)) if vals else 0.0
+    return m if m > 0 else 1.0

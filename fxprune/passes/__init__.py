@@ -1,0 +1,54 @@
+"""Graph passes and the runner that applies them in a fixed order.
+
+A pass has one signature, ``pass_fn(graph: DependencyGraph, cfg, args) -> PassResult``: it decides
+what to remove (or replays a decision recorded in ``cfg``), applies it through
+``fxprune.graph.rewrite.apply_removal`` and reports what changed. The runner rebuilds the dependency
+graph after every pass that changed the model and names the failing pass (and the passes before it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxprune.errors import FxPruneError, PassError
+from fxprune.graph import DependencyGraph, build_graph
+
+
+@dataclass
+class PassResult:
+    """What a pass did."""
+
+    name: str
+    changed: bool
+    removed_units: list[int] = field(default_factory=list)
+    kept: dict[str, list[int]] = field(default_factory=dict)  # layer -> kept output indices
+    zero: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # consumer keep masks
+    approximate_groups: int = 0
+    details: dict = field(default_factory=dict)
+
+
+PassFn = Callable[..., PassResult]
+
+
+def run_passes(
+    gm, passes: list[tuple[PassFn, object]], args: tuple, allow_approximate: bool = False
+) -> tuple[DependencyGraph, list[PassResult]]:
+    """Run ``passes`` (function, config) in order on ``gm``; return the final graph and results."""
+    graph = build_graph(gm, allow_approximate=allow_approximate)
+    results: list[PassResult] = []
+    for fn, cfg in passes:
+        try:
+            res = fn(graph, cfg, args)
+        except FxPruneError as e:
+            done = ", ".join(r.name for r in results) or "none"
+            raise type(e)(f"pass {fn.__name__} failed (after: {done}): {e}") from e
+        except Exception as e:  # noqa: BLE001 - an internal failure still names the pass
+            done = ", ".join(r.name for r in results) or "none"
+            raise PassError(f"pass {fn.__name__} failed (after: {done}): {e}") from e
+        results.append(res)
+        if res.changed:
+            graph = build_graph(gm, allow_approximate=allow_approximate)
+    return graph, results

@@ -1,0 +1,184 @@
+"""The plan (a versioned JSON record of what was kept) and the result of ``fxprune.compile``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """What a compile did, enough to rebuild the pruned architecture from a fresh dense model.
+
+    ``passes`` holds one entry per pass that changed the model, in order, with the kept output
+    indices of every layer that shrank: ``{"name": "channels", "kept": {"layer1.0.conv1": [...]}}``.
+    """
+
+    mode: str
+    inputs: list[dict]  # [{"shape": [...], "dtype": "float32"}] to rebuild example inputs
+    config: dict
+    passes: list[dict] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "inputs": self.inputs,
+            "config": self.config,
+            "passes": self.passes,
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        from fxprune.errors import PlanError
+
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"plan version {d.get('version')!r} is not supported "
+                f"(this fxprune reads version {PLAN_VERSION})"
+            )
+        return cls(d["mode"], d["inputs"], d.get("config", {}), d.get("passes", []), d["version"])
+
+    @classmethod
+    def from_json(cls, s: str) -> Plan:
+        return cls.from_dict(json.loads(s))
+
+    def example_inputs(self) -> tuple:
+        """Zero tensors with the recorded shapes (tracing only needs shapes)."""
+        return tuple(torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in self.inputs)
+
+
+@dataclass
+class LayerRow:
+    layer: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+@dataclass
+class Summary:
+    """Parameters and MACs before / after, per layer and in total."""
+
+    layers: list[LayerRow]
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def macs_before(self) -> int:
+        return sum(r.macs_before for r in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(r.macs_after for r in self.layers)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def table(self, top: int | None = 20) -> str:
+        """A text table: the layers that changed most, then the totals."""
+        rows = [
+            r
+            for r in self.layers
+            if (r.params_before, r.macs_before) != (r.params_after, r.macs_after)
+        ]
+        rows.sort(key=lambda r: r.macs_before - r.macs_after, reverse=True)
+        shown = rows[:top] if top else rows
+        w = max([len(r.layer) for r in shown] + [5])
+        lines = [f"{'layer':<{w}}  {'params':>21}  {'MACs':>25}"]
+        for r in shown:
+            lines.append(
+                f"{r.layer:<{w}}  {_num(r.params_before):>9} -> {_num(r.params_after):>8}"
+                f"  {_num(r.macs_before):>11} -> {_num(r.macs_after):>10}"
+            )
+        if top and len(rows) > top:
+            lines.append(f"... {len(rows) - top} more layers changed")
+        lines.append(
+            f"{'total':<{w}}  {_num(self.params_before):>9} -> {_num(self.params_after):>8}"
+            f"  {_num(self.macs_before):>11} -> {_num(self.macs_after):>10}"
+        )
+        lines.append(f"{'ratio':<{w}}  {self.params_ratio:>21.3f}  {self.macs_ratio:>25.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "layers": [vars(r) for r in self.layers],
+        }
+
+
+def _num(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@dataclass
+class CompileResult:
+    """What ``fxprune.compile`` returns.
+
+    Attributes:
+        module: the pruned model, an ``fx.GraphModule`` whose parameter names match the original.
+        plan: the :class:`Plan` (JSON-serialisable) that ``fxprune.apply_plan`` replays.
+        summary: parameters and MACs before / after, per layer and in total.
+        barriers: which operator kept which layers' channels, and why.
+        passes: each pass's :class:`fxprune.passes.PassResult`.
+        approximate: True when a group whose removal is inexact was pruned (allow_approximate).
+    """
+
+    module: fx.GraphModule
+    plan: Plan
+    summary: Summary
+    barriers: list[dict]
+    passes: list
+    approximate: bool = False
+    seconds: float = 0.0
+
+    @property
+    def zero_spec(self) -> dict[str, dict[int, object]]:
+        """Consumer slices to zero in the dense model to reproduce the pruned model exactly."""
+        out: dict = {}
+        for p in self.passes:
+            for name, dims in p.zero.items():
+                for d, keep in dims.items():
+                    out.setdefault(name, {})[d] = keep
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Save plan + state_dict (no pickled code); reload with ``fxprune.load``."""
+        torch.save({"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}, path)
+
+    def report(self) -> str:
+        lines = [self.summary.table()]
+        if self.barriers:
+            lines.append(f"\n{len(self.barriers)} barriers kept channels (first 10):")
+            for b in self.barriers[:10]:
+                layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
+                lines.append(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
+        return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Shared helpers: realistic random weights and the equivalence assertion every pass must meet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give norms realistic statistics and zero-initialised weights (heads, layer scales) values.
+
+    With torchvision's default init, BatchNorm running stats are 0/1 and some heads are zero, so
+    outputs can be ~0 and an equivalence check would prove nothing.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        for p in model.parameters():
+            if p.numel() and p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def assert_equivalent(model: nn.Module, x, rtol: float = 1e-4, **compile_kw):
+    """Prune with ``compile_kw`` and require pruned == zeroed dense, with a real effect."""
+    compile_kw.setdefault("channels", 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fxprune.compile(model, x, **compile_kw)
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k]), f"compile modified the input model at {k}"
+    rep = fxprune.verify.equivalence(model, res, x, rtol=rtol)
+    assert rep.ok, rep.message
+    assert rep.max_rel_err <= rtol
+    assert res.summary.params_after < res.summary.params_before, "nothing was pruned"
+    assert rep.pruning_effect > 1e-6, "zeroing changed nothing: the check would be vacuous"
+    return res, rep
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0
