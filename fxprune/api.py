@@ -93,14 +93,8 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
     traced = trace(work, args, mode=mode, leaf_modules=leaf_modules)
     gm = traced.gm
     before = layer_stats(gm)
-    _, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
-    from fxprune.graph import build_graph
-
-    barriers = (
-        build_graph(gm, allow_approximate=allow_approximate).barrier_report()
-        if any(r.changed for r in results)
-        else _barriers(gm, allow_approximate)
-    )
+    graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
+    barriers = graph.barrier_report()
     after = layer_stats(gm)
     if traced.mode == "fx":
         gm.train(was_training)
@@ -120,12 +114,6 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         approximate=any(r.approximate_groups for r in results),
         seconds=time.perf_counter() - t0,
     )
-
-
-def _barriers(gm, allow_approximate):
-    from fxprune.graph import build_graph
-
-    return build_graph(gm, allow_approximate=allow_approximate).barrier_report()
 
 
 def compile(  # noqa: A001 - the public name the project promises

@@ -115,7 +115,7 @@ class DependencyGraph:
     rewrites: list[tuple[fx.Node, Callable]]
     barriers: list[Barrier]
     groups: list[Group]
-    blocked_units: dict[int, list[int]]  # unit -> indices into barriers
+    blocked: np.ndarray  # unit label -> True when a barrier keeps it
     node_atoms: dict[fx.Node, object] = field(repr=False, default_factory=dict)
 
     def unit_atoms(self, units) -> np.ndarray:
@@ -132,12 +132,12 @@ class DependencyGraph:
         """Which operator blocked which layers' channels, one row per barrier that blocked any."""
         rows = []
         for b in self.barriers:
-            srcs = {
-                int(s) for s in self.atom_source[np.isin(self.label, self.label[b.atoms])] if s >= 0
-            }
-            if not srcs:
+            hit = np.isin(self.label, np.unique(self.label[b.atoms]))
+            srcs = np.unique(self.atom_source[hit])
+            srcs = srcs[srcs >= 0]
+            if not srcs.size:
                 continue
-            layers = sorted({self.sources[s].layer for s in srcs})
+            layers = sorted({self.sources[s].layer for s in srcs.tolist()})
             rows.append(
                 {
                     "node": b.node,
@@ -271,22 +271,22 @@ class Analysis:
         for i, s in enumerate(self.sources):
             atom_source[s.start : s.start + s.size] = i
 
-        blocked: dict[int, list[int]] = defaultdict(list)
-        approx_units: set[int] = set()
-        for bi, b in enumerate(self.barriers):
-            for u in np.unique(label[b.atoms]):
-                if b.approximate and self.allow_approximate:
-                    approx_units.add(int(u))
-                else:
-                    blocked[int(u)].append(bi)
+        blocked = np.zeros(n, dtype=bool)  # per unit label
+        approx = np.zeros(n, dtype=bool)
+        for b in self.barriers:
+            if b.approximate and self.allow_approximate:
+                approx[label[b.atoms]] = True
+            else:
+                blocked[label[b.atoms]] = True
 
         has_src = atom_source >= 0
+        pairs = np.unique(np.stack([label[has_src], atom_source[has_src]]), axis=1)
         unit_srcs: dict[int, set[int]] = defaultdict(set)
-        for u, s in zip(label[has_src].tolist(), atom_source[has_src].tolist(), strict=True):
+        for u, s in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
             unit_srcs[u].add(s)
         by_key: dict[frozenset, list[int]] = defaultdict(list)
         for u, srcs in unit_srcs.items():
-            if u not in blocked:
+            if not blocked[u]:
                 by_key[frozenset(srcs)].append(u)
         first_atom = np.full(n, n, dtype=np.int64)
         np.minimum.at(first_atom, label, np.arange(n, dtype=np.int64))
@@ -313,7 +313,7 @@ class Analysis:
                     srcs,
                     units,
                     max(width, 1),
-                    approximate=any(u in approx_units for u in units),
+                    approximate=bool(approx[units].any()),
                 )
             )
         return DependencyGraph(
@@ -327,7 +327,7 @@ class Analysis:
             self.rewrites,
             self.barriers,
             groups,
-            dict(blocked),
+            blocked,
             self.values,
         )
 

@@ -147,6 +147,18 @@ def elementwise(ctx: Analysis, node: fx.Node, operands) -> np.ndarray:
     for s in stack[1:]:
         ctx.union(out, s)
         out = np.where(out >= 0, out, s)
+    # The operands are now coupled position by position, so an operand that holds an atom
+    # wherever the output does can stand for the output unbroadcast (a [1, 1, C] token layout
+    # stays small after adding a [1, T, C] positional embedding).
+    has = out >= 0
+    small = next(
+        (
+            x
+            for x, s in sorted(zip(arrs, stack, strict=True), key=lambda p: p[0].size)
+            if x.size < out.size and np.array_equal(s >= 0, has)
+        ),
+        None,
+    )
     vary = [d for d in range(nd) if out.shape[d] > 1]
     for s, shp in zip(stack, shapes, strict=True):
         if any(shp[d] > 1 for d in vary):  # this operand really has the channel dim ...
@@ -155,7 +167,7 @@ def elementwise(ctx: Analysis, node: fx.Node, operands) -> np.ndarray:
                 ctx.block(
                     out[lost], node, "combined with a tensor whose channels cannot be removed"
                 )
-    return out
+    return out if small is None else small
 
 
 # fmt: off

@@ -147,7 +147,69 @@ def trace(
         raise TraceError(msg) from e
 
 
+# Modules whose output has the input's shape: running them under fake tensors costs dispatch and
+# (for BatchNorm) a decomposition, so the interpreter checks their parameter sizes and passes the
+# input's fake tensor through instead. This keeps shape propagation fast on large CNNs.
+_SAME_SHAPE = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+    torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Dropout, torch.nn.Identity,
+    torch.nn.LeakyReLU, torch.nn.Mish, torch.nn.ELU,
+)  # fmt: skip
+
+
+def _conv_linear_shape(target: str, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Output of a Conv/Linear from shape formulas, after checking the weight fits the input."""
+    w = m.weight
+    if isinstance(m, torch.nn.Linear):
+        if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+            raise RuntimeError(
+                f"{target}: Linear expects {w.shape[1]} input features, got shape {tuple(x.shape)}"
+            )
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+    k = w.ndim - 2
+    cd = x.ndim - k - 1
+    if cd not in (0, 1) or x.shape[cd] != w.shape[1] * m.groups or isinstance(m.padding, str):
+        if cd in (0, 1) and x.shape[cd] != w.shape[1] * m.groups:
+            raise RuntimeError(
+                f"{target}: conv expects {w.shape[1] * m.groups} input channels, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return m(x)  # 'same'/'valid' padding strings: let the real op work it out
+    spatial = [
+        (x.shape[cd + 1 + i] + 2 * m.padding[i] - m.dilation[i] * (w.shape[2 + i] - 1) - 1)
+        // m.stride[i]
+        + 1
+        for i in range(k)
+    ]
+    return x.new_empty((*x.shape[:cd], w.shape[0], *spatial))
+
+
 class _FakeInterpreter(fx.Interpreter):
+    def call_module(self, target, args, kwargs):
+        m = self.fetch_attr(target)
+        x = args[0] if args else None
+        if (
+            type(m).forward is not None
+            and isinstance(m, _SAME_SHAPE)
+            and len(args) == 1
+            and not kwargs
+            and isinstance(x, torch.Tensor)
+        ):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.running_mean if m.running_mean is not None else m.weight
+                if n is not None and (x.ndim < 2 or n.shape[0] != x.shape[1]):
+                    raise RuntimeError(
+                        f"{target}: {type(m).__name__} has {n.shape[0]} features, input has "
+                        f"shape {tuple(x.shape)}"
+                    )
+            return x
+        if type(m) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) and (
+            len(args) == 1 and not kwargs and isinstance(x, torch.Tensor)
+        ):
+            return _conv_linear_shape(target, m, x)
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n: fx.Node):
         try:
             out = super().run_node(n)

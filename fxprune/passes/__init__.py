@@ -36,10 +36,14 @@ PassFn = Callable[..., PassResult]
 def run_passes(
     gm, passes: list[tuple[PassFn, object]], args: tuple, allow_approximate: bool = False
 ) -> tuple[DependencyGraph, list[PassResult]]:
-    """Run ``passes`` (function, config) in order on ``gm``; return the final graph and results."""
-    graph = build_graph(gm, allow_approximate=allow_approximate)
+    """Run ``passes`` (function, config) in order on ``gm``.
+
+    Returns the dependency graph of the model as it came in (its barrier report is what the user
+    needs to see) and each pass's result.
+    """
+    graph = first = build_graph(gm, allow_approximate=allow_approximate)
     results: list[PassResult] = []
-    for fn, cfg in passes:
+    for i, (fn, cfg) in enumerate(passes):
         try:
             res = fn(graph, cfg, args)
         except FxPruneError as e:
@@ -49,6 +53,6 @@ def run_passes(
             done = ", ".join(r.name for r in results) or "none"
             raise PassError(f"pass {fn.__name__} failed (after: {done}): {e}") from e
         results.append(res)
-        if res.changed:
+        if res.changed and i + 1 < len(passes):
             graph = build_graph(gm, allow_approximate=allow_approximate)
-    return graph, results
+    return first, results
