@@ -1,0 +1,190 @@
+"""Each coupling rule on a tiny model: exact prune (pruned == zeroed dense) or a named barrier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from tests.conftest import assert_equivalent, randomize
+
+
+def cbr(i, o, k=3, g=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, groups=g), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class Concat(nn.Module):  # concat offsets: the second part starts at 8
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), cbr(3, 16), nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class SplitSlice(nn.Module):  # chunk + slicing with offsets along channels
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), nn.Conv2d(8, 4, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.chunk(2, dim=1)
+        return self.b(p) + self.c(q[:, 2:])
+
+
+class Grouped(nn.Module):  # grouped + depthwise convs and GroupNorm remove whole groups
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.gn = nn.GroupNorm(4, 16)
+        self.dw = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.out = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.dw(self.gn(self.g(self.a(x))))))
+
+
+class FlattenLinear(nn.Module):  # flatten [C, H, W] into a Linear: columns go in blocks of H*W
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = cbr(3, 8), nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.a(x), 4), 1))
+
+
+class Shuffle(nn.Module):  # ShuffleNet-style split, concat and view/transpose shuffle
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), cbr(8, 8, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.chunk(2, dim=1)
+        y = torch.cat([p, self.b(q)], dim=1)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.c(y)
+
+
+class SE(nn.Module):  # squeeze-excitation: the scale couples the excitation FC to the channels
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.out(y * s + y)
+
+
+class ChannelsLast(nn.Module):  # ConvNeXt-style permute, Linear on channels, layer scale
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = y.permute(0, 2, 3, 1)
+        z = self.gamma * self.fc2(F.gelu(self.fc1(z)))
+        return self.out(y + z.permute(0, 3, 1, 2))
+
+
+class Misc(nn.Module):  # PReLU, InstanceNorm, ConvTranspose, interpolate, Conv1d via reshape
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.p = nn.PReLU(8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.inorm(self.p(self.a(x)))
+        y = F.interpolate(self.up(y), scale_factor=0.5)
+        return self.out(y)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.fc1, self.fc2 = nn.Embedding(20, 16), nn.Linear(16, 24), nn.Linear(24, 3)
+
+    def forward(self, ids):
+        return self.fc2(F.relu(self.fc1(self.e(ids)))).sum(1)
+
+
+CASES = [Concat, SplitSlice, Grouped, FlattenLinear, Shuffle, SE, ChannelsLast, Misc]
+
+
+@pytest.mark.parametrize("cls", CASES, ids=[c.__name__ for c in CASES])
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_rule_exact(cls, mode):
+    torch.manual_seed(0)
+    model = randomize(cls())
+    x = torch.randn(2, 3, 16, 16)
+    assert_equivalent(model, x, channels=0.5, mode=mode)
+
+
+def test_embedding_source_exact():
+    torch.manual_seed(0)
+    model = Embed().eval()
+    ids = torch.randint(0, 20, (2, 7))
+    res, _ = assert_equivalent(model, ids, channels=0.5)
+    assert res.module.e.embedding_dim == 8
+
+
+def test_grouped_removes_whole_groups():
+    torch.manual_seed(0)
+    model = randomize(Grouped())
+    res, _ = assert_equivalent(model, torch.randn(1, 3, 16, 16), channels=0.5)
+    g, gn = res.module.g, res.module.gn
+    assert g.groups == 2 and g.in_channels == 8 and g.out_channels == 8
+    assert gn.num_groups == 2 and gn.num_channels == 8
+
+
+def test_concat_offsets_and_flatten_columns():
+    torch.manual_seed(0)
+    res, _ = assert_equivalent(randomize(Concat()), torch.randn(1, 3, 8, 8), channels=0.5)
+    assert res.module.c.in_channels == 12
+    res, _ = assert_equivalent(randomize(FlattenLinear()), torch.randn(1, 3, 8, 8), channels=0.5)
+    assert res.module.fc.in_features == 4 * 16
+
+
+class SoftmaxOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.b(torch.softmax(self.a(x), dim=1))
+
+
+def test_barrier_names_node_and_layers():
+    res = fxprune.compile(SoftmaxOverChannels(), torch.randn(1, 3, 4, 4), channels=0.5)
+    rows = [b for b in res.barriers if b["layers"] == ["a"]]
+    assert rows and "softmax" in rows[0]["node"] and "dim 1" in rows[0]["reason"]
+    assert res.module.a.out_channels == 8  # kept, not guessed
+
+
+def test_unknown_op_is_a_barrier():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.fft.fft(self.a(x), dim=1).real)
+
+    res = fxprune.compile(Weird(), torch.randn(1, 3, 4, 4), channels=0.5)
+    assert res.module.a.out_channels == 8
+    assert any("no coupling rule" in b["reason"] and b["layers"] == ["a"] for b in res.barriers)
