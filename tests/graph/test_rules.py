@@ -188,3 +188,27 @@ def test_unknown_op_is_a_barrier():
     res = fxprune.compile(Weird(), torch.randn(1, 3, 4, 4), channels=0.5)
     assert res.module.a.out_channels == 8
     assert any("no coupling rule" in b["reason"] and b["layers"] == ["a"] for b in res.barriers)
+
+
+class Conv1d3d(nn.Module):  # 1-d and 3-d convs, depthwise 1-d, BatchNorm1d/3d, GroupNorm in 3-d
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU())
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.c3 = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.gn = nn.GroupNorm(2, 8)
+        self.out1, self.out3 = nn.Conv1d(8, 2, 1), nn.Conv3d(8, 2, 1)
+
+    def forward(self, x1, x3):
+        return self.out1(self.dw(self.c1(x1))).mean(), self.out3(self.gn(self.c3(x3)))
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_conv1d_conv3d_exact(mode):
+    torch.manual_seed(0)
+    model = randomize(Conv1d3d())
+    x = (torch.randn(2, 3, 10), torch.randn(2, 3, 4, 4, 4))
+    res, _ = assert_equivalent(model, x, channels=0.5, mode=mode)
+    if mode == "fx":
+        assert res.module.get_submodule("c3.0").out_channels == 4
+        assert res.module.gn.num_groups == 1
