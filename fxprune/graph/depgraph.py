@@ -279,43 +279,7 @@ class Analysis:
             else:
                 blocked[label[b.atoms]] = True
 
-        has_src = atom_source >= 0
-        pairs = np.unique(np.stack([label[has_src], atom_source[has_src]]), axis=1)
-        unit_srcs: dict[int, set[int]] = defaultdict(set)
-        for u, s in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
-            unit_srcs[u].add(s)
-        by_key: dict[frozenset, list[int]] = defaultdict(list)
-        for u, srcs in unit_srcs.items():
-            if not blocked[u]:
-                by_key[frozenset(srcs)].append(u)
-        first_atom = np.full(n, n, dtype=np.int64)
-        np.minimum.at(first_atom, label, np.arange(n, dtype=np.int64))
-        groups = []
-        for key, units in by_key.items():
-            srcs = sorted(key)
-            width = max(
-                int(
-                    np.count_nonzero(
-                        np.isin(
-                            label[
-                                self.sources[s].start : self.sources[s].start + self.sources[s].size
-                            ],
-                            units[:1],
-                        )
-                    )
-                )
-                for s in srcs
-            )
-            units.sort(key=lambda u: int(first_atom[u]))
-            groups.append(
-                Group(
-                    len(groups),
-                    srcs,
-                    units,
-                    max(width, 1),
-                    approximate=bool(approx[units].any()),
-                )
-            )
+        groups = self._groups(label, atom_source, blocked, approx)
         return DependencyGraph(
             self.gm,
             n,
@@ -330,6 +294,49 @@ class Analysis:
             blocked,
             self.values,
         )
+
+    def _groups(self, label, atom_source, blocked, approx) -> list[Group]:
+        """Group prunable units by the set of source layers their atoms come from."""
+        n = self.n_atoms
+        has_src = atom_source >= 0
+        pl, ps = np.unique(np.stack([label[has_src], atom_source[has_src]]), axis=1)
+        # Key each unit by its source set with two 64-bit random hashes (sum over sources).
+        rng = np.random.default_rng(0x5EED)
+        sig = np.zeros((2, n), dtype=np.uint64)
+        for k in range(2):
+            r = rng.integers(1, 2**63, len(self.sources), dtype=np.int64).astype(np.uint64)
+            np.add.at(sig[k], pl, r[ps])
+        first_atom = np.full(n, n, dtype=np.int64)
+        np.minimum.at(first_atom, label, np.arange(n, dtype=np.int64))
+        units = np.unique(pl)
+        units = units[~blocked[units]]
+        units = units[np.argsort(first_atom[units], kind="stable")]
+        _, first, inv = np.unique(sig[:, units].T, axis=0, return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        groups = []
+        for k in np.argsort(first, kind="stable"):  # groups in graph order
+            members = units[inv == k]
+            u0 = int(members[0])
+            srcs = ps[pl == u0].tolist()
+            width = max(
+                int(
+                    np.count_nonzero(
+                        label[self.sources[s].start : self.sources[s].start + self.sources[s].size]
+                        == u0
+                    )
+                )
+                for s in srcs
+            )
+            groups.append(
+                Group(
+                    len(groups),
+                    srcs,
+                    members.tolist(),
+                    max(width, 1),
+                    approximate=bool(approx[members].any()),
+                )
+            )
+        return groups
 
 
 # ---- array helpers ----------------------------------------------------------------------------

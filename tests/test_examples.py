@@ -1,0 +1,15 @@
+"""The examples run as shipped."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchvision")
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(path, capsys):
+    runpy.run_path(str(path), run_name="__main__")
+    assert "equivalent" in capsys.readouterr().out
