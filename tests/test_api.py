@@ -202,3 +202,23 @@ def test_import_is_lean():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_failed_rewrite_rolls_back_inplace(monkeypatch):
+    """A pass that breaks the graph leaves even an in-place model exactly as it was."""
+    from fxprune.graph import rewrite
+
+    model = randomize(tv.models.resnet18())
+    snap = snapshot(model)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def broken(gm, args):
+        raise RuntimeError("simulated shape failure")
+
+    monkeypatch.setattr(rewrite, "propagate_shapes", broken)
+    with pytest.raises(fxprune.errors.PassError, match="nothing was changed"):
+        fxprune.compile(model, torch.randn(1, 3, 32, 32), channels=0.5, inplace=True)
+    assert unchanged(model, snap)
+    assert widths == {
+        n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+    }

@@ -52,21 +52,34 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     gm = graph.gm
     removed = graph.removed_mask(units)
     keeps = param_keeps(graph, removed)
-    with torch.no_grad():
-        for name, dims in keeps.items():
-            t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
-            new = t.detach()
-            for d, m in dims.items():
-                idx = torch.as_tensor(np.nonzero(m)[0], device=t.device)
-                new = new.index_select(d, idx)
-            set_tensor(gm, name, new.contiguous())
-    for _node, fn in graph.rewrites:
-        fn(removed)
-    gm.recompile()
+    # Modules may be the caller's own (inplace=True): on any failure put every attribute,
+    # parameter and buffer back, so a model is never left half-pruned.
+    snapshot = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in gm.modules()]
+    node_args = [(n, n.target, n.args, n.kwargs) for n in gm.graph.nodes]
     try:
+        with torch.no_grad():
+            for name, dims in keeps.items():
+                t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
+                new = t.detach()
+                for d, m in dims.items():
+                    idx = torch.as_tensor(np.nonzero(m)[0], device=t.device)
+                    new = new.index_select(d, idx)
+                set_tensor(gm, name, new.contiguous())
+        for _node, fn in graph.rewrites:
+            fn(removed)
+        gm.recompile()
         propagate_shapes(gm, args)
     except Exception as e:  # noqa: BLE001
-        raise PassError(f"the pruned graph does not run: {e}") from e
+        for m, attrs, params, buffers in snapshot:
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        for n, target, a, kw in node_args:
+            n.target, n.args, n.kwargs = target, a, kw
+        gm.recompile()
+        raise PassError(f"the pruned graph does not run, nothing was changed: {e}") from e
     return keeps
 
 
