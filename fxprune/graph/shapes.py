@@ -243,7 +243,7 @@ def _split(ctx, node):
     name = name.split(".")[-1]
     d = arg(node, 2 if name != "unbind" else 1, "dim", 0) % t.ndim
     if X.shape[d] == 1:
-        return tuple(np.delete(X, d, axis=d) if name == "unbind" else X for _ in outs)
+        return tuple(X.take(0, axis=d) if name == "unbind" else X for _ in outs)
     if name in ("unbind", "tensor_split"):
         return barrier(ctx, node, f"{name} along a channel dim")
     sizes = [o.shape[d] for o in outs]
@@ -369,7 +369,7 @@ def _aten_select(ctx, node):
     d = arg(node, 1, "dim") % t.ndim
     if X.shape[d] > 1:
         return barrier(ctx, node, "selects one channel")
-    return np.delete(X, d, axis=d) if X.ndim else X
+    return X.take(0, axis=d) if X.ndim else X
 
 
 # ---- channel mixing without weights -------------------------------------------------------------

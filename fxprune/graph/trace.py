@@ -185,6 +185,13 @@ def _conv_linear_shape(target: str, m: torch.nn.Module, x: torch.Tensor) -> torc
     return x.new_empty((*x.shape[:cd], w.shape[0], *spatial))
 
 
+_BATCH_NORM_FNS = (
+    torch.nn.functional.batch_norm,
+    torch.batch_norm,
+    torch.ops.aten.batch_norm.default,
+)
+
+
 class _FakeInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
@@ -209,6 +216,16 @@ class _FakeInterpreter(fx.Interpreter):
         ):
             return _conv_linear_shape(target, m, x)
         return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        # Functional batch norm (timm's BatchNormAct, export graphs) decomposes under fake
+        # tensors too; its output has the input's shape once the statistics fit.
+        if target in _BATCH_NORM_FNS and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            stats = [a for a in args[1:5] if isinstance(a, torch.Tensor)]
+            if x.ndim >= 2 and all(t.shape == (x.shape[1],) for t in stats):
+                return x
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         try:
