@@ -24,7 +24,7 @@ CRITERIA = ("l1", "l2", "bn_scale", "random")
 
 
 def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> np.ndarray:
-    scores = np.zeros(graph.n_atoms, dtype=np.float64)
+    ids, vals = [], []
     gm = graph.gm
     with torch.no_grad():
         for name, dims in graph.params.items():
@@ -32,15 +32,24 @@ def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> 
                 w = gm.get_parameter(name)
             except AttributeError:
                 continue
-            w = w.detach().float().abs() if power == 1 else w.detach().float().pow(2)
-            for d, pd in dims.items():
-                if pd.role not in roles:
-                    continue
-                other = [k for k in range(w.ndim) if k != d]
-                s = (w.sum(dim=other) if other else w).cpu().numpy().astype(np.float64)
-                ok = pd.vec >= 0
-                np.add.at(scores, pd.vec[ok], s[ok])
-    return scores
+            tracked = sorted(d for d, pd in dims.items() if pd.role in roles)
+            if not tracked:
+                continue
+            w = w.detach().float()
+            # One pass over the weight: reduce every untracked dim (conv kernels) first.
+            rest = [k for k in range(w.ndim) if k not in tracked]
+            w = w.abs() if power == 1 else w.square()
+            m = w.sum(dim=rest) if rest else w
+            for i, d in enumerate(tracked):
+                other = [k for k in range(m.ndim) if k != i]
+                s = (m.sum(dim=other) if other else m).cpu().numpy().astype(np.float64)
+                vec = dims[d].vec
+                ok = vec >= 0
+                ids.append(vec[ok])
+                vals.append(s[ok])
+    if not ids:
+        return np.zeros(graph.n_atoms, dtype=np.float64)
+    return np.bincount(np.concatenate(ids), np.concatenate(vals), minlength=graph.n_atoms)
 
 
 def unit_scores(graph: DependencyGraph, criterion: str, seed: int = 0) -> dict[int, float]:

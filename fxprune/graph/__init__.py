@@ -10,7 +10,8 @@ from fxprune.graph import layers as _layers  # noqa: F401 - registers the layer 
 from fxprune.graph import shapes as _shapes  # noqa: F401 - registers the shape rules
 from fxprune.graph.depgraph import Analysis, DependencyGraph, Group, none_like
 from fxprune.graph.rules import RULES, barrier, find_rule
-from fxprune.graph.trace import Traced, propagate_shapes, trace
+from fxprune.graph.shapeprop import propagate_shapes
+from fxprune.graph.trace import Traced, trace
 
 __all__ = ["DependencyGraph", "Group", "Traced", "build_graph", "propagate_shapes", "trace"]
 

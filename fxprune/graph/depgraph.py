@@ -116,6 +116,7 @@ class DependencyGraph:
     barriers: list[Barrier]
     groups: list[Group]
     blocked: np.ndarray  # unit label -> True when a barrier keeps it
+    unit_sources: tuple[np.ndarray, np.ndarray]  # (unit, source) pairs, sorted by unit
     node_atoms: dict[fx.Node, object] = field(repr=False, default_factory=dict)
 
     def unit_atoms(self, units) -> np.ndarray:
@@ -131,10 +132,9 @@ class DependencyGraph:
     def barrier_report(self) -> list[dict]:
         """Which operator blocked which layers' channels, one row per barrier that blocked any."""
         rows = []
+        pl, ps = self.unit_sources
         for b in self.barriers:
-            hit = np.isin(self.label, np.unique(self.label[b.atoms]))
-            srcs = np.unique(self.atom_source[hit])
-            srcs = srcs[srcs >= 0]
+            srcs = np.unique(ps[np.isin(pl, self.label[b.atoms])])
             if not srcs.size:
                 continue
             layers = sorted({self.sources[s].layer for s in srcs.tolist()})
@@ -260,7 +260,12 @@ class Analysis:
         else:
             label = np.arange(n, dtype=np.int64)
 
-        for where, arr in self.multi_arrays:
+        multi = self.multi_arrays + [
+            (f"parameter {name}", arr)
+            for name, arr in self.param_arrays.items()
+            if len(varying_dims(arr)) > 1
+        ]
+        for where, arr in multi:
             bad = non_rectangular(label, arr)
             if bad.size:
                 self.barriers.append(
@@ -279,7 +284,11 @@ class Analysis:
             else:
                 blocked[label[b.atoms]] = True
 
-        groups = self._groups(label, atom_source, blocked, approx)
+        has_src = atom_source >= 0
+        ns = max(len(self.sources), 1)  # unique (unit, source) pairs via one int64 key
+        key = np.unique(label[has_src] * ns + atom_source[has_src])
+        pairs = (key // ns, key % ns)
+        groups = self._groups(label, pairs, blocked, approx)
         return DependencyGraph(
             self.gm,
             n,
@@ -292,27 +301,24 @@ class Analysis:
             self.barriers,
             groups,
             blocked,
+            (pairs[0], pairs[1]),
             self.values,
         )
 
-    def _groups(self, label, atom_source, blocked, approx) -> list[Group]:
+    def _groups(self, label, pairs, blocked, approx) -> list[Group]:
         """Group prunable units by the set of source layers their atoms come from."""
-        n = self.n_atoms
-        has_src = atom_source >= 0
-        pl, ps = np.unique(np.stack([label[has_src], atom_source[has_src]]), axis=1)
-        # Key each unit by its source set with two 64-bit random hashes (sum over sources).
-        rng = np.random.default_rng(0x5EED)
-        sig = np.zeros((2, n), dtype=np.uint64)
-        for k in range(2):
-            r = rng.integers(1, 2**63, len(self.sources), dtype=np.int64).astype(np.uint64)
-            np.add.at(sig[k], pl, r[ps])
-        first_atom = np.full(n, n, dtype=np.int64)
-        np.minimum.at(first_atom, label, np.arange(n, dtype=np.int64))
-        units = np.unique(pl)
-        units = units[~blocked[units]]
-        units = units[np.argsort(first_atom[units], kind="stable")]
-        _, first, inv = np.unique(sig[:, units].T, axis=0, return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
+        pl, ps = pairs
+        # Key each unit by its source set: a sum of random 64-bit numbers, one per source (pairs
+        # are sorted by unit, so a segmented sum does it; distinct sets collide with p ~ 2**-64).
+        r = np.random.default_rng(0x5EED).integers(1, 2**63, max(len(self.sources), 1))
+        units, starts = np.unique(pl, return_index=True)
+        sig = np.add.reduceat(r[ps].astype(np.uint64), starts) if pl.size else pl
+        _, first_atom = np.unique(label, return_index=True)  # labels are 0..k-1, dense
+        keep = ~blocked[units]
+        units, sig = units[keep], sig[keep]
+        order = np.argsort(first_atom[units], kind="stable")
+        units, sig = units[order], sig[order]
+        _, first, inv = np.unique(sig, return_index=True, return_inverse=True)
         groups = []
         for k in np.argsort(first, kind="stable"):  # groups in graph order
             members = units[inv == k]
@@ -367,17 +373,16 @@ def non_rectangular(label: np.ndarray, arr: np.ndarray) -> np.ndarray:
     represent (e.g. one channel of one half of a channel shuffle).
     """
     lab = np.where(arr >= 0, label[np.maximum(arr, 0)], -1)
-    units = np.unique(lab[lab >= 0])
+    units, counts = np.unique(lab[lab >= 0], return_counts=True)
     ok = np.zeros(units.size, dtype=bool)
-    counts = np.array([np.count_nonzero(lab == u) for u in units])
     for d in varying_dims(lab):
         moved = np.moveaxis(lab, d, 0).reshape(lab.shape[d], -1)
-        const = (moved == moved[:, :1]).all(axis=1)
-        slice_label = moved[:, 0]
-        for i, u in enumerate(units):
-            n_slices = np.count_nonzero(const & (slice_label == u))
-            if n_slices * moved.shape[1] == counts[i]:
-                ok[i] = True
+        const = (moved == moved[:, :1]).all(axis=1) & (moved[:, 0] >= 0)
+        # whole slices along d that hold a single unit, counted per unit
+        n_slices = np.zeros(units.size, dtype=np.int64)
+        pos = np.searchsorted(units, moved[const, 0])
+        np.add.at(n_slices, pos, 1)
+        ok |= n_slices * moved.shape[1] == counts
     bad_units = units[~ok]
     return arr[np.isin(lab, bad_units)]
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from fxprune.errors import PassError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import keep_along
-from fxprune.graph.trace import propagate_shapes
+from fxprune.graph.shapeprop import propagate_shapes
 
 
 def param_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -29,6 +29,22 @@ def param_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[str, dict[i
                 if not m.all():
                     keeps[name][d] = keeps[name].get(d, np.ones_like(m)) & m
     return dict(keeps)
+
+
+def _gather(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
+    """``t`` restricted to the kept indices of each dim, read in one gather."""
+    if len(dims) == 1:
+        ((d, m),) = dims.items()
+        return t.index_select(d, torch.as_tensor(np.nonzero(m)[0], device=t.device)).contiguous()
+    index: list = [slice(None)] * t.ndim
+    order = sorted(dims)
+    for k, d in enumerate(order):  # broadcastable index tensors, one per pruned dim
+        shape = [1] * len(order)
+        shape[k] = -1
+        index[d] = torch.as_tensor(np.nonzero(dims[d])[0], device=t.device).view(shape)
+    if order != list(range(len(order))):  # advanced indices must lead to keep dim order
+        return _gather(_gather(t, {order[0]: dims[order[0]]}), {d: dims[d] for d in order[1:]})
+    return t[tuple(index)].contiguous()
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -60,11 +76,7 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
         with torch.no_grad():
             for name, dims in keeps.items():
                 t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
-                new = t.detach()
-                for d, m in dims.items():
-                    idx = torch.as_tensor(np.nonzero(m)[0], device=t.device)
-                    new = new.index_select(d, idx)
-                set_tensor(gm, name, new.contiguous())
+                set_tensor(gm, name, _gather(t.detach(), dims))
         for _node, fn in graph.rewrites:
             fn(removed)
         gm.recompile()

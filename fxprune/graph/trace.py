@@ -9,23 +9,21 @@ qualified names:
 * ``"export"``: :func:`torch.export.export` (non-strict), for models with Python control flow on
   shapes. Nodes are ATen-level (``aten.conv2d.default`` with ``get_attr`` weights).
 
-Shapes come from running the graph under a ``FakeTensorMode``: every node gets ``meta["val"]`` (a
-fake tensor) without touching real memory, so analysis of a large model is fast and cheap.
+Shapes come from ``shapeprop.propagate_shapes``: every node gets ``meta["val"]`` (a fake tensor)
+without touching real memory, so analysis of a large model is fast and cheap.
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils import _pytree as pytree
 
 from fxprune.errors import ConfigError, TraceError, UnsupportedModelError
+from fxprune.graph.shapeprop import propagate_shapes
 
 MODES = ("auto", "fx", "export")
 
@@ -145,129 +143,6 @@ def trace(
         msg += f"torch.export failed ({type(e).__name__}: {first}). "
         msg += "Mark the failing submodule as a leaf with leaf_modules=[...] or fix the forward."
         raise TraceError(msg) from e
-
-
-# Modules whose output has the input's shape: running them under fake tensors costs dispatch and
-# (for BatchNorm) a decomposition, so the interpreter checks their parameter sizes and passes the
-# input's fake tensor through instead. This keeps shape propagation fast on large CNNs.
-_SAME_SHAPE = (
-    torch.nn.modules.batchnorm._BatchNorm,
-    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
-    torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Dropout, torch.nn.Identity,
-    torch.nn.LeakyReLU, torch.nn.Mish, torch.nn.ELU,
-)  # fmt: skip
-
-
-def _conv_linear_shape(target: str, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Output of a Conv/Linear from shape formulas, after checking the weight fits the input."""
-    w = m.weight
-    if isinstance(m, torch.nn.Linear):
-        if x.ndim < 1 or x.shape[-1] != w.shape[1]:
-            raise RuntimeError(
-                f"{target}: Linear expects {w.shape[1]} input features, got shape {tuple(x.shape)}"
-            )
-        return x.new_empty((*x.shape[:-1], w.shape[0]))
-    k = w.ndim - 2
-    cd = x.ndim - k - 1
-    if cd not in (0, 1) or x.shape[cd] != w.shape[1] * m.groups or isinstance(m.padding, str):
-        if cd in (0, 1) and x.shape[cd] != w.shape[1] * m.groups:
-            raise RuntimeError(
-                f"{target}: conv expects {w.shape[1] * m.groups} input channels, "
-                f"got shape {tuple(x.shape)}"
-            )
-        return m(x)  # 'same'/'valid' padding strings: let the real op work it out
-    spatial = [
-        (x.shape[cd + 1 + i] + 2 * m.padding[i] - m.dilation[i] * (w.shape[2 + i] - 1) - 1)
-        // m.stride[i]
-        + 1
-        for i in range(k)
-    ]
-    return x.new_empty((*x.shape[:cd], w.shape[0], *spatial))
-
-
-_BATCH_NORM_FNS = (
-    torch.nn.functional.batch_norm,
-    torch.batch_norm,
-    torch.ops.aten.batch_norm.default,
-)
-
-
-class _FakeInterpreter(fx.Interpreter):
-    def call_module(self, target, args, kwargs):
-        m = self.fetch_attr(target)
-        x = args[0] if args else None
-        if (
-            type(m).forward is not None
-            and isinstance(m, _SAME_SHAPE)
-            and len(args) == 1
-            and not kwargs
-            and isinstance(x, torch.Tensor)
-        ):
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.running_mean if m.running_mean is not None else m.weight
-                if n is not None and (x.ndim < 2 or n.shape[0] != x.shape[1]):
-                    raise RuntimeError(
-                        f"{target}: {type(m).__name__} has {n.shape[0]} features, input has "
-                        f"shape {tuple(x.shape)}"
-                    )
-            return x
-        if type(m) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) and (
-            len(args) == 1 and not kwargs and isinstance(x, torch.Tensor)
-        ):
-            return _conv_linear_shape(target, m, x)
-        return super().call_module(target, args, kwargs)
-
-    def call_function(self, target, args, kwargs):
-        # Functional batch norm (timm's BatchNormAct, export graphs) decomposes under fake
-        # tensors too; its output has the input's shape once the statistics fit.
-        if target in _BATCH_NORM_FNS and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            stats = [a for a in args[1:5] if isinstance(a, torch.Tensor)]
-            if x.ndim >= 2 and all(t.shape == (x.shape[1],) for t in stats):
-                return x
-        return super().call_function(target, args, kwargs)
-
-    def run_node(self, n: fx.Node):
-        try:
-            out = super().run_node(n)
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"{n.format_node()}: {type(e).__name__}: {e}") from e
-        n.meta["val"] = out
-        return out
-
-
-def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
-    """Run ``gm`` on fake copies of ``args`` and store each node's fake output in ``meta["val"]``.
-
-    Parameters stay real; the fake mode converts them to fake tensors on use, so no arithmetic
-    runs and no activation memory is allocated. Raises UnsupportedModelError when an output leaf
-    is not a tensor.
-    """
-    was_training = gm.training
-    _set_training(gm, False)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with mode:
-            fake_args = tuple(
-                mode.from_tensor(a) if isinstance(a, torch.Tensor) else copy.deepcopy(a)
-                for a in args
-            )
-            out = _FakeInterpreter(gm).run(*fake_args)
-    finally:
-        _set_training(gm, was_training)
-    leaves, _ = pytree.tree_flatten(out)
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor) and leaf is not None:
-            raise UnsupportedModelError(
-                f"model output #{i} is a {type(leaf).__name__}, not a tensor: fxprune compares "
-                "and exports tensor outputs only; return tensors (or a tuple/dict of tensors)"
-            )
-
-
-def _set_training(gm: torch.nn.Module, mode: bool) -> None:
-    # torch.export's graph modules refuse .eval()/.train(); their graph already fixed the mode.
-    for m in gm.modules():
-        m.training = mode
 
 
 def tensor_meta(node) -> torch.Tensor | None:
