@@ -26,6 +26,7 @@ CRITERIA = ("l1", "l2", "bn_scale", "random")
 def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> np.ndarray:
     ids, vals = [], []
     gm = graph.gm
+    scratch = torch.empty(0)
     with torch.no_grad():
         for name, dims in graph.params.items():
             try:
@@ -36,10 +37,18 @@ def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> 
             if not tracked:
                 continue
             w = w.detach().float()
-            # One pass over the weight: reduce every untracked dim (conv kernels) first.
+            # One pass over the weight into a reused scratch buffer (fresh 10 MB temporaries
+            # cost more in page faults than the arithmetic), then reduce untracked dims.
+            if scratch.numel() < w.numel() or scratch.device != w.device:
+                scratch = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
+            tmp = scratch[: w.numel()].view(w.shape)
+            (torch.abs if power == 1 else torch.square)(w, out=tmp)
             rest = [k for k in range(w.ndim) if k not in tracked]
-            w = w.abs() if power == 1 else w.square()
-            m = w.sum(dim=rest) if rest else w
+            m = (
+                tmp.sum(dim=rest)
+                if rest and any(w.shape[k] > 1 for k in rest)
+                else tmp.reshape([w.shape[k] for k in tracked])
+            )
             for i, d in enumerate(tracked):
                 other = [k for k in range(m.ndim) if k != i]
                 s = (m.sum(dim=other) if other else m).cpu().numpy().astype(np.float64)

@@ -79,7 +79,8 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
                 set_tensor(gm, name, _gather(t.detach(), dims))
         for _node, fn in graph.rewrites:
             fn(removed)
-        gm.recompile()
+        if any((n.target, n.args, n.kwargs) != (t, a, kw) for n, t, a, kw in node_args):
+            gm.recompile()  # only constants in the code changed; module attributes need none
         propagate_shapes(gm, args)
     except Exception as e:  # noqa: BLE001
         for m, attrs, params, buffers in snapshot:
