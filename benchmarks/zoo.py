@@ -189,18 +189,20 @@ def main() -> None:
     if a.child:
         child(*a.child)
         return
+    from importlib.metadata import version
+
     import torch
-    import torch_pruning
     import torchvision
 
     import fxprune
 
     names = a.models or torchvision.models.list_models(module=torchvision.models)
     print(
-        f"# zoo: {len(names)} models, {RATIO:.0%} channels, l1, classifier ignored; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
+        f"# zoo: {len(names)} models, {RATIO:.0%} channels, l1, classifier ignored; s = best of "
+        f"3 warm in-place graph+prune runs; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, torch "
         f"{torch.__version__}, torchvision {torchvision.__version__}, fxprune "
-        f"{fxprune.__version__}, torch-pruning {torch_pruning.__version__}; limits "
+        f"{fxprune.__version__}, torch-pruning {version('torch-pruning')}; limits "
         f"{a.timeout:.0f} s / {a.mem_gb:.0f} GB per run\n"
     )
     print(

@@ -212,3 +212,25 @@ def test_conv1d_conv3d_exact(mode):
     if mode == "fx":
         assert res.module.get_submodule("c3.0").out_channels == 4
         assert res.module.gn.num_groups == 1
+
+
+class GroupedTransposed(nn.Module):  # grouped ConvTranspose: weight is [Cin, Cout/groups, k, k]
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.up = nn.ConvTranspose2d(8, 12, 2, stride=2, groups=4)
+        self.out = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(self.a(x))))
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_grouped_transposed_conv(mode):
+    torch.manual_seed(0)
+    res, _ = assert_equivalent(
+        randomize(GroupedTransposed()), torch.randn(2, 3, 8, 8), channels=0.5, mode=mode
+    )
+    if mode == "fx":
+        up = res.module.up
+        assert (up.groups, up.in_channels, up.out_channels) == (2, 4, 6)
