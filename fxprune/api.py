@@ -140,7 +140,8 @@ def compile(  # noqa: A001 - the public name the project promises
         example_inputs: a tensor or tuple of tensors with the shapes used at inference.
         channels: fraction of each coupled group's channels to remove, in [0, 1).
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` or ``"random"``, scored over the group.
-        ignore: modules (names, globs, types or module objects) whose output channels stay.
+        ignore: modules (names, globs, parent modules, types or module objects) whose output
+            channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
         round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
         min_channels: never keep fewer channels than this in a group.

@@ -222,3 +222,14 @@ def test_failed_rewrite_rolls_back_inplace(monkeypatch):
     assert widths == {
         n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
     }
+
+
+def test_ignore_a_norm_or_a_container_keeps_its_channels(resnet):
+    model, x = resnet
+    r, _ = assert_equivalent(model, x, channels=0.5, ignore=["layer1.0.bn2"])
+    assert r.module.get_submodule("layer1.0.conv2").out_channels == 64  # bn2 holds conv2's outputs
+    r, _ = assert_equivalent(model, x, channels=0.5, ignore=["layer2"])
+    assert r.module.get_submodule("layer2.1.conv1").out_channels == 128
+    assert r.module.get_submodule("layer3.1.conv1").out_channels == 128  # outside: pruned
+    r, _ = assert_equivalent(model, x, channels=0.5, ignore=[nn.Linear])
+    assert r.module.get_submodule("layer1.0.conv1").out_channels == 32  # fc only consumes

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fxprune.errors import ConfigError, PlanError
-from fxprune.graph.depgraph import DependencyGraph, Group
+from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rewrite import apply_removal
 from fxprune.importance import CRITERIA, group_mean, unit_scores
 from fxprune.passes import PassResult
@@ -22,7 +22,9 @@ class Channels:
     Args:
         ratio: fraction of each group's channels to remove, in [0, 1).
         importance: one of ``fxprune.importance.CRITERIA``.
-        ignore: module names (globs allowed) whose output channels are never removed.
+        ignore: module names (globs or parent modules allowed) whose output channels stay: a
+            source layer, or a norm/PReLU/scale indexed by the channels; not a layer that only
+            consumes them.
         layer_ratios: ``{module name or glob: ratio}`` overriding ``ratio`` for the groups that
             contain a matching layer (first match wins).
         round_to: kept channels per group are a multiple of this (hardware alignment).
@@ -58,18 +60,46 @@ class Channels:
 
 
 def _matches(layer: str, pattern: str) -> bool:
-    return layer == pattern or fnmatch.fnmatchcase(layer, pattern)
+    """A module name matches itself, a glob, or a parent module's name (``layer1`` -> all in it)."""
+    return (
+        layer == pattern or layer.startswith(pattern + ".") or fnmatch.fnmatchcase(layer, pattern)
+    )
 
 
-def group_ratio(graph: DependencyGraph, g: Group, cfg: Channels) -> float | None:
-    """The ratio for a group, or None when an ignored layer is in it."""
-    layers = g.layers(graph)
-    if any(_matches(layer, p) for layer in layers for p in cfg.ignore):
-        return None
-    for pat, r in cfg.layer_ratios:
-        if any(_matches(layer, pat) for layer in layers):
-            return r
-    return cfg.ratio
+def channel_holders(graph: DependencyGraph) -> dict[int, set[str]]:
+    """Per group: modules whose outputs carry its channels. Those are the sources, plus the
+    norms, PReLUs and scales whose parameters are indexed by them, but not the layers that only
+    consume them (a classifier's input columns)."""
+    unit_group = np.full(graph.n_atoms, -1, dtype=np.int64)
+    for g in graph.groups:
+        unit_group[g.units] = g.id
+    holders: dict[int, set[str]] = {g.id: set(g.layers(graph)) for g in graph.groups}
+    for name, dims in graph.params.items():
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        for pd in dims.values():
+            vec = pd.vec[pd.vec >= 0]
+            if pd.consumer or not vec.size:
+                continue
+            for gid in np.unique(unit_group[graph.label[vec]]):
+                if gid >= 0:
+                    holders[int(gid)].add(module)
+    return holders
+
+
+def group_ratios(graph: DependencyGraph, cfg: Channels) -> dict[int, float | None]:
+    """The ratio of each group; None when an ignored module holds its channels."""
+    holders = channel_holders(graph) if cfg.ignore else {}
+    out = {}
+    for g in graph.groups:
+        layers = g.layers(graph)
+        if any(_matches(m, p) for m in holders.get(g.id, ()) for p in cfg.ignore):
+            out[g.id] = None
+            continue
+        out[g.id] = next(
+            (r for pat, r in cfg.layer_ratios if any(_matches(la, pat) for la in layers)),
+            cfg.ratio,
+        )
+    return out
 
 
 def units_to_keep(n_units: int, width: int, ratio: float, cfg: Channels) -> int:
@@ -85,7 +115,7 @@ def select_units(graph: DependencyGraph, cfg: Channels) -> tuple[list[int], dict
     scores = unit_scores(graph, cfg.importance, cfg.seed)
     removed: list[int] = []
     per_group = {}
-    ratios = {g.id: group_ratio(graph, g, cfg) for g in graph.groups}
+    ratios = group_ratios(graph, cfg)
     if not cfg.global_ranking:
         for g in graph.groups:
             r = ratios[g.id]
