@@ -72,6 +72,7 @@ def run_fxprune(name: str) -> dict:
     return {
         "ok": bool(rep.ok),
         "rel_err": rep.max_rel_err,
+        "effect": rep.pruning_effect,
         "seconds": secs,
         "params_ratio": s.params_ratio,
         "macs_ratio": s.macs_ratio,
@@ -169,8 +170,10 @@ def measure(name: str, tool: str, timeout: float, mem_mb: float) -> dict:
 def fmt(r: dict, fx: bool) -> str:
     if not r.get("ok") and "error" in r:
         secs = f"{r['seconds']:.2f}" if "seconds" in r else ""
-        return f"FAIL: {r['error']} | " + ("| " if fx else "") + f"{secs} | | | {r['peak_mb']:.0f}"
-    err = f"{r['rel_err']:.1e} | " if fx else ""
+        return (
+            f"FAIL: {r['error']} | " + ("| | " if fx else "") + f"{secs} | | | {r['peak_mb']:.0f}"
+        )
+    err = f"{r['rel_err']:.1e} | {r['effect']:.1e} | " if fx else ""
     ok = "yes" if r["ok"] else "NO"
     return (
         f"{ok} | {err}{r['seconds']:.2f} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
@@ -206,10 +209,10 @@ def main() -> None:
         f"{a.timeout:.0f} s / {a.mem_gb:.0f} GB per run\n"
     )
     print(
-        "| model | fxprune ok | equiv. rel err | s | params | MACs | peak MB "
+        "| model | fxprune ok | equiv. rel err | pruning effect | s | params | MACs | peak MB "
         "| TP ok | s | params | MACs | peak MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     counts = {"fxprune": 0, "tp": 0}
     for name in names:
         rows = {t: measure(name, t, a.timeout, a.mem_gb * 1024) for t in ("fxprune", "tp")}

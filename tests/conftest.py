@@ -10,7 +10,7 @@ import fxprune
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give norms realistic statistics and zero-initialised weights (heads, layer scales) values.
+    """Give norms realistic statistics and near-zero weights (heads, layer scales) real values.
 
     With torchvision's default init, BatchNorm running stats are 0/1 and some heads are zero, so
     outputs can be ~0 and an equivalence check would prove nothing.
@@ -26,8 +26,10 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         for p in model.parameters():
-            if p.numel() and p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            # all-zero heads, and layer scales initialised to 1e-6 (ConvNeXt), would hide the
+            # branch they scale from the output and make the check weak
+            if p.numel() and p.abs().max() < 1e-4:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
     return model.eval()
 
 
@@ -42,7 +44,9 @@ def assert_equivalent(model: nn.Module, x, rtol: float = 1e-4, **compile_kw):
     assert rep.ok, rep.message
     assert rep.max_rel_err <= rtol
     assert res.summary.params_after < res.summary.params_before, "nothing was pruned"
-    assert rep.pruning_effect > 1e-6, "zeroing changed nothing: the check would be vacuous"
+    assert rep.pruning_effect > 1e-3, (
+        f"pruning barely changed the output ({rep.pruning_effect:.1e}): weak check"
+    )
     return res, rep
 
 
