@@ -16,10 +16,15 @@ from fxprune.graph import trace
 from fxprune.graph.trace import as_args
 from fxprune.passes import run_passes
 from fxprune.passes.channels import Channels, prune_channels
+from fxprune.passes.nm import NM, prune_nm
 from fxprune.plan import CompileResult, LayerRow, Plan, Summary
 from fxprune.stats import layer_stats
 
-PASSES = {"channels": (prune_channels, Channels)}
+# How a plan entry replays: pass name -> (pass function, entry -> config)
+PASSES = {
+    "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
+    "nm": (prune_nm, lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]))),
+}
 
 
 def check_tied(model: nn.Module) -> None:
@@ -103,7 +108,7 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         traced.mode,
         _inputs_spec(args),
         config,
-        [{"name": r.name, "kept": r.kept} for r in results if r.changed],
+        [r.plan for r in results if r.plan],
     )
     return CompileResult(
         gm,
@@ -132,6 +137,9 @@ def compile(  # noqa: A001 - the public name the project promises
     leaf_modules: Sequence[str | type] = (),
     inplace: bool = False,
     seed: int = 0,
+    sparsity: str | None = None,
+    sparsity_include: Sequence[str] = (),
+    sparsity_exclude: Sequence[str] = (),
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -152,6 +160,10 @@ def compile(  # noqa: A001 - the public name the project promises
         leaf_modules: submodules torch.fx must not trace into (their channels are kept).
         inplace: prune ``model``'s own layers (the runnable result is still ``.module``).
         seed: for ``importance="random"``.
+        sparsity: ``"2:4"`` (any ``"N:M"``): after the structural passes, keep the N largest of
+            every M weights along the reduction axis of each eligible Linear / Conv.
+        sparsity_include: module names / globs the N:M pass considers (default: all).
+        sparsity_exclude: module names / globs it never touches.
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -188,6 +200,15 @@ def compile(  # noqa: A001 - the public name the project promises
         "seed": seed,
     }
     passes = [(prune_channels, cfg)] if (channels or ratios) else []
+    if sparsity is not None:
+        resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
+        nm = NM.parse(sparsity, include=tuple(sparsity_include), exclude=tuple(sparsity_exclude))
+        passes.append((prune_nm, nm))
+        config.update(
+            sparsity=sparsity,
+            sparsity_include=list(sparsity_include),
+            sparsity_exclude=list(sparsity_exclude),
+        )
     return _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config)
 
 
@@ -211,8 +232,8 @@ def apply_plan(
     for entry in plan.passes:
         if entry["name"] not in PASSES:
             raise ConfigError(f"plan has unknown pass {entry['name']!r}")
-        fn, cfg_cls = PASSES[entry["name"]]
-        passes.append((fn, cfg_cls(kept=entry["kept"])))
+        fn, make_cfg = PASSES[entry["name"]]
+        passes.append((fn, make_cfg(entry)))
     allow = bool(plan.config.get("allow_approximate", False))
     return _run(model, args, passes, plan.mode, leaf_modules, allow, False, plan.config)
 

@@ -170,6 +170,28 @@ class CompileResult:
                     out.setdefault(name, {})[d] = keep
         return out
 
+    @property
+    def nm_masks(self) -> dict[str, torch.Tensor]:
+        """N:M masks by parameter name (pruned shapes); see ``fxprune.passes.nm.keep_masks``."""
+        return {k: v for p in self.passes for k, v in p.masks.items()}
+
+    def export(self, path: str | Path, example_inputs=None, **options):
+        """Export the pruned model by file suffix (``.onnx``); checks run before the file lands.
+
+        ``example_inputs`` default to the shapes recorded in the plan. When the N:M pass ran, the
+        exported weights are audited for the pattern along each layer's reduction axis.
+        """
+        from fxprune.exporters import export
+
+        args = example_inputs if example_inputs is not None else self.plan.example_inputs()
+        nm = next((p for p in self.passes if p.name == "nm"), None)
+        if nm is not None and "nm" not in options:
+            options["nm"] = (nm.details["n"], nm.details["m"])
+            options["nm_weights"] = {
+                k: self.module.get_parameter(k).detach().cpu().numpy() for k in nm.masks
+            }
+        return export(self.module, args, path, **options)
+
     def save(self, path: str | Path) -> None:
         """Save plan + state_dict (no pickled code); reload with ``fxprune.load``."""
         torch.save({"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}, path)

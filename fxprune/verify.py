@@ -46,7 +46,31 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
                 shape = [1] * p.ndim
                 shape[d] = -1
                 p.mul_(torch.as_tensor(np.asarray(keep), dtype=p.dtype).reshape(shape))
+        for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
+            p = z.get_parameter(name)
+            p.mul_(_to_dense_positions(mask, p.shape, _keeps(result, name)).to(p.dtype))
     return z
+
+
+def _keeps(result, name: str) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for r in result.passes:
+        for d, keep in r.keeps.get(name, {}).items():
+            out[d] = keep  # one structural pass today; compose here when there are more
+    return out
+
+
+def _to_dense_positions(mask: torch.Tensor, shape, keeps: dict[int, np.ndarray]) -> torch.Tensor:
+    """A mask over a pruned weight, scattered into the dense weight's shape (ones elsewhere)."""
+    full = torch.ones(shape, dtype=torch.bool)
+    index = []
+    for d in range(len(shape)):
+        idx = np.nonzero(keeps[d])[0] if d in keeps else np.arange(shape[d])
+        view = [1] * len(shape)
+        view[d] = -1
+        index.append(torch.as_tensor(idx).view(view))
+    full[tuple(index)] = mask
+    return full
 
 
 def _leaves(out) -> list[torch.Tensor]:

@@ -33,9 +33,16 @@ class Exporter:
 
 def exporter_for(path: str | Path) -> type[Exporter]:
     """The registered exporter for a file name, or ExportError listing what exists."""
+    from fxprune.exporters import onnx as _onnx  # noqa: F401 - registers (imports no onnx yet)
+
     suffix = Path(path).suffix
     for cls in EXPORTERS.values():
         if suffix in cls.suffixes:
             return cls
     known = sorted(s for c in EXPORTERS.values() for s in c.suffixes)
     raise ExportError(f"no exporter for {suffix or 'a file without suffix'!r}; known: {known}")
+
+
+def export(module, example_inputs, path: str | Path, **options):
+    """Export ``module`` with the exporter registered for ``path``'s suffix; returns its report."""
+    return exporter_for(path)().export(module, example_inputs, Path(path), **options)

@@ -28,6 +28,9 @@ class PassResult:
     zero: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # consumer keep masks
     approximate_groups: int = 0
     details: dict = field(default_factory=dict)
+    keeps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> kept
+    masks: dict = field(default_factory=dict)  # param -> bool tensor (N:M), in pruned shapes
+    plan: dict = field(default_factory=dict)  # what replays this pass (see fxprune.plan.Plan)
 
 
 PassFn = Callable[..., PassResult]

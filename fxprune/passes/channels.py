@@ -216,7 +216,7 @@ def prune_channels(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassRe
             if pd.consumer and removed[pd.vec].any():
                 zero.setdefault(name, {})[d] = ~removed[pd.vec]
     approx = sum(1 for g in graph.groups if g.approximate and per_group.get(g.id))
-    apply_removal(graph, units, args)
+    keeps = apply_removal(graph, units, args)
     return PassResult(
         "channels",
         True,
@@ -225,4 +225,6 @@ def prune_channels(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassRe
         zero,
         approx,
         {"groups_pruned": sum(1 for v in per_group.values() if v)},
+        keeps=keeps,
+        plan={"name": "channels", "kept": kept},
     )

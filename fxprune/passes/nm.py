@@ -1,0 +1,215 @@
+"""N:M semi-structured sparsity: keep the N largest of every M consecutive weights along the
+reduction axis of each eligible Linear and Conv (2:4 is what sparse tensor cores accelerate).
+
+Axis rule: the groups of M run along the axis the layer reduces over, because that is the axis the
+hardware (and TensorRT's check) reads in groups: ``in_features`` for a Linear weight ``[O, I]``;
+input channels ``C`` for a conv weight ``[K, C, R, S]``, for every output channel and kernel
+position (grouping the flattened weight would mix kernel positions, which TensorRT rejects).
+
+The mask is computed for all groups at once (reshape to ``[..., C/M, M]``, ``topk``), so a billion
+weights take seconds on a CPU. Layers that cannot carry the pattern are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import ConfigError
+from fxprune.graph.depgraph import DependencyGraph
+from fxprune.passes import PassResult
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class NM:
+    """Options of the N:M pass.
+
+    Args:
+        n: weights kept per group.
+        m: group length along the reduction axis.
+        include: module names / globs to consider (default: every Linear and Conv).
+        exclude: module names / globs never sparsified (e.g. the classifier).
+        layers: replay mode: exactly these weights (from a saved plan).
+    """
+
+    n: int = 2
+    m: int = 4
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    layers: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise ConfigError(f"sparsity {self.n}:{self.m}: need integers 0 < N < M (e.g. '2:4')")
+
+    @classmethod
+    def parse(cls, spec: str, **kw) -> NM:
+        """``"2:4"`` -> ``NM(2, 4)``."""
+        try:
+            n, m = (int(v) for v in str(spec).split(":"))
+        except ValueError:
+            raise ConfigError(f"sparsity={spec!r}: write it as 'N:M', e.g. '2:4'") from None
+        return cls(n, m, **kw)
+
+
+def nm_mask(w: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest-magnitude of every ``m`` consecutive weights along
+    ``axis`` (``w.shape[axis]`` must be divisible by ``m``). Vectorised: one ``topk`` call."""
+    moved = w.detach().abs().movedim(axis, -1)  # [..., C]
+    c = moved.shape[-1]
+    groups = moved.reshape(-1, c // m, m)
+    top = groups.topk(n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.reshape(moved.shape).movedim(-1, axis)
+
+
+def is_nm(w: torch.Tensor, n: int, m: int, axis: int = 1) -> bool:
+    """True when every group of ``m`` along ``axis`` has at most ``n`` non-zeros."""
+    moved = w.detach().movedim(axis, -1)
+    if moved.shape[-1] % m:
+        return False
+    nz = (moved.reshape(-1, moved.shape[-1] // m, m) != 0).sum(-1)
+    return bool((nz <= n).all())
+
+
+@dataclass
+class Candidate:
+    layer: str
+    param: str
+    kind: str  # "linear" | "conv"
+    groups: int
+    transposed: bool
+
+
+def candidates(gm: fx.GraphModule) -> list[Candidate]:
+    """Every Linear / Conv weight in the graph, in graph order (module and functional forms)."""
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        c = _candidate(gm, node)
+        if c is not None and c.param not in seen:
+            seen.add(c.param)
+            out.append(c)
+    return out
+
+
+def _candidate(gm: fx.GraphModule, node: fx.Node) -> Candidate | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear):
+            return Candidate(node.target, f"{node.target}.weight", "linear", 1, False)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return Candidate(
+                node.target, f"{node.target}.weight", "conv", mod.groups, mod.transposed
+            )
+        return None
+    if node.op != "call_function":
+        return None
+    key = getattr(node.target, "overloadpacket", node.target)
+    name = getattr(key, "__name__", str(key)).split(".")[-1]
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    layer = w.target.rsplit(".", 1)[0]
+    if name == "linear":
+        return Candidate(layer, w.target, "linear", 1, False)
+    if name in (
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+    ):
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        return Candidate(layer, w.target, "conv", groups, name.startswith("conv_transpose"))
+    return None
+
+
+def eligibility(c: Candidate, w: torch.Tensor, cfg: NM) -> str | None:
+    """None when the weight can carry N:M along its reduction axis, else the reason."""
+    if cfg.include and not any(_match(c.layer, p) for p in cfg.include):
+        return "not in sparsity_include"
+    if any(_match(c.layer, p) for p in cfg.exclude):
+        return "in sparsity_exclude"
+    if c.transposed:
+        return "transposed conv: its reduction axis is not a contiguous weight dim"
+    if c.groups != 1:
+        return f"grouped conv (groups={c.groups}): sparse kernels need a dense channel reduction"
+    reduce = w.shape[1]
+    if reduce % cfg.m:
+        return (
+            f"reduction size {reduce} is not divisible by M={cfg.m} (with channel pruning, "
+            f"round_to={cfg.m} keeps counts divisible)"
+        )
+    if not w.is_floating_point():
+        return f"weight dtype {w.dtype} is not floating point"
+    return None
+
+
+def _match(layer: str, pattern: str) -> bool:
+    return (
+        layer == pattern or layer.startswith(pattern + ".") or fnmatch.fnmatchcase(layer, pattern)
+    )
+
+
+def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
+    """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
+    gm = graph.gm
+    eligible, ineligible, masks = [], {}, {}
+    kept_mag = total_mag = 0.0
+    with torch.no_grad():
+        for c in candidates(gm):
+            w = gm.get_parameter(c.param)
+            if cfg.layers is not None:
+                if c.param not in cfg.layers:
+                    continue
+                reason = None if w.shape[1] % cfg.m == 0 else "reduction not divisible by M"
+            else:
+                reason = eligibility(c, w, cfg)
+            if reason:
+                ineligible[c.layer] = reason
+                continue
+            mask = nm_mask(w, cfg.n, cfg.m, axis=1)
+            total_mag += float(w.abs().sum())
+            kept_mag += float((w.abs() * mask).sum())
+            w.mul_(mask)
+            masks[c.param] = mask
+            eligible.append(c.param)
+    if cfg.layers is not None and set(cfg.layers) - set(eligible):
+        from fxprune.errors import PlanError
+
+        missing = sorted(set(cfg.layers) - set(eligible))
+        raise PlanError(f"plan's N:M layers cannot be masked in this model: {missing[:5]}")
+    return PassResult(
+        "nm",
+        changed=False,  # shapes are unchanged: the dependency graph stays valid
+        details={
+            "n": cfg.n,
+            "m": cfg.m,
+            "layers": eligible,
+            "ineligible": ineligible,
+            "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
+        },
+        masks=masks,
+        plan={"name": "nm", "n": cfg.n, "m": cfg.m, "layers": eligible},
+    )
+
+
+def keep_masks(module: nn.Module, masks: dict[str, torch.Tensor], optimizer):
+    """Re-apply N:M masks after every ``optimizer.step()`` so fine-tuning never revives a pruned
+    weight. Returns the hook handle (``.remove()`` to stop)."""
+    params = {name: module.get_parameter(name) for name in masks}
+
+    def reapply(*_):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.mul_(masks[name].to(p.device))
+
+    reapply()
+    return optimizer.register_step_post_hook(reapply)

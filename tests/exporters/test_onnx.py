@@ -1,0 +1,100 @@
+"""ONNX export: checker, ONNX Runtime parity, the N:M audit (incl. a broken weight), atomic write."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+import fxprune
+from fxprune.errors import ExportError
+from fxprune.exporters import exporter_for
+from fxprune.exporters import onnx as onnx_exp
+from fxprune.exporters.audit import audit_nm
+from tests.conftest import randomize
+
+
+class TinyEncoder(nn.Module):
+    """Token MLP block with attention: Linear weights on [B, T, D] become MatMul or Gemm."""
+
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.fixture(scope="module")
+def cnn_export(tmp_path_factory):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomize(tv.models.resnet18())
+    x = torch.randn(2, 3, 64, 64)
+    res = fxprune.compile(model, x, channels=0.5, round_to=4, sparsity="2:4", ignore=["fc"])
+    path = tmp_path_factory.mktemp("onnx") / "r18.onnx"
+    return res, res.export(path), path
+
+
+def test_cnn_export_checked_runs_and_keeps_2to4(cnn_export):
+    res, rep, path = cnn_export
+    assert path.exists() and rep.opset == onnx_exp.DEFAULT_OPSET and rep.dynamic_batch
+    assert rep.ort_max_rel_err < 1e-4
+    masked = set(res.passes[-1].masks)
+    assert {r.initializer for r in rep.audit if r.expected} == masked
+    assert all(r.nm_ok for r in rep.audit if r.expected)
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_transformer_export_audits_matmul_weights(tmp_path):
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    x = torch.randn(2, 5, 32)
+    res = fxprune.compile(model, x, channels=0.5, sparsity="2:4", sparsity_exclude=["head"])
+    rep = res.export(tmp_path / "enc.onnx")
+    expected = [r for r in rep.audit if r.expected]
+    # fc1/fc2 leave the exporter as MatMul with transposed (renamed) initializers: the audit
+    # finds them by value and checks the pattern along dim 0, the reduction axis of X @ W
+    assert len(expected) == 2 and all(r.op == "MatMul" and r.axis == 0 for r in expected)
+    assert all(r.nm_ok for r in expected) and rep.ort_max_rel_err < 1e-4
+    assert fxprune.verify.equivalence(model, res, x).ok
+
+
+def test_audit_catches_a_broken_initializer(cnn_export):
+    res, _, path = cnn_export
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == "layer1.0.conv1.weight")
+    w = numpy_helper.to_array(init).copy()
+    w[:] = 1.0  # dense again: the pattern is gone
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    expected = {k: res.module.get_parameter(k).detach().numpy() for k in res.passes[-1].masks}
+    with pytest.raises(ExportError, match="lost the pattern: layer1.0.conv1.weight"):
+        audit_nm(model, 2, 4, expected=expected)
+
+
+def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    res = fxprune.compile(model, torch.randn(2, 8), channels=0.5)
+
+    def wrong(*a, **k):
+        raise ExportError("simulated parity failure")
+
+    monkeypatch.setattr(onnx_exp, "_parity", wrong)
+    target = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="simulated"):
+        res.export(target)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the staging folder
+
+
+def test_unknown_suffix():
+    with pytest.raises(ExportError, match="known: \\['.onnx'\\]"):
+        exporter_for("model.tflite")

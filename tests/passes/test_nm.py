@@ -1,0 +1,104 @@
+"""The N:M pass: pattern along the right axis, top-N kept, eligibility, exactness, replay, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.errors import ConfigError
+from fxprune.passes.nm import NM, is_nm, keep_masks, nm_mask
+from tests.conftest import assert_equivalent, randomize
+
+
+def test_mask_keeps_top_n_along_reduction_axis():
+    torch.manual_seed(0)
+    w = torch.randn(6, 16, 3, 3)
+    mask = nm_mask(w, 2, 4, axis=1)
+    groups = w.abs().permute(0, 2, 3, 1).reshape(-1, 4, 4)  # [K*R*S, C/4, 4]
+    gm = mask.permute(0, 2, 3, 1).reshape(-1, 4, 4)
+    assert (gm.sum(-1) == 2).all()
+    kept_min = torch.where(gm, groups, torch.inf).amin(-1)
+    dropped_max = torch.where(gm, -torch.inf, groups).amax(-1)
+    assert (kept_min >= dropped_max).all()  # exactly the 2 largest of each 4 along C
+    masked = w * mask
+    assert is_nm(masked, 2, 4, axis=1) and not is_nm(w, 2, 4, axis=1)
+    assert torch.equal(nm_mask(masked, 2, 4, axis=1) & mask, mask)  # idempotent
+    # grouping the flattened weight (the seed's sample) mixes kernel positions: not TensorRT's axis
+    flat = nm_mask(w.reshape(6, -1), 2, 4, axis=1).reshape(w.shape)
+    assert not torch.equal(flat, mask)
+    assert not is_nm(w * flat, 2, 4, axis=1)
+
+
+@pytest.mark.parametrize("spec,n,m", [("2:4", 2, 4), ("1:4", 1, 4), ("4:8", 4, 8)])
+def test_other_ratios(spec, n, m):
+    w = torch.randn(8, 32)
+    cfg = NM.parse(spec)
+    assert (cfg.n, cfg.m) == (n, m)
+    assert is_nm(w * nm_mask(w, n, m), n, m)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "2-4", "0:4", "a:b"])
+def test_bad_spec(bad):
+    with pytest.raises(ConfigError):
+        NM.parse(bad)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # C=3: not divisible
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # grouped
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.up = nn.ConvTranspose2d(32, 8, 2, stride=2)  # transposed
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        y = self.up(torch.relu(self.pw(self.dw(self.stem(x))))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+def test_eligibility_is_explained():
+    torch.manual_seed(0)
+    model = randomize(Mixed())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(model, x, sparsity="2:4", sparsity_exclude=["fc2"])
+    d = res.passes[-1].details
+    assert d["layers"] == ["pw.weight", "fc1.weight"]
+    assert "not divisible by M=4" in d["ineligible"]["stem"]
+    assert "grouped" in d["ineligible"]["dw"] and "transposed" in d["ineligible"]["up"]
+    assert d["ineligible"]["fc2"] == "in sparsity_exclude"
+    assert 0.5 < d["kept_magnitude"] < 1.0
+    assert is_nm(res.module.pw.weight, 2, 4) and is_nm(res.module.fc1.weight, 2, 4)
+    assert fxprune.verify.equivalence(model, res, x).ok
+    assert model.pw.weight.count_nonzero() == model.pw.weight.numel()  # input model untouched
+
+
+def test_channels_plus_2to4_exact_and_replayed():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomize(tv.models.resnet18())
+    x = torch.randn(2, 3, 64, 64)
+    res, _ = assert_equivalent(model, x, channels=0.5, round_to=4, sparsity="2:4", ignore=["fc"])
+    layers = res.passes[-1].details["layers"]
+    assert len(layers) >= 19 and all(is_nm(res.module.get_parameter(p), 2, 4) for p in layers)
+    again = fxprune.apply_plan(tv.models.resnet18().eval(), res.plan.to_json())
+    assert again.passes[-1].details["layers"] == layers
+
+
+def test_keep_masks_never_revives_a_pruned_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    res = fxprune.compile(model, torch.randn(4, 16), sparsity="2:4")
+    pruned = res.module
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.1, momentum=0.9)
+    handle = keep_masks(pruned, res.nm_masks, opt)
+    for _ in range(5):
+        opt.zero_grad()
+        pruned(torch.randn(8, 16)).pow(2).sum().backward()
+        opt.step()
+    for name, mask in res.nm_masks.items():
+        w = pruned.get_parameter(name)
+        assert (w[~mask] == 0).all() and is_nm(w, 2, 4)
+    handle.remove()
