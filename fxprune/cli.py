@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
   fxprune prune torchvision:mobilenet_v2 --channels 0.3 --round_to 8 --save mnv2.pt
   fxprune prune my_model.py:build --channels 0.5 --importance l2 --json
+  fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --export r50.onnx
 """
 
 
@@ -35,10 +36,13 @@ def _prune(a) -> int:
         allow_approximate=a.allow_approximate,
         mode=a.mode,
         seed=a.seed,
+        sparsity=a.sparsity,
+        sparsity_exclude=a.sparsity_exclude,
     )
     rep = fxprune.verify.equivalence(model, res, x)
     if a.save:
         res.save(a.save)
+    exported = res.export(a.export) if a.export else None
     if a.json:
         print(
             json.dumps(
@@ -48,6 +52,7 @@ def _prune(a) -> int:
                     "equivalence": vars(rep),
                     "barriers": res.barriers,
                     "seconds": res.seconds,
+                    "export": str(exported.path) if exported else None,
                 }
             )
         )
@@ -57,6 +62,8 @@ def _prune(a) -> int:
         print(f"\nequivalence check: {rep}")
         if a.save:
             print(f"saved plan + state_dict to {a.save}")
+        if exported:
+            print(exported.summary())
     return 0 if rep.ok else 1
 
 
@@ -84,7 +91,10 @@ def main(argv=None) -> int:
     pr.add_argument("--allow_approximate", action="store_true")
     pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
+    pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
     pr.add_argument("--save", help="write plan + state_dict here")
+    pr.add_argument("--export", help="export the pruned model (model.onnx), checked and audited")
     pr.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from fxprune.errors import FxPruneError
