@@ -102,3 +102,11 @@ def test_keep_masks_never_revives_a_pruned_weight():
         w = pruned.get_parameter(name)
         assert (w[~mask] == 0).all() and is_nm(w, 2, 4)
     handle.remove()
+
+
+def test_ties_go_to_the_earlier_weight_and_large_m_uses_topk():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, -3.0, 3.0, 0.5]])
+    assert nm_mask(w, 2, 4).tolist() == [[True, True, False, False, True, True, False, False]]
+    w16 = torch.randn(4, 32)
+    mask = nm_mask(w16, 8, 16)
+    assert (mask.reshape(4, 2, 16).sum(-1) == 8).all() and is_nm(w16 * mask, 8, 16)
