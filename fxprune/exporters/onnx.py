@@ -8,6 +8,7 @@ there, then moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -108,25 +109,38 @@ def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) ->
         dynamic = tuple(
             {0: batch} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
         )
-    was = module.training
-    for m in module.modules():
-        m.training = False
     try:
-        prog = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic, verbose=False
-        )
+        with _eval(module):
+            prog = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                verbose=False,
+            )
     except Exception as e:  # noqa: BLE001
         raise ExportError(
             f"torch.onnx.export failed: {type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         ) from e
-    finally:
-        for m in module.modules():
-            m.training = was
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = size > 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
     prog.save(str(dest), external_data=external)
     return external
+
+
+@contextlib.contextmanager
+def _eval(module):
+    """Eval mode for the duration (GraphModules from torch.export refuse ``.eval()``)."""
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
@@ -145,7 +159,7 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), fresh, strict=False)}
     got = sess.run(None, feeds)
-    with torch.no_grad():
+    with torch.no_grad(), _eval(module):  # the export is an inference graph: compare in eval
         ref = [t for t in pytree.tree_leaves(module(*fresh)) if isinstance(t, torch.Tensor)]
     if len(got) != len(ref):
         raise ExportError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(ref)}")

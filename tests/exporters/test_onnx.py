@@ -98,3 +98,16 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
 def test_unknown_suffix():
     with pytest.raises(ExportError, match="known: \\['.onnx'\\]"):
         exporter_for("model.tflite")
+
+
+def test_model_in_train_mode_exports_its_inference_graph(tmp_path):
+    """A model handed over in train mode: parity is checked in eval, like the exported graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    )
+    randomize(model).train()
+    res = fxprune.compile(model, torch.randn(2, 3, 8, 8), channels=0.5, sparsity="2:4")
+    assert res.module.training
+    rep = res.export(tmp_path / "bn.onnx")
+    assert rep.ort_max_rel_err < 1e-4 and res.module.training  # mode restored afterwards
