@@ -34,6 +34,7 @@ class Exporter:
 def exporter_for(path: str | Path) -> type[Exporter]:
     """The registered exporter for a file name, or ExportError listing what exists."""
     from fxprune.exporters import onnx as _onnx  # noqa: F401 - registers (imports no onnx yet)
+    from fxprune.exporters import tensorrt as _trt  # noqa: F401 - registers (imports no tensorrt)
 
     suffix = Path(path).suffix
     for cls in EXPORTERS.values():
