@@ -158,7 +158,18 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
             fresh.append(torch.randint(0, max(hi, 2), shape, generator=g, dtype=a.dtype))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), fresh, strict=False)}
-    got = sess.run(None, feeds)
+    try:
+        got = sess.run(None, feeds)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(
+            f"ONNX Runtime could not run the exported model on a batch of {fresh[0].shape[0]}"
+            + (
+                " (the model fixed its batch size; export with dynamic_batch=False)"
+                if dynamic_batch
+                else ""
+            )
+            + f": {str(e).strip().splitlines()[0]}"
+        ) from e
     with torch.no_grad(), _eval(module):  # the export is an inference graph: compare in eval
         ref = [t for t in pytree.tree_leaves(module(*fresh)) if isinstance(t, torch.Tensor)]
     if len(got) != len(ref):

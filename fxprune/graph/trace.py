@@ -84,7 +84,15 @@ def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
 
 
 def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
-    ep = torch.export.export(model, args, strict=False)
+    # Let export keep the batch dim symbolic where the model allows it, so view/reshape sizes
+    # stay computed from the input and the pruned graph (and its ONNX export) serves any batch.
+    dims = tuple(
+        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
+    )
+    try:
+        ep = torch.export.export(model, args, strict=False, dynamic_shapes=dims)
+    except Exception:  # noqa: BLE001 - a model that cannot take a symbolic batch: keep it static
+        ep = torch.export.export(model, args, strict=False)
     return ep.module()
 
 

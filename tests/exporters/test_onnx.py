@@ -111,3 +111,27 @@ def test_model_in_train_mode_exports_its_inference_graph(tmp_path):
     assert res.module.training
     rep = res.export(tmp_path / "bn.onnx")
     assert rep.ort_max_rel_err < 1e-4 and res.module.training  # mode restored afterwards
+
+
+def test_hf_bert_channels_2to4_export(tmp_path):
+    """A BERT-style model (torch.export capture): FFN pruned, 2:4 everywhere, dynamic batch ONNX."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+    )
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    res = fxprune.compile(model, (ids,), channels=0.5, sparsity="2:4")
+    assert res.plan.mode == "export"
+    assert res.module.get_parameter("encoder.layer.0.intermediate.dense.weight").shape[0] == 64
+    rep = fxprune.verify.equivalence(model, res, (ids,))
+    assert rep.ok and rep.pruning_effect > 1e-3
+    out = res.export(tmp_path / "bert.onnx")
+    masked = [r for r in out.audit if r.expected]
+    assert len(masked) == len(res.passes[-1].masks) == 13 and all(r.nm_ok for r in masked)
+    assert out.ort_max_rel_err < 1e-4
