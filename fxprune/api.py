@@ -129,7 +129,7 @@ def compile(  # noqa: A001 - the public name the project promises
     importance: str = "l1",
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
-    round_to: int = 1,
+    round_to: int | None = None,
     min_channels: int = 1,
     global_ranking: bool = False,
     allow_approximate: bool = False,
@@ -152,6 +152,7 @@ def compile(  # noqa: A001 - the public name the project promises
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
         round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
+            Default: 1, or M when ``sparsity="N:M"`` is set, so pruned layers stay N:M-eligible.
         min_channels: never keep fewer channels than this in a group.
         global_ranking: rank channels across groups instead of a ratio per group.
         allow_approximate: also prune groups whose removal cannot be exact (a LayerNorm over
@@ -184,6 +185,8 @@ def compile(  # noqa: A001 - the public name the project promises
     _inputs_spec(args)
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
+    if round_to is None:
+        round_to = NM.parse(sparsity).m if sparsity is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
     cfg = Channels(
         channels, importance, ignore_t, ratios, round_to, min_channels, global_ranking, seed

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     pr.add_argument("--channels", type=float, default=0.5, help="fraction removed per group")
     pr.add_argument("--importance", default="l1", help="l1, l2, bn_scale or random")
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
-    pr.add_argument("--round_to", type=int, default=1)
+    pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
     pr.add_argument("--global_ranking", action="store_true")
     pr.add_argument("--allow_approximate", action="store_true")
     pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])

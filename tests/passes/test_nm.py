@@ -110,3 +110,13 @@ def test_ties_go_to_the_earlier_weight_and_large_m_uses_topk():
     w16 = torch.randn(4, 32)
     mask = nm_mask(w16, 8, 16)
     assert (mask.reshape(4, 2, 16).sum(-1) == 8).all() and is_nm(w16 * mask, 8, 16)
+
+
+def test_round_to_defaults_to_m_with_sparsity():
+    tv = pytest.importorskip("torchvision")
+    model = randomize(tv.models.resnet18())
+    res = fxprune.compile(
+        model, torch.randn(1, 3, 32, 32), channels=0.3, sparsity="2:4", ignore=["fc"]
+    )
+    assert res.plan.config["round_to"] == 4
+    assert list(res.passes[-1].details["ineligible"]) == ["conv1"]  # only the 3-channel stem
