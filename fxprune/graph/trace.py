@@ -93,7 +93,14 @@ def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
         ep = torch.export.export(model, args, strict=False, dynamic_shapes=dims)
     except Exception:  # noqa: BLE001 - a model that cannot take a symbolic batch: keep it static
         ep = torch.export.export(model, args, strict=False)
-    return ep.module()
+    stateful = ep.module()
+    # ep.module() refuses .eval()/.train(); a plain GraphModule over the same graph and
+    # submodules behaves like any module (the graph already fixed inference behaviour).
+    gm = fx.GraphModule(stateful, stateful.graph, type(model).__name__)
+    for attr in ("_in_spec", "_out_spec"):  # read by the pytree codegen of the forward
+        if hasattr(stateful, attr):
+            setattr(gm, attr, getattr(stateful, attr))
+    return gm
 
 
 def trace(
