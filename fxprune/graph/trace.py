@@ -100,7 +100,26 @@ def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
     for attr in ("_in_spec", "_out_spec"):  # read by the pytree codegen of the forward
         if hasattr(stateful, attr):
             setattr(gm, attr, getattr(stateful, attr))
+    _constants_as_buffers(gm)
     return gm
+
+
+def _constants_as_buffers(gm: fx.GraphModule) -> None:
+    """Lifted tensor constants are plain attributes; make them (non-persistent) buffers so that
+    ``.to(device)`` moves them with the parameters."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_name, _, attr = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        value = getattr(owner, attr, None)
+        if (
+            isinstance(value, torch.Tensor)
+            and attr not in owner._parameters
+            and attr not in owner._buffers
+        ):
+            delattr(owner, attr)
+            owner.register_buffer(attr, value, persistent=False)
 
 
 def trace(
