@@ -97,6 +97,7 @@ def time_pair(fns: dict, rounds: int, iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", help="run models whose label contains this text")
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.3, 0.5])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
     ap.add_argument("--rounds", type=int, default=20)
@@ -121,13 +122,20 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     for label, model, shape, head, cnn in models(a.smoke):
+        if a.only and a.only not in label:
+            continue
         for ratio in a.ratios:
-            x = example(shape, 2)
+            # Prune on the device the model runs on: torch.export graphs bake tensor-creation
+            # devices in, so an export-captured model (BERT here) must be captured there.
+            model = model.to(dev)
+            x = tuple(t.to(dev) for t in example(shape, 2))
             res = fxprune.compile(
                 model, x, channels=ratio, ignore=[head] if head else [], round_to=8
             )
+            torch.backends.cudnn.allow_tf32 = False  # fp32 for the proof, TF32 would blur it
             rep = fxprune.verify.equivalence(model, res, x)
             assert rep.ok, rep.message
+            torch.backends.cudnn.allow_tf32 = True
             dense = copy.deepcopy(model).eval()
             pruned = res.module.eval()
             fmt = torch.channels_last if cnn else torch.contiguous_format
