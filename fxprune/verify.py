@@ -45,10 +45,13 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
             for d, keep in dims.items():
                 shape = [1] * p.ndim
                 shape[d] = -1
-                p.mul_(torch.as_tensor(np.asarray(keep), dtype=p.dtype).reshape(shape))
+                p.mul_(
+                    torch.as_tensor(np.asarray(keep), dtype=p.dtype, device=p.device).reshape(shape)
+                )
         for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
             p = z.get_parameter(name)
-            p.mul_(_to_dense_positions(mask, p.shape, _keeps(result, name)).to(p.dtype))
+            dense_mask = _to_dense_positions(mask.cpu(), p.shape, _keeps(result, name))
+            p.mul_(dense_mask.to(device=p.device, dtype=p.dtype))
     return z
 
 
