@@ -23,6 +23,9 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _gpu_timing import capture_graph  # noqa: E402
+
 import fxprune  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 
@@ -60,16 +63,7 @@ def example(shape, batch: int):
 
 def graphed(fn):
     """Capture ``fn`` (static shapes) into a CUDA graph; replay removes Python launch overhead."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return capture_graph(fn).replay
 
 
 def time_pair(fns: dict, rounds: int, iters: int) -> dict:
