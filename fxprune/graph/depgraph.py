@@ -117,11 +117,7 @@ class DependencyGraph:
     groups: list[Group]
     blocked: np.ndarray  # unit label -> True when a barrier keeps it
     unit_sources: tuple[np.ndarray, np.ndarray]  # (unit, source) pairs, sorted by unit
-    node_atoms: dict[fx.Node, object] = field(repr=False, default_factory=dict)
-
-    def unit_atoms(self, units) -> np.ndarray:
-        """Atom ids belonging to any of ``units``."""
-        return np.nonzero(np.isin(self.label, np.asarray(list(units), dtype=np.int64)))[0]
+    node_atoms: dict[fx.Node, object] = field(repr=False, default_factory=dict)  # for inspection
 
     def removed_mask(self, units) -> np.ndarray:
         """Boolean over atom ids: True where the atom belongs to a removed unit (plus NONE=False)."""

@@ -190,8 +190,7 @@ def _binary(ctx, node):
     return elementwise(ctx, node, pytree.tree_leaves((node.args, node.kwargs)))
 
 
-RuleKeys = list
-UNARY: RuleKeys = [
+UNARY = [
     F.relu,
     F.relu6,
     F.silu,
