@@ -26,7 +26,7 @@ class RandomNet(nn.Module):
         for op, w in zip(ops, widths, strict=True):
             b = nn.Module()
             if op in ("conv", "residual"):
-                b.conv, b.bn = nn.Conv2d(c, w if op == "conv" else c, 3, padding=1), None
+                b.conv = nn.Conv2d(c, w if op == "conv" else c, 3, padding=1)
                 b.bn = nn.BatchNorm2d(b.conv.out_channels)
             elif op == "concat":
                 b.x, b.y = nn.Conv2d(c, w, 1), nn.Conv2d(c, 4, 3, padding=1)
