@@ -101,8 +101,7 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
     barriers = graph.barrier_report()
     after = layer_stats(gm)
-    if traced.mode == "fx":
-        gm.train(was_training)
+    gm.train(was_training)
     model.train(was_training)
     plan = Plan(
         traced.mode,
@@ -185,8 +184,12 @@ def compile(  # noqa: A001 - the public name the project promises
     _inputs_spec(args)
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
+    nm = None
+    if sparsity is not None:
+        resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
+        nm = NM.parse(sparsity, include=tuple(sparsity_include), exclude=tuple(sparsity_exclude))
     if round_to is None:
-        round_to = NM.parse(sparsity).m if sparsity is not None else 1
+        round_to = nm.m if nm is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
     cfg = Channels(
         channels, importance, ignore_t, ratios, round_to, min_channels, global_ranking, seed
@@ -203,9 +206,7 @@ def compile(  # noqa: A001 - the public name the project promises
         "seed": seed,
     }
     passes = [(prune_channels, cfg)] if (channels or ratios) else []
-    if sparsity is not None:
-        resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
-        nm = NM.parse(sparsity, include=tuple(sparsity_include), exclude=tuple(sparsity_exclude))
+    if nm is not None:
         passes.append((prune_nm, nm))
         config.update(
             sparsity=sparsity,

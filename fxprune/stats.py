@@ -7,45 +7,11 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from fxprune.graph.trace import tensor_meta
+from fxprune.graph.weighted import weighted_layer
 
 aten = torch.ops.aten
-_CONV = {
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-}
-
-
-def _weight_of(gm: fx.GraphModule, node: fx.Node):
-    """(layer name, weight tensor, kind) for conv/linear nodes in either capture form."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if type(m) in _CONV or isinstance(m, nn.modules.conv._ConvNd):
-            return node.target, m.weight, "convT" if m.transposed else "conv"
-        if isinstance(m, nn.Linear):
-            return node.target, m.weight, "linear"
-        return None
-    if node.op != "call_function":
-        return None
-    name = str(getattr(node.target, "overloadpacket", getattr(node.target, "__name__", "")))
-    name = name.split(".")[-1]
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        return None
-    layer = w.target.rsplit(".", 1)[0]
-    if name in ("conv1d", "conv2d", "conv3d"):
-        return layer, gm.get_parameter(w.target), "conv"
-    if name.startswith("conv_transpose"):
-        return layer, gm.get_parameter(w.target), "convT"
-    if name == "linear":
-        return layer, gm.get_parameter(w.target), "linear"
-    return None
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | None:
@@ -53,15 +19,14 @@ def node_macs(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | None:
     out = tensor_meta(node)
     if out is None:
         return None
-    found = _weight_of(gm, node)
-    if found is not None:
-        layer, w, kind = found
-        if kind == "conv":
-            return layer, out.numel() * math.prod(w.shape[1:])
-        if kind == "convT":
-            x = tensor_meta(node.args[0])
-            return layer, x.numel() * math.prod(w.shape[1:])
-        return layer, out.numel() * w.shape[1]
+    wl = weighted_layer(gm, node)
+    if wl is not None:
+        w = gm.get_parameter(wl.param)
+        if wl.kind == "conv" and wl.transposed:  # each input element meets a [Cout/g, k..] slice
+            return wl.layer, tensor_meta(node.args[0]).numel() * math.prod(w.shape[1:])
+        if wl.kind == "conv":
+            return wl.layer, out.numel() * math.prod(w.shape[1:])
+        return wl.layer, out.numel() * w.shape[1]
     name = str(
         getattr(node.target, "overloadpacket", getattr(node.target, "__name__", node.target))
     )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from fxprune._util import eval_mode
 from fxprune.graph.trace import as_args
 
 RTOL = 1e-4
@@ -101,19 +102,11 @@ def equivalence(
     """
     args = as_args(example_inputs)
     z = zeroed_dense(model, result)
-    dense = copy.deepcopy(model).eval()
-    pruned = result.module
-    was = pruned.training
-    for m in pruned.modules():
-        m.training = False
-    try:
-        with torch.no_grad():
-            ref = _leaves(z(*args))
-            got = _leaves(pruned(*args))
-            orig = _leaves(dense(*args))
-    finally:
-        for m in pruned.modules():
-            m.training = was
+    # eval forwards change nothing, so the user's own model serves as the unzeroed reference
+    with torch.no_grad(), eval_mode(result.module) as pruned, eval_mode(model) as dense:
+        ref = _leaves(z(*args))
+        got = _leaves(pruned(*args))
+        orig = _leaves(dense(*args))
     if len(ref) != len(got):
         return EquivalenceReport(
             False,

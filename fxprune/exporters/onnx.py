@@ -8,7 +8,6 @@ there, then moved into place.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from fxprune._util import eval_mode
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter
 from fxprune.exporters.audit import AuditRow, audit_nm
@@ -110,7 +110,7 @@ def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) ->
             {0: batch} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
         )
     try:
-        with _eval(module):
+        with eval_mode(module):
             prog = torch.onnx.export(
                 module,
                 args,
@@ -128,19 +128,6 @@ def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) ->
     external = size > 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
     prog.save(str(dest), external_data=external)
     return external
-
-
-@contextlib.contextmanager
-def _eval(module):
-    """Eval mode for the duration (GraphModules from torch.export refuse ``.eval()``)."""
-    modes = [(m, m.training) for m in module.modules()]
-    for m, _ in modes:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
@@ -170,7 +157,7 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
             )
             + f": {str(e).strip().splitlines()[0]}"
         ) from e
-    with torch.no_grad(), _eval(module):  # the export is an inference graph: compare in eval
+    with torch.no_grad(), eval_mode(module):  # the export is an inference graph: compare in eval
         ref = [t for t in pytree.tree_leaves(module(*fresh)) if isinstance(t, torch.Tensor)]
     if len(got) != len(ref):
         raise ExportError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(ref)}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,7 +117,6 @@ class DependencyGraph:
     groups: list[Group]
     blocked: np.ndarray  # unit label -> True when a barrier keeps it
     unit_sources: tuple[np.ndarray, np.ndarray]  # (unit, source) pairs, sorted by unit
-    node_atoms: dict[fx.Node, object] = field(repr=False, default_factory=dict)  # for inspection
 
     def removed_mask(self, units) -> np.ndarray:
         """Boolean over atom ids: True where the atom belongs to a removed unit (plus NONE=False)."""
@@ -298,7 +297,6 @@ class Analysis:
             groups,
             blocked,
             (pairs[0], pairs[1]),
-            self.values,
         )
 
     def _groups(self, label, pairs, blocked, approx) -> list[Group]:

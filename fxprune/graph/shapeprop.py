@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
+from fxprune._util import eval_mode
 from fxprune.errors import UnsupportedModelError
 
 # Modules whose output has the input's shape: running them under fake tensors costs dispatch and
@@ -151,18 +152,12 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
     runs and no activation memory is allocated. Raises UnsupportedModelError when an output leaf
     is not a tensor.
     """
-    was_training = gm.training
-    _set_training(gm, False)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with mode:
-            fake_args = tuple(
-                mode.from_tensor(a) if isinstance(a, torch.Tensor) else copy.deepcopy(a)
-                for a in args
-            )
-            out = _FakeInterpreter(gm).run_lean(*fake_args)
-    finally:
-        _set_training(gm, was_training)
+    with eval_mode(gm), mode:
+        fake_args = tuple(
+            mode.from_tensor(a) if isinstance(a, torch.Tensor) else copy.deepcopy(a) for a in args
+        )
+        out = _FakeInterpreter(gm).run_lean(*fake_args)
     leaves, _ = pytree.tree_flatten(out)
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor) and leaf is not None:
@@ -170,9 +165,3 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
                 f"model output #{i} is a {type(leaf).__name__}, not a tensor: fxprune compares "
                 "and exports tensor outputs only; return tensors (or a tuple/dict of tensors)"
             )
-
-
-def _set_training(gm: torch.nn.Module, mode: bool) -> None:
-    # torch.export's graph modules refuse .eval()/.train(); their graph already fixed the mode.
-    for m in gm.modules():
-        m.training = mode

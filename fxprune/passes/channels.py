@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fxprune._util import module_matches
 from fxprune.errors import ConfigError, PlanError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rewrite import apply_removal
@@ -59,13 +59,6 @@ class Channels:
             raise ConfigError(f"min_channels={self.min_channels!r}: must be an integer >= 1")
 
 
-def _matches(layer: str, pattern: str) -> bool:
-    """A module name matches itself, a glob, or a parent module's name (``layer1`` -> all in it)."""
-    return (
-        layer == pattern or layer.startswith(pattern + ".") or fnmatch.fnmatchcase(layer, pattern)
-    )
-
-
 def channel_holders(graph: DependencyGraph) -> dict[int, set[str]]:
     """Per group: modules whose outputs carry its channels. Those are the sources, plus the
     norms, PReLUs and scales whose parameters are indexed by them, but not the layers that only
@@ -92,11 +85,11 @@ def group_ratios(graph: DependencyGraph, cfg: Channels) -> dict[int, float | Non
     out = {}
     for g in graph.groups:
         layers = g.layers(graph)
-        if any(_matches(m, p) for m in holders.get(g.id, ()) for p in cfg.ignore):
+        if any(module_matches(m, p) for m in holders.get(g.id, ()) for p in cfg.ignore):
             out[g.id] = None
             continue
         out[g.id] = next(
-            (r for pat, r in cfg.layer_ratios if any(_matches(la, pat) for la in layers)),
+            (r for pat, r in cfg.layer_ratios if any(module_matches(la, pat) for la in layers)),
             cfg.ratio,
         )
     return out
@@ -219,12 +212,11 @@ def prune_channels(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassRe
     keeps = apply_removal(graph, units, args)
     return PassResult(
         "channels",
-        True,
-        units,
-        kept,
-        zero,
-        approx,
-        {"groups_pruned": sum(1 for v in per_group.values() if v)},
+        changed=True,
+        removed_units=units,
+        zero=zero,
+        approximate_groups=approx,
+        details={"groups_pruned": sum(1 for v in per_group.values() if v)},
         keeps=keeps,
         plan={"name": "channels", "kept": kept},
     )

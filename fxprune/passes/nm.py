@@ -12,15 +12,16 @@ weights take seconds on a CPU. Layers that cannot carry the pattern are listed w
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune._util import module_matches
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
+from fxprune.graph.weighted import WeightedLayer, weighted_layer
 from fxprune.passes import PassResult
 
 aten = torch.ops.aten
@@ -92,64 +93,22 @@ def is_nm(w: torch.Tensor, n: int, m: int, axis: int = 1) -> bool:
     return bool((nz <= n).all())
 
 
-@dataclass
-class Candidate:
-    layer: str
-    param: str
-    kind: str  # "linear" | "conv"
-    groups: int
-    transposed: bool
-
-
-def candidates(gm: fx.GraphModule) -> list[Candidate]:
+def candidates(gm: fx.GraphModule) -> list[WeightedLayer]:
     """Every Linear / Conv weight in the graph, in graph order (module and functional forms)."""
     out, seen = [], set()
     for node in gm.graph.nodes:
-        c = _candidate(gm, node)
+        c = weighted_layer(gm, node)
         if c is not None and c.param not in seen:
             seen.add(c.param)
             out.append(c)
     return out
 
 
-def _candidate(gm: fx.GraphModule, node: fx.Node) -> Candidate | None:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Linear):
-            return Candidate(node.target, f"{node.target}.weight", "linear", 1, False)
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            return Candidate(
-                node.target, f"{node.target}.weight", "conv", mod.groups, mod.transposed
-            )
-        return None
-    if node.op != "call_function":
-        return None
-    key = getattr(node.target, "overloadpacket", node.target)
-    name = getattr(key, "__name__", str(key)).split(".")[-1]
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        return None
-    layer = w.target.rsplit(".", 1)[0]
-    if name == "linear":
-        return Candidate(layer, w.target, "linear", 1, False)
-    if name in (
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "conv_transpose3d",
-    ):
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        return Candidate(layer, w.target, "conv", groups, name.startswith("conv_transpose"))
-    return None
-
-
-def eligibility(c: Candidate, w: torch.Tensor, cfg: NM) -> str | None:
+def eligibility(c: WeightedLayer, w: torch.Tensor, cfg: NM) -> str | None:
     """None when the weight can carry N:M along its reduction axis, else the reason."""
-    if cfg.include and not any(_match(c.layer, p) for p in cfg.include):
+    if cfg.include and not any(module_matches(c.layer, p) for p in cfg.include):
         return "not in sparsity_include"
-    if any(_match(c.layer, p) for p in cfg.exclude):
+    if any(module_matches(c.layer, p) for p in cfg.exclude):
         return "in sparsity_exclude"
     if c.transposed:
         return "transposed conv: its reduction axis is not a contiguous weight dim"
@@ -164,12 +123,6 @@ def eligibility(c: Candidate, w: torch.Tensor, cfg: NM) -> str | None:
     if not w.is_floating_point():
         return f"weight dtype {w.dtype} is not floating point"
     return None
-
-
-def _match(layer: str, pattern: str) -> bool:
-    return (
-        layer == pattern or layer.startswith(pattern + ".") or fnmatch.fnmatchcase(layer, pattern)
-    )
 
 
 def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
