@@ -287,7 +287,6 @@ def _index(ctx, node, X, shape, idx):
         return none_output(node)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     out_dims, d, rewrites = [], 0, []
-    arr = X
     for k, i in enumerate(idx):
         if i is Ellipsis:
             skip = X.ndim - n_real
