@@ -16,12 +16,16 @@ from fxprune.graph import trace
 from fxprune.graph.trace import as_args
 from fxprune.passes import run_passes
 from fxprune.passes.channels import Channels, prune_channels
+from fxprune.passes.ffn import FFN, prune_ffn
+from fxprune.passes.heads import Heads, prune_heads
 from fxprune.passes.nm import NM, prune_nm
 from fxprune.plan import CompileResult, LayerRow, Plan, Summary
 from fxprune.stats import layer_stats
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
 PASSES = {
+    "heads": (prune_heads, lambda e: Heads(kept=e["kept"])),
+    "ffn": (prune_ffn, lambda e: FFN(kept=e["kept"])),
     "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
     "nm": (prune_nm, lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]))),
 }
@@ -125,11 +129,14 @@ def compile(  # noqa: A001 - the public name the project promises
     example_inputs,
     *,
     channels: float = 0.0,
+    heads: float | int = 0.0,
+    ffn: float = 0.0,
     importance: str = "l1",
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
     round_to: int | None = None,
     min_channels: int = 1,
+    min_heads: int = 1,
     global_ranking: bool = False,
     allow_approximate: bool = False,
     mode: str = "auto",
@@ -145,7 +152,13 @@ def compile(  # noqa: A001 - the public name the project promises
     Args:
         model: the dense model. It is copied and left untouched unless ``inplace=True``.
         example_inputs: a tensor or tuple of tensors with the shapes used at inference.
-        channels: fraction of each coupled group's channels to remove, in [0, 1).
+        channels: fraction of each coupled group's channels to remove, in [0, 1). Attention
+            heads are never removed by it; MLP neurons are, unless ``ffn`` is given.
+        heads: fraction of each attention layer's heads to remove, in [0, 1), or an ``int``
+            number of heads per layer. Under grouped-query attention a unit is one key/value
+            head with its query heads.
+        ffn: fraction of each transformer MLP's hidden neurons to remove, in [0, 1) (gated
+            MLPs: ``gate_proj`` and ``up_proj`` together).
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` or ``"random"``, scored over the group.
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
@@ -153,6 +166,7 @@ def compile(  # noqa: A001 - the public name the project promises
         round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
             Default: 1, or M when ``sparsity="N:M"`` is set, so pruned layers stay N:M-eligible.
         min_channels: never keep fewer channels than this in a group.
+        min_heads: never keep fewer heads than this in an attention layer.
         global_ranking: rank channels across groups instead of a ratio per group.
         allow_approximate: also prune groups whose removal cannot be exact (a LayerNorm over
             the channel dim); they are reported as approximate.
@@ -191,11 +205,27 @@ def compile(  # noqa: A001 - the public name the project promises
     if round_to is None:
         round_to = nm.m if nm is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
+    shared = dict(importance=importance, ignore=ignore_t, global_ranking=global_ranking, seed=seed)
     cfg = Channels(
-        channels, importance, ignore_t, ratios, round_to, min_channels, global_ranking, seed
+        channels,
+        layer_ratios=ratios,
+        round_to=round_to,
+        min_channels=min_channels,
+        kinds=("channels",) if ffn else ("channels", "ffn"),
+        **shared,
     )
+    passes = []
+    if heads:
+        passes.append((prune_heads, Heads(heads, min_heads=min_heads, **shared)))
+    if ffn:
+        passes.append((prune_ffn, FFN(ffn, round_to=round_to, min_channels=min_channels, **shared)))
+    if channels or ratios:
+        passes.append((prune_channels, cfg))
     config = {
         "channels": channels,
+        "heads": heads,
+        "ffn": ffn,
+        "min_heads": min_heads,
         "importance": importance,
         "ignore": list(ignore_t),
         "layer_ratios": dict(ratios),
@@ -205,7 +235,6 @@ def compile(  # noqa: A001 - the public name the project promises
         "allow_approximate": allow_approximate,
         "seed": seed,
     }
-    passes = [(prune_channels, cfg)] if (channels or ratios) else []
     if nm is not None:
         passes.append((prune_nm, nm))
         config.update(

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -132,6 +133,43 @@ class Summary:
         }
 
 
+def compose(passes) -> tuple[dict, dict]:
+    """Compose the passes' kept and zeroed indices, each recorded in the shapes its pass saw,
+    into masks over the dense model's indices: ``(keeps, zeros)``."""
+    idx: dict[tuple[str, int], np.ndarray] = {}  # dense indices present before the next pass
+    size: dict[tuple[str, int], int] = {}
+    zeros: dict[tuple[str, int], np.ndarray] = {}
+    for p in passes:
+        for name, dims in p.zero.items():
+            for d, keep in dims.items():
+                keep = np.asarray(keep, dtype=bool)
+                cur = idx.get((name, d))
+                if cur is None:
+                    dense = keep.copy()
+                else:
+                    dense = np.ones(size[(name, d)], dtype=bool)
+                    dense[cur[~keep]] = False
+                prev = zeros.get((name, d))
+                zeros[(name, d)] = dense if prev is None else prev & dense
+        for name, dims in p.keeps.items():
+            for d, keep in dims.items():
+                keep = np.asarray(keep, dtype=bool)
+                cur = idx.get((name, d))
+                if cur is None:
+                    size[(name, d)] = keep.size
+                    cur = np.arange(keep.size)
+                idx[(name, d)] = cur[keep]
+    keeps: dict[str, dict[int, np.ndarray]] = {}
+    for (name, d), cur in idx.items():
+        m = np.zeros(size[(name, d)], dtype=bool)
+        m[cur] = True
+        keeps.setdefault(name, {})[d] = m
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for (name, d), m in zeros.items():
+        out.setdefault(name, {})[d] = m
+    return keeps, out
+
+
 def _num(n: int) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -161,14 +199,15 @@ class CompileResult:
     seconds: float = 0.0
 
     @property
-    def zero_spec(self) -> dict[str, dict[int, object]]:
-        """Consumer slices to zero in the dense model to reproduce the pruned model exactly."""
-        out: dict = {}
-        for p in self.passes:
-            for name, dims in p.zero.items():
-                for d, keep in dims.items():
-                    out.setdefault(name, {})[d] = keep
-        return out
+    def zero_spec(self) -> dict[str, dict[int, np.ndarray]]:
+        """Consumer slices to zero in the dense model to reproduce the pruned model exactly:
+        ``{param: {dim: bool mask over the dense indices, False = zero}}``, over all passes."""
+        return compose(self.passes)[1]
+
+    @property
+    def dense_keeps(self) -> dict[str, dict[int, np.ndarray]]:
+        """``{param: {dim: bool mask over the dense indices that survive every pass}}``."""
+        return compose(self.passes)[0]
 
     @property
     def nm_masks(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ def node_macs(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | None:
             return wl.layer, tensor_meta(node.args[0]).numel() * math.prod(w.shape[1:])
         if wl.kind == "conv":
             return wl.layer, out.numel() * math.prod(w.shape[1:])
-        return wl.layer, out.numel() * w.shape[1]
+        return wl.layer, out.numel() * w.shape[wl.reduce_dim]
     name = str(
         getattr(node.target, "overloadpacket", getattr(node.target, "__name__", node.target))
     )

@@ -49,19 +49,12 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
                 p.mul_(
                     torch.as_tensor(np.asarray(keep), dtype=p.dtype, device=p.device).reshape(shape)
                 )
+        keeps = result.dense_keeps
         for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
             p = z.get_parameter(name)
-            dense_mask = _to_dense_positions(mask.cpu(), p.shape, _keeps(result, name))
+            dense_mask = _to_dense_positions(mask.cpu(), p.shape, keeps.get(name, {}))
             p.mul_(dense_mask.to(device=p.device, dtype=p.dtype))
     return z
-
-
-def _keeps(result, name: str) -> dict[int, np.ndarray]:
-    out: dict[int, np.ndarray] = {}
-    for r in result.passes:
-        for d, keep in r.keeps.get(name, {}).items():
-            out[d] = keep  # one structural pass today; compose here when there are more
-    return out
 
 
 def _to_dense_positions(mask: torch.Tensor, shape, keeps: dict[int, np.ndarray]) -> torch.Tensor:

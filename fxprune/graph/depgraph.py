@@ -61,6 +61,7 @@ class Source:
     dim: int
     start: int  # first atom id
     size: int
+    kind: str = "other"  # "linear", "conv", "embedding": what kind of layer creates the atoms
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Group:
     units: list[int]  # unit labels
     width: int  # channels per unit in the widest source layer
     approximate: bool = False
+    kind: str = "channels"  # "heads" (attention heads), "ffn" (hidden neurons between Linears)
 
     def layers(self, graph: DependencyGraph) -> list[str]:
         return sorted({graph.sources[s].layer for s in self.sources})
@@ -164,6 +166,7 @@ class Analysis:
         self.rewrites: list[tuple[fx.Node, Callable]] = []
         self.values: dict[fx.Node, object] = {}
         self.multi_arrays: list[tuple[str, np.ndarray]] = []  # arrays varying on >1 dim
+        self.head_atoms: list[np.ndarray] = []  # atoms a reshape grouped into attention heads
 
     # ---- atoms -------------------------------------------------------------------------------
     def new_atoms(self, n: int) -> np.ndarray:
@@ -171,9 +174,11 @@ class Analysis:
         self.n_atoms += n
         return ids
 
-    def new_source(self, node: fx.Node, layer: str, param: str, dim: int, n: int) -> np.ndarray:
+    def new_source(
+        self, node: fx.Node, layer: str, param: str, dim: int, n: int, kind: str = "other"
+    ) -> np.ndarray:
         ids = self.new_atoms(n)
-        self.sources.append(Source(node.name, layer, param, dim, int(ids[0]) if n else 0, n))
+        self.sources.append(Source(node.name, layer, param, dim, int(ids[0]) if n else 0, n, kind))
         return ids
 
     def atoms(self, arg) -> AtomArray | None:
@@ -283,7 +288,10 @@ class Analysis:
         ns = max(len(self.sources), 1)  # unique (unit, source) pairs via one int64 key
         key = np.unique(label[has_src] * ns + atom_source[has_src])
         pairs = (key // ns, key % ns)
-        groups = self._groups(label, pairs, blocked, approx)
+        heads = np.zeros(n, dtype=bool)  # per unit label: an attention head
+        for arr in self.head_atoms:
+            heads[label[arr[arr >= 0]]] = True
+        groups = self._groups(label, pairs, blocked, approx, heads)
         return DependencyGraph(
             self.gm,
             n,
@@ -299,7 +307,7 @@ class Analysis:
             (pairs[0], pairs[1]),
         )
 
-    def _groups(self, label, pairs, blocked, approx) -> list[Group]:
+    def _groups(self, label, pairs, blocked, approx, heads) -> list[Group]:
         """Group prunable units by the set of source layers their atoms come from."""
         pl, ps = pairs
         # Key each unit by its source set: a sum of random 64-bit numbers, one per source (pairs
@@ -327,6 +335,12 @@ class Analysis:
                 )
                 for s in srcs
             )
+            if heads[members].any():
+                kind = "heads"
+            elif all(self.sources[s].kind == "linear" for s in srcs):
+                kind = "ffn"  # hidden neurons made and consumed by Linears (an MLP)
+            else:
+                kind = "channels"
             groups.append(
                 Group(
                     len(groups),
@@ -334,6 +348,7 @@ class Analysis:
                     members.tolist(),
                     max(width, 1),
                     approximate=bool(approx[members].any()),
+                    kind=kind,
                 )
             )
         return groups

@@ -77,7 +77,7 @@ def conv(
     cin = t.shape[cd]
     xin = channel_vec(ctx, node, X, cd, cin)
     cout = W.shape[1] * groups if transposed else W.shape[0]
-    out = ctx.new_source(node, layer_of(w), w, 1 if transposed else 0, cout)
+    out = ctx.new_source(node, layer_of(w), w, 1 if transposed else 0, cout, "conv")
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     if groups == 1:
         ctx.param_dim(w, out_dim, out, "weight")
@@ -163,7 +163,7 @@ def linear(ctx: Analysis, node: fx.Node, x, w: str, b: str | None):
     W = get_tensor(ctx, w)
     X, t = ctx.atoms(x), tensor_meta(x)
     xin = channel_vec(ctx, node, X, X.ndim - 1, t.shape[-1])
-    out = ctx.new_source(node, layer_of(w), w, 0, W.shape[0])
+    out = ctx.new_source(node, layer_of(w), w, 0, W.shape[0], "linear")
     ctx.param_dim(w, 0, out, "weight")
     ctx.param_dim(w, 1, xin, "weight", consumer=True)
     ctx.param_dim(b, 0, out, "other")
@@ -188,6 +188,27 @@ def _linear_fn(ctx, node):
     if w is None or (arg(node, 2, "bias") is not None and b is None):
         return barrier(ctx, node, "linear whose weight is not a parameter")
     return linear(ctx, node, node.args[0], w, b)
+
+
+@rule(aten.addmm, torch.addmm)
+def _addmm(ctx, node):
+    """``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``: Hugging Face's ``Conv1D`` (GPT-2's
+    ``c_attn``, ``c_fc``, ``c_proj``) as ``torch.export`` records it."""
+    b, x, w = node.args[0], node.args[1], node.args[2]
+    wn, bn = param_name(node, w), param_name(node, b)
+    t = tensor_meta(x)
+    if wn is None or bn is None or t is None or t.ndim != 2:
+        return barrier(ctx, node, "addmm whose weight and bias are not parameters")
+    W = get_tensor(ctx, wn)
+    xin = channel_vec(ctx, node, ctx.atoms(x), 1, t.shape[1])
+    out = ctx.new_source(node, layer_of(wn), wn, 1, W.shape[1], "linear")
+    ctx.param_dim(wn, 0, xin, "weight", consumer=True)
+    ctx.param_dim(wn, 1, out, "weight")
+    if get_tensor(ctx, bn).ndim == 1:
+        ctx.param_dim(bn, 0, out, "other")
+    else:
+        return barrier(ctx, node, "addmm with a 2-D bias")
+    return with_vec(2, 1, out)
 
 
 # ---- normalisation ------------------------------------------------------------------------------
@@ -368,7 +389,7 @@ def _prelu(ctx, node):
 def _embedding(ctx, node):
     m = ctx.modules[node.target]
     w = f"{node.target}.weight"
-    out = ctx.new_source(node, node.target, w, 1, m.embedding_dim)
+    out = ctx.new_source(node, node.target, w, 1, m.embedding_dim, "embedding")
     ctx.param_dim(w, 1, out, "weight")
 
     def fix(removed):
@@ -389,7 +410,7 @@ def _embedding_fn(ctx, node):
     w = param_name(node, wa)
     if w is None:
         return barrier(ctx, node, "embedding whose table is not a parameter")
-    out = ctx.new_source(node, layer_of(w), w, 1, get_tensor(ctx, w).shape[1])
+    out = ctx.new_source(node, layer_of(w), w, 1, get_tensor(ctx, w).shape[1], "embedding")
     ctx.param_dim(w, 1, out, "weight")
     nd = tensor_meta(node).ndim
     return with_vec(nd, nd - 1, out)

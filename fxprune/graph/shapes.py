@@ -18,10 +18,14 @@ import torch.nn.functional as F
 
 from fxprune.graph.depgraph import Analysis, compress, varying_dims
 from fxprune.graph.rules import (
+    _binary,
+    _unary,
     align,
     arg,
     barrier,
+    block_inputs,
     elementwise,
+    find_rule,
     keep_along,
     new_sizes,
     none_output,
@@ -79,22 +83,52 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
         full_out += [dst[d] if act else 1 for d in J]
     out = np.broadcast_to(X, full_in).reshape(full_out)
     out = compress(out)
+    heads = None
     for I, J in blocks:
         vary_in = [d for d in I if X.shape[d] > 1]
         vary_out = [d for d in J if out.shape[d] > 1]
         if len(vary_in) == 1 and len(vary_out) > 1:
-            # One channel dim split into several (channel shuffle, heads): keep the largest as the
-            # channel dim and couple the others, so removal stays a whole slice.
-            primary = max(vary_out, key=lambda d: (out.shape[d], d))
+            # One channel dim split into several: removal must stay a whole slice, so one dim
+            # keeps channel identity and the others are coupled into it. Before an attention
+            # product the split is (..., heads, head_dim): the head index is kept, so a unit is a
+            # whole head (q, k, v rows and the output projection's columns). Elsewhere (channel
+            # shuffle) the largest dim is kept.
+            heads = feeds_attention(ctx, node) if heads is None else heads
+            if heads:
+                primary = vary_out[-2]
+            else:
+                primary = max(vary_out, key=lambda d: (out.shape[d], d))
             ref = out
             for d in vary_out:
                 if d != primary:
                     ref = ref.take([0], axis=d)
             ctx.union(out, ref)
             out = ref
+            if heads:
+                ctx.head_atoms.append(np.asarray(ref).reshape(-1))
     if len(varying_dims(out)) > 1:
         ctx.multi_arrays.append((node.name, out))
     return out
+
+
+def feeds_attention(ctx: Analysis, node: fx.Node, limit: int = 32) -> bool:
+    """True when ``node``'s output reaches an attention product (matmul or scaled dot-product
+    attention) through ops that only move, slice or rescale values (transpose, rotary
+    embedding, ``repeat_kv``'s expand + reshape). Only then is a split of its channel dim read
+    as (heads, head_dim)."""
+    seen: set[fx.Node] = set()
+    todo = list(node.users)
+    while todo and len(seen) < limit:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        fn = find_rule(ctx.gm, u) if u.op != "output" else None
+        if fn in (_matmul, _sdpa):
+            return True
+        if fn in TRANSPARENT:
+            todo.extend(u.users)
+    return False
 
 
 def _size_args(node: fx.Node):
@@ -396,6 +430,40 @@ def _matmul(ctx, node):
     return elementwise_arrays(ctx, node, [rows, cols])
 
 
+# fmt: off
+@rule(
+    F.scaled_dot_product_attention, aten.scaled_dot_product_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention,
+)
+# fmt: on
+def _sdpa(ctx, node):
+    """Attention of q ``[..., Hq, L, E]``, k ``[..., Hk, S, E]``, v ``[..., Hk, S, Ev]``: head ``h``
+    of the output comes from head ``h`` of q and head ``h // (Hq / Hk)`` of k and v (grouped-query
+    attention), so those heads are coupled; sequence and head_dim must carry no channels."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    Q, K, V = ctx.atoms(q), ctx.atoms(k), ctx.atoms(v)
+    if any(a is None or a.ndim < 3 for a in (Q, K, V)):
+        return barrier(ctx, node, "attention on tensors the analysis cannot follow")
+    if any(a.shape[-1] > 1 or a.shape[-2] > 1 for a in (Q, K, V)):
+        block_inputs(ctx, node, "attention over a dim that carries channels")
+        return none_output(node)
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        ctx.block(ctx.atoms(mask), node, "attention mask carries channels")
+    hq, hk = tensor_meta(q).shape[-3], tensor_meta(k).shape[-3]
+    if hk != hq:
+        if hq % hk:
+            return barrier(ctx, node, f"{hq} query heads do not divide into {hk} key/value heads")
+        K = np.repeat(K, hq // hk, axis=-3) if K.shape[-3] > 1 else K
+        V = np.repeat(V, hq // hk, axis=-3) if V.shape[-3] > 1 else V
+    nd = out_ndim(node) if isinstance(node.meta.get("val"), torch.Tensor) else Q.ndim
+    out = elementwise_arrays(ctx, node, [align(Q, nd), align(K, nd), align(V, nd)])
+    if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
+        return (out,) + tuple(none_output(node)[1:])
+    return out
+
+
 def elementwise_arrays(ctx, node, arrs):
     out = np.broadcast_arrays(*arrs)
     res = out[0].copy()
@@ -416,3 +484,9 @@ def _channel_shuffle(ctx, node):
     ref = grid.take([0], axis=1)
     ctx.union(grid, ref)  # channel j of every shuffle group goes together
     return np.repeat(np.squeeze(ref, axis=1), g, axis=1)
+
+
+# Rules that only move, slice or rescale values: attention detection looks through them.
+TRANSPARENT = frozenset(
+    {_unary, _binary, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice, _aten_select}
+)

@@ -25,6 +25,7 @@ class WeightedLayer:
     kind: str  # "conv" or "linear"
     groups: int
     transposed: bool
+    reduce_dim: int = 1  # the weight dim the layer sums over (0 for addmm's [in, out] weight)
 
 
 def weighted_layer(gm: fx.GraphModule, node: fx.Node) -> WeightedLayer | None:
@@ -42,6 +43,11 @@ def weighted_layer(gm: fx.GraphModule, node: fx.Node) -> WeightedLayer | None:
         return None
     key = getattr(node.target, "overloadpacket", node.target)
     name = getattr(key, "__name__", str(key)).split(".")[-1]
+    if name == "addmm":  # addmm(bias, x, W[in, out]): Hugging Face Conv1D under torch.export
+        w = node.args[2] if len(node.args) > 2 else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            return WeightedLayer(w.target.rsplit(".", 1)[0], w.target, "linear", 1, False, 0)
+        return None
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         return None

@@ -114,7 +114,7 @@ def eligibility(c: WeightedLayer, w: torch.Tensor, cfg: NM) -> str | None:
         return "transposed conv: its reduction axis is not a contiguous weight dim"
     if c.groups != 1:
         return f"grouped conv (groups={c.groups}): sparse kernels need a dense channel reduction"
-    reduce = w.shape[1]
+    reduce = w.shape[c.reduce_dim]
     if reduce % cfg.m:
         return (
             f"reduction size {reduce} is not divisible by M={cfg.m} (with channel pruning, "
@@ -136,13 +136,15 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
             if cfg.layers is not None:
                 if c.param not in cfg.layers:
                     continue
-                reason = None if w.shape[1] % cfg.m == 0 else "reduction not divisible by M"
+                reason = (
+                    None if w.shape[c.reduce_dim] % cfg.m == 0 else "reduction not divisible by M"
+                )
             else:
                 reason = eligibility(c, w, cfg)
             if reason:
                 ineligible[c.layer] = reason
                 continue
-            mask = nm_mask(w, cfg.n, cfg.m, axis=1)
+            mask = nm_mask(w, cfg.n, cfg.m, axis=c.reduce_dim)
             total_mag += float(w.abs().sum())
             kept_mag += float((w.abs() * mask).sum())
             w.mul_(mask)

@@ -1,0 +1,246 @@
+"""What the channel, head and FFN passes share: pick units of the dependency graph's groups by
+importance (a ratio per group, or ranked across groups) and remove them.
+
+The three passes differ only in which groups they look at (``Group.kind``: ``"channels"``,
+``"heads"``, ``"ffn"``) and in how many units a group must keep, so they are one mechanism with
+three small configs (``channels.py``, ``heads.py``, ``ffn.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxprune._util import module_matches
+from fxprune.errors import ConfigError, PlanError
+from fxprune.graph.depgraph import DependencyGraph, Group
+from fxprune.graph.rewrite import apply_removal
+from fxprune.importance import CRITERIA, group_mean, unit_scores
+from fxprune.passes import PassResult
+
+
+@dataclass(frozen=True)
+class UnitSelection:
+    """Options every unit pass shares; validated on construction.
+
+    Args:
+        ratio: fraction of each group's units to remove, in [0, 1).
+        importance: one of ``fxprune.importance.CRITERIA``.
+        ignore: module names (globs or parent modules allowed) whose output channels stay.
+        layer_ratios: ``{module name or glob: ratio}`` overriding ``ratio`` for the groups that
+            contain a matching layer (first match wins).
+        global_ranking: rank units of all groups together (scores normalised by group mean).
+        seed: for ``importance="random"``.
+        kept: replay mode: ``{layer: kept output indices}`` from a saved plan.
+    """
+
+    ratio: float = 0.0
+    importance: str = "l1"
+    ignore: tuple[str, ...] = ()
+    layer_ratios: tuple[tuple[str, float], ...] = ()
+    global_ranking: bool = False
+    seed: int = 0
+    kept: dict | None = field(default=None, compare=False, hash=False)
+
+    name = "units"  # the pass name in plans and reports
+    kinds: tuple[str, ...] = ()  # Group.kind values this pass prunes
+    option = "ratio"  # the user-facing argument, for error messages
+
+    def __post_init__(self):
+        self.check_ratio()
+        for name, r in self.layer_ratios:
+            if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
+                raise ConfigError(f"layer_ratios[{name!r}]={r!r}: must be in [0, 1)")
+        if self.importance not in CRITERIA:
+            raise ConfigError(f"importance={self.importance!r}: choose one of {CRITERIA}")
+
+    def check_ratio(self) -> None:
+        if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0):
+            raise ConfigError(
+                f"{self.option}={self.ratio!r}: the fraction removed must be in [0, 1)"
+            )
+
+    def units_to_keep(self, group: Group, ratio: float) -> int:
+        """How many of ``group``'s units stay at ``ratio``."""
+        n = len(group.units)
+        return max(1, n - int(math.floor(n * ratio + 1e-9)))
+
+    def min_units(self, group: Group) -> int:
+        return 1
+
+
+def channel_holders(graph: DependencyGraph) -> dict[int, set[str]]:
+    """Per group: modules whose outputs carry its channels. Those are the sources, plus the
+    norms, PReLUs and scales whose parameters are indexed by them, but not the layers that only
+    consume them (a classifier's input columns)."""
+    unit_group = np.full(graph.n_atoms, -1, dtype=np.int64)
+    for g in graph.groups:
+        unit_group[g.units] = g.id
+    holders: dict[int, set[str]] = {g.id: set(g.layers(graph)) for g in graph.groups}
+    for name, dims in graph.params.items():
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        for pd in dims.values():
+            vec = pd.vec[pd.vec >= 0]
+            if pd.consumer or not vec.size:
+                continue
+            for gid in np.unique(unit_group[graph.label[vec]]):
+                if gid >= 0:
+                    holders[int(gid)].add(module)
+    return holders
+
+
+def group_ratios(graph: DependencyGraph, cfg: UnitSelection) -> dict[int, float | None]:
+    """The ratio of each group this pass prunes; None when it is not this pass's kind or an
+    ignored module holds its channels."""
+    holders = channel_holders(graph) if cfg.ignore else {}
+    out = {}
+    for g in graph.groups:
+        if g.kind not in cfg.kinds:
+            continue
+        layers = g.layers(graph)
+        if any(module_matches(m, p) for m in holders.get(g.id, ()) for p in cfg.ignore):
+            out[g.id] = None
+            continue
+        out[g.id] = next(
+            (r for pat, r in cfg.layer_ratios if any(module_matches(la, pat) for la in layers)),
+            cfg.ratio,
+        )
+    return out
+
+
+def select_units(graph: DependencyGraph, cfg: UnitSelection) -> tuple[list[int], dict]:
+    """Units to remove and how many per group, by importance."""
+    scores = unit_scores(graph, cfg.importance, cfg.seed)
+    removed: list[int] = []
+    per_group: dict[int, int] = {}
+    ratios = group_ratios(graph, cfg)
+    by_id = {g.id: g for g in graph.groups}
+    if not cfg.global_ranking:
+        for gid, r in ratios.items():
+            g = by_id[gid]
+            if not r:
+                continue
+            keep = cfg.units_to_keep(g, r)
+            drop = sorted(g.units, key=lambda u: scores[u])[: len(g.units) - keep]
+            removed += drop
+            per_group[gid] = len(drop)
+        return removed, per_group
+    # Global: normalise by group mean so layers of different scale compete fairly.
+    cands, budget = [], 0
+    for gid, r in ratios.items():
+        if r is None:
+            continue
+        g = by_id[gid]
+        mean = group_mean(scores, g)
+        cands += [(scores[u] / mean, gid, u) for u in g.units]
+        budget += len(g.units) * g.width
+    target = int(math.floor(budget * cfg.ratio + 1e-9))
+    left = {gid: len(by_id[gid].units) for gid in ratios}
+    done = 0
+    for _, gid, u in sorted(cands):
+        if done >= target:
+            break
+        g = by_id[gid]
+        if left[gid] - 1 < cfg.min_units(g):
+            continue
+        left[gid] -= 1
+        removed.append(u)
+        done += g.width
+        per_group[gid] = per_group.get(gid, 0) + 1
+    # give back the best removed units until each group meets its alignment
+    final = []
+    for gid in ratios:
+        g = by_id[gid]
+        members = set(g.units)
+        drop = sorted((u for u in removed if u in members), key=lambda u: scores[u])
+        if not drop:
+            continue
+        keep = cfg.units_to_keep(g, len(drop) / len(g.units))
+        drop = drop[: len(g.units) - keep]
+        per_group[gid] = len(drop)
+        final += drop
+    return final, per_group
+
+
+def units_from_kept(graph: DependencyGraph, kept: dict[str, list[int]]) -> list[int]:
+    """Replay a plan: the units holding any output channel a layer did not keep."""
+    by_layer = {}
+    for s in graph.sources:
+        by_layer.setdefault(s.layer, s)
+    missing = [name for name in kept if name not in by_layer]
+    if missing:
+        raise PlanError(f"plan names layers this model does not have: {missing[:5]}")
+    drop_atoms = []
+    for name, idx in kept.items():
+        s = by_layer[name]
+        mask = np.ones(s.size, dtype=bool)
+        mask[np.asarray(idx, dtype=np.int64)] = False
+        drop_atoms.append(s.start + np.nonzero(mask)[0])
+    atoms = np.concatenate(drop_atoms) if drop_atoms else np.zeros(0, dtype=np.int64)
+    units = sorted(set(graph.label[atoms].tolist()))
+    prunable = {u for g in graph.groups for u in g.units}
+    bad = [u for u in units if u not in prunable]
+    if bad:
+        raise PlanError(
+            "plan removes channels that this model's graph cannot remove exactly "
+            f"({len(bad)} units); was it made for another architecture?"
+        )
+    return units
+
+
+def kept_by_layer(graph: DependencyGraph, units: list[int]) -> dict[str, list[int]]:
+    removed = graph.removed_mask(units)[:-1]
+    kept = {}
+    for s in graph.sources:
+        m = removed[s.start : s.start + s.size]
+        if m.any() and s.layer not in kept:
+            kept[s.layer] = np.nonzero(~m)[0].tolist()
+    return kept
+
+
+def group_name(graph: DependencyGraph, g: Group) -> str:
+    """A readable name for a group: the longest module prefix its layers share."""
+    parts = [la.split(".") for la in g.layers(graph)]
+    common = []
+    for tokens in zip(*parts, strict=False):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) or g.layers(graph)[0]
+
+
+def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> PassResult:
+    """Remove the selected units from ``graph.gm`` (in place); say what each layer kept."""
+    if cfg.kept is not None:
+        units, per_group = units_from_kept(graph, cfg.kept), {}
+    else:
+        units, per_group = select_units(graph, cfg)
+    if not units:
+        return PassResult(cfg.name, changed=False)
+    kept = kept_by_layer(graph, units)
+    removed = graph.removed_mask(units)
+    zero = {}
+    for name, dims in graph.params.items():
+        for d, pd in dims.items():
+            if pd.consumer and removed[pd.vec].any():
+                zero.setdefault(name, {})[d] = ~removed[pd.vec]
+    by_id = {g.id: g for g in graph.groups}
+    approx = sum(1 for gid, n in per_group.items() if n and by_id[gid].approximate)
+    units_per_group = {
+        group_name(graph, by_id[gid]): [len(by_id[gid].units), len(by_id[gid].units) - n]
+        for gid, n in per_group.items()
+        if n
+    }
+    keeps = apply_removal(graph, units, args)
+    return PassResult(
+        cfg.name,
+        changed=True,
+        removed_units=units,
+        zero=zero,
+        approximate_groups=approx,
+        details={"groups_pruned": len(units_per_group), "units": units_per_group},
+        keeps=keeps,
+        plan={"name": cfg.name, "kept": kept},
+    )
