@@ -93,6 +93,23 @@ def _inputs_spec(args: tuple) -> list[dict]:
     return spec
 
 
+def hidden_attention(gm) -> list[str]:
+    """Nodes where torch.fx stopped at an attention it cannot see into (``nn.MultiheadAttention``
+    is a leaf module; torchvision's ``shifted_window_attention`` is an ``fx.wrap`` function)."""
+    from fxprune.graph.rules import find_rule
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.MultiheadAttention) and find_rule(gm, node) is None:
+                out.append(node.target)
+        elif node.op == "call_function" and find_rule(gm, node) is None:
+            if "attention" in getattr(node.target, "__name__", "").lower():
+                out.append(node.name)
+    return out
+
+
 def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config):
     t0 = time.perf_counter()
     check_tied(model)
@@ -100,6 +117,14 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
     was_training = model.training
     work.eval()
     traced = trace(work, args, mode=mode, leaf_modules=leaf_modules)
+    if (
+        mode == "auto"
+        and traced.mode == "fx"
+        and any(fn is prune_heads for fn, _ in passes)
+        and hidden_attention(traced.gm)
+    ):
+        # torch.export decomposes attention into ops whose heads the graph can follow
+        traced = trace(work, args, mode="export", leaf_modules=leaf_modules)
     gm = traced.gm
     before = layer_stats(gm)
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)

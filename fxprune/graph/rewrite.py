@@ -64,6 +64,7 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     # parameter and buffer back, so a model is never left half-pruned.
     snapshot = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in gm.modules()]
     node_args = [(n, n.target, n.args, n.kwargs) for n in gm.graph.nodes]
+    original = set(gm.graph.nodes)
     try:
         with torch.no_grad():
             for name, dims in keeps.items():
@@ -71,7 +72,9 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
                 set_tensor(gm, name, _gather(t.detach(), dims))
         for _node, fn in graph.rewrites:
             fn(removed)
-        if any((n.target, n.args, n.kwargs) != (t, a, kw) for n, t, a, kw in node_args):
+        if len(gm.graph.nodes) != len(original) or any(
+            (n.target, n.args, n.kwargs) != (t, a, kw) for n, t, a, kw in node_args
+        ):
             gm.recompile()  # only constants in the code changed; module attributes need none
         propagate_shapes(gm, args)
     except Exception as e:  # noqa: BLE001
@@ -83,6 +86,9 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
             m._buffers.update(buffers)
         for n, target, a, kw in node_args:
             n.target, n.args, n.kwargs = target, a, kw
+        for n in reversed(list(gm.graph.nodes)):  # size nodes a rewrite inserted
+            if n not in original:
+                gm.graph.erase_node(n)
         gm.recompile()
         raise PassError(f"the pruned graph does not run, nothing was changed: {e}") from e
     return keeps

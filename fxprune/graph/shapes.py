@@ -83,7 +83,7 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
         full_out += [dst[d] if act else 1 for d in J]
     out = np.broadcast_to(X, full_in).reshape(full_out)
     out = compress(out)
-    heads = None
+    head_dims = None
     for I, J in blocks:
         vary_in = [d for d in I if X.shape[d] > 1]
         vary_out = [d for d in J if out.shape[d] > 1]
@@ -93,7 +93,8 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
             # product the split is (..., heads, head_dim): the head index is kept, so a unit is a
             # whole head (q, k, v rows and the output projection's columns). Elsewhere (channel
             # shuffle) the largest dim is kept.
-            heads = feeds_attention(ctx, node) if heads is None else heads
+            head_dims = attention_head_dims(ctx, node) if head_dims is None else head_dims
+            heads = int(out.shape[vary_out[-1]]) in head_dims
             if heads:
                 primary = vary_out[-2]
             else:
@@ -111,24 +112,33 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
     return out
 
 
-def feeds_attention(ctx: Analysis, node: fx.Node, limit: int = 32) -> bool:
-    """True when ``node``'s output reaches an attention product (matmul or scaled dot-product
-    attention) through ops that only move, slice or rescale values (transpose, rotary
-    embedding, ``repeat_kv``'s expand + reshape). Only then is a split of its channel dim read
-    as (heads, head_dim)."""
+def attention_head_dims(ctx: Analysis, node: fx.Node, limit: int = 32) -> set[int]:
+    """The head_dim sizes of the attention products (matmul or scaled dot-product attention)
+    that ``node``'s output reaches through ops that only move, slice or rescale values
+    (transpose, rotary embedding, ``repeat_kv``'s expand + reshape).
+
+    A split of a channel dim is read as (heads, head_dim) only when its last part has one of
+    these sizes: MultiheadAttention's ``unflatten(-1, (3, E))`` reaches attention too, but its
+    ``E`` is split again before it gets there."""
     seen: set[fx.Node] = set()
     todo = list(node.users)
+    dims: set[int] = set()
     while todo and len(seen) < limit:
         u = todo.pop()
         if u in seen:
             continue
         seen.add(u)
         fn = find_rule(ctx.gm, u) if u.op != "output" else None
-        if fn in (_matmul, _sdpa):
-            return True
-        if fn in TRANSPARENT:
+        if fn is _matmul:
+            a, b = tensor_meta(u.args[0]), tensor_meta(u.args[1])
+            if a is not None and b is not None and a.ndim >= 2 and b.ndim >= 2:
+                dims |= {int(a.shape[-1]), int(b.shape[-2]), int(b.shape[-1])}
+        elif fn is _sdpa:
+            q, v = tensor_meta(u.args[0]), tensor_meta(u.args[2])
+            dims |= {int(t.shape[-1]) for t in (q, v) if t is not None}
+        elif fn in TRANSPARENT:
             todo.extend(u.users)
-    return False
+    return dims
 
 
 def _size_args(node: fx.Node):
@@ -140,17 +150,40 @@ def _size_args(node: fx.Node):
     return 1, list(arg(node, 1, "shape", []) or [])
 
 
+def _scaled_size(node: fx.Node, s, old: int, new: int):
+    """A size entry for the pruned graph: an int becomes ``new``; a computed ``batch * c``
+    (MultiheadAttention's ``bsz * num_heads``) becomes a new ``batch * c'`` node with the same
+    ratio; anything else is left (the re-check then names the node if it no longer fits)."""
+    if isinstance(s, int) and s > 0:
+        return new
+    if isinstance(s, fx.Node) and s.target is operator.mul and old and new != old:
+        a, b = s.args
+        var, c = (a, b) if isinstance(b, int) else (b, a)
+        if isinstance(c, int) and (c * new) % old == 0 and isinstance(var, fx.Node):
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.mul, (var, c * new // old))
+    return s
+
+
+def _needs_rewrite(s, varies: bool) -> bool:
+    return varies and (
+        (isinstance(s, int) and s > 0) or (isinstance(s, fx.Node) and s.target is operator.mul)
+    )
+
+
 def _rewrite_sizes(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
     start, sizes = _size_args(node)
     if len(sizes) != len(dense_shape) or not any(
-        isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 for d, s in enumerate(sizes)
+        _needs_rewrite(s, out_arr.shape[d] > 1) for d, s in enumerate(sizes)
     ):
         return
 
     def fix(removed):
         new = new_sizes(removed, out_arr, dense_shape)
         fixed = [
-            new[d] if isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 else s
+            _scaled_size(node, s, int(dense_shape[d]), new[d])
+            if _needs_rewrite(s, out_arr.shape[d] > 1)
+            else s
             for d, s in enumerate(sizes)
         ]
         if start == 2:  # method form: x.view(a, b, c)
@@ -164,6 +197,29 @@ def _rewrite_sizes(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shap
                 "shape",
                 list(fixed) if isinstance(arg(node, 1, "shape"), list) else tuple(fixed),
             )
+
+    ctx.on_apply(node, fix)
+
+
+def _rewrite_unflatten(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
+    """``unflatten(x, dim, sizes)``: the sizes cover output dims ``dim .. dim + len(sizes)``."""
+    if node.op == "call_module":
+        return  # nn.Unflatten: its sizes are a module attribute, fixed below when they change
+    dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+        return
+    first = dim % (len(dense_shape) - len(sizes) + 1)  # ``dim`` counts the input's dims
+    span = range(first, first + len(sizes))
+    if not any(out_arr.shape[d] > 1 for d in span):
+        return
+
+    def fix(removed):
+        new = new_sizes(removed, out_arr, dense_shape)
+        fixed = [
+            new[d] if isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 else s
+            for d, s in zip(span, sizes, strict=True)
+        ]
+        set_arg(node, 2, "sizes", type(sizes)(fixed))
 
     ctx.on_apply(node, fix)
 
@@ -194,6 +250,10 @@ def _reshape(ctx, node):
         "reshape",
     ) or getattr(node.target, "overloadpacket", None) in (aten.view, aten.reshape):
         _rewrite_sizes(ctx, node, out, tuple(o.shape))
+    elif node.target in (torch.unflatten, "unflatten") or (
+        getattr(node.target, "overloadpacket", None) is aten.unflatten
+    ):
+        _rewrite_unflatten(ctx, node, out, tuple(o.shape))
     return out
 
 
@@ -395,6 +455,36 @@ def _aten_slice(ctx, node):
     return out
 
 
+@rule(aten.index)
+def _aten_index(ctx, node):
+    """``x[idx]`` with one index tensor (a relative-position-bias table gathered by a buffer
+    of positions): the indexed dim's atoms are coupled into one (the gather may repeat or drop
+    any of them), the other dims keep theirs."""
+    x, indices = node.args[0], list(node.args[1])
+    X, o = ctx.atoms(x), tensor_meta(node)
+    used = [d for d, i in enumerate(indices) if i is not None]
+    if X is None or o is None or len(used) != 1:
+        return barrier(ctx, node, "tensor indexing the analysis cannot follow")
+    d = used[0]
+    if X.shape[d] > 1:
+        ref = X.take([0], axis=d)
+        ctx.union(X, ref)
+        X = ref
+    k = tensor_meta(indices[d]).ndim
+    return X.reshape(X.shape[:d] + (1,) * k + X.shape[d + 1 :])
+
+
+@rule(torch.roll, aten.roll, "method:roll")
+def _roll(ctx, node):
+    """A cyclic shift (Swin's shifted windows) is fine along dims that carry no channels."""
+    X = ctx.atoms(node.args[0])
+    dims = arg(node, 2, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or any(X.shape[d % X.ndim] > 1 for d in dims):
+        return barrier(ctx, node, "roll along a dim that carries channels")
+    return X
+
+
 @rule(aten.select)
 def _aten_select(ctx, node):
     x = node.args[0]
@@ -488,5 +578,8 @@ def _channel_shuffle(ctx, node):
 
 # Rules that only move, slice or rescale values: attention detection looks through them.
 TRANSPARENT = frozenset(
-    {_unary, _binary, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice, _aten_select}
+    {
+        _unary, _binary, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice,
+        _aten_select, _roll,
+    }
 )

@@ -1,0 +1,129 @@
+"""Head and FFN passes on every transformer family the project claims: exact, runnable as it
+comes out (eager, a new batch size, torch.export), and replayable from the plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import ConfigError
+from tests.conftest import assert_equivalent
+from tests.transformer_models import FAMILIES, HF, build
+
+pytest.importorskip("transformers")
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_heads_and_ffn_are_exact_and_run(name):
+    model, x, info = build(name)
+    res, rep = assert_equivalent(model, x, channels=0.0, heads=0.5, ffn=0.5)
+    heads, ffn = res.passes[0], res.passes[1]
+    assert heads.name == "heads" and ffn.name == "ffn"
+    counts = list(heads.details["units"].values())
+    n = info["heads"]
+    assert counts and counts[0] == [n, n - n // 2]
+    assert list(ffn.details["units"].values())[0] == [info["ffn"], info["ffn"] // 2]
+    if x[0].shape[0] > 1:  # runs as it comes out on a batch size it was not traced with
+        x3 = tuple(torch.cat([a, a[:1]]) for a in x)
+        with torch.no_grad():
+            assert _first(res.module(*x3)).shape[0] == 3
+    ep = torch.export.export(res.module, x, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(ep.module()(*x)), _first(res.module(*x)))
+
+
+def test_gqa_removes_a_kv_head_with_its_query_heads():
+    model, x, _ = build("llama")
+    res, _ = assert_equivalent(model, x, channels=0.0, heads=0.5)
+    q = res.module.get_parameter("layers.0.self_attn.q_proj.weight")
+    k = res.module.get_parameter("layers.0.self_attn.k_proj.weight")
+    o = res.module.get_parameter("layers.0.self_attn.o_proj.weight")
+    # 8 query heads in 2 KV groups of head_dim 8: one group (4 query heads, 1 KV head) goes
+    assert q.shape == (32, 64) and k.shape == (8, 64) and o.shape == (64, 32)
+
+
+def test_fused_qkv_rows_follow_their_head():
+    model, x, _ = build("gpt2")
+    res, _ = assert_equivalent(model, x, channels=0.0, heads=1)
+    kept = res.plan.passes[0]["kept"]["h.0.attn.c_attn"]
+    # c_attn's 192 outputs are [q | k | v] x 4 heads x 16: 3 heads stay in each third
+    assert len(kept) == 144
+    per_third = [sum(1 for i in kept if t * 64 <= i < (t + 1) * 64) for t in range(3)]
+    assert per_third == [48, 48, 48]
+    heads_kept = {i // 16 % 4 for i in kept}
+    assert len(heads_kept) == 3
+    for h in heads_kept:  # a kept head keeps its q, k and v rows
+        for t in range(3):
+            assert all(t * 64 + h * 16 + d in kept for d in range(16))
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hf_save_pretrained_and_replay_the_plan(name, tmp_path):
+    model, x, info = build(name)
+    res = fxprune.compile(model, x, heads=0.5, ffn=0.25)
+    model.save_pretrained(tmp_path / "dense")
+    kw = info.get("load_kw", {})
+    again = type(model).from_pretrained(tmp_path / "dense", **kw).eval()
+    replay = fxprune.apply_plan(again, res.plan.to_json())
+    with torch.no_grad():
+        torch.testing.assert_close(_first(replay.module(*x)), _first(res.module(*x)))
+    res.save(tmp_path / "pruned.pt")
+    loaded = fxprune.load(
+        tmp_path / "pruned.pt", type(model).from_pretrained(tmp_path / "dense", **kw)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(_first(loaded.module(*x)), _first(res.module(*x)))
+
+
+def test_heads_ffn_and_channels_compose_in_one_call():
+    pytest.importorskip("timm")
+    model, x, _ = build("timm_vit_tiny")
+    res, rep = assert_equivalent(model, x, heads=1, ffn=0.5, channels=0.5, allow_approximate=False)
+    # the residual stream is a LayerNorm barrier, so the channel pass finds nothing left
+    assert [p.name for p in res.passes if p.changed] == ["heads", "ffn"]
+
+
+def test_global_head_ranking_keeps_a_head_per_layer():
+    model, x, _ = build("bert")
+    res, _ = assert_equivalent(model, x, channels=0.0, heads=0.7, global_ranking=True)
+    for before, after in res.passes[0].details["units"].values():
+        assert before == 4 and 1 <= after < 4
+
+
+def test_head_count_larger_than_a_layer_is_named():
+    model, x, _ = build("bert")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"encoder\.layer\.0\.attention\.self has 4 heads"):
+        fxprune.compile(model, x, heads=4)
+    with pytest.raises(ConfigError, match="every head"):
+        fxprune.compile(model, x, heads=1.0)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_no_visible_attention_is_a_clear_error():
+    tv = pytest.importorskip("torchvision")
+    with pytest.raises(ConfigError, match="no prunable attention heads"):
+        fxprune.compile(tv.models.resnet18(), torch.randn(1, 3, 64, 64), heads=0.5)
+
+
+def test_mha_module_as_fx_leaf_is_named():
+    model, x, _ = build("tv_vit")
+    with pytest.raises(ConfigError, match="MultiheadAttention"):
+        fxprune.compile(model, x, heads=0.5, mode="fx")
+
+
+def test_pruned_model_runs_under_torch_compile():
+    model, x, _ = build("llama")
+    res = fxprune.compile(model, x, heads=0.5, ffn=0.5)
+    compiled = torch.compile(res.module)  # inductor, C++ codegen on this CPU
+    with torch.no_grad():
+        torch.testing.assert_close(_first(compiled(*x)), _first(res.module(*x)))
