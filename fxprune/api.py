@@ -15,6 +15,7 @@ from fxprune.errors import ConfigError, UnsupportedModelError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args
 from fxprune.passes import run_passes
+from fxprune.passes.blocks import Blocks, prune_blocks
 from fxprune.passes.channels import Channels, prune_channels
 from fxprune.passes.ffn import FFN, prune_ffn
 from fxprune.passes.heads import Heads, prune_heads
@@ -24,6 +25,7 @@ from fxprune.stats import layer_stats
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
 PASSES = {
+    "blocks": (prune_blocks, lambda e: Blocks(tuple(e["removed"]))),
     "heads": (prune_heads, lambda e: Heads(kept=e["kept"])),
     "ffn": (prune_ffn, lambda e: FFN(kept=e["kept"])),
     "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
@@ -156,7 +158,10 @@ def compile(  # noqa: A001 - the public name the project promises
     channels: float = 0.0,
     heads: float | int = 0.0,
     ffn: float = 0.0,
+    blocks: int | Sequence[int | str] = 0,
     importance: str = "l1",
+    block_importance: str = "cosine",
+    calibration=None,
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
     round_to: int | None = None,
@@ -184,7 +189,14 @@ def compile(  # noqa: A001 - the public name the project promises
             head with its query heads.
         ffn: fraction of each transformer MLP's hidden neurons to remove, in [0, 1) (gated
             MLPs: ``gate_proj`` and ``up_proj`` together).
+        blocks: a number of whole blocks (transformer layers) to remove, chosen by
+            ``block_importance`` on ``calibration``; or the blocks: indices into the model's
+            main stack of repeated blocks or module names. Approximate by nature: the pass
+            reports the measured output deviation.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` or ``"random"``, scored over the group.
+        block_importance: ``"cosine"`` (1 - cosine of a block's input and output) or ``"l2"``.
+        calibration: an iterable of batches (each like ``example_inputs``) for data-driven
+            choices; default: ``example_inputs``.
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
@@ -240,6 +252,10 @@ def compile(  # noqa: A001 - the public name the project promises
         **shared,
     )
     passes = []
+    if blocks:
+        which = blocks if isinstance(blocks, int) else tuple(blocks)
+        batches = None if calibration is None else tuple(calibration)
+        passes.append((prune_blocks, Blocks(which, block_importance, batches)))
     if heads:
         passes.append((prune_heads, Heads(heads, min_heads=min_heads, **shared)))
     if ffn:
@@ -250,6 +266,8 @@ def compile(  # noqa: A001 - the public name the project promises
         "channels": channels,
         "heads": heads,
         "ffn": ffn,
+        "blocks": blocks if isinstance(blocks, int) else list(blocks),
+        "block_importance": block_importance,
         "min_heads": min_heads,
         "importance": importance,
         "ignore": list(ignore_t),

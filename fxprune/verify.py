@@ -37,9 +37,29 @@ class EquivalenceReport:
         return self.message
 
 
+def _bypass(module: torch.nn.Module, path: str) -> None:
+    """Make block ``path`` return its hidden-state input (the input with the output's shape)."""
+
+    def hook(mod, args, kwargs, out):
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        cands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        x = next((a for a in cands if a.shape == first.shape and a.dtype == first.dtype), None)
+        if x is None:
+            raise RuntimeError(f"block {path}: no input has its output's shape to bypass it")
+        if isinstance(out, torch.Tensor):
+            return x
+        return type(out)((x, *out[1:])) if isinstance(out, tuple) else out.__class__(x, *out[1:])
+
+    module.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
+
+
 def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
-    """A copy of the dense model with every removed channel zeroed where it is consumed."""
+    """A copy of the dense model with every removed channel zeroed where it is consumed and
+    every removed block bypassed."""
     z = copy.deepcopy(model).eval()
+    for r in result.passes:
+        for path in r.bypassed:
+            _bypass(z, path)
     with torch.no_grad():
         for name, dims in result.zero_spec.items():
             p = z.get_parameter(name)
@@ -141,4 +161,10 @@ def equivalence(
         )
         if result.approximate:
             msg += "; approximate groups were pruned, so a difference is expected"
+        gone = [b for r in result.passes for b in r.bypassed]
+        if gone:
+            msg += (
+                f"; reference has the {len(gone)} removed blocks bypassed (the removal itself "
+                "changes the output: see pruning_effect)"
+            )
     return EquivalenceReport(ok, abs_err, rel, eff, scale, result.approximate, rtol, msg)

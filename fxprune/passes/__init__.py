@@ -30,6 +30,7 @@ class PassResult:
     keeps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> kept
     masks: dict = field(default_factory=dict)  # param -> bool tensor (N:M), in pruned shapes
     plan: dict = field(default_factory=dict)  # what replays this pass (see fxprune.plan.Plan)
+    bypassed: list[str] = field(default_factory=list)  # blocks removed (module names)
 
 
 PassFn = Callable[..., PassResult]

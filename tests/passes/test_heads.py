@@ -127,3 +127,49 @@ def test_pruned_model_runs_under_torch_compile():
     compiled = torch.compile(res.module)  # inductor, C++ codegen on this CPU
     with torch.no_grad():
         torch.testing.assert_close(_first(compiled(*x)), _first(res.module(*x)))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2", "tv_vit", "timm_vit_tiny"])
+def test_block_removal_is_exact_against_the_bypassed_dense_model(name):
+    model, x, _ = build(name)
+    res, rep = assert_equivalent(model, x, channels=0.0, blocks=1, heads=0.5)
+    blocks = res.passes[0]
+    assert blocks.name == "blocks" and len(blocks.details["removed"]) == 1
+    assert blocks.details["output_deviation"] > 1e-3  # removal is approximate and says so
+    gone = blocks.details["removed"][0]
+    assert not any(k.startswith(gone + ".") for k in res.module.state_dict())
+    assert "bypassed" in rep.message
+
+
+def test_blocks_by_index_and_l2_on_calibration_batches():
+    model, x, _ = build("bert")
+    calib = [torch.randint(0, 100, (3, 8)) for _ in range(2)]
+    res = fxprune.compile(model, x, blocks=[0], block_importance="l2", calibration=calib)
+    assert res.passes[0].details["removed"] == ["encoder.layer.0"]
+    res = fxprune.compile(model, x, blocks=1, block_importance="l2", calibration=calib)
+    scores = res.passes[0].details["scores"]
+    assert set(scores) == {"encoder.layer.0", "encoder.layer.1"}
+    assert res.passes[0].details["removed"] == [min(scores, key=scores.get)]
+    again = fxprune.apply_plan(build("bert")[0], res.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(again.module(*x)), _first(res.module(*x)))
+
+
+def test_resnet_blocks_skip_downsampling_stages():
+    tv = pytest.importorskip("torchvision")
+    from tests.conftest import randomize
+
+    model, x = randomize(tv.models.resnet50()), torch.randn(1, 3, 64, 64)
+    res, _ = assert_equivalent(model, x, channels=0.3, blocks=3)
+    removed = res.passes[0].details["removed"]
+    assert len(removed) == 3 and not any(b.endswith(".0") for b in removed)
+
+
+@pytest.mark.parametrize(
+    "blocks,match",
+    [(2, "at least 1 must stay"), ([5], "index 5 is out of range"), (["encoder.foo"], "not one")],
+)
+def test_bad_blocks_are_named(blocks, match):
+    model, x, _ = build("bert")
+    with pytest.raises(ConfigError, match=match):
+        fxprune.compile(model, x, blocks=blocks)
