@@ -162,6 +162,7 @@ def compile(  # noqa: A001 - the public name the project promises
     importance: str = "l1",
     block_importance: str = "cosine",
     calibration=None,
+    loss_fn=None,
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
     round_to: int | None = None,
@@ -193,10 +194,15 @@ def compile(  # noqa: A001 - the public name the project promises
             ``block_importance`` on ``calibration``; or the blocks: indices into the model's
             main stack of repeated blocks or module names. Approximate by nature: the pass
             reports the measured output deviation.
-        importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` or ``"random"``, scored over the group.
+        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` (weights only), or
+            ``"taylor"``, ``"activation"``, ``"entropy"``, ``"confidence"`` (measured on
+            ``calibration``; the last two score attention heads, other groups fall back to
+            ``"l1"``), scored over every weight of the coupled group.
         block_importance: ``"cosine"`` (1 - cosine of a block's input and output) or ``"l2"``.
         calibration: an iterable of batches (each like ``example_inputs``) for data-driven
             choices; default: ``example_inputs``.
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"`` (default: the
+            causal LM loss for token ids with ``logits``, else the mean squared output).
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
@@ -242,7 +248,15 @@ def compile(  # noqa: A001 - the public name the project promises
     if round_to is None:
         round_to = nm.m if nm is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
-    shared = dict(importance=importance, ignore=ignore_t, global_ranking=global_ranking, seed=seed)
+    batches = None if calibration is None else tuple(calibration)
+    shared = dict(
+        importance=importance,
+        ignore=ignore_t,
+        global_ranking=global_ranking,
+        seed=seed,
+        calibration=batches,
+        loss_fn=loss_fn,
+    )
     cfg = Channels(
         channels,
         layer_ratios=ratios,
@@ -254,7 +268,6 @@ def compile(  # noqa: A001 - the public name the project promises
     passes = []
     if blocks:
         which = blocks if isinstance(blocks, int) else tuple(blocks)
-        batches = None if calibration is None else tuple(calibration)
         passes.append((prune_blocks, Blocks(which, block_importance, batches)))
     if heads:
         passes.append((prune_heads, Heads(heads, min_heads=min_heads, **shared)))

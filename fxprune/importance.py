@@ -11,6 +11,12 @@ units (see docs/design.md for why Torch-Pruning's classes are not called directl
 | ``l2``     | weights only           | sqrt of the sum of squares over the same slices          |
 | ``bn_scale``| weights only          | sum of abs of its norm scales (gamma); l1 where none     |
 | ``random`` | none                   | uniform random (a baseline)                              |
+| ``taylor`` | forward + backward on calibration | sum of abs(w * dL/dw) over the same slices (first-order Taylor) |
+| ``activation`` | forward on calibration | mean abs activation of its channels at the source layers |
+| ``entropy`` | forward on calibration | heads: log(keys) - attention entropy (focused heads score high); other groups: l1 |
+| ``confidence`` | forward on calibration | heads: mean max attention probability; other groups: l1 |
+
+Data-driven criteria read ``fxprune.calibration.collect`` statistics of the graph being pruned.
 """
 
 from __future__ import annotations
@@ -20,18 +26,21 @@ import torch
 
 from fxprune.graph.depgraph import DependencyGraph, Group
 
-CRITERIA = ("l1", "l2", "bn_scale", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "random", "taylor", "activation", "entropy", "confidence")
+DATA_CRITERIA = ("taylor", "activation", "entropy", "confidence")  # need calibration batches
 
 
-def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> np.ndarray:
+def _atom_scores(
+    graph: DependencyGraph, roles: tuple[str, ...], power: int, tensors: dict | None = None
+) -> np.ndarray:
     ids, vals = [], []
     gm = graph.gm
     scratch = torch.empty(0)
     with torch.no_grad():
         for name, dims in graph.params.items():
             try:
-                w = gm.get_parameter(name)
-            except AttributeError:
+                w = tensors[name] if tensors is not None else gm.get_parameter(name)
+            except (AttributeError, KeyError):
                 continue
             tracked = sorted(d for d, pd in dims.items() if pd.role in roles)
             if not tracked:
@@ -61,17 +70,41 @@ def _atom_scores(graph: DependencyGraph, roles: tuple[str, ...], power: int) -> 
     return np.bincount(np.concatenate(ids), np.concatenate(vals), minlength=graph.n_atoms)
 
 
-def unit_scores(graph: DependencyGraph, criterion: str, seed: int = 0) -> dict[int, float]:
-    """Score every unit of every group; higher means more important."""
+def unit_scores(
+    graph: DependencyGraph, criterion: str, seed: int = 0, stats=None
+) -> dict[int, float]:
+    """Score every unit of every group; higher means more important.
+
+    ``stats`` (a :class:`fxprune.calibration.Stats`) is required by the data-driven criteria.
+    """
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {u: float(rng.random()) for g in graph.groups for u in g.units}
     n_units = int(graph.label.max()) + 1 if graph.n_atoms else 0
 
-    def by_unit(roles, power):
-        per_atom = _atom_scores(graph, roles, power)
+    def by_unit(roles, power, tensors=None):
+        per_atom = _atom_scores(graph, roles, power, tensors)
         s = np.bincount(graph.label, weights=per_atom, minlength=n_units)
         return np.sqrt(s) if power == 2 else s
+
+    if criterion in DATA_CRITERIA:
+        if stats is None:
+            raise ValueError(f"importance={criterion!r} needs calibration statistics")
+        if criterion == "taylor":
+            s = by_unit(("weight", "norm"), 1, stats.taylor)
+            return {u: float(s[u]) for g in graph.groups for u in g.units}
+        per_atom = getattr(stats, criterion)
+        has = ~np.isnan(per_atom)
+        s = np.bincount(graph.label[has], weights=per_atom[has], minlength=n_units)
+        covered = np.bincount(graph.label[has], minlength=n_units) > 0
+        out, l1 = {}, None
+        for g in graph.groups:
+            if covered[g.units].all():
+                out.update({u: float(s[u]) for u in g.units})
+            else:  # entropy / confidence score heads only: other groups by magnitude
+                l1 = by_unit(("weight", "norm"), 1) if l1 is None else l1
+                out.update({u: float(l1[u]) for u in g.units})
+        return out
 
     if criterion in ("l1", "l2"):
         s = by_unit(("weight", "norm"), 1 if criterion == "l1" else 2)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -119,6 +119,10 @@ class DependencyGraph:
     groups: list[Group]
     blocked: np.ndarray  # unit label -> True when a barrier keeps it
     unit_sources: tuple[np.ndarray, np.ndarray]  # (unit, source) pairs, sorted by unit
+    # Atom arrays of nodes whose runtime values data-driven importance reads: every source
+    # layer's output, and every attention node's output (heads on dim -3).
+    probes: dict[str, np.ndarray] = field(default_factory=dict)
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
 
     def removed_mask(self, units) -> np.ndarray:
         """Boolean over atom ids: True where the atom belongs to a removed unit (plus NONE=False)."""
@@ -167,6 +171,8 @@ class Analysis:
         self.values: dict[fx.Node, object] = {}
         self.multi_arrays: list[tuple[str, np.ndarray]] = []  # arrays varying on >1 dim
         self.head_atoms: list[np.ndarray] = []  # atoms a reshape grouped into attention heads
+        self.source_nodes: list[fx.Node] = []
+        self.attention: dict[str, np.ndarray] = {}  # attention node -> head atoms (dim -3)
 
     # ---- atoms -------------------------------------------------------------------------------
     def new_atoms(self, n: int) -> np.ndarray:
@@ -178,6 +184,7 @@ class Analysis:
         self, node: fx.Node, layer: str, param: str, dim: int, n: int, kind: str = "other"
     ) -> np.ndarray:
         ids = self.new_atoms(n)
+        self.source_nodes.append(node)
         self.sources.append(Source(node.name, layer, param, dim, int(ids[0]) if n else 0, n, kind))
         return ids
 
@@ -305,6 +312,12 @@ class Analysis:
             groups,
             blocked,
             (pairs[0], pairs[1]),
+            probes={
+                n.name: self.values[n]
+                for n in self.source_nodes
+                if isinstance(self.values.get(n), np.ndarray)
+            },
+            attention=self.attention,
         )
 
     def _groups(self, label, pairs, blocked, approx, heads) -> list[Group]:

@@ -394,7 +394,16 @@ def _along_dim(ctx, node):
     d = d % X.ndim if X.ndim else 0
     if X.ndim and X.shape[d] > 1:
         ctx.block(X, node, f"mixes values along dim {d}, which carries channels")
+    elif X.ndim >= 3 and d == X.ndim - 1 and X.shape[-3] > 1 and _is_softmax(ctx, node):
+        ctx.attention[node.name] = X  # attention probabilities of an explicit q @ k^T
     return X
+
+
+def _is_softmax(ctx, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(ctx.modules[node.target], nn.Softmax)
+    name = str(getattr(node.target, "__name__", node.target))
+    return "softmax" in name and "log" not in name
 
 
 # ---- reductions ---------------------------------------------------------------------------------

@@ -549,6 +549,8 @@ def _sdpa(ctx, node):
         V = np.repeat(V, hq // hk, axis=-3) if V.shape[-3] > 1 else V
     nd = out_ndim(node) if isinstance(node.meta.get("val"), torch.Tensor) else Q.ndim
     out = elementwise_arrays(ctx, node, [align(Q, nd), align(K, nd), align(V, nd)])
+    if out.shape[-3] > 1:
+        ctx.attention[node.name] = out
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out

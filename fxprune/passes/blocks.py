@@ -111,6 +111,7 @@ class Region:
 
 def block_region(gm: fx.GraphModule, path: str) -> Region:
     """The nodes of block ``path``, its single output and its hidden-state input."""
+
     def is_value(n):  # tensors, and side-effect-only nodes (asserts) that use them
         v = n.meta.get("val")
         return isinstance(v, (torch.Tensor, tuple, list)) or (v is None and not n.users)

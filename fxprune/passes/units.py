@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fxprune._util import module_matches
+from fxprune.calibration import as_batches, collect
 from fxprune.errors import ConfigError, PlanError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import apply_removal
-from fxprune.importance import CRITERIA, group_mean, unit_scores
+from fxprune.importance import CRITERIA, DATA_CRITERIA, group_mean, unit_scores
 from fxprune.passes import PassResult
 
 
@@ -34,6 +35,8 @@ class UnitSelection:
         global_ranking: rank units of all groups together (scores normalised by group mean).
         seed: for ``importance="random"``.
         kept: replay mode: ``{layer: kept output indices}`` from a saved plan.
+        calibration: batches for data-driven importance (default: the example inputs).
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"``.
     """
 
     ratio: float = 0.0
@@ -43,6 +46,8 @@ class UnitSelection:
     global_ranking: bool = False
     seed: int = 0
     kept: dict | None = field(default=None, compare=False, hash=False)
+    calibration: tuple | None = field(default=None, compare=False, hash=False)
+    loss_fn: object = field(default=None, compare=False, hash=False)
 
     name = "units"  # the pass name in plans and reports
     kinds: tuple[str, ...] = ()  # Group.kind values this pass prunes
@@ -110,9 +115,15 @@ def group_ratios(graph: DependencyGraph, cfg: UnitSelection) -> dict[int, float 
     return out
 
 
-def select_units(graph: DependencyGraph, cfg: UnitSelection) -> tuple[list[int], dict]:
+def select_units(
+    graph: DependencyGraph, cfg: UnitSelection, args: tuple = ()
+) -> tuple[list[int], dict]:
     """Units to remove and how many per group, by importance."""
-    scores = unit_scores(graph, cfg.importance, cfg.seed)
+    stats = None
+    if cfg.importance in DATA_CRITERIA:
+        batches = as_batches(cfg.calibration, args)
+        stats = collect(graph, batches, {cfg.importance}, cfg.loss_fn)
+    scores = unit_scores(graph, cfg.importance, cfg.seed, stats)
     removed: list[int] = []
     per_group: dict[int, int] = {}
     ratios = group_ratios(graph, cfg)
@@ -216,7 +227,7 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
     if cfg.kept is not None:
         units, per_group = units_from_kept(graph, cfg.kept), {}
     else:
-        units, per_group = select_units(graph, cfg)
+        units, per_group = select_units(graph, cfg, args)
     if not units:
         return PassResult(cfg.name, changed=False)
     kept = kept_by_layer(graph, units)

@@ -1,0 +1,168 @@
+"""Run calibration batches through the traced graph and collect what data-driven importance
+needs: mean |activation| of every source layer's channels, first-order Taylor saliency of every
+weight, and the entropy / confidence of every attention head.
+
+Batches are given as an iterable (each batch a tensor or a tuple of tensors laid out like the
+example inputs). Statistics are averaged over batches. Taylor needs a loss: ``loss_fn(output,
+batch) -> scalar``; without one, token-id inputs with an output holding ``logits [B, S, V]`` get
+the causal LM loss, anything else the mean squared output (a proxy the report names).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from fxprune.errors import ConfigError
+from fxprune.graph.depgraph import DependencyGraph
+from fxprune.graph.rules import find_rule
+from fxprune.graph.shapes import _sdpa
+
+
+def as_batches(calibration, args: tuple) -> list[tuple]:
+    """Normalise ``calibration`` (None: the example inputs) to a list of argument tuples."""
+    if calibration is None:
+        return [args]
+    out = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
+    if not out:
+        raise ConfigError("calibration: the iterable gave no batches")
+    return out
+
+
+@dataclass
+class Stats:
+    """Per-atom statistics (NaN where a statistic does not apply) and per-weight saliency."""
+
+    activation: np.ndarray | None = None
+    entropy: np.ndarray | None = None  # log(keys) - entropy: higher = more focused
+    confidence: np.ndarray | None = None
+    taylor: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: str = ""
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm, keep: set[str]):
+        super().__init__(gm)
+        self.keep, self.seen = keep, {}
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        if n.name in self.keep:
+            self.seen[n.name] = v
+        return v
+
+
+def _per_position(v: torch.Tensor, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean |v| at every position of ``arr`` (dims of size 1 in ``arr`` are averaged)."""
+    dims = [d for d in range(v.ndim) if arr.shape[d] == 1 and v.shape[d] > 1]
+    m = v.detach().abs().double().mean(dim=dims, keepdim=True) if dims else v.detach().abs()
+    m = m.double().expand(arr.shape) if m.shape != arr.shape else m.double()
+    return arr.reshape(-1), m.reshape(-1).cpu().numpy()
+
+
+def _probs(node: fx.Node, env: dict) -> torch.Tensor:
+    """Attention probabilities ``[B, H, L, S]`` of a scaled-dot-product attention node."""
+    q, k = env[node.args[0].name], env[node.args[1].name]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    mask = env.get(mask.name) if isinstance(mask, fx.Node) else None
+    causal = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+    scale = node.kwargs.get("scale") or (node.args[6] if len(node.args) > 6 else None)
+    scale = scale or 1.0 / math.sqrt(q.shape[-1])
+    if k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return F.softmax(s, dim=-1)
+
+
+def _head_stats(p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per head: log(S) - mean entropy, and mean max probability (over batch and queries)."""
+    p = p.double().flatten(0, -4) if p.ndim > 4 else p.double()
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [B, H, L]
+    info = math.log(p.shape[-1]) - ent.mean(dim=(0, 2))
+    conf = p.amax(-1).mean(dim=(0, 2))
+    return info.cpu().numpy(), conf.cpu().numpy()
+
+
+def _loss(out, batch: tuple, loss_fn) -> tuple[torch.Tensor, str]:
+    if loss_fn is not None:
+        return loss_fn(out, batch), "user loss_fn"
+    logits = getattr(out, "logits", None)
+    ids = batch[0] if batch else None
+    if (
+        isinstance(logits, torch.Tensor)
+        and isinstance(ids, torch.Tensor)
+        and not ids.is_floating_point()
+        and logits.ndim == 3
+        and logits.shape[:2] == ids.shape
+    ):
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return F.cross_entropy(flat, ids[:, 1:].reshape(-1)), "causal LM loss"
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return sum(t.float().pow(2).mean() for t in leaves), "mean squared output (proxy)"
+
+
+def collect(graph: DependencyGraph, batches: list[tuple], need: set[str], loss_fn=None) -> Stats:
+    """Statistics ``need`` (``"activation"``, ``"taylor"``, ``"entropy"``, ``"confidence"``)."""
+    gm, st = graph.gm, Stats()
+    n = graph.n_atoms
+    if need & {"activation", "entropy", "confidence"}:
+        keep = set(graph.probes) if "activation" in need else set()
+        att_nodes = {nd.name: nd for nd in gm.graph.nodes if nd.name in graph.attention}
+        if need & {"entropy", "confidence"}:
+            for nd in att_nodes.values():
+                keep.add(nd.name)
+                keep |= {a.name for a in nd.all_input_nodes}
+        act, ent, conf = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
+        with torch.no_grad():
+            for b in batches:
+                cap = _Capture(gm, keep)
+                cap.run(*b)
+                if "activation" in need:
+                    for name, arr in graph.probes.items():
+                        v = cap.seen.get(name)
+                        if isinstance(v, torch.Tensor) and v.ndim == arr.ndim:
+                            ids, vals = _per_position(v, arr)
+                            ok = ids >= 0
+                            act += np.bincount(ids[ok], vals[ok], minlength=n) / len(batches)
+                for name, nd in att_nodes.items():
+                    if not need & {"entropy", "confidence"}:
+                        break
+                    v = cap.seen[name]
+                    p = _probs(nd, cap.seen) if find_rule(gm, nd) is _sdpa else v
+                    info, c = _head_stats(p)
+                    heads = graph.attention[name].reshape(-1, *graph.attention[name].shape[-3:])
+                    for h, atom in enumerate(heads[0, :, 0, 0].tolist()):
+                        if atom >= 0 and h < info.size:
+                            ent[atom] = np.nan_to_num(ent[atom]) + info[h] / len(batches)
+                            conf[atom] = np.nan_to_num(conf[atom]) + c[h] / len(batches)
+        st.activation, st.entropy, st.confidence = act, ent, conf
+    if "taylor" in need:
+        params = dict(gm.named_parameters())
+        grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        flags = {k: p.requires_grad for k, p in params.items()}
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            for b in batches:
+                gm.zero_grad(set_to_none=True)
+                loss, st.loss = _loss(gm(*b), b, loss_fn)
+                loss.backward()
+                for k, p in params.items():
+                    if p.grad is not None:
+                        grads[k] += p.grad.detach()
+        finally:
+            for k, p in params.items():
+                p.grad = None
+                p.requires_grad_(flags[k])
+        st.taylor = {k: (params[k].detach() * g).abs() for k, g in grads.items()}
+    return st
