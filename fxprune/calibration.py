@@ -1,5 +1,5 @@
 """Run calibration batches through the traced graph and collect what data-driven importance
-needs: mean |activation| of every source layer's channels, first-order Taylor saliency of every
+needs: mean |activation| of every channel where a Linear / Conv reads it, first-order Taylor saliency of every
 weight, and the entropy / confidence of every attention head.
 
 Batches are given as an iterable (each batch a tensor or a tuple of tensors laid out like the

@@ -12,7 +12,7 @@ units (see docs/design.md for why Torch-Pruning's classes are not called directl
 | ``bn_scale``| weights only          | sum of abs of its norm scales (gamma); l1 where none     |
 | ``random`` | none                   | uniform random (a baseline)                              |
 | ``taylor`` | forward + backward on calibration | sum of abs(w * dL/dw) over the same slices (first-order Taylor) |
-| ``activation`` | forward on calibration | mean abs activation of its channels at the source layers |
+| ``activation`` | forward on calibration | mean abs activation of its channels where layers read them (after GELU; per head after attention) |
 | ``entropy`` | forward on calibration | heads: log(keys) - attention entropy (focused heads score high); other groups: l1 |
 | ``confidence`` | forward on calibration | heads: mean max attention probability; other groups: l1 |
 

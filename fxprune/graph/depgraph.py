@@ -119,8 +119,9 @@ class DependencyGraph:
     groups: list[Group]
     blocked: np.ndarray  # unit label -> True when a barrier keeps it
     unit_sources: tuple[np.ndarray, np.ndarray]  # (unit, source) pairs, sorted by unit
-    # Atom arrays of nodes whose runtime values data-driven importance reads: every source
-    # layer's output, and every attention node's output (heads on dim -3).
+    # Atom arrays of nodes whose runtime values data-driven importance reads: the inputs of
+    # Linear/Conv layers (what a layer really reads: after GELU, per head after attention), and
+    # every attention node's output (heads on dim -3).
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     attention: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -171,10 +172,15 @@ class Analysis:
         self.values: dict[fx.Node, object] = {}
         self.multi_arrays: list[tuple[str, np.ndarray]] = []  # arrays varying on >1 dim
         self.head_atoms: list[np.ndarray] = []  # atoms a reshape grouped into attention heads
-        self.source_nodes: list[fx.Node] = []
+        self.probe_nodes: list[fx.Node] = []  # inputs of Linear/Conv layers (activation stats)
         self.attention: dict[str, np.ndarray] = {}  # attention node -> head atoms (dim -3)
 
     # ---- atoms -------------------------------------------------------------------------------
+    def probe(self, node) -> None:
+        """Remember ``node`` (a layer's input) for activation statistics."""
+        if isinstance(node, fx.Node):
+            self.probe_nodes.append(node)
+
     def new_atoms(self, n: int) -> np.ndarray:
         ids = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
         self.n_atoms += n
@@ -184,7 +190,6 @@ class Analysis:
         self, node: fx.Node, layer: str, param: str, dim: int, n: int, kind: str = "other"
     ) -> np.ndarray:
         ids = self.new_atoms(n)
-        self.source_nodes.append(node)
         self.sources.append(Source(node.name, layer, param, dim, int(ids[0]) if n else 0, n, kind))
         return ids
 
@@ -314,8 +319,8 @@ class Analysis:
             (pairs[0], pairs[1]),
             probes={
                 n.name: self.values[n]
-                for n in self.source_nodes
-                if isinstance(self.values.get(n), np.ndarray)
+                for n in self.probe_nodes
+                if isinstance(self.values.get(n), np.ndarray) and (self.values[n] >= 0).any()
             },
             attention=self.attention,
         )

@@ -73,6 +73,7 @@ def conv(
     """Shared conv coupling; ``set_groups(n)`` writes the pruned group count back."""
     W = get_tensor(ctx, w)
     X, t = ctx.atoms(x), tensor_meta(x)
+    ctx.probe(x)
     cd = t.ndim - (W.ndim - 2) - 1  # channel dim: 1 when batched, 0 when not
     cin = t.shape[cd]
     xin = channel_vec(ctx, node, X, cd, cin)
@@ -162,6 +163,7 @@ def _conv_fn(ctx, node):
 def linear(ctx: Analysis, node: fx.Node, x, w: str, b: str | None):
     W = get_tensor(ctx, w)
     X, t = ctx.atoms(x), tensor_meta(x)
+    ctx.probe(x)
     xin = channel_vec(ctx, node, X, X.ndim - 1, t.shape[-1])
     out = ctx.new_source(node, layer_of(w), w, 0, W.shape[0], "linear")
     ctx.param_dim(w, 0, out, "weight")
@@ -200,6 +202,7 @@ def _addmm(ctx, node):
     if wn is None or bn is None or t is None or t.ndim != 2:
         return barrier(ctx, node, "addmm whose weight and bias are not parameters")
     W = get_tensor(ctx, wn)
+    ctx.probe(x)
     xin = channel_vec(ctx, node, ctx.atoms(x), 1, t.shape[1])
     out = ctx.new_source(node, layer_of(wn), wn, 1, W.shape[1], "linear")
     ctx.param_dim(wn, 0, xin, "weight", consumer=True)
