@@ -14,6 +14,7 @@ import torch.nn as nn
 from fxprune.errors import ConfigError, UnsupportedModelError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args
+from fxprune.hf import pruned_config
 from fxprune.passes import run_passes
 from fxprune.passes.blocks import Blocks, prune_blocks
 from fxprune.passes.channels import Channels, prune_channels
@@ -140,6 +141,9 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         config,
         [r.plan for r in results if r.plan],
     )
+    hf_config, notes = pruned_config(model, results)
+    if notes:
+        plan.config["hf_config_notes"] = notes
     return CompileResult(
         gm,
         plan,
@@ -148,6 +152,7 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         results,
         approximate=any(r.approximate_groups for r in results),
         seconds=time.perf_counter() - t0,
+        config=hf_config,
     )
 
 

@@ -14,7 +14,20 @@ EXAMPLES = """examples:
   fxprune prune torchvision:mobilenet_v2 --channels 0.3 --round_to 8 --save mnv2.pt
   fxprune prune my_model.py:build --channels 0.5 --importance l2 --json
   fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --export r50.onnx
+  fxprune prune torchvision:vit_b_16 --heads 0.25 --ffn 0.3 --blocks 2
+  fxprune prune timm:deit_tiny_patch16_224 --heads 1 --blocks blocks.5
 """
+
+
+def _number(s: str):
+    """``"2"`` -> 2 (a count), ``"0.25"`` -> 0.25 (a fraction)."""
+    return int(s) if s.isdigit() else float(s)
+
+
+def _blocks(values: list[str]):
+    if len(values) == 1 and values[0].isdigit():
+        return int(values[0])  # a count
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
 def _prune(a) -> int:
@@ -25,10 +38,16 @@ def _prune(a) -> int:
 
     torch.manual_seed(a.seed)
     model, x = load_model(a.model)
+    structural = a.heads or a.ffn or a.blocks
+    channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     res = fxprune.compile(
         model,
         x,
-        channels=a.channels,
+        channels=channels,
+        heads=a.heads,
+        ffn=a.ffn,
+        blocks=_blocks(a.blocks) if a.blocks else 0,
+        block_importance=a.block_importance,
         importance=a.importance,
         ignore=a.ignore,
         round_to=a.round_to,
@@ -78,13 +97,30 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser(
         "prune",
-        help="prune channels and prove equivalence",
+        help="prune channels, heads, FFN neurons, blocks; prove equivalence",
         epilog=EXAMPLES,
         formatter_class=argparse.RawTextHelpFormatter,
     )
     pr.add_argument("model", help="torchvision:NAME, timm:NAME or path/file.py:factory")
-    pr.add_argument("--channels", type=float, default=0.5, help="fraction removed per group")
-    pr.add_argument("--importance", default="l1", help="l1, l2, bn_scale or random")
+    pr.add_argument(
+        "--channels",
+        type=float,
+        default=None,
+        help="fraction removed per group (default 0.5, or 0 when --heads/--ffn/--blocks is given)",
+    )
+    pr.add_argument(
+        "--heads", type=_number, default=0, help="fraction (or number) of heads per layer"
+    )
+    pr.add_argument("--ffn", type=float, default=0.0, help="fraction of MLP neurons per layer")
+    pr.add_argument(
+        "--blocks", nargs="*", default=[], help="a number of blocks to remove, or their names"
+    )
+    pr.add_argument("--block_importance", default="cosine", choices=["cosine", "l2"])
+    pr.add_argument(
+        "--importance",
+        default="l1",
+        help="l1, l2, bn_scale, random, taylor, activation, entropy or confidence",
+    )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
     pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
     pr.add_argument("--global_ranking", action="store_true")

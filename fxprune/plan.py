@@ -188,6 +188,8 @@ class CompileResult:
         barriers: which operator kept which layers' channels, and why.
         passes: each pass's :class:`fxprune.passes.PassResult`.
         approximate: True when a group whose removal is inexact was pruned (allow_approximate).
+        config: for a Hugging Face model, a copy of its config with the uniform head, FFN and
+            layer counts written back (None otherwise; see ``fxprune.hf``).
     """
 
     module: fx.GraphModule
@@ -197,6 +199,7 @@ class CompileResult:
     passes: list
     approximate: bool = False
     seconds: float = 0.0
+    config: object = None
 
     @property
     def zero_spec(self) -> dict[str, dict[int, np.ndarray]]:

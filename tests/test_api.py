@@ -233,3 +233,26 @@ def test_ignore_a_norm_or_a_container_keeps_its_channels(resnet):
     assert r.module.get_submodule("layer3.1.conv1").out_channels == 128  # outside: pruned
     r, _ = assert_equivalent(model, x, channels=0.5, ignore=[nn.Linear])
     assert r.module.get_submodule("layer1.0.conv1").out_channels == 32  # fc only consumes
+
+
+def test_cli_heads_ffn_blocks_from_a_factory_file(tmp_path):
+    src = tmp_path / "vit.py"
+    src.write_text(
+        "import torch, torchvision\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3,\n"
+        "        num_heads=4, hidden_dim=64, mlp_dim=128)\n"
+        "    torch.nn.init.normal_(m.heads.head.weight)\n"
+        "    return m.eval(), torch.randn(2, 3, 32, 32)\n"
+    )
+    cmd = [sys.executable, "-m", "fxprune.cli", "prune", f"{src}:build", "--heads", "2"]
+    cmd += ["--ffn", "0.5", "--blocks", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["equivalence"]["ok"]
+    names = [p["name"] for p in data["plan"]["passes"]]
+    assert names == ["blocks", "heads", "ffn"]  # --channels defaults to 0 with these
+    kept = data["plan"]["passes"][1]["kept"]  # packed in_proj: 3 x 4 heads x 16 -> 3 x 2 x 16
+    assert kept and all(len(k) == 96 for k in kept.values())

@@ -18,8 +18,8 @@ def _hf():
     return pytest.importorskip("transformers")
 
 
-def _ids(vocab=100, low=0):
-    return (torch.randint(low, vocab, (2, 8), generator=torch.Generator().manual_seed(0)),)
+def _ids(vocab=100, low=0, seq=8):
+    return (torch.randint(low, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),)
 
 
 def bert():

@@ -204,7 +204,7 @@ def _rewrite_sizes(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shap
 def _rewrite_unflatten(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
     """``unflatten(x, dim, sizes)``: the sizes cover output dims ``dim .. dim + len(sizes)``."""
     if node.op == "call_module":
-        return  # nn.Unflatten: its sizes are a module attribute, fixed below when they change
+        return  # nn.Unflatten keeps its sizes in the module: the re-check names it if they break
     dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
     if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
         return

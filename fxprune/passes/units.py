@@ -253,5 +253,5 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         approximate_groups=approx,
         details={"groups_pruned": len(units_per_group), "units": units_per_group},
         keeps=keeps,
-        plan={"name": cfg.name, "kept": kept},
+        plan={"name": cfg.name, "kept": kept, "units": units_per_group},
     )

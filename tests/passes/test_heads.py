@@ -173,3 +173,29 @@ def test_bad_blocks_are_named(blocks, match):
     model, x, _ = build("bert")
     with pytest.raises(ConfigError, match=match):
         fxprune.compile(model, x, blocks=blocks)
+
+
+def test_hf_config_follows_uniform_counts():
+    model, x, _ = build("llama")  # 8 query heads, 2 KV heads, head_dim 8, FFN 128, 2 layers
+    res = fxprune.compile(model, x, heads=0.5, ffn=0.5)
+    c = res.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 1, 8)
+    assert c.intermediate_size == 64 and c.num_hidden_layers == 2
+    assert model.config.num_attention_heads == 8  # the user's config is untouched
+    res = fxprune.compile(model, x, blocks=1)
+    assert res.config.num_hidden_layers == 1
+    gpt, gx, _ = build("gpt2")
+    c = fxprune.compile(gpt, gx, heads=1, ffn=0.25).config
+    assert (c.n_head, c.head_dim, c.n_inner) == (3, 16, 192)
+
+
+def test_non_uniform_counts_stay_in_the_plan():
+    model, x, _ = build("bert")
+    res = fxprune.compile(model, x, heads=0.6, global_ranking=True)
+    assert res.plan.passes[0]["units"] == {
+        "encoder.layer.0.attention.self": [4, 2],
+        "encoder.layer.1.attention.self": [4, 1],
+    }
+    assert res.config.num_attention_heads == 4  # not uniform: left, and the plan says why
+    assert "heads" in res.plan.config["hf_config_notes"]
+    assert fxprune.compile(build("tv_vit")[0], build("tv_vit")[1], heads=1).config is None
