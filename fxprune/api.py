@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fxprune.errors import ConfigError, UnsupportedModelError
+from fxprune.calibration import default_loss
+from fxprune.errors import ConfigError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args
 from fxprune.hf import pruned_config
@@ -32,19 +33,6 @@ PASSES = {
     "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
     "nm": (prune_nm, lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]))),
 }
-
-
-def check_tied(model: nn.Module) -> None:
-    """Refuse models whose parameters are shared under two names (slicing one slices both)."""
-    seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            raise UnsupportedModelError(
-                f"parameters '{seen[id(p)]}' and '{name}' are the same tensor (tied weights): "
-                "fxprune does not prune tied weights; untie them (clone one) or add both layers "
-                "to ignore= and leaf_modules="
-            )
-        seen[id(p)] = name
 
 
 def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
@@ -115,7 +103,6 @@ def hidden_attention(gm) -> list[str]:
 
 def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config):
     t0 = time.perf_counter()
-    check_tied(model)
     work = model if inplace else copy.deepcopy(model)
     was_training = model.training
     work.eval()
@@ -207,7 +194,8 @@ def compile(  # noqa: A001 - the public name the project promises
         calibration: an iterable of batches (each like ``example_inputs``) for data-driven
             choices; default: ``example_inputs``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"`` (default: the
-            causal LM loss for token ids with ``logits``, else the mean squared output).
+            LM loss for Hugging Face causal / masked LMs, else the mean squared output, a proxy;
+            ``details["taylor_loss"]`` of the pass says which).
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
@@ -260,7 +248,7 @@ def compile(  # noqa: A001 - the public name the project promises
         global_ranking=global_ranking,
         seed=seed,
         calibration=batches,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn if loss_fn is not None else default_loss(model),
     )
     cfg = Channels(
         channels,

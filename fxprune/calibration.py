@@ -93,20 +93,32 @@ def _head_stats(p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return info.cpu().numpy(), conf.cpu().numpy()
 
 
+def _lm_loss(shift: bool):
+    def loss(out, batch):
+        logits, ids = getattr(out, "logits", None), batch[0]
+        if not (isinstance(logits, torch.Tensor) and logits.shape[:2] == ids.shape):
+            raise ConfigError("LM loss: the output has no logits [batch, tokens, vocab]")
+        if shift:  # predict the next token
+            logits, ids = logits[:, :-1], ids[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+
+    loss.__doc__ = "causal LM loss" if shift else "masked LM loss on the input tokens"
+    return loss
+
+
+def default_loss(model):
+    """The LM loss for Hugging Face causal / masked LMs (by class name), else None."""
+    name = type(model).__name__
+    if "MaskedLM" in name:
+        return _lm_loss(shift=False)
+    if "CausalLM" in name or "LMHead" in name:
+        return _lm_loss(shift=True)
+    return None
+
+
 def _loss(out, batch: tuple, loss_fn) -> tuple[torch.Tensor, str]:
     if loss_fn is not None:
-        return loss_fn(out, batch), "user loss_fn"
-    logits = getattr(out, "logits", None)
-    ids = batch[0] if batch else None
-    if (
-        isinstance(logits, torch.Tensor)
-        and isinstance(ids, torch.Tensor)
-        and not ids.is_floating_point()
-        and logits.ndim == 3
-        and logits.shape[:2] == ids.shape
-    ):
-        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        return F.cross_entropy(flat, ids[:, 1:].reshape(-1)), "causal LM loss"
+        return loss_fn(out, batch), (loss_fn.__doc__ or "user loss_fn").strip().splitlines()[0]
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return sum(t.float().pow(2).mean() for t in leaves), "mean squared output (proxy)"
 

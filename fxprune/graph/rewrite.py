@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fxprune.errors import PassError
+from fxprune.errors import PassError, UnsupportedModelError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import keep_along
 from fxprune.graph.shapeprop import propagate_shapes
@@ -29,6 +29,26 @@ def param_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[str, dict[i
                 if not m.all():
                     keeps[name][d] = keeps[name].get(d, np.ones_like(m)) & m
     return dict(keeps)
+
+
+def check_tied(gm, names) -> None:
+    """Refuse to slice a parameter that is shared under two names (tied weights): slicing one
+    would change the other. Tied parameters that a removal leaves alone (an LM head tied to the
+    embeddings while heads and FFN neurons go) are fine."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for name in names:
+        try:
+            shared = aliases.get(id(gm.get_parameter(name)), [])
+        except AttributeError:
+            continue
+        if len(shared) > 1:
+            raise UnsupportedModelError(
+                f"parameters '{shared[0]}' and '{shared[1]}' are the same tensor (tied weights) "
+                "and this removal would slice it: untie them (clone one) or add both layers to "
+                "ignore="
+            )
 
 
 def _gather(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
@@ -60,6 +80,7 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     gm = graph.gm
     removed = graph.removed_mask(units)
     keeps = param_keeps(graph, removed)
+    check_tied(gm, keeps)
     # Modules may be the caller's own (inplace=True): on any failure put every attribute,
     # parameter and buffer back, so a model is never left half-pruned.
     snapshot = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in gm.modules()]

@@ -116,13 +116,16 @@ def group_ratios(graph: DependencyGraph, cfg: UnitSelection) -> dict[int, float 
 
 
 def select_units(
-    graph: DependencyGraph, cfg: UnitSelection, args: tuple = ()
+    graph: DependencyGraph, cfg: UnitSelection, args: tuple = (), info: dict | None = None
 ) -> tuple[list[int], dict]:
-    """Units to remove and how many per group, by importance."""
+    """Units to remove and how many per group, by importance (``info`` receives the loss a
+    Taylor score used)."""
     stats = None
     if cfg.importance in DATA_CRITERIA:
         batches = as_batches(cfg.calibration, args)
         stats = collect(graph, batches, {cfg.importance}, cfg.loss_fn)
+        if stats.loss and info is not None:
+            info["taylor_loss"] = stats.loss
     scores = unit_scores(graph, cfg.importance, cfg.seed, stats)
     removed: list[int] = []
     per_group: dict[int, int] = {}
@@ -224,10 +227,11 @@ def group_name(graph: DependencyGraph, g: Group) -> str:
 
 def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> PassResult:
     """Remove the selected units from ``graph.gm`` (in place); say what each layer kept."""
+    info: dict = {}
     if cfg.kept is not None:
         units, per_group = units_from_kept(graph, cfg.kept), {}
     else:
-        units, per_group = select_units(graph, cfg, args)
+        units, per_group = select_units(graph, cfg, args, info)
     if not units:
         return PassResult(cfg.name, changed=False)
     kept = kept_by_layer(graph, units)
@@ -251,7 +255,7 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         removed_units=units,
         zero=zero,
         approximate_groups=approx,
-        details={"groups_pruned": len(units_per_group), "units": units_per_group},
+        details={"groups_pruned": len(units_per_group), "units": units_per_group, **info},
         keeps=keeps,
         plan={"name": cfg.name, "kept": kept, "units": units_per_group},
     )

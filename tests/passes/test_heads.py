@@ -199,3 +199,29 @@ def test_non_uniform_counts_stay_in_the_plan():
     assert res.config.num_attention_heads == 4  # not uniform: left, and the plan says why
     assert "heads" in res.plan.config["hf_config_notes"]
     assert fxprune.compile(build("tv_vit")[0], build("tv_vit")[1], heads=1).config is None
+
+
+def test_lm_heads_tied_to_embeddings_and_taylor_lm_loss():
+    T = pytest.importorskip("transformers")
+    c = T.GPT2Config(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32, use_cache=False
+    )
+    torch.manual_seed(0)
+    lm = T.GPT2LMHeadModel(c).eval()  # lm_head.weight is wte.weight: tied, never sliced here
+    x = (torch.randint(0, 100, (2, 8)),)
+    res, _ = assert_equivalent(lm, x, channels=0.0, heads=0.5, ffn=0.5, importance="taylor")
+    assert res.passes[0].details["taylor_loss"] == "causal LM loss"
+    m = res.module
+    assert m.get_parameter("lm_head.weight") is m.get_parameter("transformer.wte.weight")
+    c = T.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    mlm = T.BertForMaskedLM(c).eval()
+    res = fxprune.compile(mlm, x, heads=0.5, importance="taylor")
+    assert res.passes[0].details["taylor_loss"] == "masked LM loss on the input tokens"
+    assert fxprune.verify.equivalence(mlm, res, x).ok
