@@ -22,6 +22,7 @@ from fxprune.passes.channels import Channels, prune_channels
 from fxprune.passes.ffn import FFN, prune_ffn
 from fxprune.passes.heads import Heads, prune_heads
 from fxprune.passes.nm import NM, prune_nm
+from fxprune.passes.permute import Permute, permute_channels
 from fxprune.plan import CompileResult, LayerRow, Plan, Summary
 from fxprune.stats import layer_stats
 
@@ -31,6 +32,7 @@ PASSES = {
     "heads": (prune_heads, lambda e: Heads(kept=e["kept"])),
     "ffn": (prune_ffn, lambda e: FFN(kept=e["kept"])),
     "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
+    "permute": (permute_channels, lambda e: Permute(e["n"], e["m"], orders=e["orders"])),
     "nm": (prune_nm, lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]))),
 }
 
@@ -169,6 +171,7 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity: str | None = None,
     sparsity_include: Sequence[str] = (),
     sparsity_exclude: Sequence[str] = (),
+    sparsity_permute: bool = False,
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -214,6 +217,9 @@ def compile(  # noqa: A001 - the public name the project promises
             every M weights along the reduction axis of each eligible Linear / Conv.
         sparsity_include: module names / globs the N:M pass considers (default: all).
         sparsity_exclude: module names / globs it never touches.
+        sparsity_permute: before masking, reorder channels (consistently across every coupled
+            layer, so the model is unchanged) to raise the weight magnitude the N:M mask keeps;
+            ``passes`` report it before and after.
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -284,12 +290,17 @@ def compile(  # noqa: A001 - the public name the project promises
         "allow_approximate": allow_approximate,
         "seed": seed,
     }
+    if sparsity_permute and nm is None:
+        raise ConfigError("sparsity_permute=True needs sparsity='N:M'")
     if nm is not None:
+        if sparsity_permute:
+            passes.append((permute_channels, Permute(nm.n, nm.m, seed=seed)))
         passes.append((prune_nm, nm))
         config.update(
             sparsity=sparsity,
             sparsity_include=list(sparsity_include),
             sparsity_exclude=list(sparsity_exclude),
+            sparsity_permute=sparsity_permute,
         )
     return _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config)
 

@@ -134,40 +134,43 @@ class Summary:
 
 
 def compose(passes) -> tuple[dict, dict]:
-    """Compose the passes' kept and zeroed indices, each recorded in the shapes its pass saw,
-    into masks over the dense model's indices: ``(keeps, zeros)``."""
-    idx: dict[tuple[str, int], np.ndarray] = {}  # dense indices present before the next pass
+    """Compose what the passes did to each parameter dim, each recorded in the shapes its pass
+    saw (kept masks, gather orders, zeroed consumer slices), into dense-model indices:
+    ``(index, zeros)`` with ``index[param][dim]`` the dense index at each current position and
+    ``zeros[param][dim]`` a bool mask over dense indices (False = zeroed)."""
+    idx: dict[tuple[str, int], np.ndarray] = {}  # dense index at each current position
     size: dict[tuple[str, int], int] = {}
     zeros: dict[tuple[str, int], np.ndarray] = {}
+
+    def current(key, n):
+        if key not in idx:
+            size[key] = n
+            idx[key] = np.arange(n)
+        return idx[key]
+
     for p in passes:
         for name, dims in p.zero.items():
             for d, keep in dims.items():
                 keep = np.asarray(keep, dtype=bool)
-                cur = idx.get((name, d))
-                if cur is None:
-                    dense = keep.copy()
-                else:
-                    dense = np.ones(size[(name, d)], dtype=bool)
-                    dense[cur[~keep]] = False
+                cur = current((name, d), keep.size)
+                dense = np.ones(size[(name, d)], dtype=bool)
+                dense[cur[~keep]] = False
                 prev = zeros.get((name, d))
                 zeros[(name, d)] = dense if prev is None else prev & dense
         for name, dims in p.keeps.items():
             for d, keep in dims.items():
                 keep = np.asarray(keep, dtype=bool)
-                cur = idx.get((name, d))
-                if cur is None:
-                    size[(name, d)] = keep.size
-                    cur = np.arange(keep.size)
-                idx[(name, d)] = cur[keep]
-    keeps: dict[str, dict[int, np.ndarray]] = {}
+                idx[(name, d)] = current((name, d), keep.size)[keep]
+        for name, dims in getattr(p, "order", {}).items():
+            for d, gather in dims.items():
+                idx[(name, d)] = current((name, d), len(gather))[np.asarray(gather)]
+    index: dict[str, dict[int, np.ndarray]] = {}
     for (name, d), cur in idx.items():
-        m = np.zeros(size[(name, d)], dtype=bool)
-        m[cur] = True
-        keeps.setdefault(name, {})[d] = m
+        index.setdefault(name, {})[d] = cur
     out: dict[str, dict[int, np.ndarray]] = {}
     for (name, d), m in zeros.items():
         out.setdefault(name, {})[d] = m
-    return keeps, out
+    return index, out
 
 
 def _num(n: int) -> str:
@@ -208,8 +211,9 @@ class CompileResult:
         return compose(self.passes)[1]
 
     @property
-    def dense_keeps(self) -> dict[str, dict[int, np.ndarray]]:
-        """``{param: {dim: bool mask over the dense indices that survive every pass}}``."""
+    def dense_index(self) -> dict[str, dict[int, np.ndarray]]:
+        """``{param: {dim: the dense index at each position of the pruned parameter}}`` for
+        every dim a pass shrank or reordered."""
         return compose(self.passes)[0]
 
     @property

@@ -69,24 +69,25 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
                 p.mul_(
                     torch.as_tensor(np.asarray(keep), dtype=p.dtype, device=p.device).reshape(shape)
                 )
-        keeps = result.dense_keeps
+        index = result.dense_index
         for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
             p = z.get_parameter(name)
-            dense_mask = _to_dense_positions(mask.cpu(), p.shape, keeps.get(name, {}))
+            dense_mask = _to_dense_positions(mask.cpu(), p.shape, index.get(name, {}))
             p.mul_(dense_mask.to(device=p.device, dtype=p.dtype))
     return z
 
 
-def _to_dense_positions(mask: torch.Tensor, shape, keeps: dict[int, np.ndarray]) -> torch.Tensor:
-    """A mask over a pruned weight, scattered into the dense weight's shape (ones elsewhere)."""
+def _to_dense_positions(mask: torch.Tensor, shape, index: dict[int, np.ndarray]) -> torch.Tensor:
+    """A mask over a pruned (possibly reordered) weight, scattered into the dense weight's shape
+    (ones elsewhere): ``index[d]`` is the dense index of each position along dim ``d``."""
     full = torch.ones(shape, dtype=torch.bool)
-    index = []
+    where = []
     for d in range(len(shape)):
-        idx = np.nonzero(keeps[d])[0] if d in keeps else np.arange(shape[d])
+        idx = np.asarray(index[d]) if d in index else np.arange(shape[d])
         view = [1] * len(shape)
         view[d] = -1
-        index.append(torch.as_tensor(idx).view(view))
-    full[tuple(index)] = mask
+        where.append(torch.as_tensor(idx).view(view))
+    full[tuple(where)] = mask
     return full
 
 

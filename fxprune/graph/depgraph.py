@@ -124,6 +124,7 @@ class DependencyGraph:
     # every attention node's output (heads on dim -3).
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     attention: dict[str, np.ndarray] = field(default_factory=dict)
+    positional: np.ndarray | None = None  # unit label -> True when a constant fixes its place
 
     def removed_mask(self, units) -> np.ndarray:
         """Boolean over atom ids: True where the atom belongs to a removed unit (plus NONE=False)."""
@@ -173,9 +174,16 @@ class Analysis:
         self.multi_arrays: list[tuple[str, np.ndarray]] = []  # arrays varying on >1 dim
         self.head_atoms: list[np.ndarray] = []  # atoms a reshape grouped into attention heads
         self.probe_nodes: list[fx.Node] = []  # inputs of Linear/Conv layers (activation stats)
+        self.positional_atoms: list[np.ndarray] = []  # atoms whose position a constant encodes
         self.attention: dict[str, np.ndarray] = {}  # attention node -> head atoms (dim -3)
 
     # ---- atoms -------------------------------------------------------------------------------
+    def positional(self, arr) -> None:
+        """Atoms of ``arr`` sit where a graph constant (split sizes, slice bounds) says: they
+        may be removed (the rewrite recomputes the constant) but not reordered."""
+        a = np.asarray(arr).reshape(-1)
+        self.positional_atoms.append(a[a >= 0])
+
     def probe(self, node) -> None:
         """Remember ``node`` (a layer's input) for activation statistics."""
         if isinstance(node, fx.Node):
@@ -323,7 +331,14 @@ class Analysis:
                 if isinstance(self.values.get(n), np.ndarray) and (self.values[n] >= 0).any()
             },
             attention=self.attention,
+            positional=self._positional(label),
         )
+
+    def _positional(self, label: np.ndarray) -> np.ndarray:
+        out = np.zeros(max(self.n_atoms, 1), dtype=bool)
+        if self.positional_atoms:
+            out[label[np.concatenate(self.positional_atoms)]] = True
+        return out
 
     def _groups(self, label, pairs, blocked, approx, heads) -> list[Group]:
         """Group prunable units by the set of source layers their atoms come from."""

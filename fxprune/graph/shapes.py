@@ -342,6 +342,7 @@ def _split(ctx, node):
         return barrier(ctx, node, f"{name} along a channel dim")
     sizes = [o.shape[d] for o in outs]
     offs = np.cumsum([0] + sizes)
+    ctx.positional(X)
     pieces = tuple(X.take(range(offs[i], offs[i + 1]), axis=d) for i in range(len(sizes)))
 
     def fix(removed):
@@ -414,6 +415,7 @@ def _index(ctx, node, X, shape, idx):
             pieces.append(i)
     arr = X[tuple(pieces)]
     if rewrites:
+        ctx.positional(X)
 
         def fix(removed):
             new = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
@@ -444,6 +446,7 @@ def _aten_slice(ctx, node):
         return barrier(ctx, node, "strided or computed slice along a channel dim")
     s, e, _ = slice(start, end).indices(t.shape[d])
     out = X.take(range(s, e), axis=d)
+    ctx.positional(X)
 
     def fix(removed):
         keep = keep_along(removed, X, d)

@@ -31,6 +31,7 @@ class PassResult:
     masks: dict = field(default_factory=dict)  # param -> bool tensor (N:M), in pruned shapes
     plan: dict = field(default_factory=dict)  # what replays this pass (see fxprune.plan.Plan)
     bypassed: list[str] = field(default_factory=list)  # blocks removed (module names)
+    order: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> gather
 
 
 PassFn = Callable[..., PassResult]
