@@ -57,6 +57,7 @@ def _prune(a) -> int:
         seed=a.seed,
         sparsity=a.sparsity,
         sparsity_exclude=a.sparsity_exclude,
+        sparsity_permute=a.sparsity_permute,
     )
     rep = fxprune.verify.equivalence(model, res, x)
     if a.save:
@@ -129,6 +130,11 @@ def main(argv=None) -> int:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
     pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
+    pr.add_argument(
+        "--sparsity_permute",
+        action="store_true",
+        help="reorder channels first so the N:M mask keeps more weight magnitude",
+    )
     pr.add_argument("--save", help="write plan + state_dict here")
     pr.add_argument("--export", help="export the pruned model (model.onnx), checked and audited")
     pr.add_argument("--json", action="store_true")
