@@ -1,6 +1,7 @@
 """The ``fxprune`` command line: tables to stdout, logs to stderr, ``--json`` for machines.
 
-Exit codes: 0 success, 1 a failed check (equivalence), 2 a usage or fxprune error.
+Exit codes: 0 success, 1 a failed check (equivalence, or a verify gate), 2 a usage or fxprune
+error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ EXAMPLES = """examples:
   fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --export r50.onnx
   fxprune prune torchvision:vit_b_16 --heads 0.25 --ffn 0.3 --blocks 2
   fxprune prune timm:deit_tiny_patch16_224 --heads 1 --blocks blocks.5
+  fxprune verify torchvision:resnet50 --channels 0.5 --round_to 8 --ignore fc --batch 1 8
+  fxprune verify torchvision:resnet18 --load r18.pt --backend torch --min-speedup 1.5
 """
 
 
@@ -30,7 +33,8 @@ def _blocks(values: list[str]):
     return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
-def _prune(a) -> int:
+def _compile(a):
+    """(dense model, example input, CompileResult) from the pruning flags or ``--load``."""
     import torch
 
     import fxprune
@@ -38,6 +42,8 @@ def _prune(a) -> int:
 
     torch.manual_seed(a.seed)
     model, x = load_model(a.model)
+    if getattr(a, "load", None):
+        return model, x, fxprune.load(a.load, model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     res = fxprune.compile(
@@ -59,6 +65,13 @@ def _prune(a) -> int:
         sparsity_exclude=a.sparsity_exclude,
         sparsity_permute=a.sparsity_permute,
     )
+    return model, x, res
+
+
+def _prune(a) -> int:
+    import fxprune
+
+    model, x, res = _compile(a)
     rep = fxprune.verify.equivalence(model, res, x)
     if a.save:
         res.save(a.save)
@@ -87,21 +100,44 @@ def _prune(a) -> int:
     return 0 if rep.ok else 1
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fxprune",
-        description="Structural pruning with proof.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawTextHelpFormatter,
+def _verify(a) -> int:
+    import fxprune
+
+    model, x, res = _compile(a)
+    eq = fxprune.verify.equivalence(model, res, x)
+    lat = fxprune.verify.latency(
+        model,
+        res,
+        x,
+        backend=a.backend,
+        batch_sizes=a.batch,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        threads=a.threads,
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser(
-        "prune",
-        help="prune channels, heads, FFN neurons, blocks; prove equivalence",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    gates = []
+    if not eq.ok:
+        gates.append("the equivalence proof failed")
+    if a.fail_if_slower and lat.slower():
+        gates.append("the pruned model is slower at some batch size")
+    if a.min_speedup is not None and lat.min_speedup() < a.min_speedup:
+        gates.append(f"speedup {lat.min_speedup():.2f}x is below --min-speedup {a.min_speedup}")
+    if a.json:
+        out = json.loads(lat.to_json())
+        out.update(equivalence=vars(eq), failed=gates, summary=res.summary.to_dict())
+        print(json.dumps(out))
+    else:
+        print(
+            f"{a.model}: MACs x{res.summary.macs_ratio:.3f}, params x{res.summary.params_ratio:.3f}"
+        )
+        print(lat.table())
+        print(f"\nequivalence check: {eq}")
+        for g in gates:
+            print(f"FAILED: {g}")
+    return 1 if gates else 0
+
+
+def _add_pruning(pr) -> None:
     pr.add_argument("model", help="torchvision:NAME, timm:NAME or path/file.py:factory")
     pr.add_argument(
         "--channels",
@@ -135,14 +171,52 @@ def main(argv=None) -> int:
         action="store_true",
         help="reorder channels first so the N:M mask keeps more weight magnitude",
     )
+    pr.add_argument("--json", action="store_true")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="fxprune",
+        description="Structural pruning with proof.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser(
+        "prune",
+        help="prune channels, heads, FFN neurons, blocks; prove equivalence",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    _add_pruning(pr)
     pr.add_argument("--save", help="write plan + state_dict here")
     pr.add_argument("--export", help="export the pruned model (model.onnx), checked and audited")
-    pr.add_argument("--json", action="store_true")
+    ve = sub.add_parser(
+        "verify",
+        help="measure pruned vs dense latency on a backend, side by side",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    _add_pruning(ve)
+    ve.add_argument("--load", help="a checkpoint written by `fxprune prune --save` instead")
+    ve.add_argument("--trust", action="store_true", help="allow pickled code in --load")
+    ve.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch, torch-compile")
+    ve.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    ve.add_argument("--warmup", type=int, default=5)
+    ve.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
+    ve.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+    ve.add_argument(
+        "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
+    )
+    ve.add_argument(
+        "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
+    )
     a = p.parse_args(argv)
     from fxprune.errors import FxPruneError
 
     try:
-        return _prune(a)
+        return _prune(a) if a.cmd == "prune" else _verify(a)
     except FxPruneError as e:
         if a.debug:
             raise

@@ -1,0 +1,16 @@
+"""The verifier: the equivalence proof (``equivalence``) and the latency comparison
+(``latency``) of a pruned model against its dense original."""
+
+from fxprune.verify.latency import BACKENDS, LatencyReport, LatencyRow, latency
+from fxprune.verify.proof import RTOL, EquivalenceReport, equivalence, zeroed_dense
+
+__all__ = [
+    "BACKENDS",
+    "RTOL",
+    "EquivalenceReport",
+    "LatencyReport",
+    "LatencyRow",
+    "equivalence",
+    "latency",
+    "zeroed_dense",
+]

@@ -1,0 +1,288 @@
+"""How much faster the pruned model really runs than the dense one, on the backend it will be
+deployed to, measured side by side.
+
+Method: each model is prepared once per backend (exported to ONNX for ONNX Runtime, compiled for
+``torch-compile``), warmed up, then timed in rounds that alternate dense and pruned (the order
+flips every round) so that drift of the machine (thermal, other processes) hits both. Every call
+is timed on its own; the report gives the median and p10 / p90 per model and batch size, the
+speedup of the medians, the MAC ratio, and **efficiency = speedup x MAC ratio**: 1.0 means time
+fell exactly as much as the MAC count, 0.5 that half the removed MACs bought nothing. Threads are
+fixed (``threads``; ONNX Runtime intra-op threads and ``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from fxprune._util import eval_mode
+from fxprune.errors import ConfigError, MissingExtraError
+from fxprune.graph.trace import as_args
+
+BACKENDS = ("onnxruntime", "torch", "torch-compile")
+
+
+@dataclass
+class LatencyRow:
+    """One batch size: milliseconds per forward (median, p10, p90) of both models and the
+    derived figures."""
+
+    batch: int
+    dense_ms: float
+    dense_p10: float
+    dense_p90: float
+    pruned_ms: float
+    pruned_p10: float
+    pruned_p90: float
+    speedup: float  # dense median / pruned median
+    mac_ratio: float  # pruned MACs / dense MACs
+    efficiency: float  # speedup x mac_ratio
+    parity: float  # max rel err of the backend's pruned output against PyTorch eager
+    verdict: str
+
+
+@dataclass
+class LatencyReport:
+    """What :func:`latency` measured; ``table()`` for people, ``to_json()`` for machines."""
+
+    backend: str
+    threads: int
+    warmup: int
+    repeats: int
+    rows: list[LatencyRow] = field(default_factory=list)
+    machine: str = ""
+
+    def table(self) -> str:
+        lines = [
+            f"backend {self.backend}, {self.threads} threads, {self.warmup} warm-up + "
+            f"{self.repeats} timed calls per model and batch, dense/pruned interleaved; "
+            f"{self.machine}",
+            "",
+            "| batch | dense ms [p10-p90] | pruned ms [p10-p90] | speedup | MAC ratio "
+            "| efficiency | parity | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.batch} | {r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}] "
+                f"| {r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}] "
+                f"| {r.speedup:.2f}x | {r.mac_ratio:.3f} | {r.efficiency:.2f} "
+                f"| {r.parity:.1e} | {r.verdict} |"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def slower(self) -> bool:
+        """True when the pruned model was slower than the dense one at any batch size."""
+        return any(r.speedup < 1.0 for r in self.rows)
+
+    def min_speedup(self) -> float:
+        return min((r.speedup for r in self.rows), default=0.0)
+
+
+def verdict(speedup: float, efficiency: float) -> str:
+    if speedup < 0.97:
+        return "slower"
+    if speedup < 1.03:
+        return "no measurable change"
+    if efficiency < 0.5:
+        return "faster, but less than half of the removed MACs show up as time"
+    return "faster"
+
+
+def _batch(args: tuple, b: int) -> tuple:
+    """The example inputs with batch size ``b`` (rows repeated, or cut)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.ndim:
+            reps = -(-b // a.shape[0])
+            out.append(a.repeat(reps, *([1] * (a.ndim - 1)))[:b].contiguous())
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+class _Runner:
+    """A prepared model on one backend: ``run(args)`` does one forward."""
+
+    def __init__(self, module, args, backend: str, threads: int, workdir: Path, tag: str):
+        self.backend = backend
+        self.module = module
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            from fxprune.exporters.onnx import DEFAULT_OPSET, _export
+
+            path = workdir / f"{tag}.onnx"
+            _export(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.names = [i.name for i in self.sess.get_inputs()]
+        elif backend == "torch-compile":
+            self.fn = torch.compile(module)
+        else:
+            self.fn = module
+
+    def run(self, args: tuple):
+        if self.backend == "onnxruntime":
+            feeds = {n: a.numpy() for n, a in zip(self.names, args, strict=False)}
+            return self.sess.run(None, feeds)
+        with torch.inference_mode():
+            return self.fn(*args)
+
+
+def _macs(module, args) -> int:
+    from fxprune.graph import trace
+    from fxprune.stats import layer_stats
+
+    return sum(r["macs"] for r in layer_stats(trace(module, args).gm).values())
+
+
+def _time(call: Callable[[tuple], object], args: tuple, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call(args)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _stats(samples: list[float]) -> tuple[float, float, float]:
+    q = np.percentile(samples, [10, 90])
+    return statistics.median(samples), float(q[0]), float(q[1])
+
+
+def _parity(runner: _Runner, module, args) -> float:
+    got = runner.run(args)
+    got = [np.asarray(t) for t in (got if isinstance(got, list) else _tensors(got))]
+    with torch.no_grad(), eval_mode(module):
+        ref = [t.detach().double().numpy() for t in _tensors(module(*args))]
+    err = 0.0
+    for r, g in zip(ref, got, strict=False):
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        diff = float(np.abs(r - g.astype(np.float64)).max()) if r.size else 0.0
+        err = max(err, diff / scale if scale else diff)
+    return err
+
+
+def latency(
+    dense: torch.nn.Module,
+    pruned,
+    example_inputs,
+    backend: str = "onnxruntime",
+    batch_sizes: Sequence[int] = (1, 8),
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    workdir: str | Path | None = None,
+) -> LatencyReport:
+    """Time ``pruned`` against ``dense`` on ``backend``, interleaved, per batch size.
+
+    Args:
+        dense: the dense model (not modified).
+        pruned: a :class:`fxprune.plan.CompileResult` (its MAC ratio is used) or a module.
+        example_inputs: a tensor or tuple of tensors; their rows are repeated to each batch size.
+        backend: ``"onnxruntime"`` (CPU execution provider; both models exported to ONNX),
+            ``"torch"`` (eager) or ``"torch-compile"``.
+        batch_sizes: batch sizes to measure.
+        warmup: untimed calls per model and batch before timing.
+        repeats: timed calls per model and batch (in rounds of alternating order).
+        threads: intra-op threads for both models (default: all cores).
+        workdir: where ONNX files go (default: a temporary folder, removed after).
+
+    Returns:
+        A :class:`LatencyReport`; each row has ``speedup``, ``mac_ratio`` and ``efficiency``.
+
+    Raises:
+        ConfigError: an unknown backend or a bad count. MissingExtraError: the backend's
+            package is missing.
+
+    Example:
+        >>> rep = fxprune.verify.latency(model, result, x, batch_sizes=(1, 8))
+        >>> print(rep.table()); rep.rows[-1].efficiency
+    """
+    if backend not in BACKENDS:
+        gpu = {"tensorrt", "torch-cuda"}
+        extra = " (GPU backends need a CUDA device and are not built yet)" if backend in gpu else ""
+        raise ConfigError(f"backend={backend!r}: choose one of {BACKENDS}{extra}")
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
+    if repeats < 2 or warmup < 0:
+        raise ConfigError(f"repeats={repeats}, warmup={warmup}: need repeats >= 2, warmup >= 0")
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:  # pragma: no cover - a core dependency
+            raise MissingExtraError("onnxruntime", "onnx", "the onnxruntime backend") from e
+    args = as_args(example_inputs)
+    module = getattr(pruned, "module", pruned)
+    summary = getattr(pruned, "summary", None)
+    mac_ratio = (
+        summary.macs_ratio
+        if summary is not None
+        else _macs(module, args) / max(_macs(dense, args), 1)
+    )
+    threads = threads or os.cpu_count() or 1
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rep = LatencyReport(
+        backend,
+        threads,
+        warmup,
+        repeats,
+        machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+    )
+    tmp = tempfile.TemporaryDirectory(prefix="fxprune-latency-") if workdir is None else None
+    wd = Path(tmp.name if tmp else workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    try:
+        with eval_mode(dense), eval_mode(module):
+            runners = {
+                "dense": _Runner(dense, args, backend, threads, wd, "dense"),
+                "pruned": _Runner(module, args, backend, threads, wd, "pruned"),
+            }
+            for b in batch_sizes:
+                xb = _batch(args, b)
+                samples = {"dense": [], "pruned": []}
+                for r in runners.values():
+                    for _ in range(warmup):
+                        r.run(xb)
+                per_round = max(1, repeats // 10)
+                rounds = -(-repeats // per_round)
+                for k in range(rounds):
+                    order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
+                    for name in order:
+                        samples[name] += _time(runners[name].run, xb, per_round)
+                d, p = _stats(samples["dense"]), _stats(samples["pruned"])
+                speedup = d[0] / p[0] if p[0] else float("inf")
+                eff = speedup * mac_ratio
+                parity = _parity(runners["pruned"], module, xb)
+                rep.rows.append(
+                    LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
+                )
+    finally:
+        torch.set_num_threads(old_threads)
+        if tmp is not None:
+            tmp.cleanup()
+    return rep

@@ -1,0 +1,108 @@
+"""The latency verifier: what it reports and how it gates (no timing is asserted here: speed
+claims live in benchmarks/ and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.errors import ConfigError
+from fxprune.verify.latency import _batch, verdict
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    return m, x, fxprune.compile(m, x, channels=0.5, ignore=["fc"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_report_fields(pruned, backend):
+    m, x, res = pruned
+    rep = fxprune.verify.latency(m, res, x, backend=backend, batch_sizes=(1, 3), repeats=4)
+    assert [r.batch for r in rep.rows] == [1, 3]
+    for r in rep.rows:
+        assert r.mac_ratio == pytest.approx(res.summary.macs_ratio)
+        assert r.speedup == pytest.approx(r.dense_ms / r.pruned_ms)
+        assert r.efficiency == pytest.approx(r.speedup * r.mac_ratio)
+        assert r.dense_p10 <= r.dense_ms <= r.dense_p90
+        assert r.parity < 1e-5  # the backend computes what PyTorch computes
+        assert r.verdict
+    data = json.loads(rep.to_json())
+    assert data["backend"] == backend and data["rows"][1]["batch"] == 3
+    assert "| batch |" in rep.table()
+
+
+def test_module_instead_of_result_counts_macs(pruned):
+    m, x, res = pruned
+    rep = fxprune.verify.latency(m, res.module, x, backend="torch", batch_sizes=(1,), repeats=2)
+    assert rep.rows[0].mac_ratio == pytest.approx(res.summary.macs_ratio)
+
+
+def test_batches_repeat_rows():
+    (b,) = _batch((torch.arange(2).view(2, 1),), 5)
+    assert b.shape == (5, 1) and b[:, 0].tolist() == [0, 1, 0, 1, 0]
+
+
+def test_verdicts():
+    assert verdict(0.8, 0.4) == "slower"
+    assert verdict(1.0, 0.5) == "no measurable change"
+    assert verdict(1.5, 0.3).startswith("faster, but")
+    assert verdict(1.5, 0.9) == "faster"
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"backend": "tensorrt"}, "GPU backends"),
+        ({"backend": "tvm"}, "choose one of"),
+        ({"batch_sizes": (0,)}, "positive"),
+        ({"repeats": 1}, "repeats"),
+    ],
+)
+def test_bad_arguments(pruned, kw, match):
+    m, x, res = pruned
+    with pytest.raises(ConfigError, match=match):
+        fxprune.verify.latency(m, res, x, **kw)
+
+
+def test_cli_verify_gates_a_pipeline(tmp_path):
+    src = tmp_path / "net.py"
+    src.write_text(
+        "import torch, sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[2])!r})\n"
+        "from tests.verify.test_latency import Net\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net().eval(), torch.randn(2, 3, 16, 16)\n"
+    )
+    cmd = [sys.executable, "-m", "fxprune.cli", "verify", f"{src}:build", "--ignore", "fc"]
+    cmd += ["--batch", "1", "--repeats", "4", "--backend", "torch", "--json"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["equivalence"]["ok"] and data["failed"] == []
+    assert {"speedup", "mac_ratio", "efficiency"} <= set(data["rows"][0])
+    gated = subprocess.run(cmd + ["--min-speedup", "1000"], capture_output=True, text=True)
+    assert gated.returncode == 1
+    assert "below --min-speedup 1000" in json.loads(gated.stdout)["failed"][0]
