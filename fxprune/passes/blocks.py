@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fxprune.calibration import _Capture, as_batches
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.shapeprop import propagate_shapes
@@ -153,42 +154,17 @@ def block_region(gm: fx.GraphModule, path: str) -> Region:
     return Region(path, inside, ext[0], out)
 
 
-def _batches(cfg: Blocks, args: tuple) -> list[tuple]:
-    if cfg.calibration is None:
-        return [args]
-    out = []
-    for b in cfg.calibration:
-        out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
-    if not out:
-        raise ConfigError("calibration: the iterable gave no batches")
-    return out
-
-
-class _Capture(fx.Interpreter):
-    """Runs the graph and keeps the values of chosen nodes."""
-
-    def __init__(self, gm, keep: set[fx.Node]):
-        super().__init__(gm)
-        self.keep, self.seen = keep, {}
-
-    def run_node(self, n):
-        v = super().run_node(n)
-        if n in self.keep:
-            self.seen[n] = v
-        return v
-
-
 def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str, float]:
     """Importance of each block on the calibration batches (higher = keep)."""
-    keep = {r.hidden for r in regions} | {r.out for r in regions}
+    keep = {r.hidden.name for r in regions} | {r.out.name for r in regions}
     totals = dict.fromkeys((r.path for r in regions), 0.0)
     with torch.no_grad():
         for b in batches:
             cap = _Capture(gm, keep)
             cap.run(*b)
             for r in regions:
-                x = cap.seen[r.hidden].double().flatten(1)
-                y = cap.seen[r.out].double().flatten(1)
+                x = cap.seen[r.hidden.name].double().flatten(1)
+                y = cap.seen[r.out.name].double().flatten(1)
                 if criterion == "cosine":
                     s = 1 - torch.nn.functional.cosine_similarity(x, y, dim=1).mean()
                 else:
@@ -233,7 +209,7 @@ def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult
             f"blocks={cfg.which!r}: no stack of repeated blocks (modules named prefix.0, "
             "prefix.1, ... of one class) was found in the traced graph"
         )
-    batches = _batches(cfg, args)
+    batches = as_batches(cfg.calibration, args)
     scores: dict[str, float] = {}
     fixed: dict[str, str] = {}
     if isinstance(cfg.which, int):
