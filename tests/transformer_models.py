@@ -22,32 +22,27 @@ def _ids(vocab=100, low=0, seq=8):
     return (torch.randint(low, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),)
 
 
-def bert():
+def _encoder(name: str, positions: int, low: int = 0):
+    """A BERT-style encoder (no pooler) of the Hugging Face class ``<name>Model``."""
     T = _hf()
-    c = T.BertConfig(
+    c = getattr(T, f"{name}Config")(
         vocab_size=100,
         hidden_size=HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         intermediate_size=FFN,
-        max_position_embeddings=32,
+        max_position_embeddings=positions,
     )
     info = {"heads": 4, "ffn": FFN, "load_kw": {"add_pooling_layer": False}}
-    return T.BertModel(c, add_pooling_layer=False), _ids(), info
+    return getattr(T, f"{name}Model")(c, add_pooling_layer=False), _ids(low=low), info
+
+
+def bert():
+    return _encoder("Bert", 32)
 
 
 def roberta():
-    T = _hf()
-    c = T.RobertaConfig(
-        vocab_size=100,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        intermediate_size=FFN,
-        max_position_embeddings=40,
-    )
-    info = {"heads": 4, "ffn": FFN, "load_kw": {"add_pooling_layer": False}}
-    return T.RobertaModel(c, add_pooling_layer=False), _ids(low=3), info
+    return _encoder("Roberta", 40, low=3)  # ids 0-2 are special tokens with padding positions
 
 
 def gpt2():

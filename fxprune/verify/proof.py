@@ -121,30 +121,17 @@ def equivalence(
         ref = _leaves(z(*args))
         got = _leaves(pruned(*args))
         orig = _leaves(dense(*args))
+
+    def failed(msg: str) -> EquivalenceReport:
+        inf = float("inf")
+        return EquivalenceReport(False, inf, inf, 0.0, 0.0, result.approximate, rtol, msg)
+
     if len(ref) != len(got):
-        return EquivalenceReport(
-            False,
-            float("inf"),
-            float("inf"),
-            0.0,
-            0.0,
-            result.approximate,
-            rtol,
-            f"output count differs: dense {len(ref)}, pruned {len(got)}",
-        )
+        return failed(f"output count differs: dense {len(ref)}, pruned {len(got)}")
     abs_err, scale, effect = 0.0, 0.0, 0.0
     for r, g, o in zip(ref, got, orig, strict=True):
         if r.shape != g.shape:
-            return EquivalenceReport(
-                False,
-                float("inf"),
-                float("inf"),
-                0.0,
-                0.0,
-                result.approximate,
-                rtol,
-                f"output shape differs: {tuple(r.shape)} vs {tuple(g.shape)}",
-            )
+            return failed(f"output shape differs: {tuple(r.shape)} vs {tuple(g.shape)}")
         r, g, o = r.double(), g.double(), o.double()
         abs_err = max(abs_err, (r - g).abs().max().item() if r.numel() else 0.0)
         scale = max(scale, r.abs().max().item() if r.numel() else 0.0)
