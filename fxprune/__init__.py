@@ -3,12 +3,14 @@
 >>> import fxprune
 >>> result = fxprune.compile(model, example_inputs, channels=0.5)
 >>> fxprune.verify.equivalence(model, result, example_inputs).ok
+>>> print(fxprune.estimate(model, example_inputs, sparsity=0.9).table())
 """
 
 from fxprune import errors, verify
 from fxprune.api import apply_plan, compile, load
+from fxprune.estimator import estimate
 from fxprune.plan import CompileResult, Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileResult", "Plan", "apply_plan", "compile", "errors", "load", "verify"]
+__all__ = ["CompileResult", "Plan", "apply_plan", "compile", "errors", "estimate", "load", "verify"]
