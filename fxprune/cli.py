@@ -1,5 +1,6 @@
-"""The ``fxprune`` command line: tables to stdout, logs to stderr, ``--json`` for machines.
+"""The ``fxprune`` command line: ``prune | export | verify | estimate | inspect``.
 
+Tables go to stdout, progress to stderr, ``--json`` prints one JSON object for machines.
 Exit codes: 0 success, 1 a failed check (equivalence, or a verify gate), 2 a usage or fxprune
 error.
 """
@@ -9,17 +10,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
-EXAMPLES = """examples:
+EXAMPLES = """model sources:
+  torchvision:NAME | timm:NAME        random weights, nothing downloaded
+  hf:CONFIG_OR_LOCAL_DIR              a Hugging Face folder (its safetensors weights when present,
+                                      else random weights from config.json), a config.json, or a
+                                      model type such as hf:bert or hf:llama (default config)
+  path/to/file.py:factory             factory() returns (model, example_input)
+  checkpoint.pt                       written by `fxprune prune --save` (plan + state_dict)
+
+examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
-  fxprune prune torchvision:mobilenet_v2 --channels 0.3 --round_to 8 --save mnv2.pt
-  fxprune prune my_model.py:build --channels 0.5 --importance l2 --json
-  fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --export r50.onnx
-  fxprune prune torchvision:vit_b_16 --heads 0.25 --ffn 0.3 --blocks 2
-  fxprune prune timm:deit_tiny_patch16_224 --heads 1 --blocks blocks.5
+  fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --save r50.pt
+  fxprune export r50.pt -o r50.onnx
+  fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
+  fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
+  fxprune inspect torchvision:mobilenet_v3_small
+  fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
+  fxprune prune my_model.py:build --channels 0.5 --importance l2
   fxprune verify torchvision:resnet50 --channels 0.5 --round_to 8 --ignore fc --batch 1 8
-  fxprune verify torchvision:resnet18 --load r18.pt --backend torch --min-speedup 1.5
 """
+
+
+class _Log:
+    """Progress lines on stderr: what runs now and how long the last step took."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.t0, self.what = quiet, None, None
+
+    def __call__(self, what: str | None) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self.what is not None:
+            print(f"  {self.what}: {now - self.t0:.1f} s", file=sys.stderr)
+        if what is not None:
+            print(f"fxprune: {what} ...", file=sys.stderr, flush=True)
+        self.t0, self.what = now, what
 
 
 def _number(s: str):
@@ -33,19 +62,55 @@ def _blocks(values: list[str]):
     return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
-def _compile(a):
-    """(dense model, example input, CompileResult) from the pruning flags or ``--load``."""
+def is_checkpoint(spec: str) -> bool:
+    p = Path(spec)
+    return p.suffix in (".pt", ".pth") and p.is_file()
+
+
+def _open_checkpoint(path: str, trust: bool):
+    """(dense model, example input, CompileResult) from a checkpoint that names its source."""
+    import torch
+
+    import fxprune
+    from fxprune.errors import ConfigError
+    from fxprune.models import load_model
+
+    try:
+        ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - torch raises several types here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if trust else " (it may hold pickled code: pass --trust if you trust it)"
+        raise ConfigError(f"cannot read checkpoint {path}: {first}{hint}") from e
+    src = ckpt.get("source") if isinstance(ckpt, dict) else None
+    if not src:
+        raise ConfigError(
+            f"{path} does not name the model it was pruned from (saved by the Python API); "
+            f"give the dense model and the checkpoint: fxprune verify SOURCE --load {path}"
+        )
+    torch.manual_seed(src.get("seed", 0))
+    model, x = load_model(src["model"], trust=trust)
+    return model, x, fxprune.load(path, model, trust=trust)
+
+
+def _compile(a, log: _Log):
+    """(dense model, example input, CompileResult) from a checkpoint, ``--load`` or the flags."""
     import torch
 
     import fxprune
     from fxprune.models import load_model
 
+    if is_checkpoint(a.model):
+        log(f"opening {a.model}")
+        return _open_checkpoint(a.model, a.trust)
+    log(f"building {a.model}")
     torch.manual_seed(a.seed)
-    model, x = load_model(a.model)
+    model, x = load_model(a.model, trust=a.trust)
     if getattr(a, "load", None):
+        log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
+    log("tracing and pruning")
     res = fxprune.compile(
         model,
         x,
@@ -68,14 +133,45 @@ def _compile(a):
     return model, x, res
 
 
-def _prune(a) -> int:
+def _prove(model, res, x, log: _Log):
     import fxprune
 
-    model, x, res = _compile(a)
-    rep = fxprune.verify.equivalence(model, res, x)
+    log("proving equivalence")
+    return fxprune.verify.equivalence(model, res, x)
+
+
+def _report(a, **sections) -> None:
+    if getattr(a, "report", None):
+        from fxprune.report import write
+
+        path = write(a.report, f"fxprune {a.cmd}: {a.model}", command=_argv(), **sections)
+        print(f"report: {path}", file=sys.stderr if a.json else sys.stdout)
+
+
+def _argv() -> str:
+    return "fxprune " + " ".join(sys.argv[1:])
+
+
+def _portable(spec: str) -> str:
+    """The source as a checkpoint should record it: a factory file by its absolute path."""
+    kind, sep, name = spec.partition(":")
+    if sep and kind.endswith(".py"):
+        return f"{Path(kind).resolve()}:{name}"
+    if kind == "hf" and Path(name).exists():
+        return f"hf:{Path(name).resolve()}"
+    return spec
+
+
+def _prune(a, log: _Log) -> int:
+    model, x, res = _compile(a, log)
+    rep = _prove(model, res, x, log)
     if a.save:
-        res.save(a.save)
-    exported = res.export(a.export) if a.export else None
+        res.save(a.save, source={"model": _portable(a.model), "seed": a.seed})
+    exported = None
+    if a.export:
+        log(f"exporting {a.export}")
+        exported = res.export(a.export)
+    log(None)
     if a.json:
         print(
             json.dumps(
@@ -97,14 +193,46 @@ def _prune(a) -> int:
             print(f"saved plan + state_dict to {a.save}")
         if exported:
             print(exported.summary())
+    _report(a, result=res, equivalence=rep)
     return 0 if rep.ok else 1
 
 
-def _verify(a) -> int:
+def _export(a, log: _Log) -> int:
+    model, x, res = _compile(a, log)
+    rep = _prove(model, res, x, log)
+    if not rep.ok:
+        log(None)
+        print(f"equivalence check: {rep}\nnot exported: the pruned model is not exact")
+        return 1
+    log(f"exporting {a.out}")
+    options = {}
+    if Path(a.out).suffix in (".engine", ".plan", ".trt"):
+        options["fp16"] = not a.fp32
+    out = res.export(a.out, **options)
+    log(None)
+    if a.json:
+        print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
+    else:
+        print(f"equivalence check: {rep}")
+        print(out.summary())
+    return 0
+
+
+def _plain(obj):
+    """A JSON-able view of an exporter report."""
+    from dataclasses import asdict, is_dataclass
+
+    d = asdict(obj) if is_dataclass(obj) else dict(vars(obj))
+    d.pop("log", None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _verify(a, log: _Log) -> int:
     import fxprune
 
-    model, x, res = _compile(a)
-    eq = fxprune.verify.equivalence(model, res, x)
+    model, x, res = _compile(a, log)
+    eq = _prove(model, res, x, log)
+    log(f"measuring latency on {a.backend}")
     lat = fxprune.verify.latency(
         model,
         res,
@@ -114,7 +242,14 @@ def _verify(a) -> int:
         warmup=a.warmup,
         repeats=a.repeats,
         threads=a.threads,
+        progress=not a.quiet and sys.stderr.isatty(),
     )
+    est = None
+    if a.report:
+        log("estimating")
+        est = fxprune.estimate(model, x, structured=res, batch_sizes=a.batch)
+        est.compare(lat, hardware=_profile_for(a.backend))
+    log(None)
     gates = []
     if not eq.ok:
         gates.append("the equivalence proof failed")
@@ -134,11 +269,139 @@ def _verify(a) -> int:
         print(f"\nequivalence check: {eq}")
         for g in gates:
             print(f"FAILED: {g}")
+    _report(a, result=res, equivalence=eq, latency=lat, estimate=est)
     return 1 if gates else 0
 
 
+def _profile_for(backend: str) -> str:
+    return "H100" if backend in ("tensorrt", "torch-cuda") else "cpu"
+
+
+def _estimate(a, log: _Log) -> int:
+    import fxprune
+
+    model, x, res = _compile(a, log)
+    log("estimating")
+    est = fxprune.estimate(
+        model,
+        x,
+        sparsity=None if a.unstructured <= 0 else a.unstructured,
+        nm=None if a.nm == "none" else a.nm,
+        structured=res,
+        hardware=a.hardware,
+        batch_sizes=a.batch,
+        dtype=a.dtype,
+        exclude=a.exclude,
+    )
+    lat = None
+    if a.measure:
+        log(f"measuring the structured model on {a.backend}")
+        lat = fxprune.verify.latency(
+            model,
+            res,
+            x,
+            backend=a.backend,
+            batch_sizes=a.batch,
+            repeats=a.repeats,
+            threads=a.threads,
+            progress=not a.quiet and sys.stderr.isatty(),
+        )
+        est.compare(lat, hardware=a.compare_with or _profile_for(a.backend))
+    log(None)
+    if a.json:
+        out = est.to_dict()
+        if lat is not None:
+            out["latency"] = json.loads(lat.to_json())
+        print(json.dumps(out))
+    else:
+        print(est.table(roofline_top=a.roofline_top))
+        if lat is not None:
+            print()
+            print(lat.table())
+    _report(a, result=res, latency=lat, estimate=est)
+    return 0
+
+
+def _inspect(a, log: _Log) -> int:
+    import torch
+
+    from fxprune.graph import build_graph, trace
+    from fxprune.models import load_model
+    from fxprune.passes.units import group_name
+
+    if is_checkpoint(a.model):
+        _, x, res = _open_checkpoint(a.model, a.trust)
+        model = res.module
+    else:
+        log(f"building {a.model}")
+        torch.manual_seed(a.seed)
+        model, x = load_model(a.model, trust=a.trust)
+    log("tracing")
+    traced = trace(model, x, mode=a.mode)
+    log("building the dependency graph")
+    g = build_graph(traced.gm, allow_approximate=a.allow_approximate)
+    log(None)
+    groups = []
+    for grp in g.groups:
+        free = int((~g.blocked[grp.units]).sum())
+        groups.append(
+            {
+                "id": grp.id,
+                "name": group_name(g, grp),
+                "kind": grp.kind,
+                "units": len(grp.units),
+                "prunable": free,
+                "width": grp.width,
+                "approximate": grp.approximate,
+                "layers": grp.layers(g),
+            }
+        )
+    barriers = g.barrier_report()
+    if a.json:
+        print(json.dumps({"mode": traced.mode, "groups": groups, "barriers": barriers}))
+        return 0
+    prunable = sum(1 for r in groups if r["prunable"])
+    print(
+        f"{a.model}: traced with {traced.mode}; {len(g.sources)} layers create channels; "
+        f"{len(groups)} groups ({prunable} with prunable units); {len(barriers)} barriers"
+    )
+    shown = groups if a.all else groups[: a.top]
+    print("\n| group | kind | prunable / units | width | layers |")
+    print("|---|---|---|---|---|")
+    for r in shown:
+        layers = ", ".join(r["layers"][:4]) + (
+            f" (+{len(r['layers']) - 4})" if len(r["layers"]) > 4 else ""
+        )
+        flag = " (approximate)" if r["approximate"] else ""
+        print(
+            f"| {r['name']} | {r['kind']}{flag} | {r['prunable']} / {r['units']} "
+            f"| {r['width']} | {layers} |"
+        )
+    if len(shown) < len(groups):
+        print(f"... {len(groups) - len(shown)} more groups (--all shows them)")
+    if barriers:
+        print("\nbarriers (what keeps channels, and why):")
+        for b in barriers[: (None if a.all else a.top)]:
+            layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
+            print(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
+    return 0
+
+
+def _add_source(pr) -> None:
+    pr.add_argument(
+        "model",
+        help="torchvision:NAME, timm:NAME, hf:CONFIG_OR_DIR, path/file.py:factory or a "
+        "checkpoint.pt from `fxprune prune --save`",
+    )
+    pr.add_argument("--trust", action="store_true", help="allow pickled code when loading")
+    pr.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
+    pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
+    pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
 def _add_pruning(pr) -> None:
-    pr.add_argument("model", help="torchvision:NAME, timm:NAME or path/file.py:factory")
+    _add_source(pr)
     pr.add_argument(
         "--channels",
         type=float,
@@ -162,8 +425,6 @@ def _add_pruning(pr) -> None:
     pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
     pr.add_argument("--global_ranking", action="store_true")
     pr.add_argument("--allow_approximate", action="store_true")
-    pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
-    pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
     pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
     pr.add_argument(
@@ -171,55 +432,98 @@ def _add_pruning(pr) -> None:
         action="store_true",
         help="reorder channels first so the N:M mask keeps more weight magnitude",
     )
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
 
 
-def main(argv=None) -> int:
+def _add_timing(pr, batch_default) -> None:
+    pr.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch, torch-compile")
+    pr.add_argument("--batch", type=int, nargs="+", default=batch_default, help="batch sizes")
+    pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
+    pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawTextHelpFormatter
     p = argparse.ArgumentParser(
         prog="fxprune",
-        description="Structural pruning with proof.",
+        description="Structural pruning with proof, honest speed numbers and estimates.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawTextHelpFormatter,
+        formatter_class=fmt,
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser(
-        "prune",
-        help="prune channels, heads, FFN neurons, blocks; prove equivalence",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+
+    def add(name, help_):
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES, formatter_class=fmt
+        )
+
+    pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
     _add_pruning(pr)
-    pr.add_argument("--save", help="write plan + state_dict here")
-    pr.add_argument("--export", help="export the pruned model (model.onnx), checked and audited")
-    ve = sub.add_parser(
-        "verify",
-        help="measure pruned vs dense latency on a backend, side by side",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
+    pr.add_argument("--report", help="write a self-contained HTML report here")
+
+    ex = add("export", "prune (or open a checkpoint), prove, export ONNX or a TensorRT engine")
+    _add_pruning(ex)
+    ex.add_argument("-o", "--out", required=True, help="model.onnx, or model.engine (TensorRT)")
+    ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
+
+    ve = add("verify", "measure pruned vs dense latency on a backend, side by side")
     _add_pruning(ve)
-    ve.add_argument("--load", help="a checkpoint written by `fxprune prune --save` instead")
-    ve.add_argument("--trust", action="store_true", help="allow pickled code in --load")
-    ve.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch, torch-compile")
-    ve.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    _add_timing(ve, [1, 8])
     ve.add_argument("--warmup", type=int, default=5)
-    ve.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
-    ve.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
     ve.add_argument(
         "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
     )
     ve.add_argument(
         "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
     )
-    a = p.parse_args(argv)
+    ve.add_argument("--report", help="write a self-contained HTML report here")
+
+    es = add("estimate", "price unstructured vs 2:4 vs structured pruning per hardware")
+    _add_pruning(es)
+    _add_timing(es, [1, 8])
+    es.add_argument("--unstructured", type=float, default=0.9, help="sparsity s (0: skip)")
+    es.add_argument("--nm", default="2:4", help="'2:4' or 'none'")
+    es.add_argument("--hardware", nargs="+", default=["A100", "H100", "L4", "cpu"], help="profiles")
+    es.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None)
+    es.add_argument("--exclude", nargs="*", default=[], help="modules kept dense by 2:4/unstr.")
+    es.add_argument("--roofline_top", type=int, default=5, help="layers per roofline table")
+    es.add_argument(
+        "--measure", action="store_true", help="also time the structured model and compare"
+    )
+    es.add_argument("--compare_with", help="profile the measurement is compared to")
+    es.add_argument("--report", help="write a self-contained HTML report here")
+
+    ins = add("inspect", "show the dependency groups and the barriers that keep channels")
+    _add_source(ins)
+    ins.add_argument("--allow_approximate", action="store_true")
+    ins.add_argument("--top", type=int, default=30, help="groups and barriers shown")
+    ins.add_argument("--all", action="store_true", help="show every group and barrier")
+    return p
+
+
+COMMANDS = {
+    "prune": _prune,
+    "export": _export,
+    "verify": _verify,
+    "estimate": _estimate,
+    "inspect": _inspect,
+}
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     from fxprune.errors import FxPruneError
 
+    log = _Log(a.quiet or a.json)
     try:
-        return _prune(a) if a.cmd == "prune" else _verify(a)
+        return COMMANDS[a.cmd](a, log)
     except FxPruneError as e:
         if a.debug:
             raise
+        log(None)
         print(f"fxprune: error: {e}", file=sys.stderr)
         return 2
 

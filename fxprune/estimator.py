@@ -808,7 +808,9 @@ def _structured(
     from fxprune.plan import CompileResult
 
     if isinstance(structured, CompileResult):
-        res, what = structured, "the given CompileResult"
+        res = structured
+        what = " + ".join(p.name for p in res.passes if p.changed or p.name == "nm")
+        what = f"pruned: {what}" if what else "pruned"
     else:
         if isinstance(structured, Mapping):
             opts = dict(structured)
@@ -841,12 +843,17 @@ def _structured(
             skipped="nothing was removed" + (f" (barriers: {why})" if why else ""),
         )
     pcosts = layer_costs(trace(res.module, args).gm, fused=fused)
+    masked = {k for p in res.passes if p.name == "nm" for k in p.masks}
+    for c in pcosts:  # only weights the N:M pass masked run on sparse math
+        if c.weight and f"{c.name}.weight" not in masked:
+            c.nm_reason = "not N:M-masked"
+    ms = _nm_ms if masked else _dense_ms
     fl = _gemm_flops(pcosts)
     sc = Scenario(f"structured ({what})", P2, {"dense": _bytes_all(P2)}, fl, fl)
     sc.speedup = _speedups(
         sc.name,
         costs,
-        lambda hw, d, k: sum(_dense_ms(c, hw, d, k) for c in pcosts),
+        lambda hw, d, k: sum(ms(c, hw, d, k) for c in pcosts),
         hws,
         dtypes,
         batches,
@@ -855,9 +862,10 @@ def _structured(
     P = sum(p.numel() for p in model.parameters())
     f0 = _gemm_flops(costs)
     sc.formulas.append(
-        f"built with fxprune.compile({what}): params {_n(P)} -> {_n(P2)} (x{P2 / P:.3f}), "
+        f"{what if isinstance(structured, CompileResult) else f'built with fxprune.compile({what})'}: params {_n(P)} -> {_n(P2)} (x{P2 / P:.3f}), "
         f"FLOPs {f0 / 1e9:.3f} -> {fl / 1e9:.3f} G (x{fl / f0 if f0 else 1:.3f}); a smaller "
         "dense model, same kernels"
+        + (f"; {len(masked)} weights N:M-masked run as in the 2:4 scenario" if masked else "")
     )
     for hw in hws:
         d = dtypes[hw.name]
@@ -865,7 +873,7 @@ def _structured(
         for b in batches:
             k = b / b0
             t0 = sum(_dense_ms(c, hw, d, k) for c in costs)
-            t1 = sum(_dense_ms(c, hw, d, k) for c in pcosts)
+            t1 = sum(ms(c, hw, d, k) for c in pcosts)
             parts.append(f"batch {b}: {t0:.4f} / {t1:.4f} ms = {t0 / t1:.2f}x")
         sc.formulas.append(
             f"{hw.name}: S = T_dense / T_pruned (roofline sums): " + "; ".join(parts)

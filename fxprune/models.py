@@ -1,4 +1,6 @@
-"""Model sources for the command line: ``torchvision:NAME``, ``timm:NAME``, ``file.py:factory``."""
+"""Model sources for the command line: ``torchvision:NAME``, ``timm:NAME``,
+``hf:CONFIG_OR_LOCAL_DIR`` and ``file.py:factory`` (saved fxprune checkpoints are opened by the
+command line itself: they name the source they were pruned from)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,64 @@ import torch
 
 from fxprune.errors import ConfigError, MissingExtraError
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
-def load_model(spec: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    """Build a model (random weights, nothing downloaded) and a matching example input."""
+
+def _hf_input(cfg, seq_len: int) -> torch.Tensor:
+    """An example input for a Hugging Face config: pixels for vision configs, else token ids."""
+    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        return torch.randn(1, cfg.num_channels, size, size)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not vocab:
+        raise ConfigError(f"hf: cannot make an example input for a {type(cfg).__name__}")
+    limit = getattr(cfg, "max_position_embeddings", None) or seq_len
+    return torch.randint(0, vocab, (1, min(seq_len, limit)))
+
+
+def load_hf(name: str, trust: bool = False, seq_len: int = 128):
+    """``hf:`` source: a local model folder (its weights when present, else random weights from
+    its config.json), a config.json file, or a model type (``hf:llama``: the default config of
+    that family, random weights). Nothing is downloaded; ``use_cache`` is turned off."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf", "hf: models") from e
+    path = Path(name)
+    if path.is_dir() or path.suffix == ".json":
+        folder = path if path.is_dir() else path.parent
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.exists():
+            raise ConfigError(f"hf:{name}: no config.json there")
+        cfg = transformers.AutoConfig.from_pretrained(str(cfg_file))
+    elif name in transformers.CONFIG_MAPPING:
+        folder, cfg = None, transformers.AutoConfig.for_model(name)
+    else:
+        raise ConfigError(
+            f"hf:{name}: give a local model folder, a config.json, or a model type such as "
+            "'bert' or 'llama' (nothing is downloaded from the hub)"
+        )
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    weights = [folder / w for w in HF_WEIGHTS if folder is not None and (folder / w).exists()]
+    if weights and weights[0].suffix == ".bin" and not trust:
+        raise ConfigError(
+            f"hf:{name}: {weights[0].name} is a pickle; pass --trust to load it (safetensors "
+            "needs no trust)"
+        )
+    if weights:
+        model = transformers.AutoModel.from_pretrained(str(folder), config=cfg)
+    else:
+        model = transformers.AutoModel.from_config(cfg)
+    return model.eval(), _hf_input(cfg, seq_len)
+
+
+def load_model(spec: str, trust: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Build a model (random weights unless the source has them; nothing downloaded) and a
+    matching example input."""
     kind, _, name = spec.partition(":")
+    if kind == "hf":
+        return load_hf(name, trust=trust)
     if kind == "torchvision":
         try:
             import torchvision
@@ -43,4 +99,7 @@ def load_model(spec: str) -> tuple[torch.nn.Module, torch.Tensor]:
         if not (isinstance(made, tuple) and len(made) == 2):
             raise ConfigError(f"{spec}: the factory must return (model, example_input)")
         return made
-    raise ConfigError(f"model source {spec!r}: use torchvision:NAME, timm:NAME or file.py:factory")
+    raise ConfigError(
+        f"model source {spec!r}: use torchvision:NAME, timm:NAME, hf:CONFIG_OR_DIR, "
+        "file.py:factory or a checkpoint saved by `fxprune prune --save`"
+    )

@@ -238,9 +238,16 @@ class CompileResult:
             }
         return export(self.module, args, path, **options)
 
-    def save(self, path: str | Path) -> None:
-        """Save plan + state_dict (no pickled code); reload with ``fxprune.load``."""
-        torch.save({"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}, path)
+    def save(self, path: str | Path, source: dict | None = None) -> None:
+        """Save plan + state_dict (no pickled code); reload with ``fxprune.load``.
+
+        ``source`` (JSON-able, e.g. ``{"model": "torchvision:resnet50", "seed": 0}``) records
+        how to rebuild the dense model; the command line opens such a checkpoint directly.
+        """
+        ckpt = {"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}
+        if source is not None:
+            ckpt["source"] = dict(source)
+        torch.save(ckpt, path)
 
     def report(self) -> str:
         lines = [self.summary.table()]

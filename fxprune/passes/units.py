@@ -228,8 +228,10 @@ def group_name(graph: DependencyGraph, g: Group) -> str:
 def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> PassResult:
     """Remove the selected units from ``graph.gm`` (in place); say what each layer kept."""
     info: dict = {}
-    if cfg.kept is not None:
-        units, per_group = units_from_kept(graph, cfg.kept), {}
+    if cfg.kept is not None:  # replay: count what each group lost for the report
+        units = units_from_kept(graph, cfg.kept)
+        gone = set(units)
+        per_group = {g.id: sum(1 for u in g.units if u in gone) for g in graph.groups}
     else:
         units, per_group = select_units(graph, cfg, args, info)
     if not units:

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -152,6 +153,25 @@ class _Runner:
             return self.fn(*args)
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int, what: str):
+    """A tqdm bar on stderr when asked for and installed, else an object that does nothing."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=f"timing on {what}", unit="call", leave=False, file=sys.stderr)
+
+
 def _macs(module, args) -> int:
     from fxprune.graph import trace
     from fxprune.stats import layer_stats
@@ -196,6 +216,7 @@ def latency(
     repeats: int = 30,
     threads: int | None = None,
     workdir: str | Path | None = None,
+    progress: bool = False,
 ) -> LatencyReport:
     """Time ``pruned`` against ``dense`` on ``backend``, interleaved, per batch size.
 
@@ -210,6 +231,7 @@ def latency(
         repeats: timed calls per model and batch (in rounds of alternating order).
         threads: intra-op threads for both models (default: all cores).
         workdir: where ONNX files go (default: a temporary folder, removed after).
+        progress: show a progress bar on stderr (needs ``tqdm``; silently off without it).
 
     Returns:
         A :class:`LatencyReport`; each row has ``speedup``, ``mac_ratio`` and ``efficiency``.
@@ -262,18 +284,21 @@ def latency(
                 "dense": _Runner(dense, args, backend, threads, wd, "dense"),
                 "pruned": _Runner(module, args, backend, threads, wd, "pruned"),
             }
+            bar = _progress(progress, len(batch_sizes) * 2 * (warmup + repeats), backend)
             for b in batch_sizes:
                 xb = _batch(args, b)
                 samples = {"dense": [], "pruned": []}
                 for r in runners.values():
                     for _ in range(warmup):
                         r.run(xb)
+                        bar.update()
                 per_round = max(1, repeats // 10)
                 rounds = -(-repeats // per_round)
                 for k in range(rounds):
                     order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
                     for name in order:
                         samples[name] += _time(runners[name].run, xb, per_round)
+                        bar.update(per_round)
                 d, p = _stats(samples["dense"]), _stats(samples["pruned"])
                 speedup = d[0] / p[0] if p[0] else float("inf")
                 eff = speedup * mac_ratio
@@ -281,6 +306,7 @@ def latency(
                 rep.rows.append(
                     LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
                 )
+            bar.close()
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:

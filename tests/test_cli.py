@@ -1,0 +1,184 @@
+"""The command line end to end, in process: prune -> save -> export -> verify -> estimate ->
+inspect, model sources (factory file, checkpoint, hf:), the HTML report, and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.cli import main
+
+NET = """
+import torch, torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.b(torch.relu(self.bn(self.a(x))))
+        return self.fc(x.mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(2, 3, 16, 16)
+"""
+
+
+@pytest.fixture
+def net(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(NET)
+    return "net.py:build"
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_prune_save_export_verify_estimate_inspect(net, tmp_path, capsys):
+    assert main(["prune", net, "--ignore", "fc", "--save", "ck.pt", "--report", "p.html"]) == 0
+    out = capsys.readouterr().out
+    assert "equivalent" in out and "report: p.html" in out
+    ck = torch.load("ck.pt", weights_only=True)
+    assert ck["source"] == {"model": f"{tmp_path / 'net.py'}:build", "seed": 0}
+
+    # the checkpoint names its source: every command opens it without the model
+    assert main(["export", "ck.pt", "-o", "out/m.onnx", "--json"]) == 0
+    exp = _json(capsys)
+    assert exp["equivalence"]["ok"] and Path("out/m.onnx").exists()
+    assert exp["export"]["ort_max_rel_err"] < 1e-4
+
+    args = ["verify", "ck.pt", "--backend", "torch", "--batch", "1", "--repeats", "4"]
+    assert main(args + ["--json", "--report", "v.html"]) == 0
+    ver = _json(capsys)
+    assert ver["equivalence"]["ok"] and ver["rows"][0]["mac_ratio"] < 0.6
+    page = Path("v.html").read_text()
+    for part in ("<svg", "Latency, torch", "Estimated vs measured", "Kept channels"):
+        assert part in page, part
+
+    assert main(["estimate", "ck.pt", "--hardware", "H100", "cpu", "--json"]) == 0
+    est = _json(capsys)
+    names = [s["name"] for s in est["scenarios"]]
+    assert names[:3] == ["dense", "unstructured 90%", "2:4"] and names[3].startswith("structured")
+    assert est["scenarios"][1]["speedup"]["H100"]["8"] == 1.0
+
+    assert main(["inspect", net, "--json"]) == 0
+    ins = _json(capsys)
+    residual = [g for g in ins["groups"] if {"stem", "b"} <= set(g["layers"])]
+    assert residual and residual[0]["prunable"] == 16
+    assert any(b["node"] == "output" for b in ins["barriers"])
+    assert main(["inspect", net]) == 0
+    assert "| group | kind |" in capsys.readouterr().out
+
+
+def test_estimate_with_measurement_prints_both(net, capsys):
+    args = ["estimate", net, "--ignore", "fc", "--measure", "--backend", "torch", "--batch", "1"]
+    assert main(args + ["--repeats", "4", "--hardware", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| estimated | measured |" in out and "remaining = P x (1 - s)" in out
+
+
+def test_checkpoint_errors(net, tmp_path, capsys):
+    from fxprune.models import load_model
+
+    model, x = load_model(f"{tmp_path / 'net.py'}:build")
+    fxprune.compile(model, x, channels=0.5, ignore=["fc"]).save("api.pt")  # no source recorded
+    assert main(["verify", "api.pt"]) == 2
+    assert "does not name the model" in capsys.readouterr().err
+    torch.save({"plan": {}, "evil": object()}, "pickle.pt")
+    assert main(["export", "pickle.pt", "-o", "x.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint pickle.pt" in err and "--trust" in err
+    assert main(["prune", "nosuch:thing"]) == 2
+    assert "hf:CONFIG_OR_DIR" in capsys.readouterr().err
+
+
+def test_hf_sources(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    cfg.save_pretrained(tmp_path / "cfg")  # config only: random weights
+    assert main(["prune", f"hf:{tmp_path / 'cfg'}", "--heads", "0.5", "--json"]) == 0
+    assert _json(capsys)["equivalence"]["ok"]
+
+    torch.manual_seed(1)
+    m = transformers.BertModel(cfg)
+    m.save_pretrained(tmp_path / "full")  # safetensors: the real weights are used
+    from fxprune.models import load_model
+
+    loaded, ids = load_model(f"hf:{tmp_path / 'full'}")
+    assert torch.equal(
+        loaded.encoder.layer[0].attention.self.query.weight,
+        m.encoder.layer[0].attention.self.query.weight,
+    )
+    assert ids.shape == (1, 16) and int(ids.max()) < 100
+
+    m.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    if (tmp_path / "bin" / "pytorch_model.bin").exists():
+        assert main(["inspect", f"hf:{tmp_path / 'bin'}"]) == 2
+        assert "pass --trust" in capsys.readouterr().err
+    assert main(["inspect", "hf:no-such-model-type"]) == 2
+    assert "nothing is downloaded" in capsys.readouterr().err
+
+
+def test_help_shows_real_examples(capsys):
+    for cmd in ([], ["estimate"], ["inspect"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "fxprune estimate torchvision:resnet50" in out and "hf:CONFIG_OR_LOCAL_DIR" in out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(net, tmp_path, capsys):
+    from PIL import Image
+
+    args = ["verify", net, "--ignore", "fc", "--backend", "torch", "--batch", "1", "2"]
+    assert main(args + ["--repeats", "4", "--report", "r.html", "--quiet"]) == 0
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = (tmp_path / "r.html").as_uri()
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    assert "fxprune verify: net.py:build" in dom.stdout and dom.stdout.count("<rect") >= 8
+    shot = tmp_path / "r.png"
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1100,1400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+    )
+    img = Image.open(shot).convert("RGB")
+    blue = sum(1 for p in img.getdata() if p == (0x2F, 0x6F, 0xDF))  # the "after" bars
+    assert img.size == (1100, 1400) and blue > 500
