@@ -31,7 +31,7 @@ from fxprune._util import eval_mode
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
-BACKENDS = ("onnxruntime", "torch", "torch-compile")
+BACKENDS = ("onnxruntime", "torch", "torch-compile", "torch-cuda", "tensorrt")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class LatencyReport:
     repeats: int
     rows: list[LatencyRow] = field(default_factory=list)
     machine: str = ""
+    notes: list[str] = field(default_factory=list)  # what each backend did (sparse layers, ...)
 
     def table(self) -> str:
         lines = [
@@ -81,6 +82,7 @@ class LatencyReport:
                 f"| {r.speedup:.2f}x | {r.mac_ratio:.3f} | {r.efficiency:.2f} "
                 f"| {r.parity:.1e} | {r.verdict} |"
             )
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -121,7 +123,10 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 class _Runner:
-    """A prepared model on one backend: ``run(args)`` does one forward."""
+    """A prepared model on a CPU backend: ``prepare(args)`` makes one batch of inputs ready
+    (outside the timed region), ``run(prepared)`` does one forward."""
+
+    notes: list[str] = []
 
     def __init__(self, module, args, backend: str, threads: int, workdir: Path, tag: str):
         self.backend = backend
@@ -145,12 +150,28 @@ class _Runner:
         else:
             self.fn = module
 
-    def run(self, args: tuple):
+    def prepare(self, args: tuple):
         if self.backend == "onnxruntime":
-            feeds = {n: a.numpy() for n, a in zip(self.names, args, strict=False)}
-            return self.sess.run(None, feeds)
+            return {n: a.numpy() for n, a in zip(self.names, args, strict=False)}
+        return args
+
+    def run(self, prepared):
+        if self.backend == "onnxruntime":
+            return self.sess.run(None, prepared)
         with torch.inference_mode():
-            return self.fn(*args)
+            return self.fn(*prepared)
+
+
+def _runner(module, args, backend, threads, workdir, tag, masks, max_batch):
+    if backend == "torch-cuda":
+        from fxprune.verify.gpu import TorchCudaRunner
+
+        return TorchCudaRunner(module, masks, tag)
+    if backend == "tensorrt":
+        from fxprune.verify.gpu import TensorRTRunner
+
+        return TensorRTRunner(module, args, workdir, tag, bool(masks), max_batch)
+    return _Runner(module, args, backend, threads, workdir, tag)
 
 
 class _NoBar:
@@ -179,11 +200,11 @@ def _macs(module, args) -> int:
     return sum(r["macs"] for r in layer_stats(trace(module, args).gm).values())
 
 
-def _time(call: Callable[[tuple], object], args: tuple, n: int) -> list[float]:
+def _time(call: Callable[[object], object], prepared, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        call(args)
+        call(prepared)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
@@ -193,9 +214,16 @@ def _stats(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), float(q[0]), float(q[1])
 
 
-def _parity(runner: _Runner, module, args) -> float:
-    got = runner.run(args)
-    got = [np.asarray(t) for t in (got if isinstance(got, list) else _tensors(got))]
+def _numpy(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().float().cpu().numpy()
+    return np.asarray(t)
+
+
+def _parity(runner, prepared, module, args) -> float:
+    """Max relative error of the backend's output against PyTorch eager fp32 on the CPU."""
+    got = runner.run(prepared)
+    got = [_numpy(t) for t in (got if isinstance(got, list) else _tensors(got))]
     with torch.no_grad(), eval_mode(module):
         ref = [t.detach().double().numpy() for t in _tensors(module(*args))]
     err = 0.0
@@ -225,7 +253,10 @@ def latency(
         pruned: a :class:`fxprune.plan.CompileResult` (its MAC ratio is used) or a module.
         example_inputs: a tensor or tuple of tensors; their rows are repeated to each batch size.
         backend: ``"onnxruntime"`` (CPU execution provider; both models exported to ONNX),
-            ``"torch"`` (eager) or ``"torch-compile"``.
+            ``"torch"`` (eager), ``"torch-compile"``, ``"torch-cuda"`` (fp16 on the GPU; the
+            pruned model's N:M-masked Linear weights become 2:4 semi-structured sparse tensors)
+            or ``"tensorrt"`` (an engine per model from its ONNX; the pruned one built with
+            SPARSE_WEIGHTS when the N:M pass ran). GPU backends need CUDA (ConfigError if none).
         batch_sizes: batch sizes to measure.
         warmup: untimed calls per model and batch before timing.
         repeats: timed calls per model and batch (in rounds of alternating order).
@@ -245,9 +276,7 @@ def latency(
         >>> print(rep.table()); rep.rows[-1].efficiency
     """
     if backend not in BACKENDS:
-        gpu = {"tensorrt", "torch-cuda"}
-        extra = " (GPU backends need a CUDA device and are not built yet)" if backend in gpu else ""
-        raise ConfigError(f"backend={backend!r}: choose one of {BACKENDS}{extra}")
+        raise ConfigError(f"backend={backend!r}: choose one of {BACKENDS}")
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
     if repeats < 2 or warmup < 0:
@@ -257,6 +286,14 @@ def latency(
             import onnxruntime  # noqa: F401
         except ImportError as e:  # pragma: no cover - a core dependency
             raise MissingExtraError("onnxruntime", "onnx", "the onnxruntime backend") from e
+    if backend == "tensorrt":
+        from fxprune.exporters.tensorrt import _import_tensorrt
+
+        _import_tensorrt()
+    if backend in ("torch-cuda", "tensorrt"):
+        from fxprune.verify.gpu import require_cuda
+
+        require_cuda(backend)
     args = as_args(example_inputs)
     module = getattr(pruned, "module", pruned)
     summary = getattr(pruned, "summary", None)
@@ -273,36 +310,42 @@ def latency(
         threads,
         warmup,
         repeats,
-        machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if backend in ("torch-cuda", "tensorrt") else ""),
     )
+    masks = getattr(pruned, "nm_masks", None) or {}
     tmp = tempfile.TemporaryDirectory(prefix="fxprune-latency-") if workdir is None else None
     wd = Path(tmp.name if tmp else workdir)
     wd.mkdir(parents=True, exist_ok=True)
     try:
         with eval_mode(dense), eval_mode(module):
+            top = max(batch_sizes)
             runners = {
-                "dense": _Runner(dense, args, backend, threads, wd, "dense"),
-                "pruned": _Runner(module, args, backend, threads, wd, "pruned"),
+                "dense": _runner(dense, args, backend, threads, wd, "dense", {}, top),
+                "pruned": _runner(module, args, backend, threads, wd, "pruned", masks, top),
             }
+            for r in runners.values():
+                rep.notes += r.notes
             bar = _progress(progress, len(batch_sizes) * 2 * (warmup + repeats), backend)
             for b in batch_sizes:
                 xb = _batch(args, b)
+                ready = {name: r.prepare(xb) for name, r in runners.items()}
                 samples = {"dense": [], "pruned": []}
-                for r in runners.values():
+                for name, r in runners.items():
                     for _ in range(warmup):
-                        r.run(xb)
+                        r.run(ready[name])
                         bar.update()
                 per_round = max(1, repeats // 10)
                 rounds = -(-repeats // per_round)
                 for k in range(rounds):
                     order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
                     for name in order:
-                        samples[name] += _time(runners[name].run, xb, per_round)
+                        samples[name] += _time(runners[name].run, ready[name], per_round)
                         bar.update(per_round)
                 d, p = _stats(samples["dense"]), _stats(samples["pruned"])
                 speedup = d[0] / p[0] if p[0] else float("inf")
                 eff = speedup * mac_ratio
-                parity = _parity(runners["pruned"], module, xb)
+                parity = _parity(runners["pruned"], ready["pruned"], module, xb)
                 rep.rows.append(
                     LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
                 )

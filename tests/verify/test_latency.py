@@ -74,7 +74,6 @@ def test_verdicts():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"backend": "tensorrt"}, "GPU backends"),
         ({"backend": "tvm"}, "choose one of"),
         ({"batch_sizes": (0,)}, "positive"),
         ({"repeats": 1}, "repeats"),

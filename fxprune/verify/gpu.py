@@ -1,0 +1,211 @@
+"""GPU backends of the latency verifier: ``torch-cuda`` (fp16 eager on the GPU, with N:M-masked
+Linear weights as PyTorch semi-structured sparse tensors, i.e. 2:4 sparse tensor cores through
+cuSPARSELt or CUTLASS) and ``tensorrt`` (a dense engine for the dense model and an engine built
+with SPARSE_WEIGHTS for a 2:4 pruned one, both from ONNX exported here).
+
+A runner prepares a model once, ``prepare(args)`` puts one batch of inputs on the device (outside
+the timed region), and ``run(prepared)`` does one forward and waits for the GPU to finish. What
+cannot be tried without a GPU (device placement, conversion, engine execution) is kept apart
+from what can (which weights would convert and why others cannot, the clear error when no GPU is
+visible), so that part is tested on every machine.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fxprune.errors import ConfigError
+
+GPU_BACKENDS = ("torch-cuda", "tensorrt")
+
+
+def require_cuda(backend: str) -> None:
+    """ConfigError naming the backend when no CUDA device is visible."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"backend={backend!r} needs an NVIDIA GPU and torch.cuda.is_available() is False "
+            f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use "
+            "backend='onnxruntime' or 'torch' on this machine, or run the same command where "
+            "the model will be deployed"
+        )
+
+
+def semi_structured_plan(
+    module: nn.Module, masks: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, str]]:
+    """Which N:M-masked weights can become semi-structured sparse tensors, and why others can't.
+
+    PyTorch's ``to_sparse_semi_structured`` covers 2-D weights used by linear / matmul with
+    2:4 along the input dim; its kernels also need the weight's rows and columns to be multiples
+    of the backend's tile (checked at conversion; failures are reported, not fatal).
+    """
+    ok, skipped = [], {}
+    for name, mask in masks.items():
+        try:
+            w = module.get_parameter(name)
+        except AttributeError:
+            skipped[name] = "not a parameter of the module"
+            continue
+        if w.ndim != 2:
+            skipped[name] = (
+                f"{w.ndim}-D weight (conv): PyTorch semi-structured sparse tensors cover "
+                "Linear / matmul only; use backend='tensorrt' for sparse convolutions"
+            )
+            continue
+        groups = (
+            (mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all()
+            if w.shape[1] % 4 == 0
+            else False
+        )
+        if not bool(groups):
+            skipped[name] = "not 2:4 along the input dim (only 2:4 has sparse tensor cores)"
+            continue
+        ok.append(name)
+    return ok, skipped
+
+
+def _device_args(args: tuple, dtype: torch.dtype) -> tuple:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = a.to("cuda", dtype=dtype) if a.is_floating_point() else a.to("cuda")
+        out.append(a)
+    return tuple(out)
+
+
+class TorchCudaRunner:
+    """fp16 eager on the GPU; ``semi_structured`` turns masked Linear weights into 2:4 sparse
+    tensors (the pruned model only; the dense model keeps dense weights)."""
+
+    def __init__(self, module: nn.Module, masks: dict[str, torch.Tensor] | None, tag: str):
+        require_cuda("torch-cuda")
+        self.dtype = torch.float16
+        self.module = copy.deepcopy(module).to("cuda", self.dtype).eval()
+        self.notes: list[str] = []
+        if masks:
+            from torch.sparse import to_sparse_semi_structured
+
+            names, skipped = semi_structured_plan(self.module, masks)
+            done = []
+            for name in names:
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.module.get_submodule(owner_name)
+                w = getattr(owner, attr)
+                try:
+                    sparse = to_sparse_semi_structured(w.detach())
+                except Exception as e:  # noqa: BLE001 - shape / dtype limits of the kernels
+                    skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    continue
+                owner._parameters[attr] = nn.Parameter(sparse, requires_grad=False)
+                done.append(name)
+            self.notes.append(
+                f"{tag}: {len(done)} weights as 2:4 semi-structured sparse tensors"
+                + (f"; {len(skipped)} stay dense: " if skipped else "")
+                + "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:4])
+            )
+
+    def prepare(self, args: tuple):
+        return _device_args(args, self.dtype)
+
+    def run(self, prepared):
+        with torch.inference_mode():
+            out = self.module(*prepared)
+        torch.cuda.synchronize()
+        return out
+
+
+def _torch_dtype(trt, dt):
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.int8: torch.int8,
+        trt.bool: torch.bool,
+    }
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    if dt not in table:
+        raise ConfigError(f"TensorRT tensor dtype {dt} has no torch equivalent here")
+    return table[dt]
+
+
+class TensorRTRunner:
+    """An engine built here from the model's ONNX export and run through TensorRT's runtime on
+    CUDA tensors (I/O bound by name, one stream, synchronised after every call)."""
+
+    def __init__(self, module, args: tuple, workdir: Path, tag: str, sparse: bool, max_batch: int):
+        from fxprune.exporters.onnx import DEFAULT_OPSET, _export
+        from fxprune.exporters.tensorrt import _build, _import_tensorrt, parse_sparsity_log
+
+        trt = _import_tensorrt()
+        require_cuda("tensorrt")
+        self.trt = trt
+        path = Path(workdir) / f"{tag}.onnx"
+        _export(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
+        log: list[str] = []
+        fp16 = int(trt.__version__.split(".")[0]) < 11  # TRT 11: precision comes from the ONNX
+        blob = _build(
+            trt,
+            path,
+            log,
+            fp16=fp16,
+            int8=False,
+            sparse=sparse,
+            workspace=4 * 2**30,
+            opt_batch=max_batch,
+        )
+        eligible, picked = parse_sparsity_log(log)
+        self.notes = [
+            f"{tag}: TensorRT {trt.__version__} engine, {'fp16' if fp16 else 'fp32'}, "
+            + (
+                f"SPARSE_WEIGHTS: {len(eligible)} layers eligible, {len(picked)} picked sparse"
+                if sparse
+                else "dense"
+            )
+        ]
+
+        class _Quiet(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                pass
+
+        self.runtime = trt.Runtime(_Quiet())
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.stream = torch.cuda.Stream()
+
+    def prepare(self, args: tuple):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if len(tensors) != len(self.inputs):
+            raise ConfigError(
+                f"the engine has {len(self.inputs)} inputs {self.inputs}, got {len(tensors)}"
+            )
+        ins, outs = [], []
+        for name, a in zip(self.inputs, tensors, strict=True):
+            dt = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            t = a.to("cuda", dtype=dt).contiguous()
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+            ins.append(t)
+        for name in self.outputs:
+            dt = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            t = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dt, device="cuda")
+            self.context.set_tensor_address(name, t.data_ptr())
+            outs.append(t)
+        return ins, outs
+
+    def run(self, prepared):
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return prepared[1]
