@@ -436,7 +436,11 @@ def _add_pruning(pr) -> None:
 
 
 def _add_timing(pr, batch_default) -> None:
-    pr.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch, torch-compile")
+    pr.add_argument(
+        "--backend",
+        default="onnxruntime",
+        help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse) or tensorrt (GPU)",
+    )
     pr.add_argument("--batch", type=int, nargs="+", default=batch_default, help="batch sizes")
     pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
     pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")

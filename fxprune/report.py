@@ -18,7 +18,7 @@ padding-bottom:4px}.sub{color:#667}.cards{display:flex;gap:12px;flex-wrap:wrap;m
 table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #dde;
 padding:3px 8px;text-align:right}th{background:#f4f5f9}td:first-child,th:first-child{text-align:left}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:-1px}
-pre{background:#f6f7fa;padding:8px;overflow:auto;font-size:12px}
+pre{background:#f6f7fa;padding:8px;white-space:pre-wrap;font-size:12px}
 """
 _BEFORE, _AFTER = "#c9d3e6", "#2f6fdf"
 
@@ -191,10 +191,11 @@ def render(
         )
     if estimate is not None:
         s.append("<h2>Estimate: unstructured vs 2:4 vs structured</h2>")
+        cols = [(h, b) for h in estimate.hardware for b in estimate.batch_sizes]
         rows = []
         for sc in estimate.scenarios:
             if sc.skipped:
-                rows.append([sc.name, f"skipped: {sc.skipped}", "", "", ""])
+                rows.append([sc.name, f"skipped: {sc.skipped}"] + [""] * (2 + len(cols)))
                 continue
             for fmt, by in sc.bytes.items():
                 rows.append(
@@ -203,14 +204,11 @@ def render(
                         f"{sc.params:,}",
                         f"{by['fp16'] / 1e6:.2f} MB",
                         f"{sc.flops / 1e9:.2f}",
-                        "  ".join(
-                            f"{h} b{b}: {sc.speedup[h][b]:.2f}x"
-                            for h in estimate.hardware
-                            for b in estimate.batch_sizes
-                        ),
                     ]
+                    + [f"{sc.speedup[h][b]:.2f}x" for h, b in cols]
                 )
-        s.append(_table(["scenario", "params", "fp16 bytes", "GFLOPs run", "speedup"], rows))
+        head = ["scenario", "params", "fp16 bytes", "GFLOPs run"]
+        s.append(_table(head + [f"{h} b{b}" for h, b in cols], rows))
         if estimate.comparisons:
             s.append("<h3>Estimated vs measured speedup</h3>")
             s.append(
