@@ -109,7 +109,9 @@ class TorchCudaRunner:
             )
 
     def prepare(self, args: tuple):
-        return _device_args(args, self.dtype)
+        out = _device_args(args, self.dtype)
+        torch.cuda.synchronize()
+        return out
 
     def run(self, prepared):
         with torch.inference_mode():
@@ -176,7 +178,8 @@ class TensorRTRunner:
             def log(self, severity, msg):
                 pass
 
-        self.runtime = trt.Runtime(_Quiet())
+        self.logger = _Quiet()  # TensorRT keeps a pointer: it must outlive the runtime
+        self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -203,6 +206,7 @@ class TensorRTRunner:
             t = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dt, device="cuda")
             self.context.set_tensor_address(name, t.data_ptr())
             outs.append(t)
+        torch.cuda.synchronize()  # the copies ran on the default stream; the engine on its own
         return ins, outs
 
     def run(self, prepared):
