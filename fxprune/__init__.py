@@ -9,8 +9,21 @@
 from fxprune import errors, verify
 from fxprune.api import apply_plan, compile, load
 from fxprune.estimator import estimate
+from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
+from fxprune.sensitivity import sensitivity
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileResult", "Plan", "apply_plan", "compile", "errors", "estimate", "load", "verify"]
+__all__ = [
+    "CompileResult",
+    "Plan",
+    "apply_plan",
+    "compile",
+    "errors",
+    "estimate",
+    "iterative_prune",
+    "load",
+    "sensitivity",
+    "verify",
+]

@@ -159,6 +159,8 @@ def compile(  # noqa: A001 - the public name the project promises
     loss_fn=None,
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
+    head_ratios: Mapping[str, float] | None = None,
+    ffn_ratios: Mapping[str, float] | None = None,
     round_to: int | None = None,
     min_channels: int = 1,
     min_heads: int = 1,
@@ -201,7 +203,11 @@ def compile(  # noqa: A001 - the public name the project promises
             ``details["taylor_loss"]`` of the pass says which).
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
-        layer_ratios: per-layer overrides ``{name or glob: ratio}`` (first match wins).
+        layer_ratios: per-layer overrides ``{name or glob: ratio}`` of ``channels`` (first match
+            wins; a group follows the first override naming one of its layers).
+        head_ratios: the same for ``heads`` (name a q/k/v projection of the attention layer);
+            given alone it prunes only the named layers.
+        ffn_ratios: the same for ``ffn`` (name the MLP's first Linear).
         round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
             Default: 1, or M when ``sparsity="N:M"`` is set, so pruned layers stay N:M-eligible.
         min_channels: never keep fewer channels than this in a group.
@@ -247,6 +253,10 @@ def compile(  # noqa: A001 - the public name the project promises
     if round_to is None:
         round_to = nm.m if nm is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
+    h_ratios = tuple((head_ratios or {}).items())
+    f_ratios = tuple((ffn_ratios or {}).items())
+    resolve_names(model, [k for k, _ in h_ratios], "head_ratios")
+    resolve_names(model, [k for k, _ in f_ratios], "ffn_ratios")
     batches = None if calibration is None else tuple(calibration)
     shared = dict(
         importance=importance,
@@ -261,17 +271,22 @@ def compile(  # noqa: A001 - the public name the project promises
         layer_ratios=ratios,
         round_to=round_to,
         min_channels=min_channels,
-        kinds=("channels",) if ffn else ("channels", "ffn"),
+        kinds=("channels",) if ffn or f_ratios else ("channels", "ffn"),
         **shared,
     )
     passes = []
     if blocks:
         which = blocks if isinstance(blocks, int) else tuple(blocks)
         passes.append((prune_blocks, Blocks(which, block_importance, batches)))
-    if heads:
-        passes.append((prune_heads, Heads(heads, min_heads=min_heads, **shared)))
-    if ffn:
-        passes.append((prune_ffn, FFN(ffn, round_to=round_to, min_channels=min_channels, **shared)))
+    if heads or h_ratios:
+        passes.append(
+            (prune_heads, Heads(heads, min_heads=min_heads, layer_ratios=h_ratios, **shared))
+        )
+    if ffn or f_ratios:
+        ffn_cfg = FFN(
+            ffn, round_to=round_to, min_channels=min_channels, layer_ratios=f_ratios, **shared
+        )
+        passes.append((prune_ffn, ffn_cfg))
     if channels or ratios:
         passes.append((prune_channels, cfg))
     config = {
@@ -284,6 +299,8 @@ def compile(  # noqa: A001 - the public name the project promises
         "importance": importance,
         "ignore": list(ignore_t),
         "layer_ratios": dict(ratios),
+        "head_ratios": dict(h_ratios),
+        "ffn_ratios": dict(f_ratios),
         "round_to": round_to,
         "min_channels": min_channels,
         "global_ranking": global_ranking,

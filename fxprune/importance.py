@@ -10,6 +10,8 @@ units (see docs/design.md for why Torch-Pruning's classes are not called directl
 | ``l1``     | weights only           | sum of abs over its conv/linear/embedding/norm slices    |
 | ``l2``     | weights only           | sqrt of the sum of squares over the same slices          |
 | ``bn_scale``| weights only          | sum of abs of its norm scales (gamma); l1 where none     |
+| ``fpgm``   | weights only           | sum of distances of its producing rows to the other units' rows of each layer (He et al. 2019: units near the geometric median are redundant) |
+| ``lamp``   | weights only           | its l2 squared over the sum of the l2 squared of its group's units at least as large (Lee et al. 2021); same order as l2 inside a group, scale-free across groups under ``global_ranking`` |
 | ``random`` | none                   | uniform random (a baseline)                              |
 | ``taylor`` | forward + backward on calibration | sum of abs(w * dL/dw) over the same slices (first-order Taylor) |
 | ``activation`` | forward on calibration | mean abs activation of its channels where layers read them (after GELU; per head after attention) |
@@ -26,7 +28,19 @@ import torch
 
 from fxprune.graph.depgraph import DependencyGraph, Group
 
-CRITERIA = ("l1", "l2", "bn_scale", "random", "taylor", "activation", "entropy", "confidence")
+CRITERIA = (
+    "l1",
+    "l2",
+    "bn_scale",
+    "fpgm",
+    "lamp",
+    "random",
+    "taylor",
+    "activation",
+    "entropy",
+    "confidence",
+)
+SCALE_FREE = ("lamp",)  # global ranking compares these across groups as they are
 DATA_CRITERIA = ("taylor", "activation", "entropy", "confidence")  # need calibration batches
 
 
@@ -70,6 +84,53 @@ def _atom_scores(
     return np.bincount(np.concatenate(ids), np.concatenate(vals), minlength=graph.n_atoms)
 
 
+def _fpgm(graph: DependencyGraph) -> dict[int, float]:
+    """Per unit: summed Euclidean distance of its rows to the other units' rows in every layer
+    that produces the group (a unit's rows: one output channel, or a head's head_dim rows)."""
+    unit_group = {u: g.id for g in graph.groups for u in g.units}
+    score = dict.fromkeys(unit_group, 0.0)
+    gm = graph.gm
+    with torch.no_grad():
+        for name, dims in graph.params.items():
+            for d, pd in dims.items():
+                if pd.role != "weight" or pd.consumer:
+                    continue
+                try:
+                    w = gm.get_parameter(name)
+                except AttributeError:
+                    continue
+                rows = w.detach().float().movedim(d, 0).reshape(w.shape[d], -1)
+                by_unit: dict[int, list[int]] = {}
+                for i, atom in enumerate(pd.vec.tolist()):
+                    if atom >= 0:
+                        u = int(graph.label[atom])
+                        if u in unit_group:
+                            by_unit.setdefault(u, []).append(i)
+                per_group: dict[tuple[int, int], list[int]] = {}
+                for u, idx in by_unit.items():  # same group and width: comparable vectors
+                    per_group.setdefault((unit_group[u], len(idx)), []).append(u)
+                for units in per_group.values():
+                    if len(units) < 2:
+                        continue
+                    x = torch.stack([rows[by_unit[u]].reshape(-1) for u in units])
+                    dist = torch.cdist(x[None], x[None])[0].sum(1).double().tolist()
+                    for u, v in zip(units, dist, strict=True):
+                        score[u] += v
+    return score
+
+
+def _lamp(graph: DependencyGraph, l2: np.ndarray) -> dict[int, float]:
+    out = {}
+    for g in graph.groups:
+        sq = np.array([l2[u] ** 2 for u in g.units], dtype=np.float64)
+        order = np.argsort(sq, kind="stable")
+        tail = np.cumsum(sq[order][::-1])[::-1]  # sum over units at least as large
+        lamp = np.empty_like(sq)
+        lamp[order] = sq[order] / np.where(tail > 0, tail, 1.0)
+        out.update({u: float(v) for u, v in zip(g.units, lamp, strict=True)})
+    return out
+
+
 def unit_scores(
     graph: DependencyGraph, criterion: str, seed: int = 0, stats=None
 ) -> dict[int, float]:
@@ -106,6 +167,10 @@ def unit_scores(
                 out.update({u: float(l1[u]) for u in g.units})
         return out
 
+    if criterion == "fpgm":
+        return _fpgm(graph)
+    if criterion == "lamp":
+        return _lamp(graph, by_unit(("weight", "norm"), 2))
     if criterion in ("l1", "l2"):
         s = by_unit(("weight", "norm"), 1 if criterion == "l1" else 2)
         return {u: float(s[u]) for g in graph.groups for u in g.units}

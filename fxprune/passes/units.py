@@ -18,7 +18,7 @@ from fxprune.calibration import as_batches, collect
 from fxprune.errors import ConfigError, PlanError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import apply_removal
-from fxprune.importance import CRITERIA, DATA_CRITERIA, group_mean, unit_scores
+from fxprune.importance import CRITERIA, DATA_CRITERIA, SCALE_FREE, group_mean, unit_scores
 from fxprune.passes import PassResult
 
 
@@ -147,7 +147,7 @@ def select_units(
         if r is None:
             continue
         g = by_id[gid]
-        mean = group_mean(scores, g)
+        mean = 1.0 if cfg.importance in SCALE_FREE else group_mean(scores, g)
         cands += [(scores[u] / mean, gid, u) for u in g.units]
         budget += len(g.units) * g.width
     target = int(math.floor(budget * cfg.ratio + 1e-9))

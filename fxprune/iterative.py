@@ -1,0 +1,244 @@
+"""Iterative pruning: reach a target ratio in steps, fine-tuning in between.
+
+At step k of n the ratio removed so far follows a schedule (``s_f`` the target):
+
+- ``linear``: ``s_k = s_f x k / n``
+- ``cubic`` (Zhu & Gupta 2017, "To prune, or not to prune"): ``s_k = s_f x (1 - (1 - k/n)^3)``,
+  fast at first while the network has redundancy to spare, slow at the end;
+- ``exponential``: ``s_k = 1 - (1 - s_f)^(k/n)``, the same fraction of what is left each step.
+
+Every group's kept count at step k is what a one-shot ``fxprune.compile`` at ``s_k`` would keep
+from the *original* group (round_to and minimums included), so the last step lands exactly on
+the one-shot target. Each step is a real ``fxprune.compile`` of the previous step's model, proved
+equivalent to it, then handed to the user's fine-tune callback; with ``sparsity="2:4"`` the N:M
+masks of the step are re-applied after the callback and ``step.keep_masks(optimizer)`` keeps
+them fixed during it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fxprune.errors import ConfigError
+
+SCHEDULES = ("linear", "cubic", "exponential")
+
+
+def schedule_ratio(schedule: str, k: int, n: int, target: float) -> float:
+    """The ratio removed after step ``k`` of ``n`` (``k = n`` gives ``target``)."""
+    t = k / n
+    if schedule == "linear":
+        return target * t
+    if schedule == "cubic":
+        return target * (1 - (1 - t) ** 3)
+    if schedule == "exponential":
+        return 1 - (1 - target) ** t
+    raise ConfigError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+
+
+@dataclass
+class Step:
+    """One pruning step; ``keep_masks(optimizer)`` hooks the step's N:M masks into an optimizer
+    so fine-tuning never revives a pruned weight."""
+
+    index: int
+    ratios: dict[str, float]  # kind -> ratio of the original removed after this step
+    result: object  # the step's CompileResult (relative to the previous step's model)
+    equivalent: bool
+    params: int
+    macs: int
+    metric: float | None = None
+    revived: int = 0  # masked weights the fine-tune made non-zero (re-zeroed afterwards)
+    seconds: float = 0.0
+
+    @property
+    def module(self):
+        return self.result.module
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.result.nm_masks
+
+    def keep_masks(self, optimizer):
+        from fxprune.passes.nm import keep_masks
+
+        return keep_masks(self.result.module, self.masks, optimizer)
+
+
+@dataclass
+class IterativeResult:
+    module: torch.nn.Module
+    steps: list[Step] = field(default_factory=list)
+    baseline: float | None = None
+    params: int = 0
+    macs: int = 0
+
+    def table(self) -> str:
+        lines = [
+            "| step | ratios | params | MACs | proof | metric | revived 2:4 weights |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        if self.baseline is not None:
+            lines.append(
+                f"| dense | - | {self.params:,} | {self.macs:,} | - | {self.baseline:.4f} | - |"
+            )
+        for s in self.steps:
+            r = ", ".join(f"{k} {v:.3f}" for k, v in s.ratios.items())
+            m = "-" if s.metric is None else f"{s.metric:.4f}"
+            lines.append(
+                f"| {s.index} | {r} | {s.params:,} | {s.macs:,} | "
+                f"{'exact' if s.equivalent else 'FAILED'} | {m} | {s.revived} |"
+            )
+        return "\n".join(lines)
+
+
+def _configs(kw: dict):
+    from fxprune.passes.channels import Channels
+    from fxprune.passes.ffn import FFN
+    from fxprune.passes.heads import Heads
+
+    round_to = kw.get("round_to")
+    if round_to is None:
+        round_to = int(str(kw["sparsity"]).split(":")[1]) if kw.get("sparsity") else 1
+    mc = kw.get("min_channels", 1)
+    return {
+        "channels": Channels(0.0, round_to=round_to, min_channels=mc),
+        "ffn": FFN(0.0, round_to=round_to, min_channels=mc),
+        "heads": Heads(0.0, min_heads=kw.get("min_heads", 1)),
+    }
+
+
+def iterative_prune(
+    model: torch.nn.Module,
+    example_inputs,
+    steps: int = 4,
+    schedule: str = "cubic",
+    channels: float = 0.0,
+    heads: float = 0.0,
+    ffn: float = 0.0,
+    finetune: Callable[[torch.nn.Module, Step], None] | None = None,
+    evaluate: Callable[[torch.nn.Module], float] | None = None,
+    **compile_kwargs,
+) -> IterativeResult:
+    """Prune ``model`` to the ``channels`` / ``heads`` / ``ffn`` fractions in ``steps`` steps.
+
+    Args:
+        model: the dense model (not modified; the first step copies it).
+        example_inputs: as for ``fxprune.compile``.
+        steps: number of pruning steps (each followed by ``finetune`` and ``evaluate``).
+        schedule: ``"linear"``, ``"cubic"`` or ``"exponential"`` (module docstring).
+        channels, heads, ffn: target fractions removed, as in ``fxprune.compile`` (fractions
+            only: a head count per layer has no schedule).
+        finetune: ``finetune(module, step)`` trains ``module`` in place after each step; use
+            ``step.keep_masks(optimizer)`` to keep a 2:4 pattern fixed while it trains.
+        evaluate: ``evaluate(module) -> float``, recorded for the dense model and every step.
+        **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
+            ``round_to``, ``sparsity="2:4"``, ``calibration`` ...), applied at every step.
+
+    Returns:
+        An :class:`IterativeResult`: ``module`` (the final model) and one :class:`Step` per
+        step (ratios, params, MACs, proof, metric).
+    """
+    from fxprune.api import compile as fx_compile
+    from fxprune.graph import build_graph, trace
+    from fxprune.graph.trace import as_args
+    from fxprune.stats import layer_stats
+    from fxprune.verify import equivalence
+
+    targets = {k: v for k, v in (("channels", channels), ("heads", heads), ("ffn", ffn)) if v}
+    if not targets:
+        raise ConfigError("give a target: channels=, heads= or ffn= (fractions in (0, 1))")
+    for k, v in targets.items():
+        if isinstance(v, bool) or not isinstance(v, float) or not 0 < v < 1:
+            raise ConfigError(f"{k}={v!r}: iterative pruning needs a fraction in (0, 1)")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"steps={steps!r}: must be an integer >= 1")
+    schedule_ratio(schedule, 1, 1, 0.5)  # validates the name
+    for k in ("layer_ratios", "head_ratios", "ffn_ratios", "global_ranking", "inplace"):
+        if compile_kwargs.get(k):
+            raise ConfigError(f"{k}= is not supported by iterative_prune (per-step ratios)")
+    args = as_args(example_inputs)
+    mode = compile_kwargs.get("mode", "auto")
+    traced = trace(model, args, mode=mode, leaf_modules=compile_kwargs.get("leaf_modules", ()))
+    if "heads" in targets and traced.mode == "fx":
+        from fxprune.api import hidden_attention
+
+        if hidden_attention(traced.gm):
+            traced = trace(model, args, mode="export")
+    graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
+    cfgs = _configs(compile_kwargs)
+    ignore = compile_kwargs.get("ignore", ())
+    # the groups to schedule, by the layer that names them, with their original size
+    kind_of = {"channels": "channels", "ffn": "ffn" if "ffn" in targets else "channels"}
+    kind_of["heads"] = "heads"
+    original = {}
+    for g in graph.groups:
+        k = kind_of.get(g.kind)
+        if k in targets and len(g.units):
+            original[g.layers(graph)[0]] = (k, g)
+    arg_of = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
+    stats0 = layer_stats(traced.gm)
+    out = IterativeResult(
+        model,
+        params=sum(p.numel() for p in model.parameters()),
+        macs=sum(v["macs"] for v in stats0.values()),
+    )
+    if evaluate is not None:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out.baseline = float(evaluate(model))
+        model.train(was)
+    current = model
+    pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to",)}
+    pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below
+    for k in range(1, steps + 1):
+        t0 = time.perf_counter()
+        ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
+        cur_graph = build_graph(trace(current, args, mode=mode).gm)
+        by_layer = {g.layers(cur_graph)[0]: g for g in cur_graph.groups}
+        rel: dict[str, dict[str, float]] = {}
+        for layer, (kind, g0) in original.items():
+            keep = cfgs[kind].units_to_keep(g0, ratios[kind])
+            g = by_layer.get(layer)
+            if g is None or keep >= len(g.units):
+                continue
+            n = len(g.units)
+            rel.setdefault(arg_of[kind], {})[layer] = (n - keep) / n
+        res = fx_compile(
+            current,
+            args,
+            ignore=ignore,
+            **rel,
+            **{k2: v for k2, v in pass_kw.items() if k2 != "ignore"},
+        )
+        ok = equivalence(current, res, args).ok
+        step = Step(
+            k,
+            ratios,
+            res,
+            ok,
+            sum(p.numel() for p in res.module.parameters()),
+            res.summary.macs_after,
+        )
+        if finetune is not None:
+            finetune(res.module, step)
+            res.module.eval()
+        if step.masks:
+            with torch.no_grad():
+                for name, mask in step.masks.items():
+                    p = res.module.get_parameter(name)
+                    step.revived += int(((p != 0) & ~mask.to(p.device)).sum())
+                    p.mul_(mask.to(p.device))
+        if evaluate is not None:
+            with torch.no_grad():
+                step.metric = float(evaluate(res.module))
+        step.seconds = time.perf_counter() - t0
+        out.steps.append(step)
+        current = res.module
+    out.module = current
+    return out

@@ -1,0 +1,319 @@
+"""Per-group sensitivity: prune one group at a time at each ratio, measure the user's metric, and
+turn the table into non-uniform per-layer ratios that reach a target (MACs or parameters) while
+giving up as little of the metric as the measurements predict.
+
+Each measurement is a real ``fxprune.compile`` of the dense model with only that group pruned
+(``layer_ratios`` / ``head_ratios`` / ``ffn_ratios`` naming one of its layers), so the model the
+metric sees is exactly the pruned model a full run would produce for that group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fxprune.errors import ConfigError
+
+KINDS = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
+
+
+@dataclass
+class SensitivityRow:
+    group: str  # readable group name
+    layer: str  # the layer the ratio is given for (one of the group's sources)
+    kind: str
+    units: int
+    ratio: float
+    removed: int  # units actually removed at this ratio
+    metric: float
+    drop: float  # baseline - metric (metric - baseline when lower is better): the loss
+    macs_saved: int
+    params_saved: int
+
+
+@dataclass
+class SensitivityReport:
+    """``rows`` per (group, ratio); ``table()``, ``plot(path)``, ``most_sensitive()`` and
+    ``ratios_for_target(...)``."""
+
+    baseline: float
+    higher_is_better: bool
+    ratios: list[float]
+    rows: list[SensitivityRow] = field(default_factory=list)
+    macs: int = 0
+    params: int = 0
+    seconds: float = 0.0
+
+    def groups(self) -> list[str]:
+        seen = []
+        for r in self.rows:
+            if r.group not in seen:
+                seen.append(r.group)
+        return seen
+
+    def most_sensitive(self, ratio: float | None = None) -> list[str]:
+        """Groups, most sensitive first, by their loss at ``ratio`` (default: the largest)."""
+        ratio = max(self.ratios) if ratio is None else ratio
+        at = {r.group: r.drop for r in self.rows if math.isclose(r.ratio, ratio)}
+        return sorted(at, key=lambda g: -at[g])
+
+    def table(self) -> str:
+        head = " | ".join(f"r={r:g}" for r in self.ratios)
+        lines = [
+            f"baseline metric {self.baseline:.4f} ({'higher' if self.higher_is_better else 'lower'}"
+            f" is better); loss per group and ratio (MACs saved, % of dense)",
+            "",
+            f"| group | kind | units | {head} |",
+            "|---|---|---|" + "---|" * len(self.ratios),
+        ]
+        for g in self.groups():
+            rs = {r.ratio: r for r in self.rows if r.group == g}
+            first = next(iter(rs.values()))
+            cells = []
+            for ratio in self.ratios:
+                r = rs.get(ratio)
+                cells.append(
+                    "-"
+                    if r is None
+                    else f"{r.drop:+.4f} ({100 * r.macs_saved / max(self.macs, 1):.1f} %)"
+                )
+            lines.append(f"| {g} | {first.kind} | {first.units} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, path=None, top: int = 12) -> str:
+        """An SVG line chart of loss against ratio for the ``top`` most sensitive groups;
+        written to ``path`` when given, and returned."""
+        groups = self.most_sensitive()[:top]
+        w, h, left, bottom = 720, 360, 60, 40
+        drops = [r.drop for r in self.rows if r.group in groups] or [0.0]
+        lo, hi = min(0.0, min(drops)), max(drops) or 1.0
+        span = hi - lo or 1.0
+        xmax = max(self.ratios)
+
+        def xy(ratio, drop):
+            x = left + (w - left - 180) * ratio / xmax
+            y = h - bottom - (h - bottom - 20) * (drop - lo) / span
+            return f"{x:.1f},{y:.1f}"
+
+        colors = ["#2f6fdf", "#d9480f", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285"]
+        parts = [
+            f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-size='11'>",
+            f"<line x1='{left}' y1='{h - bottom}' x2='{w - 180}' y2='{h - bottom}' stroke='#888'/>",
+            f"<line x1='{left}' y1='20' x2='{left}' y2='{h - bottom}' stroke='#888'/>",
+            f"<text x='{(w - 180 + left) / 2}' y='{h - 8}' text-anchor='middle'>ratio removed"
+            "</text>",
+            f"<text x='14' y='{h / 2}' transform='rotate(-90 14 {h / 2})' text-anchor='middle'>"
+            "metric loss</text>",
+            f"<text x='{left - 4}' y='24' text-anchor='end'>{hi:.3g}</text>",
+            f"<text x='{left - 4}' y='{h - bottom}' text-anchor='end'>{lo:.3g}</text>",
+        ]
+        for ratio in self.ratios:
+            x = xy(ratio, lo).split(",")[0]
+            parts.append(
+                f"<text x='{x}' y='{h - bottom + 14}' text-anchor='middle'>{ratio:g}</text>"
+            )
+        for i, g in enumerate(groups):
+            pts = [(0.0, 0.0)] + sorted((r.ratio, r.drop) for r in self.rows if r.group == g)
+            c = colors[i % len(colors)]
+            parts.append(
+                f"<polyline fill='none' stroke='{c}' stroke-width='1.6' "
+                f"points='{' '.join(xy(a, b) for a, b in pts)}'/>"
+            )
+            parts.append(f"<text x='{w - 175}' y='{24 + 14 * i}' fill='{c}'>{g[-28:]}</text>")
+        parts.append("</svg>")
+        svg = "".join(parts)
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(svg, encoding="utf-8")
+        return svg
+
+    def ratios_for_target(self, target: float, by: str = "macs") -> dict[str, dict[str, float]]:
+        """Per-layer ratios removing at least ``target`` (a fraction) of the dense MACs or
+        parameters, chosen greedily: repeatedly raise the group whose next measured ratio costs
+        the least metric per unit saved. Savings are summed per group as measured one at a
+        time, so check the result with ``fxprune.compile`` (the returned dict's keys are its
+        argument names: ``{"layer_ratios": {...}, "head_ratios": {...}, "ffn_ratios": {...}}``).
+
+        Raises ConfigError when even the largest measured ratios do not reach the target.
+        """
+        if by not in ("macs", "params"):
+            raise ConfigError(f"by={by!r}: choose 'macs' or 'params'")
+        total = self.macs if by == "macs" else self.params
+        need = target * total
+        steps: dict[str, list[SensitivityRow]] = {
+            g: sorted((r for r in self.rows if r.group == g), key=lambda r: r.ratio)
+            for g in self.groups()
+        }
+        level = dict.fromkeys(steps, -1)  # index of the chosen ratio per group
+
+        def saved(r: SensitivityRow | None) -> float:
+            if r is None:
+                return 0.0
+            return r.macs_saved if by == "macs" else r.params_saved
+
+        def loss(r: SensitivityRow | None) -> float:
+            return 0.0 if r is None else max(r.drop, 0.0)
+
+        got = 0.0
+        while got < need:
+            best, best_cost = None, math.inf
+            for g, rows in steps.items():
+                i = level[g]
+                if i + 1 >= len(rows):
+                    continue
+                cur = rows[i] if i >= 0 else None
+                nxt = rows[i + 1]
+                gain = saved(nxt) - saved(cur)
+                if gain <= 0:
+                    continue
+                cost = (loss(nxt) - loss(cur)) / gain
+                if cost < best_cost:
+                    best, best_cost = g, cost
+            if best is None:
+                raise ConfigError(
+                    f"target {target:g} of {by} is out of reach: the measured ratios "
+                    f"(up to {max(self.ratios):g} per group) save {got / max(total, 1):.3f}"
+                )
+            cur = steps[best][level[best]] if level[best] >= 0 else None
+            level[best] += 1
+            got += saved(steps[best][level[best]]) - saved(cur)
+        out: dict[str, dict[str, float]] = {}
+        for g, i in level.items():
+            if i >= 0:
+                r = steps[g][i]
+                out.setdefault(KINDS[r.kind], {})[r.layer] = r.ratio
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def sensitivity(
+    model: torch.nn.Module,
+    example_inputs,
+    evaluate_fn: Callable[[torch.nn.Module], float],
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    kinds: Sequence[str] = ("channels", "heads", "ffn"),
+    higher_is_better: bool = True,
+    groups: Sequence[str] | None = None,
+    **compile_kwargs,
+) -> SensitivityReport:
+    """Prune one group at a time at each ratio and measure ``evaluate_fn`` on the result.
+
+    Args:
+        model: the dense model (not modified).
+        example_inputs: as for ``fxprune.compile``.
+        evaluate_fn: ``evaluate_fn(module) -> float``: the user's metric (accuracy, cosine to
+            the dense output, minus a loss ...) of a model; called once on the dense model and
+            once per group and ratio.
+        ratios: fractions removed from the group, each in (0, 1).
+        kinds: which groups: ``"channels"``, ``"heads"``, ``"ffn"``.
+        higher_is_better: False for a loss or perplexity.
+        groups: only groups holding one of these layer names (default: every prunable group).
+        **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
+            ``round_to``, ``calibration`` ...).
+
+    Returns:
+        A :class:`SensitivityReport`.
+
+    Example:
+        >>> rep = fxprune.sensitivity(model, x, lambda m: accuracy(m, val), ratios=(0.3, 0.6))
+        >>> print(rep.table()); rep.most_sensitive()[:3]
+        >>> fxprune.compile(model, x, **rep.ratios_for_target(0.5))
+    """
+    from fxprune.api import compile as fx_compile
+    from fxprune.api import resolve_names
+    from fxprune.graph import build_graph, trace
+    from fxprune.graph.trace import as_args
+    from fxprune.passes.units import channel_holders, group_name
+    from fxprune.stats import layer_stats
+
+    if not ratios or any(not (isinstance(r, (int, float)) and 0 < r < 1) for r in ratios):
+        raise ConfigError(f"ratios={ratios!r}: give fractions in (0, 1)")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"kinds={list(kinds)!r}: choose from {list(KINDS)}")
+    for k in ("channels", "heads", "ffn", *KINDS.values()):
+        if k in compile_kwargs:
+            raise ConfigError(f"{k}= is chosen by sensitivity() itself; do not pass it")
+    t0 = time.perf_counter()
+    args = as_args(example_inputs)
+    ignore = resolve_names(model, compile_kwargs.get("ignore", ()), "ignore")
+    if groups is not None:
+        resolve_names(model, groups, "groups")
+    traced = trace(
+        model,
+        args,
+        mode=compile_kwargs.get("mode", "auto"),
+        leaf_modules=compile_kwargs.get("leaf_modules", ()),
+    )
+    if "heads" in kinds and traced.mode == "fx":
+        from fxprune.api import hidden_attention
+
+        if hidden_attention(traced.gm):
+            traced = trace(model, args, mode="export")
+    graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
+    holders = channel_holders(graph) if ignore else {}
+    from fxprune._util import module_matches
+
+    stats = layer_stats(traced.gm)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = float(evaluate_fn(model))
+    finally:
+        model.train(was)
+    rep = SensitivityReport(
+        base,
+        higher_is_better,
+        [float(r) for r in ratios],
+        macs=sum(v["macs"] for v in stats.values()),
+        params=sum(p.numel() for p in model.parameters()),
+    )
+    for g in graph.groups:
+        if g.kind not in kinds or not len(g.units):
+            continue
+        layers = g.layers(graph)
+        if any(module_matches(m, p) for m in holders.get(g.id, ()) for p in ignore):
+            continue
+        if groups is not None and not any(la in groups for la in layers):
+            continue
+        name = group_name(graph, g)
+        for r in ratios:
+            res = fx_compile(
+                model, args, **{KINDS[g.kind]: {layers[0]: float(r)}}, **compile_kwargs
+            )
+            removed = sum(
+                n
+                for p in res.passes
+                for gname, (tot, kept) in p.details.get("units", {}).items()
+                for n in [tot - kept]
+            )
+            if not removed:
+                continue
+            with torch.no_grad():
+                m = float(evaluate_fn(res.module))
+            drop = (base - m) if higher_is_better else (m - base)
+            rep.rows.append(
+                SensitivityRow(
+                    name,
+                    layers[0],
+                    g.kind,
+                    len(g.units),
+                    float(r),
+                    removed,
+                    m,
+                    drop,
+                    res.summary.macs_before - res.summary.macs_after,
+                    res.summary.params_before - res.summary.params_after,
+                )
+            )
+    rep.seconds = time.perf_counter() - t0
+    return rep

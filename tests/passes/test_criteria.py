@@ -1,0 +1,75 @@
+"""FPGM and LAMP on fxprune's units: FPGM removes the filter at the geometric median even when
+magnitude would not; LAMP keeps l2's order inside a group and is scale-free across groups."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.graph import build_graph, trace
+from fxprune.importance import unit_scores
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = Two().eval()
+    with torch.no_grad():
+        centre = torch.randn(4, 3, 3) * 3
+        for i in range(8):  # every filter = centre + noise; filter 5 is the centre itself
+            m.a.weight[i] = centre + (0 if i == 5 else 1.0) * torch.randn(4, 3, 3)
+        m.b.weight[:, 5] *= 10  # its consumer columns are large: magnitude would keep it
+    return m, torch.randn(1, 4, 8, 8)
+
+
+def test_fpgm_removes_the_filter_at_the_geometric_median():
+    m, x = _model()
+    res = fxprune.compile(
+        m, x, channels=0.125, importance="fpgm", ignore=["c"], layer_ratios={"b": 0.0}
+    )
+    assert res.plan.passes[0]["kept"]["a"] == [0, 1, 2, 3, 4, 6, 7]
+    assert fxprune.verify.equivalence(m, res, x).ok
+    l1 = fxprune.compile(
+        m, x, channels=0.125, importance="l1", ignore=["c"], layer_ratios={"b": 0.0}
+    )
+    assert 5 in l1.plan.passes[0]["kept"]["a"]
+
+
+def test_lamp_keeps_l2_order_in_a_group_and_is_scale_free():
+    m, x = _model()
+    g = build_graph(trace(m, x).gm)
+    lamp, l2 = unit_scores(g, "lamp"), unit_scores(g, "l2")
+    for grp in g.groups:
+        assert sorted(grp.units, key=lamp.get) == sorted(grp.units, key=l2.get)
+        assert max(lamp[u] for u in grp.units) == pytest.approx(1.0)  # the largest: 1
+    # by definition: its squared l2 over the squared l2 of the units at least as large
+    grp = g.groups[0]
+    sq = {u: l2[u] ** 2 for u in grp.units}
+    for u in grp.units:
+        tail = sum(v for v in sq.values() if v >= sq[u])
+        assert lamp[u] == pytest.approx(sq[u] / tail)
+
+
+@pytest.mark.parametrize("importance", ["fpgm", "lamp"])
+def test_new_criteria_are_exact_on_resnet(importance):
+    torchvision = pytest.importorskip("torchvision")
+    m, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    res = fxprune.compile(
+        m,
+        x,
+        channels=0.5,
+        importance=importance,
+        ignore=["fc"],
+        global_ranking=importance == "lamp",
+    )
+    assert fxprune.verify.equivalence(m, res, x).ok and res.summary.macs_ratio < 0.8

@@ -1,0 +1,159 @@
+"""Sensitivity analysis ranks a fragile layer first and turns into per-layer ratios; the
+iterative schedule lands exactly on the one-shot target; fine-tuning under keep_masks never
+revives a pruned 2:4 weight."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.errors import ConfigError
+from fxprune.iterative import schedule_ratio
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def crippled():
+    """fc1's second half is nearly dead (cheap to prune); fc2 is left dense: every one of its
+    neurons carries signal, so it is the fragile layer."""
+    torch.manual_seed(0)
+    m = MLP().eval()
+    with torch.no_grad():
+        m.fc1.weight[16:] *= 0.01
+        m.fc1.bias[16:] *= 0.01
+        m.fc2.weight[:, 16:] *= 0.01
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = m(x)
+
+    def cosine(mod):
+        return float(nn.functional.cosine_similarity(mod(x), ref, dim=-1).mean())
+
+    return m, x, cosine
+
+
+def test_sensitivity_ranks_the_fragile_layer_first(crippled):
+    m, x, cosine = crippled
+    rep = fxprune.sensitivity(m, x, cosine, ratios=(0.25, 0.5), ignore=["fc3"])
+    assert rep.baseline == pytest.approx(1.0)
+    assert rep.most_sensitive() == ["fc2", "fc1"]
+    fc1 = [r for r in rep.rows if r.group == "fc1"]
+    assert all(r.drop < 1e-3 for r in fc1) and [r.removed for r in fc1] == [8, 16]
+    assert "| fc2 | ffn | 32 |" in rep.table()
+    assert rep.plot().startswith("<svg") and "fc2" in rep.plot()
+
+
+def test_ratios_for_target_prefers_the_cheap_group_and_reaches_it(crippled):
+    m, x, cosine = crippled
+    rep = fxprune.sensitivity(m, x, cosine, ratios=(0.25, 0.5), ignore=["fc3"])
+    plan = rep.ratios_for_target(0.3, by="macs")
+    assert plan == {"ffn_ratios": {"fc1": 0.5}}
+    res = fxprune.compile(m, x, **plan)
+    assert 1 - res.summary.macs_ratio >= 0.3
+    uniform = fxprune.compile(m, x, ffn=0.3, ignore=["fc3"])
+    assert cosine(res.module) > cosine(uniform.module)
+    with pytest.raises(ConfigError, match="out of reach"):
+        rep.ratios_for_target(0.95)
+
+
+def test_sensitivity_on_heads_of_a_transformer():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    m, ids = transformers.BertModel(cfg).eval(), torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        ref = m(ids).last_hidden_state
+
+    def cos(mod):
+        out = mod(ids)
+        out = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+        return float(nn.functional.cosine_similarity(out, ref, dim=-1).mean())
+
+    rep = fxprune.sensitivity(m, ids, cos, ratios=(0.5,), kinds=("heads",))
+    assert len(rep.groups()) == 2 and all(r.kind == "heads" and r.removed == 2 for r in rep.rows)
+
+
+def test_sensitivity_rejects_bad_arguments(crippled):
+    m, x, cosine = crippled
+    with pytest.raises(ConfigError, match="ratios"):
+        fxprune.sensitivity(m, x, cosine, ratios=(1.0,))
+    with pytest.raises(ConfigError, match="kinds"):
+        fxprune.sensitivity(m, x, cosine, kinds=("blocks",))
+    with pytest.raises(ConfigError, match="channels= is chosen"):
+        fxprune.sensitivity(m, x, cosine, channels=0.5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cubic", "exponential"])
+def test_schedules_are_monotone_and_end_on_target(schedule):
+    vals = [schedule_ratio(schedule, k, 5, 0.6) for k in range(6)]
+    assert vals[0] == 0 and vals[-1] == pytest.approx(0.6)
+    assert all(a < b for a, b in zip(vals, vals[1:], strict=False))
+    if schedule == "cubic":
+        assert vals[1] > 0.6 / 5  # front-loaded
+
+
+def test_iterative_reaches_the_one_shot_target_exactly_and_keeps_2_4_masks():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    seen = []
+
+    def finetune(mod, step):
+        opt = torch.optim.SGD(mod.parameters(), lr=0.05)
+        hook = step.keep_masks(opt)
+        mod.train()
+        for _ in range(3):
+            opt.zero_grad()
+            (mod(x) - ref).pow(2).mean().backward()
+            opt.step()
+            for name, mask in step.masks.items():  # after every step: still 2:4
+                seen.append(int((mod.get_parameter(name)[~mask] != 0).sum()))
+        hook.remove()
+
+    kw = dict(channels=0.6, ignore=["fc"], sparsity="2:4", round_to=4)
+    r = fxprune.iterative_prune(m, x, steps=3, schedule="cubic", finetune=finetune, **kw)
+    one = fxprune.compile(m, x, **kw)
+    shapes = {k: v.shape for k, v in r.module.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in one.module.state_dict().items()}
+    assert [s.equivalent for s in r.steps] == [True] * 3
+    assert r.steps[0].params > r.steps[1].params > r.steps[2].params
+    assert seen and max(seen) == 0 and all(s.revived == 0 for s in r.steps)
+    assert "| 3 | channels 0.600 |" in r.table()
+
+
+def test_fine_tuning_without_the_hook_is_caught_and_undone():
+    torch.manual_seed(0)
+    m, x = MLP().eval(), torch.randn(8, 16)
+
+    def careless(mod, step):  # trains without keep_masks: pruned weights come back
+        opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+        mod.train()
+        opt.zero_grad()
+        mod(x).pow(2).mean().backward()
+        opt.step()
+
+    r = fxprune.iterative_prune(
+        m, x, steps=2, channels=0.5, ignore=["fc3"], sparsity="2:4", finetune=careless
+    )
+    assert r.steps[-1].revived > 0  # reported ...
+    for name, mask in r.steps[-1].masks.items():  # ... and re-zeroed
+        assert int((r.module.get_parameter(name)[~mask] != 0).sum()) == 0
