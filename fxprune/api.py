@@ -33,7 +33,12 @@ PASSES = {
     "ffn": (prune_ffn, lambda e: FFN(kept=e["kept"])),
     "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
     "permute": (permute_channels, lambda e: Permute(e["n"], e["m"], orders=e["orders"])),
-    "nm": (prune_nm, lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]))),
+    "nm": (
+        prune_nm,
+        lambda e: NM(
+            e["n"], e["m"], layers=tuple(e["layers"]), method=e.get("method", "magnitude")
+        ),
+    ),
 }
 
 
@@ -174,6 +179,7 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity_include: Sequence[str] = (),
     sparsity_exclude: Sequence[str] = (),
     sparsity_permute: bool = False,
+    sparsity_method: str = "magnitude",
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -226,6 +232,9 @@ def compile(  # noqa: A001 - the public name the project promises
         sparsity_permute: before masking, reorder channels (consistently across every coupled
             layer, so the model is unchanged) to raise the weight magnitude the N:M mask keeps;
             ``passes`` report it before and after.
+        sparsity_method: how the N:M pass picks the N of every M: ``"magnitude"``,
+            ``"wanda"`` (|w| x input norm on ``calibration``) or ``"sparsegpt"`` (layer-wise
+            second-order reconstruction on ``calibration``; kept weights are updated).
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -249,7 +258,13 @@ def compile(  # noqa: A001 - the public name the project promises
     nm = None
     if sparsity is not None:
         resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
-        nm = NM.parse(sparsity, include=tuple(sparsity_include), exclude=tuple(sparsity_exclude))
+        nm = NM.parse(
+            sparsity,
+            include=tuple(sparsity_include),
+            exclude=tuple(sparsity_exclude),
+            method=sparsity_method,
+            calibration=None if calibration is None else tuple(calibration),
+        )
     if round_to is None:
         round_to = nm.m if nm is not None else 1
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
@@ -318,6 +333,7 @@ def compile(  # noqa: A001 - the public name the project promises
             sparsity_include=list(sparsity_include),
             sparsity_exclude=list(sparsity_exclude),
             sparsity_permute=sparsity_permute,
+            sparsity_method=sparsity_method,
         )
     return _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config)
 
@@ -356,4 +372,13 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
     ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
     res = apply_plan(model, ckpt["plan"])
     res.module.load_state_dict(ckpt["state_dict"])
+    from fxprune.passes.nm import masks_from_weights
+
+    for p in res.passes:  # the saved weights carry the pattern the plan's method chose
+        if p.name == "nm" and p.masks:
+            p.masks.update(
+                masks_from_weights(res.module, list(p.masks), p.details["n"], p.details["m"])
+            )
+            if p.details.get("method") == "sparsegpt":
+                p.updated = {k: res.module.get_parameter(k).detach().clone() for k in p.masks}
     return res

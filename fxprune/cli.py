@@ -129,6 +129,7 @@ def _compile(a, log: _Log):
         sparsity=a.sparsity,
         sparsity_exclude=a.sparsity_exclude,
         sparsity_permute=a.sparsity_permute,
+        sparsity_method=a.sparsity_method,
     )
     return model, x, res
 
@@ -419,7 +420,7 @@ def _add_pruning(pr) -> None:
     pr.add_argument(
         "--importance",
         default="l1",
-        help="l1, l2, bn_scale, random, taylor, activation, entropy or confidence",
+        help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence",
     )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
     pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
@@ -427,6 +428,12 @@ def _add_pruning(pr) -> None:
     pr.add_argument("--allow_approximate", action="store_true")
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
     pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
+    pr.add_argument(
+        "--sparsity_method",
+        default="magnitude",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="how N:M picks weights (wanda / sparsegpt use the example input as calibration)",
+    )
     pr.add_argument(
         "--sparsity_permute",
         action="store_true",

@@ -32,6 +32,7 @@ class PassResult:
     plan: dict = field(default_factory=dict)  # what replays this pass (see fxprune.plan.Plan)
     bypassed: list[str] = field(default_factory=list)  # blocks removed (module names)
     order: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> gather
+    updated: dict = field(default_factory=dict)  # param -> new values (SparseGPT), pruned shape
 
 
 PassFn = Callable[..., PassResult]

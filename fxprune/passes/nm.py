@@ -37,6 +37,9 @@ class NM:
         include: module names / globs to consider (default: every Linear and Conv).
         exclude: module names / globs never sparsified (e.g. the classifier).
         layers: replay mode: exactly these weights (from a saved plan).
+        method: ``"magnitude"`` (|w|), ``"wanda"`` (|w| x input norm) or ``"sparsegpt"``
+            (second-order reconstruction that also updates kept weights); see ``nm_data.py``.
+        calibration: batches for wanda / sparsegpt (default: the example inputs).
     """
 
     n: int = 2
@@ -44,10 +47,16 @@ class NM:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     layers: tuple[str, ...] | None = field(default=None, compare=False)
+    method: str = "magnitude"
+    calibration: tuple | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ConfigError(f"sparsity {self.n}:{self.m}: need integers 0 < N < M (e.g. '2:4')")
+        from fxprune.passes.nm_data import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"sparsity_method={self.method!r}: choose one of {METHODS}")
 
     @classmethod
     def parse(cls, spec: str, **kw) -> NM:
@@ -128,26 +137,53 @@ def eligibility(c: WeightedLayer, w: torch.Tensor, cfg: NM) -> str | None:
 def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
     gm = graph.gm
-    eligible, ineligible, masks = [], {}, {}
+    eligible, ineligible, masks, updated = [], {}, {}, {}
     kept_mag = total_mag = 0.0
-    with torch.no_grad():
-        for c in candidates(gm):
-            w = gm.get_parameter(c.param)
-            if cfg.layers is not None:
-                if c.param not in cfg.layers:
-                    continue
-                reason = (
-                    None if w.shape[c.reduce_dim] % cfg.m == 0 else "reduction not divisible by M"
-                )
-            else:
-                reason = eligibility(c, w, cfg)
-            if reason:
-                ineligible[c.layer] = reason
+    chosen: list[tuple[WeightedLayer, torch.Tensor]] = []
+    for c in candidates(gm):
+        w = gm.get_parameter(c.param)
+        if cfg.layers is not None:
+            if c.param not in cfg.layers:
                 continue
-            mask = nm_mask(w, cfg.n, cfg.m, axis=c.reduce_dim)
+            reason = None if w.shape[c.reduce_dim] % cfg.m == 0 else "reduction not divisible by M"
+        else:
+            reason = eligibility(c, w, cfg)
+        if reason:
+            ineligible[c.layer] = reason
+            continue
+        chosen.append((c, w))
+    data = cfg.method != "magnitude" and cfg.layers is None
+    fallback: dict[str, str] = {}
+    if data:
+        from fxprune.calibration import as_batches
+        from fxprune.passes.nm_data import calibrate
+
+        acc, fallback = calibrate(
+            gm,
+            {c.param: c for c, _ in chosen},
+            as_batches(cfg.calibration, args),
+            hessian=cfg.method == "sparsegpt",
+        )
+    with torch.no_grad():
+        for c, w in chosen:
             total_mag += float(w.abs().sum())
-            kept_mag += float((w.abs() * mask).sum())
-            w.mul_(mask)
+            if data and cfg.method == "sparsegpt" and c.param in acc.hess:
+                from fxprune.passes.nm_data import sparsegpt
+
+                new, mask = sparsegpt(w, c, acc.hess[c.param], acc.count[c.param], cfg.n, cfg.m)
+                kept_mag += float((w.abs() * mask).sum())
+                w.copy_(new * mask)
+                updated[c.param] = w.detach().clone()
+            else:
+                if data and c.param in acc.sq:
+                    from fxprune.passes.nm_data import wanda_scores
+
+                    score = wanda_scores(w, c, acc.sq[c.param])
+                else:
+                    score = w
+                mask = nm_mask(score, cfg.n, cfg.m, axis=c.reduce_dim)
+                kept_mag += float((w.abs() * mask).sum())
+                w.mul_(mask)
             masks[c.param] = mask
             eligible.append(c.param)
     if cfg.layers is not None and set(cfg.layers) - set(eligible):
@@ -155,19 +191,35 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
 
         missing = sorted(set(cfg.layers) - set(eligible))
         raise PlanError(f"plan's N:M layers cannot be masked in this model: {missing[:5]}")
+    details = {
+        "n": cfg.n,
+        "m": cfg.m,
+        "method": cfg.method,
+        "layers": eligible,
+        "ineligible": ineligible,
+        "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
+    }
+    if fallback and cfg.method == "sparsegpt":
+        details["wanda_fallback"] = fallback
     return PassResult(
         "nm",
         changed=False,  # shapes are unchanged: the dependency graph stays valid
-        details={
-            "n": cfg.n,
-            "m": cfg.m,
-            "layers": eligible,
-            "ineligible": ineligible,
-            "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
-        },
+        details=details,
         masks=masks,
-        plan={"name": "nm", "n": cfg.n, "m": cfg.m, "layers": eligible},
+        updated=updated,
+        plan={"name": "nm", "n": cfg.n, "m": cfg.m, "method": cfg.method, "layers": eligible},
     )
+
+
+def masks_from_weights(module: nn.Module, names, n: int, m: int) -> dict[str, torch.Tensor]:
+    """N:M masks of weights that already carry the pattern (after loading a checkpoint): the
+    non-zeros, completed to N per group along each layer's reduction axis."""
+    axis = (
+        {c.param: c.reduce_dim for c in candidates(module)}
+        if isinstance(module, fx.GraphModule)
+        else {}
+    )
+    return {k: nm_mask(module.get_parameter(k), n, m, axis=axis.get(k, 1)) for k in names}
 
 
 def keep_masks(module: nn.Module, masks: dict[str, torch.Tensor], optimizer):

@@ -70,6 +70,10 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
                     torch.as_tensor(np.asarray(keep), dtype=p.dtype, device=p.device).reshape(shape)
                 )
         index = result.dense_index
+        for r in result.passes:  # values a reconstruction (SparseGPT) wrote into kept weights
+            for name, val in r.updated.items():
+                p = z.get_parameter(name)
+                p[_dense_where(p.shape, index.get(name, {}))] = val.to(p.device, p.dtype)
         for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
             p = z.get_parameter(name)
             dense_mask = _to_dense_positions(mask.cpu(), p.shape, index.get(name, {}))
@@ -81,14 +85,19 @@ def _to_dense_positions(mask: torch.Tensor, shape, index: dict[int, np.ndarray])
     """A mask over a pruned (possibly reordered) weight, scattered into the dense weight's shape
     (ones elsewhere): ``index[d]`` is the dense index of each position along dim ``d``."""
     full = torch.ones(shape, dtype=torch.bool)
+    full[_dense_where(shape, index)] = mask
+    return full
+
+
+def _dense_where(shape, index: dict[int, np.ndarray]) -> tuple:
+    """Advanced index selecting, in the dense weight, the positions of the pruned weight."""
     where = []
     for d in range(len(shape)):
         idx = np.asarray(index[d]) if d in index else np.arange(shape[d])
         view = [1] * len(shape)
         view[d] = -1
         where.append(torch.as_tensor(idx).view(view))
-    full[tuple(where)] = mask
-    return full
+    return tuple(where)
 
 
 def _leaves(out) -> list[torch.Tensor]:

@@ -1,0 +1,201 @@
+"""Data-aware N:M selection for the N:M pass: Wanda and SparseGPT, both on the reduction axis the
+magnitude rule uses (``in_features`` of a Linear, input channels of a conv at every kernel
+position), from calibration batches run through the graph being pruned.
+
+- **Wanda** (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"): score
+  ``|W_ij| x ||X_j||_2``, the weight times the L2 norm of the input feature it multiplies over
+  all calibration tokens (pixels for a conv: the input channel's norm); keep the N largest
+  scores of every M. Weights are not changed.
+- **SparseGPT** (Frantar & Alistarh 2023): layer-wise reconstruction with the Hessian of the
+  layer's squared error, ``H = 2 X^T X / n`` (+ 1 % damping of its mean diagonal): columns are
+  visited in order; at the start of every group of M, the N:M choice keeps the weights with the
+  largest ``w^2 / [H^-1]_jj^2``; each pruned weight's error is pushed onto the not yet visited
+  columns through the inverse Hessian's Cholesky factor, in blocks of 128 columns. **Kept
+  weights change**: the pass returns them (``PassResult.updated``) so the proof compares against
+  the dense model with those values. Inputs come from the dense model (all layers calibrated in
+  one forward, not sequentially through already-pruned layers as in the paper).
+
+Conv weights ``[K, C, R, S]`` are handled as ``[K, R*S*C]`` (columns ordered kernel position,
+then channel) so that every group of M consecutive columns lies along ``C`` (TensorRT's axis
+rule); the Hessian is built from unfolded inputs in the same order. Only 2-D convs via
+``nn.Conv2d`` / ``conv2d`` with groups 1 are reconstructed; others fall back to Wanda scores
+(reported).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.graph.weighted import WeightedLayer, weighted_layer
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _input_node(node: fx.Node, wl: WeightedLayer) -> fx.Node | None:
+    idx = 1 if wl.reduce_dim == 0 else 0  # addmm(bias, x, W) reads x second
+    a = node.args[idx] if len(node.args) > idx else None
+    return a if isinstance(a, fx.Node) else None
+
+
+def _conv_geometry(gm: fx.GraphModule, node: fx.Node):
+    """(stride, padding, dilation) of a 2-D conv node, or None when not a plain conv2d."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple):
+            return m.stride, m.padding, m.dilation
+        return None
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[-1]
+    if name != "conv2d":
+        return None
+    a = list(node.args) + [None] * 7
+    stride = a[3] or node.kwargs.get("stride", 1)
+    padding = a[4] if a[4] is not None else node.kwargs.get("padding", 0)
+    dilation = a[5] or node.kwargs.get("dilation", 1)
+    if isinstance(padding, str):
+        return None
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return pair(stride), pair(padding), pair(dilation)
+
+
+class _Acc:
+    """Per weight: sum of squared inputs per reduction feature (Wanda) and, when asked, X^T X
+    over the weight's columns in processing order (SparseGPT)."""
+
+    def __init__(self):
+        self.sq: dict[str, torch.Tensor] = {}
+        self.hess: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+
+def calibrate(
+    gm: fx.GraphModule, layers: dict[str, WeightedLayer], batches, hessian: bool
+) -> tuple[_Acc, dict[str, str]]:
+    """Run ``batches`` through ``gm`` and accumulate input statistics for the weights in
+    ``layers`` (param name -> layer). Returns the statistics and, per weight, why SparseGPT
+    cannot reconstruct it (those get Wanda scores)."""
+    from fxprune.calibration import _Capture
+
+    want: dict[str, list[tuple[str, fx.Node, WeightedLayer]]] = {}
+    fallback: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        wl = weighted_layer(gm, node)
+        if wl is None or wl.param not in layers:
+            continue
+        src = _input_node(node, wl)
+        if src is None:
+            fallback[wl.param] = "its input is not a graph value"
+            continue
+        want.setdefault(src.name, []).append((wl.param, node, wl))
+    acc = _Acc()
+    with torch.no_grad():
+        for b in batches:
+            cap = _Capture(gm, set(want))
+            cap.run(*b)
+            for src, uses in want.items():
+                x = cap.seen.get(src)
+                if not isinstance(x, torch.Tensor):
+                    continue
+                for param, node, wl in uses:
+                    _accumulate(acc, gm, param, node, wl, x.detach().float(), hessian, fallback)
+    return acc, fallback
+
+
+def _accumulate(acc, gm, param, node, wl, x, hessian, fallback) -> None:
+    if wl.kind == "linear":
+        cols = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        sq = cols.pow(2).sum(0)
+    else:
+        sq = x.pow(2).sum(dim=[d for d in range(x.ndim) if d != 1])  # per input channel
+        cols = None
+        if hessian and param not in fallback:
+            geo = _conv_geometry(gm, node) if x.ndim == 4 and wl.groups == 1 else None
+            if geo is None:
+                fallback[param] = "only 2-D convs with groups=1 are reconstructed"
+            else:
+                w = gm.get_parameter(param)
+                k = tuple(w.shape[2:])
+                u = F.unfold(x, k, dilation=geo[2], padding=geo[1], stride=geo[0])
+                n, _, L = u.shape
+                c = x.shape[1]  # (c, r, s) -> (r, s, c): groups of M run along channels
+                u = u.reshape(n, c, k[0] * k[1], L).permute(0, 2, 1, 3).reshape(n, -1, L)
+                cols = u.permute(0, 2, 1).reshape(-1, u.shape[1])
+    acc.sq[param] = acc.sq.get(param, 0) + sq
+    acc.count[param] = acc.count.get(param, 0) + (cols.shape[0] if cols is not None else 1)
+    if hessian and cols is not None and param not in fallback:
+        h = cols.T.double() @ cols.double()
+        acc.hess[param] = acc.hess.get(param, 0) + h
+
+
+def wanda_scores(w: torch.Tensor, wl: WeightedLayer, sq: torch.Tensor) -> torch.Tensor:
+    """|W| times the input feature norm, broadcast along the reduction axis."""
+    norm = sq.to(w.device).float().sqrt()
+    shape = [1] * w.ndim
+    shape[wl.reduce_dim] = -1
+    return w.detach().abs().float() * norm.reshape(shape)
+
+
+def _as_rows(w: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
+    """The weight as [rows, columns] in SparseGPT's column order."""
+    if wl.kind == "linear":
+        return w.detach().float().t().clone() if wl.reduce_dim == 0 else w.detach().float().clone()
+    return w.detach().float().permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone()
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
+    if wl.kind == "linear":
+        return rows.t() if wl.reduce_dim == 0 else rows
+    k, c, r, s = like.shape
+    return rows.reshape(k, r, s, c).permute(0, 3, 1, 2)
+
+
+def sparsegpt(
+    w: torch.Tensor,
+    wl: WeightedLayer,
+    hess: torch.Tensor,
+    count: int,
+    n: int,
+    m: int,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new weight, keep mask) for one layer; both in ``w``'s shape."""
+    W = _as_rows(w, wl).double()
+    rows, cols = W.shape
+    H = hess.to(W.device).double() * (2.0 / max(count, 1))
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    blocksize = max(m, blocksize - blocksize % m)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        P1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                score = W1[:, i : i + m] ** 2 / torch.diag(Hinv1)[i : i + m].reshape(1, -1) ** 2
+                drop = torch.topk(score, m - n, dim=1, largest=False).indices
+                P1[:, i : i + m].scatter_(1, drop, True)
+            col = W1[:, i]
+            d = Hinv1[i, i]
+            q = col.clone()
+            q[P1[:, i]] = 0
+            Q1[:, i] = q
+            err = (col - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = P1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    new = _from_rows(W.to(w.dtype), w, wl).contiguous()
+    keep = ~_from_rows(pruned, w, wl).contiguous()
+    return new, keep
