@@ -178,3 +178,33 @@ def collect(graph: DependencyGraph, batches: list[tuple], need: set[str], loss_f
                 p.requires_grad_(flags[k])
         st.taylor = {k: (params[k].detach() * g).abs() for k, g in grads.items()}
     return st
+
+
+def recalibrate_bn(module: torch.nn.Module, batches, max_batches: int | None = None):
+    """Re-estimate every BatchNorm's running mean / variance on ``batches`` (in place) and return
+    the module in eval mode. After channels are removed, the layers after them see different
+    statistics than the stored ones; a few forward passes fix that without any training (a
+    cumulative average: ``momentum=None`` while it runs). Other layers are not changed.
+    """
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return module.eval()
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = module.training
+    module.eval()
+    for m in bns:
+        m.train()
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                module(*(b if isinstance(b, (tuple, list)) else (b,)))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        module.train(was)
+    return module.eval()

@@ -202,6 +202,7 @@ def sensitivity(
     kinds: Sequence[str] = ("channels", "heads", "ffn"),
     higher_is_better: bool = True,
     groups: Sequence[str] | None = None,
+    recalibrate=None,
     **compile_kwargs,
 ) -> SensitivityReport:
     """Prune one group at a time at each ratio and measure ``evaluate_fn`` on the result.
@@ -216,6 +217,9 @@ def sensitivity(
         kinds: which groups: ``"channels"``, ``"heads"``, ``"ffn"``.
         higher_is_better: False for a loss or perplexity.
         groups: only groups holding one of these layer names (default: every prunable group).
+        recalibrate: batches to re-estimate BatchNorm statistics of each pruned copy on before
+            it is measured (``fxprune.calibration.recalibrate_bn``); the dense model is not
+            touched. Without it, a BN network's one-shot metric mostly measures stale statistics.
         **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
             ``round_to``, ``calibration`` ...).
 
@@ -298,6 +302,10 @@ def sensitivity(
             )
             if not removed:
                 continue
+            if recalibrate is not None:
+                from fxprune.calibration import recalibrate_bn
+
+                recalibrate_bn(res.module, recalibrate)
             with torch.no_grad():
                 m = float(evaluate_fn(res.module))
             drop = (base - m) if higher_is_better else (m - base)

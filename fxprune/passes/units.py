@@ -222,7 +222,10 @@ def group_name(graph: DependencyGraph, g: Group) -> str:
         if len(set(tokens)) != 1:
             break
         common.append(tokens[0])
-    return ".".join(common) or g.layers(graph)[0]
+    if common:
+        return ".".join(common)
+    layers = g.layers(graph)
+    return "+".join(layers[:2]) + ("+..." if len(layers) > 2 else "")
 
 
 def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> PassResult:
