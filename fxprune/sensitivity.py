@@ -34,6 +34,7 @@ class SensitivityRow:
     drop: float  # baseline - metric (metric - baseline when lower is better): the loss
     macs_saved: int
     params_saved: int
+    ms_saved: float | None = None  # measured dense - pruned median latency (latency_backend)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SensitivityReport:
     macs: int = 0
     params: int = 0
     seconds: float = 0.0
+    latency_ms: float | None = None  # dense median latency, mean over the paired measurements
 
     def groups(self) -> list[str]:
         seen = []
@@ -134,17 +136,20 @@ class SensitivityReport:
         return svg
 
     def ratios_for_target(self, target: float, by: str = "macs") -> dict[str, dict[str, float]]:
-        """Per-layer ratios removing at least ``target`` (a fraction) of the dense MACs or
-        parameters, chosen greedily: repeatedly raise the group whose next measured ratio costs
+        """Per-layer ratios removing at least ``target`` (a fraction) of the dense MACs,
+        parameters or measured latency (``by="latency"``, when the report was timed), chosen
+        greedily: repeatedly raise the group whose next measured ratio costs
         the least metric per unit saved. Savings are summed per group as measured one at a
         time, so check the result with ``fxprune.compile`` (the returned dict's keys are its
         argument names: ``{"layer_ratios": {...}, "head_ratios": {...}, "ffn_ratios": {...}}``).
 
         Raises ConfigError when even the largest measured ratios do not reach the target.
         """
-        if by not in ("macs", "params"):
-            raise ConfigError(f"by={by!r}: choose 'macs' or 'params'")
-        total = self.macs if by == "macs" else self.params
+        if by not in ("macs", "params", "latency"):
+            raise ConfigError(f"by={by!r}: choose 'macs', 'params' or 'latency'")
+        if by == "latency" and self.latency_ms is None:
+            raise ConfigError("by='latency' needs sensitivity(..., latency_backend=...) timings")
+        total = {"macs": self.macs, "params": self.params, "latency": self.latency_ms}[by]
         need = target * total
         steps: dict[str, list[SensitivityRow]] = {
             g: sorted((r for r in self.rows if r.group == g), key=lambda r: r.ratio)
@@ -155,6 +160,8 @@ class SensitivityReport:
         def saved(r: SensitivityRow | None) -> float:
             if r is None:
                 return 0.0
+            if by == "latency":
+                return r.ms_saved or 0.0
             return r.macs_saved if by == "macs" else r.params_saved
 
         def loss(r: SensitivityRow | None) -> float:
@@ -203,6 +210,9 @@ def sensitivity(
     higher_is_better: bool = True,
     groups: Sequence[str] | None = None,
     recalibrate=None,
+    latency_backend: str | None = None,
+    latency_batch: int = 8,
+    latency_repeats: int = 20,
     **compile_kwargs,
 ) -> SensitivityReport:
     """Prune one group at a time at each ratio and measure ``evaluate_fn`` on the result.
@@ -220,6 +230,10 @@ def sensitivity(
         recalibrate: batches to re-estimate BatchNorm statistics of each pruned copy on before
             it is measured (``fxprune.calibration.recalibrate_bn``); the dense model is not
             touched. Without it, a BN network's one-shot metric mostly measures stale statistics.
+        latency_backend: also time every pruned model against the dense one with
+            ``fxprune.verify.latency`` on this backend (``"onnxruntime"``, ``"torch"`` ...) at
+            ``latency_batch``, ``latency_repeats`` calls each, so ``ratios_for_target`` can aim
+            at measured latency (``by="latency"``).
         **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
             ``round_to``, ``calibration`` ...).
 
@@ -281,6 +295,7 @@ def sensitivity(
         macs=sum(v["macs"] for v in stats.values()),
         params=sum(p.numel() for p in model.parameters()),
     )
+    dense_ms: list[float] = []
     for g in graph.groups:
         if g.kind not in kinds or not len(g.units):
             continue
@@ -309,6 +324,20 @@ def sensitivity(
             with torch.no_grad():
                 m = float(evaluate_fn(res.module))
             drop = (base - m) if higher_is_better else (m - base)
+            ms_saved = None
+            if latency_backend is not None:
+                from fxprune.verify import latency
+
+                lat = latency(
+                    model,
+                    res,
+                    args,
+                    backend=latency_backend,
+                    batch_sizes=(latency_batch,),
+                    repeats=latency_repeats,
+                ).rows[0]
+                ms_saved = lat.dense_ms - lat.pruned_ms
+                dense_ms.append(lat.dense_ms)
             rep.rows.append(
                 SensitivityRow(
                     name,
@@ -321,7 +350,10 @@ def sensitivity(
                     drop,
                     res.summary.macs_before - res.summary.macs_after,
                     res.summary.params_before - res.summary.params_after,
+                    ms_saved,
                 )
             )
+    if dense_ms:
+        rep.latency_ms = sum(dense_ms) / len(dense_ms)
     rep.seconds = time.perf_counter() - t0
     return rep

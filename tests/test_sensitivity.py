@@ -157,3 +157,21 @@ def test_fine_tuning_without_the_hook_is_caught_and_undone():
     assert r.steps[-1].revived > 0  # reported ...
     for name, mask in r.steps[-1].masks.items():  # ... and re-zeroed
         assert int((r.module.get_parameter(name)[~mask] != 0).sum()) == 0
+
+
+def test_latency_targets_need_timings(crippled):
+    m, x, cosine = crippled
+    rep = fxprune.sensitivity(m, x, cosine, ratios=(0.5,), ignore=["fc3"])
+    with pytest.raises(ConfigError, match="latency_backend"):
+        rep.ratios_for_target(0.1, by="latency")
+    timed = fxprune.sensitivity(
+        m,
+        x,
+        cosine,
+        ratios=(0.5,),
+        ignore=["fc3"],
+        latency_backend="torch",
+        latency_batch=16,
+        latency_repeats=4,
+    )
+    assert timed.latency_ms > 0 and all(r.ms_saved is not None for r in timed.rows)
