@@ -2,7 +2,7 @@
 fp32 / fp16 / int8 (with the index overhead of each storage format), FLOPs, and the speedup a
 piece of hardware will really give, each figure with its formula and the user's numbers.
 
-The cost model (docs/estimator.md) is a roofline per layer, read off the traced graph:
+The cost model (docs/design.md, "The savings estimator") is a roofline per layer, read off the traced graph:
 
     t(layer) = max(FLOPs / peak, bytes / bandwidth)        bytes = weights + inputs + outputs
 
@@ -23,461 +23,41 @@ efficiency (real kernels reach 50-80 % of the roof) cancels; what does not cance
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.fx as fx
 
 from fxprune.errors import ConfigError, FxPruneError
-from fxprune.graph.trace import as_args, tensor_meta
-from fxprune.graph.weighted import weighted_layer
-from fxprune.stats import node_macs
+from fxprune.estimator.costs import (
+    LayerCost,
+    RooflineRow,
+    _dense_ms,
+    _nm_ms,
+    _roofline,
+    _unstructured_ms,
+    bitmask_bytes,
+    csr_bytes,
+    layer_costs,
+    nm_bytes_ratio,
+)
+from fxprune.estimator.hardware import BYTES, HARDWARE, NM_META_BITS, Hardware
+from fxprune.estimator.report import EstimateReport, Scenario, _mb, _n
+from fxprune.graph.trace import as_args
 
-BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-INDEX_BYTES = 4  # int32 column indices and row pointers in CSR
-NM_META_BITS = 2  # a 2-bit position index per kept value of a 2:4 group
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """A hardware profile: dense peak math per dtype (TFLOP/s), memory bandwidth (GB/s), and
-    what sparsity it can exploit. Figures are dense (no-sparsity) datasheet numbers."""
-
-    name: str
-    kind: str  # "gpu" or "cpu"
-    tflops: Mapping[str, float]  # dense peak per dtype (tensor cores on GPUs)
-    cuda_tflops: float  # fp32 peak without tensor cores (where unstructured kernels run)
-    bandwidth_gbs: float
-    sparse_24: bool  # has 2:4 sparse math
-    sparse_factor: float  # speedup of a compute-bound 2:4 GEMM's math
-    sparse_min_rows: int  # GEMMs with fewer rows (tokens / pixels x batch) gain nothing
-    unstructured_threshold: float | None  # sparsity above which sparse kernels may pay (GPU)
-    source: str
-
-    def ridge(self, dtype: str) -> float:
-        """Arithmetic intensity (FLOP/byte) where memory-bound turns compute-bound."""
-        return self.tflops[dtype] * 1e12 / (self.bandwidth_gbs * 1e9)
-
-
-HARDWARE: dict[str, Hardware] = {
-    "A100": Hardware(
-        "A100",
-        "gpu",
-        {"fp32": 156.0, "fp16": 312.0, "int8": 624.0},  # fp32 = TF32 tensor cores
-        19.5,
-        2039.0,
-        True,
-        1.6,
-        4096,
-        0.95,
-        "NVIDIA A100 SXM4 80GB datasheet (dense figures; the sparse ones are 2x); 2:4 factor 1.6 "
-        "from the seed calculator (~1.5-1.7x); min rows 4096 as measured on the H100 (no A100 "
-        "measurement yet)",
-    ),
-    "H100": Hardware(
-        "H100",
-        "gpu",
-        {"fp32": 495.0, "fp16": 989.0, "int8": 1979.0},
-        67.0,
-        3350.0,
-        True,
-        1.5,
-        4096,
-        0.95,
-        "NVIDIA H100 SXM5 datasheet (dense; the seed guide's 2000 TFLOPS fp16 is the sparse "
-        "figure); 2:4 factor 1.5 and min rows 4096 measured by fxprune (docs/benchmarks-gpu.md: "
-        "cuSPARSELt 1.51x on 8192^3, 1.12-1.32x on BERT-size GEMMs at M>=4096, slower below)",
-    ),
-    "L4": Hardware(
-        "L4",
-        "gpu",
-        {"fp32": 60.0, "fp16": 121.0, "int8": 242.0},
-        30.3,
-        300.0,
-        True,
-        1.6,
-        4096,
-        0.95,
-        "NVIDIA L4 datasheet (dense; the sparse figures are 2x); 2:4 factor 1.6 from the seed "
-        "calculator; min rows 4096 as measured on the H100 (no L4 measurement yet)",
-    ),
-    "cpu": Hardware(
-        "cpu",
-        "cpu",
-        {"fp32": 0.77, "fp16": 0.77, "int8": 1.54},
-        0.77,
-        50.0,
-        False,
-        1.0,
-        0,
-        None,
-        "generic 8-core AVX2/FMA CPU at 3 GHz (8 x 32 FLOP/cycle; fp16 computed in fp32; int8 "
-        "with VNNI 2x) and dual-channel DDR4-3200 (~50 GB/s); stock runtimes have no 2:4 or "
-        "unstructured sparse kernels",
-    ),
-}
-
-
-@dataclass
-class LayerCost:
-    """One op of the traced graph at the example batch: FLOPs, weight size and activations."""
-
-    name: str
-    op: str  # conv, linear, matmul or other
-    flops: float  # 2 x MACs for products, one per output element for other ops
-    weight: int  # weight elements (0 for activation x activation products and other ops)
-    rows: int  # GEMM M: output elements / output features (pixels or tokens x batch)
-    out_features: int  # weight rows (CSR row pointers)
-    act: int  # input + output activation elements
-    nm_reason: str | None  # None when the weight can carry 2:4
-
-
-@dataclass
-class RooflineRow:
-    layer: str
-    op: str
-    flops: float
-    bytes: float
-    intensity: float
-    bound: str  # "memory" or "compute"
-    ms: float
-
-
-@dataclass
-class Scenario:
-    """One way of pruning, priced: counts, bytes per dtype and format, FLOPs, speedups."""
-
-    name: str
-    params: int
-    bytes: dict[str, dict[str, float]]  # format -> dtype -> bytes
-    flops: float  # FLOPs actually executed per example batch
-    nominal_flops: float  # FLOPs on non-zero weights
-    speedup: dict[str, dict[int, float]] = field(default_factory=dict)  # hardware -> batch -> x
-    formulas: list[str] = field(default_factory=list)
-    skipped: str | None = None
-
-
-@dataclass
-class EstimateReport:
-    """What :func:`estimate` priced; ``table()`` for people, ``to_json()`` for machines."""
-
-    model: str
-    example_batch: int
-    batch_sizes: list[int]
-    hardware: list[str]
-    dtypes: dict[str, str]
-    scenarios: list[Scenario]
-    roofline: dict[str, dict[int, list[RooflineRow]]]  # hardware -> batch -> rows (dense)
-    notes: list[str]
-    comparisons: list[dict] = field(default_factory=list)
-
-    def scenario(self, name: str) -> Scenario:
-        for s in self.scenarios:
-            if s.name == name or s.name.startswith(name):
-                return s
-        raise KeyError(name)
-
-    def compare(self, measured, hardware: str = "cpu", scenario: str = "structured") -> list[dict]:
-        """Put the estimate next to a :class:`fxprune.verify.LatencyReport` of the same pruned
-        model (one row per batch size both have); the rows are also kept in ``comparisons``."""
-        s = self.scenario(scenario)
-        rows = []
-        for r in measured.rows:
-            est = s.speedup.get(hardware, {}).get(r.batch)
-            if est is None:
-                continue
-            rows.append(
-                {
-                    "scenario": s.name,
-                    "hardware": hardware,
-                    "backend": measured.backend,
-                    "batch": r.batch,
-                    "estimated": est,
-                    "measured": r.speedup,
-                    "measured_over_estimated": r.speedup / est if est else float("nan"),
-                }
-            )
-        self.comparisons += rows
-        return rows
-
-    def table(self, roofline_top: int = 8) -> str:
-        out = [f"{self.model}: estimate from the traced graph (example batch {self.example_batch})"]
-        out.append("")
-        out.append("| scenario | params | fp32 | fp16 | int8 | GFLOPs run | GFLOPs non-zero |")
-        out.append("|---|---|---|---|---|---|---|")
-        for s in self.scenarios:
-            if s.skipped:
-                out.append(f"| {s.name} | skipped: {s.skipped} | | | | | |")
-                continue
-            for fmt, by in s.bytes.items():
-                label = s.name if fmt == "dense" else f"{s.name} ({fmt})"
-                out.append(
-                    f"| {label} | {_n(s.params)} | {_mb(by['fp32'])} | {_mb(by['fp16'])} "
-                    f"| {_mb(by['int8'])} | {s.flops / 1e9:.2f} | {s.nominal_flops / 1e9:.2f} |"
-                )
-        out.append("")
-        head = " | ".join(
-            f"{h} ({self.dtypes[h]}) b{b}" for h in self.hardware for b in self.batch_sizes
-        )
-        out.append(f"| speedup vs dense | {head} |")
-        out.append("|---" * (1 + len(self.hardware) * len(self.batch_sizes)) + "|")
-        for s in self.scenarios:
-            if s.skipped or s.name == "dense":
-                continue
-            cells = [f"{s.speedup[h][b]:.2f}x" for h in self.hardware for b in self.batch_sizes]
-            out.append(f"| {s.name} | " + " | ".join(cells) + " |")
-        for s in self.scenarios:
-            if s.formulas:
-                out.append("")
-                out.append(f"{s.name}:")
-                out += [f"  {f}" for f in s.formulas]
-        for h in self.hardware:
-            for b in self.batch_sizes:
-                rows = self.roofline[h][b]
-                hw = HARDWARE.get(h)
-                total = sum(r.ms for r in rows) or 1.0
-                mem = sum(r.ms for r in rows if r.bound == "memory")
-                ridge = hw.ridge(self.dtypes[h]) if hw else float("nan")
-                out.append("")
-                out.append(
-                    f"roofline {h} {self.dtypes[h]}, batch {b}: ridge point {ridge:.0f} FLOP/byte; "
-                    f"{100 * mem / total:.0f} % of the modelled time is memory-bound"
-                )
-                if roofline_top:
-                    out.append("| layer | op | GFLOPs | MB moved | FLOP/byte | bound | share |")
-                    out.append("|---|---|---|---|---|---|---|")
-                    for r in sorted(rows, key=lambda r: -r.ms)[:roofline_top]:
-                        out.append(
-                            f"| {r.layer} | {r.op} | {r.flops / 1e9:.3f} | {r.bytes / 1e6:.2f} "
-                            f"| {r.intensity:.1f} | {r.bound} | {100 * r.ms / total:.1f} % |"
-                        )
-        if self.comparisons:
-            out.append("")
-            out.append("| scenario | hardware | backend | batch | estimated | measured | ratio |")
-            out.append("|---|---|---|---|---|---|---|")
-            for c in self.comparisons:
-                out.append(
-                    f"| {c['scenario']} | {c['hardware']} | {c['backend']} | {c['batch']} "
-                    f"| {c['estimated']:.2f}x | {c['measured']:.2f}x "
-                    f"| {c['measured_over_estimated']:.2f} |"
-                )
-        if self.notes:
-            out.append("")
-            out += [f"note: {n}" for n in self.notes]
-        return "\n".join(out)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-
-def _n(v: float) -> str:
-    return f"{v:,.0f}"
-
-
-def _mb(v: float) -> str:
-    return f"{v / 1e6:.2f} MB"
-
-
-_FREE = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "permute",
-    "transpose",
-    "t",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "getitem",
-    "size",
-    "sym_size",
-    "contiguous",
-    "alias",
-    "detach",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "unbind",
-    "slice",
-    "select",
-    "dropout",
-    "clone",
-    "_assert_tensor_metadata",
-}
-
-
-# Element-wise ops a deployment compiler (TensorRT, ONNX Runtime, inductor) folds into the epilogue
-# of the conv / GEMM before them: they read only their other operands (a residual) from memory.
-_FUSIBLE = {
-    "batchnorm1d",
-    "batchnorm2d",
-    "batch_norm",
-    "_native_batch_norm_legit_no_training",
-    "relu",
-    "relu_",
-    "relu6",
-    "hardtanh",
-    "hardtanh_",
-    "gelu",
-    "silu",
-    "silu_",
-    "sigmoid",
-    "hardsigmoid",
-    "hardswish",
-    "hardswish_",
-    "tanh",
-    "leakyrelu",
-    "leaky_relu",
-    "add",
-    "add_",
-    "iadd",
-    "mul",
-    "sub",
-    "identity",
-}
-
-
-def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__.lower()
-    t = getattr(node.target, "overloadpacket", node.target)
-    return str(getattr(t, "__name__", t)).split(".")[-1]
-
-
-def layer_costs(
-    gm: fx.GraphModule, exclude: Sequence[str] = (), fused: bool = True
-) -> list[LayerCost]:
-    """A :class:`LayerCost` per op of a traced graph (nodes need fake-tensor ``meta['val']``).
-
-    ``exclude`` names modules kept dense by the 2:4 scenario. With ``fused``, an element-wise op
-    (norm at inference, activation, add, mul) whose input is the only use of a conv / GEMM (or of
-    an op already fused into one) costs only the reads of its other operands: deployment
-    compilers run it in the GEMM's epilogue.
-    """
-    from fxprune.passes.nm import NM, eligibility
-
-    nm = NM(2, 4, exclude=tuple(exclude))
-    rows: list[LayerCost] = []
-    epilogue: set[fx.Node] = set()  # outputs still in registers of a GEMM epilogue
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        out = tensor_meta(node)
-        if out is None:
-            continue
-        ins = [tensor_meta(a) for a in node.all_input_nodes if a.op != "get_attr"]
-        act = sum(t.numel() for t in ins if t is not None) + out.numel()
-        found = node_macs(gm, node)
-        wl = weighted_layer(gm, node)
-        name = _op_name(node, gm)
-        first = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
-        if (
-            fused
-            and found is None
-            and name in _FUSIBLE
-            and first in epilogue
-            and len(first.users) == 1
-        ):
-            extra = sum(
-                t.numel()
-                for a in node.all_input_nodes
-                if a is not first and a.op != "get_attr" and (t := tensor_meta(a)) is not None
-            )
-            rows.append(LayerCost(node.name, "fused", 0.0, 0, 0, 0, extra, "no weight"))
-            epilogue.add(node)
-            continue
-        if found is not None:
-            epilogue.add(node)
-        if found is not None and wl is not None:
-            w = gm.get_parameter(wl.param)
-            feats = w.shape[1 - wl.reduce_dim] if wl.kind == "linear" else out.shape[1]
-            rows.append(
-                LayerCost(
-                    wl.layer,
-                    wl.kind,
-                    2.0 * found[1],
-                    w.numel(),
-                    out.numel() // max(feats, 1),
-                    feats,
-                    act,
-                    eligibility(wl, w, nm),
-                )
-            )
-        elif found is not None:
-            rows.append(
-                LayerCost(
-                    node.name, "matmul", 2.0 * found[1], 0, 0, 0, act, "activation x activation"
-                )
-            )
-        elif name not in _FREE:
-            rows.append(LayerCost(node.name, "other", out.numel(), 0, 0, 0, act, "no weight"))
-    return rows
-
-
-def _time(
-    hw: Hardware, dtype: str, flops: float, nbytes: float, peak: float | None = None
-) -> float:
-    """Roofline time in milliseconds: the slower of the math and the memory traffic."""
-    peak = (peak if peak is not None else hw.tflops[dtype]) * 1e12
-    return 1e3 * max(flops / peak, nbytes / (hw.bandwidth_gbs * 1e9))
-
-
-def nm_bytes_ratio(dtype: str) -> float:
-    """Bytes of a 2:4-compressed weight over its dense bytes: half the values plus a 2-bit
-    index per kept value (fp16: 0.5 + 0.5 x 2/16 = 0.5625)."""
-    return 0.5 + 0.5 * NM_META_BITS / (8 * BYTES[dtype])
-
-
-def csr_bytes(c: LayerCost, s: float, dtype: str) -> float:
-    """CSR storage of a weight at sparsity s: values + int32 column index per non-zero + int32
-    row pointers (rows + 1)."""
-    nnz = round(c.weight * (1 - s))
-    return nnz * (BYTES[dtype] + INDEX_BYTES) + (c.out_features + 1) * INDEX_BYTES
-
-
-def bitmask_bytes(c: LayerCost, s: float, dtype: str) -> float:
-    """Bitmask storage: values of the non-zeros + one bit per dense position."""
-    return round(c.weight * (1 - s)) * BYTES[dtype] + math.ceil(c.weight / 8)
-
-
-def _dense_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
-    return _time(hw, dtype, c.flops * scale, (c.weight + c.act * scale) * BYTES[dtype])
-
-
-def _nm_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
-    dense = _dense_ms(c, hw, dtype, scale)
-    if c.nm_reason is not None or not hw.sparse_24 or c.rows * scale < hw.sparse_min_rows:
-        return dense
-    B = BYTES[dtype]
-    sparse = _time(
-        hw,
-        dtype,
-        c.flops * scale / hw.sparse_factor,
-        c.weight * B * nm_bytes_ratio(dtype) + c.act * scale * B,
-    )
-    return min(dense, sparse)
-
-
-def _unstructured_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float, s: float) -> float:
-    dense = _dense_ms(c, hw, dtype, scale)
-    if not c.weight or hw.unstructured_threshold is None or s < hw.unstructured_threshold:
-        return dense
-    sparse = _time(
-        hw,
-        dtype,
-        c.flops * scale * (1 - s),
-        csr_bytes(c, s, dtype) + c.act * scale * BYTES[dtype],
-        peak=hw.cuda_tflops,
-    )
-    return min(dense, sparse)
+__all__ = [
+    "BYTES",
+    "HARDWARE",
+    "EstimateReport",
+    "Hardware",
+    "LayerCost",
+    "RooflineRow",
+    "Scenario",
+    "bitmask_bytes",
+    "csr_bytes",
+    "estimate",
+    "layer_costs",
+    "nm_bytes_ratio",
+]
 
 
 def _bytes_all(n: float) -> dict[str, float]:
@@ -515,27 +95,6 @@ def _speedups(
             t_new = per_layer(hw, dtypes[hw.name], sc)
             out[hw.name][b] = t_dense / t_new if t_new else float("inf")
     return out
-
-
-def _roofline(costs: list[LayerCost], hw: Hardware, dtype: str, scale: float) -> list[RooflineRow]:
-    ridge = hw.ridge(dtype)
-    rows = []
-    for c in costs:
-        flops = c.flops * scale
-        nbytes = (c.weight + c.act * scale) * BYTES[dtype]
-        ai = flops / nbytes if nbytes else 0.0
-        rows.append(
-            RooflineRow(
-                c.name,
-                c.op,
-                flops,
-                nbytes,
-                ai,
-                "compute" if ai >= ridge else "memory",
-                _dense_ms(c, hw, dtype, scale),
-            )
-        )
-    return rows
 
 
 def _batch_of(args: tuple) -> int:
