@@ -77,6 +77,41 @@ class IterativeResult:
     params: int = 0
     macs: int = 0
 
+    def combined(self):
+        """One :class:`fxprune.CompileResult` from the dense model to the final one: the steps'
+        plan entries in order (a plan replays them one after another), so ``.save(path)`` and
+        ``fxprune.load(path, dense_model)`` work as for a one-shot result. Its equivalence proof
+        against the dense model holds only when no fine-tuning changed the weights."""
+        from fxprune.api import _summary
+        from fxprune.plan import CompileResult, Plan
+
+        first, last = self.steps[0].result, self.steps[-1].result
+
+        def stats(rows, side):
+            return {
+                r.layer: {
+                    "params": getattr(r, f"params_{side}"),
+                    "macs": getattr(r, f"macs_{side}"),
+                }
+                for r in rows
+            }
+
+        entries = [e for s in self.steps for e in s.result.plan.passes]
+        plan = Plan(first.plan.mode, first.plan.inputs, dict(last.plan.config), entries)
+        return CompileResult(
+            last.module,
+            plan,
+            _summary(stats(first.summary.layers, "before"), stats(last.summary.layers, "after")),
+            first.barriers,
+            [p for s in self.steps for p in s.result.passes],
+            approximate=any(s.result.approximate for s in self.steps),
+            seconds=sum(s.seconds for s in self.steps),
+        )
+
+    def save(self, path, source: dict | None = None) -> None:
+        """Plan (every step) + the final state_dict; reload with ``fxprune.load``."""
+        self.combined().save(path, source=source)
+
     def table(self) -> str:
         lines = [
             "| step | ratios | params | MACs | proof | metric | revived 2:4 weights |",

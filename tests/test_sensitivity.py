@@ -175,3 +175,17 @@ def test_latency_targets_need_timings(crippled):
         latency_repeats=4,
     )
     assert timed.latency_ms > 0 and all(r.ms_saved is not None for r in timed.rows)
+
+
+def test_iterative_result_saves_and_loads_like_a_one_shot_result(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 32, 32)
+    r = fxprune.iterative_prune(m, x, steps=3, schedule="linear", channels=0.5, ignore=["fc"])
+    combined = r.combined()
+    assert [e["name"] for e in combined.plan.passes] == ["channels"] * 3
+    assert combined.summary.macs_before > combined.summary.macs_after  # dense -> final
+    assert fxprune.verify.equivalence(m, combined, x).ok  # no fine-tuning: exact vs dense
+    r.save(tmp_path / "it.pt")
+    again = fxprune.load(tmp_path / "it.pt", torchvision.models.resnet18().eval())
+    torch.testing.assert_close(again.module(x), r.module(x))
