@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.calibration import default_loss
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, PlanError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args
 from fxprune.hf import pruned_config
@@ -322,6 +322,8 @@ def compile(  # noqa: A001 - the public name the project promises
         "allow_approximate": allow_approximate,
         "seed": seed,
     }
+    if sparsity_method != "magnitude" and nm is None:
+        raise ConfigError(f"sparsity_method={sparsity_method!r} needs sparsity='N:M' (e.g. '2:4')")
     if sparsity_permute and nm is None:
         raise ConfigError("sparsity_permute=True needs sparsity='N:M'")
     if nm is not None:
@@ -343,6 +345,7 @@ def apply_plan(
     plan: Plan | dict | str,
     example_inputs=None,
     leaf_modules: Sequence[str | type] = (),
+    _weights_follow: bool = False,
 ) -> CompileResult:
     """Rebuild a plan's pruned architecture from a fresh dense ``model`` (weights sliced from it).
 
@@ -354,6 +357,14 @@ def apply_plan(
     elif isinstance(plan, dict):
         plan = Plan.from_dict(plan)
     args = as_args(example_inputs) if example_inputs is not None else plan.example_inputs()
+    data_nm = [e.get("method") for e in plan.passes if e["name"] == "nm"]
+    data_nm = [m for m in data_nm if m not in (None, "magnitude")]
+    if data_nm and not _weights_follow:
+        raise PlanError(
+            f"this plan's N:M masks were chosen by {data_nm[0]!r} on calibration data and cannot "
+            "be recomputed from the dense weights; open the checkpoint with "
+            "fxprune.load(path, model), which reads the masks off the saved weights"
+        )
     passes = []
     for entry in plan.passes:
         if entry["name"] not in PASSES:
@@ -370,7 +381,7 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
     Uses ``torch.load(weights_only=True)`` unless ``trust=True``.
     """
     ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
-    res = apply_plan(model, ckpt["plan"])
+    res = apply_plan(model, ckpt["plan"], _weights_follow=True)
     res.module.load_state_dict(ckpt["state_dict"])
     from fxprune.passes.nm import masks_from_weights
 

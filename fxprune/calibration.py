@@ -190,6 +190,10 @@ def recalibrate_bn(module: torch.nn.Module, batches, max_batches: int | None = N
     if not bns:
         return module.eval()
     saved = [(m, m.momentum) for m in bns]
+    stats = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
+    ]
+    ran = 0
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -203,8 +207,16 @@ def recalibrate_bn(module: torch.nn.Module, batches, max_batches: int | None = N
                 if max_batches is not None and i >= max_batches:
                     break
                 module(*(b if isinstance(b, (tuple, list)) else (b,)))
+                ran += 1
     finally:
         for m, mom in saved:
             m.momentum = mom
         module.train(was)
+        if not ran:  # nothing seen: put the old statistics back rather than mean 0 / var 1
+            for m, (mean, var, n) in zip(bns, stats, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+    if not ran:
+        raise ConfigError("recalibrate_bn: the batches gave nothing (an exhausted generator?)")
     return module.eval()

@@ -17,7 +17,8 @@ EXAMPLES = """model sources:
   torchvision:NAME | timm:NAME        random weights, nothing downloaded
   hf:CONFIG_OR_LOCAL_DIR              a Hugging Face folder (its safetensors weights when present,
                                       else random weights from config.json), a config.json, or a
-                                      model type such as hf:bert or hf:llama (default config)
+                                      model type such as hf:bert (that family's default config,
+                                      full size: hf:llama would be 6.7B parameters)
   path/to/file.py:factory             factory() returns (model, example_input)
   checkpoint.pt                       written by `fxprune prune --save` (plan + state_dict)
 
@@ -86,6 +87,12 @@ def _open_checkpoint(path: str, trust: bool):
         raise ConfigError(
             f"{path} does not name the model it was pruned from (saved by the Python API); "
             f"give the dense model and the checkpoint: fxprune verify SOURCE --load {path}"
+        )
+    kind = src["model"].partition(":")[0]
+    if kind.endswith(".py") and not trust:
+        raise ConfigError(
+            f"{path} names the factory {src['model']!r}: opening it runs that Python file; "
+            "pass --trust if you trust it"
         )
     torch.manual_seed(src.get("seed", 0))
     model, x = load_model(src["model"], trust=trust)
@@ -249,7 +256,9 @@ def _verify(a, log: _Log) -> int:
     if a.report:
         log("estimating")
         est = fxprune.estimate(model, x, structured=res, batch_sizes=a.batch)
-        est.compare(lat, hardware=_profile_for(a.backend))
+        profile = _profile_for(a.backend)
+        if profile:
+            est.compare(lat, hardware=profile)
     log(None)
     gates = []
     if not eq.ok:
@@ -274,8 +283,14 @@ def _verify(a, log: _Log) -> int:
     return 1 if gates else 0
 
 
-def _profile_for(backend: str) -> str:
-    return "H100" if backend in ("tensorrt", "torch-cuda") else "cpu"
+def _profile_for(backend: str) -> str | None:
+    """The estimator profile a measurement on ``backend`` compares with (None: no match)."""
+    if backend not in ("tensorrt", "torch-cuda"):
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((p for p in ("H100", "A100", "L4") if p in name), None)
 
 
 def _estimate(a, log: _Log) -> int:
@@ -307,7 +322,14 @@ def _estimate(a, log: _Log) -> int:
             threads=a.threads,
             progress=not a.quiet and sys.stderr.isatty(),
         )
-        est.compare(lat, hardware=a.compare_with or _profile_for(a.backend))
+        profile = a.compare_with or _profile_for(a.backend)
+        if profile:
+            est.compare(lat, hardware=profile)
+        else:
+            print(
+                "fxprune: no estimator profile matches this GPU: pass --compare_with",
+                file=sys.stderr,
+            )
     log(None)
     if a.json:
         out = est.to_dict()

@@ -204,7 +204,10 @@ def iterative_prune(
 
         if hidden_attention(traced.gm):
             traced = trace(model, args, mode="export")
-    graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
+    allow = compile_kwargs.get("allow_approximate", False)
+    leaves = compile_kwargs.get("leaf_modules", ())
+    capture = traced.mode  # every step captures the way the dense model had to be captured
+    graph = build_graph(traced.gm, allow)
     cfgs = _configs(compile_kwargs)
     ignore = compile_kwargs.get("ignore", ())
     # the groups to schedule, by the layer that names them, with their original size
@@ -229,18 +232,25 @@ def iterative_prune(
             out.baseline = float(evaluate(model))
         model.train(was)
     current = model
-    pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to",)}
+    pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to", "mode")}
     pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below
+    pass_kw["mode"] = capture
     for k in range(1, steps + 1):
         t0 = time.perf_counter()
         ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
-        cur_graph = build_graph(trace(current, args, mode=mode).gm)
+        cur = trace(current, args, mode=capture, leaf_modules=leaves)
+        cur_graph = build_graph(cur.gm, allow)
         by_layer = {g.layers(cur_graph)[0]: g for g in cur_graph.groups}
         rel: dict[str, dict[str, float]] = {}
         for layer, (kind, g0) in original.items():
             keep = cfgs[kind].units_to_keep(g0, ratios[kind])
             g = by_layer.get(layer)
-            if g is None or keep >= len(g.units):
+            if g is None:
+                raise ConfigError(
+                    f"iterative_prune step {k}: the {kind} group of layer {layer!r} is not in "
+                    f"the graph of the previous step's model (captured with {capture})"
+                )
+            if keep >= len(g.units):
                 continue
             n = len(g.units)
             rel.setdefault(arg_of[kind], {})[layer] = (n - keep) / n
@@ -270,6 +280,7 @@ def iterative_prune(
                     step.revived += int(((p != 0) & ~mask.to(p.device)).sum())
                     p.mul_(mask.to(p.device))
         if evaluate is not None:
+            res.module.eval()  # measured like the dense baseline
             with torch.no_grad():
                 step.metric = float(evaluate(res.module))
         step.seconds = time.perf_counter() - t0

@@ -5,13 +5,12 @@ command line itself: they name the source they were pruned from)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
 from fxprune.errors import ConfigError, MissingExtraError
-
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def _hf_input(cfg, seq_len: int) -> torch.Tensor:
@@ -50,16 +49,26 @@ def load_hf(name: str, trust: bool = False, seq_len: int = 128):
         )
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
-    weights = [folder / w for w in HF_WEIGHTS if folder is not None and (folder / w).exists()]
-    if weights and weights[0].suffix == ".bin" and not trust:
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    pickles = sorted(folder.glob("pytorch_model*.bin")) if folder is not None else []
+    if not files and pickles and not trust:
         raise ConfigError(
-            f"hf:{name}: {weights[0].name} is a pickle; pass --trust to load it (safetensors "
+            f"hf:{name}: {pickles[0].name} is a pickle; pass --trust to load it (safetensors "
             "needs no trust)"
         )
-    if weights:
-        model = transformers.AutoModel.from_pretrained(str(folder), config=cfg)
+    # the class the checkpoint was saved from (keeps task heads), else the base model
+    arch = next(
+        (getattr(transformers, a) for a in (cfg.architectures or []) if hasattr(transformers, a)),
+        transformers.AutoModel,
+    )
+    if files or pickles:
+        model = arch.from_pretrained(str(folder), config=cfg)
+        how = f"weights from {folder} ({len(files) or len(pickles)} file(s))"
     else:
-        model = transformers.AutoModel.from_config(cfg)
+        auto = arch is transformers.AutoModel
+        model = transformers.AutoModel.from_config(cfg) if auto else arch(cfg)
+        how = "random weights (no weights in the source)"
+    print(f"fxprune: hf:{name}: {type(model).__name__}, {how}", file=sys.stderr)
     return model.eval(), _hf_input(cfg, seq_len)
 
 

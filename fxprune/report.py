@@ -166,6 +166,8 @@ def render(
             f"<p class='sub'>{latency.warmup} warm-up + {latency.repeats} timed calls per model "
             f"and batch, dense and pruned interleaved; {_e(latency.machine)}</p>"
         )
+        if latency.notes:
+            s.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in latency.notes) + "</ul>")
         s.append(_legend("dense ms", "pruned ms"))
         s.append(
             bar_chart([(f"batch {r.batch}", r.dense_ms, r.pruned_ms) for r in latency.rows], " ms")

@@ -169,27 +169,25 @@ class SensitivityReport:
 
         got = 0.0
         while got < need:
-            best, best_cost = None, math.inf
+            best, best_cost, best_j = None, math.inf, -1
             for g, rows in steps.items():
                 i = level[g]
-                if i + 1 >= len(rows):
-                    continue
                 cur = rows[i] if i >= 0 else None
-                nxt = rows[i + 1]
-                gain = saved(nxt) - saved(cur)
-                if gain <= 0:
-                    continue
-                cost = (loss(nxt) - loss(cur)) / gain
-                if cost < best_cost:
-                    best, best_cost = g, cost
+                for j in range(i + 1, len(rows)):  # any later ratio that saves more
+                    gain = saved(rows[j]) - saved(cur)
+                    if gain <= 0:
+                        continue
+                    cost = (loss(rows[j]) - loss(cur)) / gain
+                    if cost < best_cost:
+                        best, best_cost, best_j = g, cost, j
             if best is None:
                 raise ConfigError(
                     f"target {target:g} of {by} is out of reach: the measured ratios "
-                    f"(up to {max(self.ratios):g} per group) save {got / max(total, 1):.3f}"
+                    f"(up to {max(self.ratios):g} per group) save {got / total if total else 0:.3f}"
                 )
             cur = steps[best][level[best]] if level[best] >= 0 else None
-            level[best] += 1
-            got += saved(steps[best][level[best]]) - saved(cur)
+            level[best] = best_j
+            got += saved(steps[best][best_j]) - saved(cur)
         out: dict[str, dict[str, float]] = {}
         for g, i in level.items():
             if i >= 0:
@@ -261,6 +259,8 @@ def sensitivity(
         if k in compile_kwargs:
             raise ConfigError(f"{k}= is chosen by sensitivity() itself; do not pass it")
     t0 = time.perf_counter()
+    if recalibrate is not None:
+        recalibrate = list(recalibrate)  # used once per measurement: a generator would run dry
     args = as_args(example_inputs)
     ignore = resolve_names(model, compile_kwargs.get("ignore", ()), "ignore")
     if groups is not None:
@@ -321,6 +321,7 @@ def sensitivity(
                 from fxprune.calibration import recalibrate_bn
 
                 recalibrate_bn(res.module, recalibrate)
+            res.module.eval()  # measured like the dense baseline
             with torch.no_grad():
                 m = float(evaluate_fn(res.module))
             drop = (base - m) if higher_is_better else (m - base)

@@ -55,13 +55,16 @@ def test_prune_save_export_verify_estimate_inspect(net, tmp_path, capsys):
     ck = torch.load("ck.pt", weights_only=True)
     assert ck["source"] == {"model": f"{tmp_path / 'net.py'}:build", "seed": 0}
 
-    # the checkpoint names its source: every command opens it without the model
-    assert main(["export", "ck.pt", "-o", "out/m.onnx", "--json"]) == 0
+    # the checkpoint names its source: every command opens it without the model; a factory
+    # file source runs Python, so it needs --trust
+    assert main(["export", "ck.pt", "-o", "out/m.onnx"]) == 2
+    assert "pass --trust" in capsys.readouterr().err
+    assert main(["export", "ck.pt", "-o", "out/m.onnx", "--json", "--trust"]) == 0
     exp = _json(capsys)
     assert exp["equivalence"]["ok"] and Path("out/m.onnx").exists()
     assert exp["export"]["ort_max_rel_err"] < 1e-4
 
-    args = ["verify", "ck.pt", "--backend", "torch", "--batch", "1", "--repeats", "4"]
+    args = ["verify", "ck.pt", "--trust", "--backend", "torch", "--batch", "1", "--repeats", "4"]
     assert main(args + ["--json", "--report", "v.html"]) == 0
     ver = _json(capsys)
     assert ver["equivalence"]["ok"] and ver["rows"][0]["mac_ratio"] < 0.6
@@ -69,7 +72,7 @@ def test_prune_save_export_verify_estimate_inspect(net, tmp_path, capsys):
     for part in ("<svg", "Latency, torch", "Estimated vs measured", "Kept channels"):
         assert part in page, part
 
-    assert main(["estimate", "ck.pt", "--hardware", "H100", "cpu", "--json"]) == 0
+    assert main(["estimate", "ck.pt", "--trust", "--hardware", "H100", "cpu", "--json"]) == 0
     est = _json(capsys)
     names = [s["name"] for s in est["scenarios"]]
     assert names[:3] == ["dense", "unstructured 90%", "2:4"] and names[3].startswith("structured")
@@ -131,6 +134,10 @@ def test_hf_sources(tmp_path, capsys):
         m.encoder.layer[0].attention.self.query.weight,
     )
     assert ids.shape == (1, 16) and int(ids.max()) < 100
+
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # several safetensors
+    sharded, _ = load_model(f"hf:{tmp_path / 'sharded'}")
+    assert torch.equal(sharded.pooler.dense.weight, m.pooler.dense.weight)
 
     m.save_pretrained(tmp_path / "bin", safe_serialization=False)
     if (tmp_path / "bin" / "pytorch_model.bin").exists():

@@ -189,3 +189,71 @@ def test_iterative_result_saves_and_loads_like_a_one_shot_result(tmp_path):
     r.save(tmp_path / "it.pt")
     again = fxprune.load(tmp_path / "it.pt", torchvision.models.resnet18().eval())
     torch.testing.assert_close(again.module(x), r.module(x))
+
+
+def test_pruned_copies_are_measured_in_eval_mode_like_the_baseline(crippled):
+    m, x, cosine = crippled
+    m.train()  # the user's model happens to be in train mode
+    seen = []
+
+    def metric(mod):
+        seen.append(mod.training)
+        return cosine(mod)
+
+    fxprune.sensitivity(m, x, metric, ratios=(0.5,), ignore=["fc3"])
+    r = fxprune.iterative_prune(m, x, steps=2, channels=0.5, ignore=["fc3"], evaluate=metric)
+    assert not any(seen) and len(seen) == 3 + 3 and m.training  # baseline + 2 each
+    assert r.steps[-1].metric is not None
+
+
+def test_recalibration_batches_may_be_a_generator(crippled):
+    torchvision = pytest.importorskip("torchvision")
+    m, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 32, 32)
+    gen = (torch.randn(4, 3, 32, 32) for _ in range(2))
+    rep = fxprune.sensitivity(
+        m,
+        x,
+        lambda mod: float(mod(x).std()),
+        ratios=(0.5,),
+        ignore=["fc"],
+        groups=["layer1.0.conv1", "layer2.0.conv1"],
+        recalibrate=gen,
+    )
+    assert len(rep.rows) == 2  # both measured with real statistics, not a run-dry generator
+    from fxprune.calibration import recalibrate_bn
+
+    before = m.bn1.running_mean.clone()
+    with pytest.raises(ConfigError, match="gave nothing"):
+        recalibrate_bn(m, iter(()))
+    assert torch.equal(m.bn1.running_mean, before)  # statistics put back
+
+
+def test_ratios_for_target_can_jump_past_a_step_that_saves_nothing():
+    from fxprune.sensitivity import SensitivityReport, SensitivityRow
+
+    rep = SensitivityReport(1.0, True, [0.25, 0.5], macs=100, params=100, latency_ms=0.4)
+    for g, saves in (("a", (0.0, 0.1)), ("b", (0.1, 0.2))):
+        for r, ms in zip((0.25, 0.5), saves, strict=True):
+            rep.rows.append(SensitivityRow(g, g, "channels", 8, r, 2, 1.0, 0.0, 0, 0, ms))
+    plan = rep.ratios_for_target(0.6, by="latency")  # needs a at 0.5 (its 0.25 saves 0)
+    assert plan == {"layer_ratios": {"a": 0.5, "b": 0.5}}
+    with pytest.raises(ConfigError, match=r"save 0\.750"):
+        rep.ratios_for_target(0.9, by="latency")
+
+
+def test_iterative_heads_behind_multihead_attention():
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x + self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    m, x = nn.Sequential(Blk(), Blk()).eval(), torch.randn(2, 5, 32)
+    r = fxprune.iterative_prune(m, x, steps=2, heads=0.5)
+    one = fxprune.compile(m, x, heads=0.5)
+    assert r.steps[-1].params == sum(p.numel() for p in one.module.parameters())
+    assert r.steps[0].params < sum(p.numel() for p in m.parameters())

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fxprune._util import module_matches
 from fxprune.errors import ConfigError, FxPruneError
 from fxprune.estimator.costs import (
     LayerCost,
@@ -208,18 +209,22 @@ def estimate(
 
     if sparsity is not None:
         s = float(sparsity)
-        kept = sum(round(c.weight * (1 - s)) for c in weights.values())
+        excl = {k for k in weights if any(module_matches(k, p) for p in exclude)}
+        sparse_w = {k: c for k, c in weights.items() if k not in excl}
+        dense_rest = other + sum(c.weight for k, c in weights.items() if k in excl)
+        kept = sum(round(c.weight * (1 - s)) for c in sparse_w.values())
         csr = {
-            d: other * BYTES[d] + sum(csr_bytes(c, s, d) for c in weights.values()) for d in BYTES
-        }
-        bm = {
-            d: other * BYTES[d] + sum(bitmask_bytes(c, s, d) for c in weights.values())
+            d: dense_rest * BYTES[d] + sum(csr_bytes(c, s, d) for c in sparse_w.values())
             for d in BYTES
         }
-        wflops = sum(c.flops for c in costs if c.weight)
+        bm = {
+            d: dense_rest * BYTES[d] + sum(bitmask_bytes(c, s, d) for c in sparse_w.values())
+            for d in BYTES
+        }
+        wflops = sum(c.flops for c in costs if c.weight and c.name not in excl)
         sc = Scenario(
             f"unstructured {s:.0%}",
-            other + kept,
+            dense_rest + kept,
             {"CSR": csr, "bitmask": bm},
             gflops,
             gflops - wflops * s,
@@ -227,16 +232,20 @@ def estimate(
         sc.speedup = _speedups(
             sc.name,
             costs,
-            lambda hw, d, k: sum(_unstructured_ms(c, hw, d, k, s) for c in costs),
+            lambda hw, d, k: sum(
+                _dense_ms(c, hw, d, k) if c.name in excl else _unstructured_ms(c, hw, d, k, s)
+                for c in costs
+            ),
             hws,
             dtypes,
             batches,
             b0,
         )
-        big = max(weights.values(), key=lambda c: c.weight, default=None)
+        big = max(sparse_w.values(), key=lambda c: c.weight, default=None)
+        Ws = W - (dense_rest - other)
         sc.formulas.append(
-            f"remaining = P x (1 - s) = {_n(W)} x (1 - {s:g}) = {_n(W * (1 - s))} "
-            f"(+ {_n(other)} not pruned) = {_n(other + kept)} parameters"
+            f"remaining = P x (1 - s) = {_n(Ws)} x (1 - {s:g}) = {_n(Ws * (1 - s))} "
+            f"(+ {_n(dense_rest)} not pruned) = {_n(dense_rest + kept)} parameters"
         )
         if big is not None:
             nnz = round(big.weight * (1 - s))
@@ -357,6 +366,7 @@ def estimate(
         scen,
         roof,
         notes,
+        ridges={h.name: h.ridge(dtypes[h.name]) for h in hws},
     )
 
 
@@ -392,7 +402,8 @@ def _structured(
         except FxPruneError as e:
             return Scenario(f"structured ({what})", 0, {}, 0.0, 0.0, skipped=str(e))
     P2 = sum(p.numel() for p in res.module.parameters())
-    if P2 == sum(p.numel() for p in model.parameters()):
+    masked = {k for p in res.passes if p.name == "nm" for k in p.masks}
+    if P2 == sum(p.numel() for p in model.parameters()) and not masked:
         why = "; ".join(f"{b['node']}: {b['reason']}" for b in res.barriers[:2])
         return Scenario(
             f"structured ({what})",
@@ -403,9 +414,8 @@ def _structured(
             skipped="nothing was removed" + (f" (barriers: {why})" if why else ""),
         )
     pcosts = layer_costs(trace(res.module, args).gm, fused=fused)
-    masked = {k for p in res.passes if p.name == "nm" for k in p.masks}
     for c in pcosts:  # only weights the N:M pass masked run on sparse math
-        if c.weight and f"{c.name}.weight" not in masked:
+        if c.weight and c.param not in masked:
             c.nm_reason = "not N:M-masked"
     ms = _nm_ms if masked else _dense_ms
     fl = _gemm_flops(pcosts)

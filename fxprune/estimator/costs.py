@@ -27,6 +27,7 @@ class LayerCost:
     out_features: int  # weight rows (CSR row pointers)
     act: int  # input + output activation elements
     nm_reason: str | None  # None when the weight can carry 2:4
+    param: str = ""  # the weight's qualified name
 
 
 @dataclass
@@ -165,6 +166,7 @@ def layer_costs(
                     feats,
                     act,
                     eligibility(wl, w, nm),
+                    wl.param,
                 )
             )
         elif found is not None:

@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from fxprune.estimator.costs import RooflineRow
-from fxprune.estimator.hardware import HARDWARE
 
 
 @dataclass
@@ -36,6 +35,7 @@ class EstimateReport:
     roofline: dict[str, dict[int, list[RooflineRow]]]  # hardware -> batch -> rows (dense)
     notes: list[str]
     comparisons: list[dict] = field(default_factory=list)
+    ridges: dict[str, float] = field(default_factory=dict)  # hardware -> FLOP/byte at its dtype
 
     def scenario(self, name: str) -> Scenario:
         for s in self.scenarios:
@@ -100,10 +100,9 @@ class EstimateReport:
         for h in self.hardware:
             for b in self.batch_sizes:
                 rows = self.roofline[h][b]
-                hw = HARDWARE.get(h)
                 total = sum(r.ms for r in rows) or 1.0
                 mem = sum(r.ms for r in rows if r.bound == "memory")
-                ridge = hw.ridge(self.dtypes[h]) if hw else float("nan")
+                ridge = self.ridges.get(h, float("nan"))
                 out.append("")
                 out.append(
                     f"roofline {h} {self.dtypes[h]}, batch {b}: ridge point {ridge:.0f} FLOP/byte; "

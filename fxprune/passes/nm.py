@@ -199,8 +199,13 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
         "ineligible": ineligible,
         "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
     }
-    if fallback and cfg.method == "sparsegpt":
-        details["wanda_fallback"] = fallback
+    if data:  # layers the data-driven method could not serve, and what they got instead
+        missing = [c.param for c, _ in chosen if c.param not in acc.sq]
+        no_input = dict.fromkeys(missing, "no input captured: magnitude used")
+        if cfg.method == "sparsegpt" and fallback:
+            details["wanda_fallback"] = {k: v for k, v in fallback.items() if k in acc.sq}
+        if no_input:
+            details["magnitude_fallback"] = no_input
     return PassResult(
         "nm",
         changed=False,  # shapes are unchanged: the dependency graph stays valid

@@ -44,9 +44,9 @@ def _conv_geometry(gm: fx.GraphModule, node: fx.Node):
     """(stride, padding, dilation) of a 2-D conv node, or None when not a plain conv2d."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple):
+        if isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple) and m.padding_mode == "zeros":
             return m.stride, m.padding, m.dilation
-        return None
+        return None  # reflect / circular padding: the zero-padded unfold would be wrong
     name = str(getattr(node.target, "__name__", node.target)).split(".")[-1]
     if name != "conv2d":
         return None
@@ -113,7 +113,7 @@ def _accumulate(acc, gm, param, node, wl, x, hessian, fallback) -> None:
         if hessian and param not in fallback:
             geo = _conv_geometry(gm, node) if x.ndim == 4 and wl.groups == 1 else None
             if geo is None:
-                fallback[param] = "only 2-D convs with groups=1 are reconstructed"
+                fallback[param] = "only 2-D convs with groups=1 and zero padding are reconstructed"
             else:
                 w = gm.get_parameter(param)
                 k = tuple(w.shape[2:])

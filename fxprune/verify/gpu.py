@@ -44,6 +44,11 @@ def semi_structured_plan(
     of the backend's tile (checked at conversion; failures are reported, not fatal).
     """
     ok, skipped = [], {}
+    axis = {}
+    if isinstance(module, torch.fx.GraphModule):
+        from fxprune.passes.nm import candidates
+
+        axis = {c.param: c.reduce_dim for c in candidates(module)}
     for name, mask in masks.items():
         try:
             w = module.get_parameter(name)
@@ -54,6 +59,12 @@ def semi_structured_plan(
             skipped[name] = (
                 f"{w.ndim}-D weight (conv): PyTorch semi-structured sparse tensors cover "
                 "Linear / matmul only; use backend='tensorrt' for sparse convolutions"
+            )
+            continue
+        if axis.get(name, 1) == 0:
+            skipped[name] = (
+                "weight stored [in, out] (Hugging Face Conv1D / addmm); PyTorch semi-structured "
+                "sparse tensors need [out, in] with 2:4 along in"
             )
             continue
         groups = (
@@ -210,6 +221,7 @@ class TensorRTRunner:
         return ins, outs
 
     def run(self, prepared):
-        self.context.execute_async_v3(self.stream.cuda_stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         self.stream.synchronize()
         return prepared[1]

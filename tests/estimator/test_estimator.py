@@ -151,3 +151,36 @@ def test_structured_failure_is_reported_not_raised():
     rep = estimate(_linear(8, 8), x, structured={"channels": 0.5, "ignore": ["nope"]})
     assert "'nope' matches no module name" in rep.scenario("structured").skipped
     assert "skipped: nothing" not in rep.table()
+
+
+def test_exclude_applies_to_unstructured_and_nm_only_results_are_priced():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    every = estimate(m, x, structured=None, nm=None)
+    kept = estimate(m, x, structured=None, nm=None, exclude=["2"])
+    assert kept.scenario("unstructured").params == every.scenario("unstructured").params + round(
+        64 * 64 * 0.9
+    )
+    only_nm = fxprune.compile(m, x, sparsity="2:4")
+    rep = estimate(m, x, structured=only_nm, batch_sizes=[1])
+    st = rep.scenario("structured")
+    assert st.skipped is None and "2 weights N:M-masked" in st.formulas[0]
+
+
+def test_custom_hardware_gets_its_ridge_in_the_table():
+    from fxprune.estimator import Hardware
+
+    tiny = Hardware(
+        "edge",
+        "gpu",
+        {"fp32": 2.0, "fp16": 4.0, "int8": 8.0},
+        1.0,
+        50.0,
+        True,
+        1.5,
+        0,
+        0.95,
+        "made up",
+    )
+    rep = estimate(_linear(8, 8), torch.randn(1, 8), hardware=[tiny], structured=None)
+    assert "roofline edge fp16, batch 1: ridge point 80 FLOP/byte" in rep.table()

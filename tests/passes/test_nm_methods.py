@@ -107,3 +107,16 @@ def test_sparsegpt_checkpoint_round_trip(tmp_path):
 def test_unknown_method_is_named():
     with pytest.raises(ConfigError, match="sparsity_method='obs'"):
         fxprune.compile(nn.Linear(4, 4), torch.randn(1, 4), sparsity="2:4", sparsity_method="obs")
+
+
+def test_data_driven_plans_replay_only_with_their_weights(tmp_path):
+    x, cal = _data()
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    res = fxprune.compile(m, x[:8], sparsity="2:4", sparsity_method="wanda", calibration=cal)
+    with pytest.raises(fxprune.errors.PlanError, match="fxprune.load"):
+        fxprune.apply_plan(m, res.plan)
+    res.save(tmp_path / "w.pt")
+    again = fxprune.load(tmp_path / "w.pt", m)
+    assert all(torch.equal(again.nm_masks[k], v) for k, v in res.nm_masks.items())
+    with pytest.raises(ConfigError, match="needs sparsity"):
+        fxprune.compile(m, x[:8], sparsity_method="wanda")
