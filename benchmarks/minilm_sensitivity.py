@@ -44,7 +44,13 @@ def main() -> None:
 
     common = dict(importance="activation", calibration=calib)
     sens = fxprune.sensitivity(
-        model, evals[0], tune_metric, ratios=(0.25, 0.5, 0.75), kinds=("heads", "ffn"), **common
+        model,
+        evals[0],
+        tune_metric,
+        ratios=(0.25, 0.5, 0.75),
+        kinds=("heads", "ffn"),
+        progress=sys.stderr.isatty(),
+        **common,
     )
     print(
         f"# all-MiniLM-L6-v2 (real weights); sensitivity on 60 calibration sentences, evaluation "

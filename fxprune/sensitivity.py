@@ -211,6 +211,7 @@ def sensitivity(
     latency_backend: str | None = None,
     latency_batch: int = 8,
     latency_repeats: int = 20,
+    progress: bool = False,
     **compile_kwargs,
 ) -> SensitivityReport:
     """Prune one group at a time at each ratio and measure ``evaluate_fn`` on the result.
@@ -232,6 +233,7 @@ def sensitivity(
             ``fxprune.verify.latency`` on this backend (``"onnxruntime"``, ``"torch"`` ...) at
             ``latency_batch``, ``latency_repeats`` calls each, so ``ratios_for_target`` can aim
             at measured latency (``by="latency"``).
+        progress: a progress bar on stderr (tqdm), one tick per measured (group, ratio).
         **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
             ``round_to``, ``calibration`` ...).
 
@@ -296,6 +298,7 @@ def sensitivity(
         params=sum(p.numel() for p in model.parameters()),
     )
     dense_ms: list[float] = []
+    todo = []
     for g in graph.groups:
         if g.kind not in kinds or not len(g.units):
             continue
@@ -304,8 +307,15 @@ def sensitivity(
             continue
         if groups is not None and not any(la in groups for la in layers):
             continue
+        todo.append(g)
+    from fxprune.verify.latency import _progress
+
+    bar = _progress(progress, len(todo) * len(ratios), "sensitivity")
+    for g in todo:
+        layers = g.layers(graph)
         name = group_name(graph, g)
         for r in ratios:
+            bar.update()
             res = fx_compile(
                 model, args, **{KINDS[g.kind]: {layers[0]: float(r)}}, **compile_kwargs
             )
@@ -354,6 +364,7 @@ def sensitivity(
                     ms_saved,
                 )
             )
+    bar.close()
     if dense_ms:
         rep.latency_ms = sum(dense_ms) / len(dense_ms)
     rep.seconds = time.perf_counter() - t0

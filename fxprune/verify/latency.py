@@ -190,7 +190,8 @@ def _progress(enabled: bool, total: int, what: str):
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=f"timing on {what}", unit="call", leave=False, file=sys.stderr)
+    desc = what if what == "sensitivity" else f"timing on {what}"
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 def _macs(module, args) -> int:
