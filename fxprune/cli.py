@@ -235,13 +235,11 @@ def _plain(obj):
     return json.loads(json.dumps(d, default=str))
 
 
-def _verify(a, log: _Log) -> int:
+def _measure(a, model, res, x):
+    """The verifier's side-by-side latency, with the timing flags every command shares."""
     import fxprune
 
-    model, x, res = _compile(a, log)
-    eq = _prove(model, res, x, log)
-    log(f"measuring latency on {a.backend}")
-    lat = fxprune.verify.latency(
+    return fxprune.verify.latency(
         model,
         res,
         x,
@@ -252,6 +250,15 @@ def _verify(a, log: _Log) -> int:
         threads=a.threads,
         progress=not a.quiet and sys.stderr.isatty(),
     )
+
+
+def _verify(a, log: _Log) -> int:
+    import fxprune
+
+    model, x, res = _compile(a, log)
+    eq = _prove(model, res, x, log)
+    log(f"measuring latency on {a.backend}")
+    lat = _measure(a, model, res, x)
     est = None
     if a.report:
         log("estimating")
@@ -312,16 +319,7 @@ def _estimate(a, log: _Log) -> int:
     lat = None
     if a.measure:
         log(f"measuring the structured model on {a.backend}")
-        lat = fxprune.verify.latency(
-            model,
-            res,
-            x,
-            backend=a.backend,
-            batch_sizes=a.batch,
-            repeats=a.repeats,
-            threads=a.threads,
-            progress=not a.quiet and sys.stderr.isatty(),
-        )
+        lat = _measure(a, model, res, x)
         profile = a.compare_with or _profile_for(a.backend)
         if profile:
             est.compare(lat, hardware=profile)
@@ -471,6 +469,7 @@ def _add_timing(pr, batch_default) -> None:
         help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse) or tensorrt (GPU)",
     )
     pr.add_argument("--batch", type=int, nargs="+", default=batch_default, help="batch sizes")
+    pr.add_argument("--warmup", type=int, default=5, help="untimed calls per model and batch")
     pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
     pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
 
@@ -505,7 +504,6 @@ def parser() -> argparse.ArgumentParser:
     ve = add("verify", "measure pruned vs dense latency on a backend, side by side")
     _add_pruning(ve)
     _add_timing(ve, [1, 8])
-    ve.add_argument("--warmup", type=int, default=5)
     ve.add_argument(
         "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
     )
