@@ -89,8 +89,16 @@ def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
     dims = tuple(
         {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
     )
+    # export specialises a dim of size 1 to the constant 1 (the "0/1 specialisation"): trace
+    # a batch of 1 as a batch of 2 (rows repeated) so the graph still serves every batch size
+    wide = tuple(
+        a.repeat(2, *([1] * (a.ndim - 1)))
+        if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1
+        else a
+        for a in args
+    )
     try:
-        ep = torch.export.export(model, args, strict=False, dynamic_shapes=dims)
+        ep = torch.export.export(model, wide, strict=False, dynamic_shapes=dims)
     except Exception:  # noqa: BLE001 - a model that cannot take a symbolic batch: keep it static
         ep = torch.export.export(model, args, strict=False)
     stateful = ep.module()

@@ -105,3 +105,25 @@ def test_cli_verify_gates_a_pipeline(tmp_path):
     gated = subprocess.run(cmd + ["--min-speedup", "1000"], capture_output=True, text=True)
     assert gated.returncode == 1
     assert "below --min-speedup 1000" in json.loads(gated.stdout)["failed"][0]
+
+
+def test_batch_one_example_still_serves_other_batches():
+    """torch.export specialises a size-1 dim; fxprune traces a batch of 1 as 2 so the pruned
+    graph and its ONNX export take any batch (the verifier times batch 1 and 8 from one input)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    m, ids = transformers.BertModel(cfg).eval(), torch.randint(0, 100, (1, 8))
+    res = fxprune.compile(m, ids, heads=0.5, ffn=0.5)
+    assert res.plan.mode == "export"
+    out = res.module(ids.repeat(5, 1))
+    assert (out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]).shape[0] == 5
+    rep = fxprune.verify.latency(m, res, ids, batch_sizes=[1, 3], repeats=2, warmup=0)
+    assert [r.batch for r in rep.rows] == [1, 3] and max(r.parity for r in rep.rows) < 1e-4
