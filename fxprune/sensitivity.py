@@ -308,9 +308,9 @@ def sensitivity(
         if groups is not None and not any(la in groups for la in layers):
             continue
         todo.append(g)
-    from fxprune.verify.latency import _progress
+    from fxprune._util import progress_bar
 
-    bar = _progress(progress, len(todo) * len(ratios), "sensitivity")
+    bar = progress_bar(progress, len(todo) * len(ratios), "sensitivity")
     for g in todo:
         layers = g.layers(graph)
         name = group_name(graph, g)

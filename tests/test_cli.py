@@ -13,6 +13,7 @@ import torch
 
 import fxprune
 from fxprune.cli import main
+from tests.transformer_models import encoder_config
 
 NET = """
 import torch, torch.nn as nn
@@ -111,14 +112,7 @@ def test_checkpoint_errors(net, tmp_path, capsys):
 
 def test_hf_sources(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    cfg = encoder_config(hidden=32, ffn=64, positions=16)
     cfg.save_pretrained(tmp_path / "cfg")  # config only: random weights
     assert main(["prune", f"hf:{tmp_path / 'cfg'}", "--heads", "0.5", "--json"]) == 0
     assert _json(capsys)["equivalence"]["ok"]

@@ -9,6 +9,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.iterative import schedule_ratio
+from tests.transformer_models import encoder_config
 
 
 class MLP(nn.Module):
@@ -69,14 +70,7 @@ def test_ratios_for_target_prefers_the_cheap_group_and_reaches_it(crippled):
 def test_sensitivity_on_heads_of_a_transformer():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    cfg = encoder_config(hidden=32, ffn=64, positions=16)
     m, ids = transformers.BertModel(cfg).eval(), torch.randint(0, 100, (2, 8))
     with torch.no_grad():
         ref = m(ids).last_hidden_state

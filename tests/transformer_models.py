@@ -22,17 +22,23 @@ def _ids(vocab=100, low=0, seq=8):
     return (torch.randint(low, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),)
 
 
+def encoder_config(name: str = "Bert", hidden=HIDDEN, ffn=FFN, positions=32, **extra):
+    """A tiny config of a BERT-style Hugging Face family: vocab 100, 2 layers, 4 heads."""
+    return getattr(_hf(), f"{name}Config")(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=ffn,
+        max_position_embeddings=positions,
+        **extra,
+    )
+
+
 def _encoder(name: str, positions: int, low: int = 0):
     """A BERT-style encoder (no pooler) of the Hugging Face class ``<name>Model``."""
     T = _hf()
-    c = getattr(T, f"{name}Config")(
-        vocab_size=100,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        intermediate_size=FFN,
-        max_position_embeddings=positions,
-    )
+    c = encoder_config(name, positions=positions)
     info = {"heads": 4, "ffn": FFN, "load_kw": {"add_pooling_layer": False}}
     return getattr(T, f"{name}Model")(c, add_pooling_layer=False), _ids(low=low), info
 

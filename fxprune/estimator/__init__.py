@@ -79,7 +79,6 @@ def _gemm_flops(costs: list[LayerCost]) -> float:
 
 
 def _speedups(
-    name: str,
     base: list[LayerCost],
     per_layer,
     hws: list[Hardware],
@@ -230,7 +229,6 @@ def estimate(
             gflops - wflops * s,
         )
         sc.speedup = _speedups(
-            sc.name,
             costs,
             lambda hw, d, k: sum(
                 _dense_ms(c, hw, d, k) if c.name in excl else _unstructured_ms(c, hw, d, k, s)
@@ -288,7 +286,6 @@ def estimate(
             gflops - eflops / 2,
         )
         sc.speedup = _speedups(
-            sc.name,
             costs,
             lambda hw, d, k: sum(_nm_ms(c, hw, d, k) for c in costs),
             hws,
@@ -421,7 +418,6 @@ def _structured(
     fl = _gemm_flops(pcosts)
     sc = Scenario(f"structured ({what})", P2, {"dense": _bytes_all(P2)}, fl, fl)
     sc.speedup = _speedups(
-        sc.name,
         costs,
         lambda hw, d, k: sum(ms(c, hw, d, k) for c in pcosts),
         hws,

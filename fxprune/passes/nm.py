@@ -216,14 +216,10 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     )
 
 
-def masks_from_weights(module: nn.Module, names, n: int, m: int) -> dict[str, torch.Tensor]:
+def masks_from_weights(module: fx.GraphModule, names, n: int, m: int) -> dict[str, torch.Tensor]:
     """N:M masks of weights that already carry the pattern (after loading a checkpoint): the
     non-zeros, completed to N per group along each layer's reduction axis."""
-    axis = (
-        {c.param: c.reduce_dim for c in candidates(module)}
-        if isinstance(module, fx.GraphModule)
-        else {}
-    )
+    axis = {c.param: c.reduce_dim for c in candidates(module)}
     return {k: nm_mask(module.get_parameter(k), n, m, axis=axis.get(k, 1)) for k in names}
 
 

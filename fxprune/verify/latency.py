@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import eval_mode
+from fxprune._util import eval_mode, progress_bar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
@@ -126,7 +125,7 @@ class _Runner:
     """A prepared model on a CPU backend: ``prepare(args)`` makes one batch of inputs ready
     (outside the timed region), ``run(prepared)`` does one forward."""
 
-    notes: list[str] = []
+    notes: tuple[str, ...] = ()  # the CPU backends have nothing to add
 
     def __init__(self, module, args, backend: str, threads: int, workdir: Path, tag: str):
         self.backend = backend
@@ -172,26 +171,6 @@ def _runner(module, args, backend, threads, workdir, tag, masks, max_batch):
 
         return TensorRTRunner(module, args, workdir, tag, bool(masks), max_batch)
     return _Runner(module, args, backend, threads, workdir, tag)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int, what: str):
-    """A tqdm bar on stderr when asked for and installed, else an object that does nothing."""
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    desc = what if what == "sensitivity" else f"timing on {what}"
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 def _macs(module, args) -> int:
@@ -327,7 +306,9 @@ def latency(
             }
             for r in runners.values():
                 rep.notes += r.notes
-            bar = _progress(progress, len(batch_sizes) * 2 * (warmup + repeats), backend)
+            bar = progress_bar(
+                progress, len(batch_sizes) * 2 * (warmup + repeats), f"timing on {backend}"
+            )
             for b in batch_sizes:
                 xb = _batch(args, b)
                 ready = {name: r.prepare(xb) for name, r in runners.items()}

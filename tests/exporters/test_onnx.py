@@ -14,6 +14,7 @@ from fxprune.exporters import exporter_for
 from fxprune.exporters import onnx as onnx_exp
 from fxprune.exporters.audit import audit_nm
 from tests.conftest import randomize
+from tests.transformer_models import encoder_config
 
 
 class TinyEncoder(nn.Module):
@@ -117,13 +118,7 @@ def test_hf_bert_channels_2to4_export(tmp_path):
     """A BERT-style model (torch.export capture): FFN pruned, 2:4 everywhere, dynamic batch ONNX."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=100,
-    )
+    cfg = encoder_config(positions=512)
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 100, (2, 16))
     res = fxprune.compile(model, (ids,), channels=0.5, sparsity="2:4")

@@ -9,7 +9,7 @@ import torch
 import fxprune
 from fxprune.errors import ConfigError
 from tests.conftest import assert_equivalent
-from tests.transformer_models import FAMILIES, HF, build
+from tests.transformer_models import FAMILIES, HF, build, encoder_config
 
 pytest.importorskip("transformers")
 
@@ -213,14 +213,7 @@ def test_lm_heads_tied_to_embeddings_and_taylor_lm_loss():
     assert res.passes[0].details["taylor_loss"] == "causal LM loss"
     m = res.module
     assert m.get_parameter("lm_head.weight") is m.get_parameter("transformer.wte.weight")
-    c = T.BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
+    c = encoder_config(hidden=64, ffn=128, positions=32)
     mlm = T.BertForMaskedLM(c).eval()
     res = fxprune.compile(mlm, x, heads=0.5, importance="taylor")
     assert res.passes[0].details["taylor_loss"] == "masked LM loss on the input tokens"

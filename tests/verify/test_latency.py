@@ -14,6 +14,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.verify.latency import _batch, verdict
+from tests.transformer_models import encoder_config
 
 
 class Net(nn.Module):
@@ -112,14 +113,7 @@ def test_batch_one_example_still_serves_other_batches():
     graph and its ONNX export take any batch (the verifier times batch 1 and 8 from one input)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    cfg = encoder_config(hidden=32, ffn=64, positions=16)
     m, ids = transformers.BertModel(cfg).eval(), torch.randint(0, 100, (1, 8))
     res = fxprune.compile(m, ids, heads=0.5, ffn=0.5)
     assert res.plan.mode == "export"
