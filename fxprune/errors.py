@@ -35,6 +35,16 @@ class PlanError(FxPruneError):
     """A saved plan does not match the model it is applied to."""
 
 
+class CheckpointError(PlanError):
+    """A checkpoint file is missing, unreadable, corrupt, holds pickled code (without trust) or
+    does not fit the model; the message names the file."""
+
+
+class FileAccessError(FxPruneError, OSError):
+    """A file or folder cannot be read or written (a read-only folder, a directory given where a
+    file goes); the message names the path."""
+
+
 class ExportError(FxPruneError):
     """An exporter failed (validation, tolerance, missing extra)."""
 
@@ -46,3 +56,8 @@ class MissingExtraError(FxPruneError, ImportError):
         super().__init__(f"{purpose} needs the '{package}' package: pip install 'fxprune[{extra}]'")
         self.package = package
         self.extra = extra
+
+
+class NothingToPruneError(ConfigError):
+    """A pass the user asked for would remove nothing; the message says why (nothing of that
+    kind in the graph, everything ignored or blocked, or the ratio rounds to zero)."""

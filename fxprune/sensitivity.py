@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, NothingToPruneError
 
 KINDS = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
 
@@ -316,9 +316,12 @@ def sensitivity(
         name = group_name(graph, g)
         for r in ratios:
             bar.update()
-            res = fx_compile(
-                model, args, **{KINDS[g.kind]: {layers[0]: float(r)}}, **compile_kwargs
-            )
+            try:
+                res = fx_compile(
+                    model, args, **{KINDS[g.kind]: {layers[0]: float(r)}}, **compile_kwargs
+                )
+            except NothingToPruneError:
+                continue  # the ratio rounds to zero units of this group: nothing to measure
             removed = sum(
                 n
                 for p in res.passes

@@ -176,6 +176,10 @@ class Analysis:
         self.probe_nodes: list[fx.Node] = []  # inputs of Linear/Conv layers (activation stats)
         self.positional_atoms: list[np.ndarray] = []  # atoms whose position a constant encodes
         self.attention: dict[str, np.ndarray] = {}  # attention node -> head atoms (dim -3)
+        # Per atom id: was it made for a parameter / buffer used as a tensor (a constant), and
+        # has a union touched it yet. A constant nobody is coupled to may be broadcast freely.
+        self._constant = np.zeros(0, dtype=bool)
+        self._coupled = np.zeros(0, dtype=bool)
 
     # ---- atoms -------------------------------------------------------------------------------
     def positional(self, arr) -> None:
@@ -189,10 +193,25 @@ class Analysis:
         if isinstance(node, fx.Node):
             self.probe_nodes.append(node)
 
-    def new_atoms(self, n: int) -> np.ndarray:
+    def new_atoms(self, n: int, constant: bool = False) -> np.ndarray:
         ids = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
         self.n_atoms += n
+        if self.n_atoms > self._constant.size:  # grow by doubling: amortised O(1) per atom
+            cap = max(self.n_atoms, 2 * self._constant.size, 1024)
+            self._constant = np.resize(self._constant, cap)
+            self._coupled = np.resize(self._coupled, cap)
+            self._constant[ids[0] :] = False
+            self._coupled[ids[0] :] = False
+        self._constant[ids] = constant
         return ids
+
+    def free_constant(self, arr) -> bool:
+        """True when every atom of ``arr`` belongs to a parameter or buffer used as a tensor and
+        no rule has coupled any of them to anything yet (RoPE's ``inv_freq`` tables, a scalar
+        ``scale`` of shape [1])."""
+        ids = np.asarray(arr)
+        ids = ids[ids >= 0]
+        return bool(ids.size) and bool(self._constant[ids].all()) and not self._coupled[ids].any()
 
     def new_source(
         self, node: fx.Node, layer: str, param: str, dim: int, n: int, kind: str = "other"
@@ -214,7 +233,11 @@ class Analysis:
         if arg.op == "get_attr" and t.numel() <= MAX_PARAM_ATOMS:
             # A parameter used as a tensor (layer scale, positional embedding): every element gets
             # its own atom, so whatever it is combined with decides how it is sliced.
-            arr = self.new_atoms(t.numel()).reshape(tuple(t.shape)) if t.ndim else np.full((), NONE)
+            arr = (
+                self.new_atoms(t.numel(), constant=True).reshape(tuple(t.shape))
+                if t.ndim
+                else np.full((), NONE)
+            )
             arr = compress(arr)
             if arr.ndim and is_param(self.gm, arg.target):
                 self.param_arrays[arg.target] = arr
@@ -228,6 +251,8 @@ class Analysis:
         keep = (a >= 0) & (b >= 0) & (a != b)
         if keep.any():
             self.edges.append((a[keep].ravel(), b[keep].ravel()))
+            self._coupled[a[keep]] = True
+            self._coupled[b[keep]] = True
 
     def block(self, arr, node: fx.Node, reason: str) -> None:
         """Mark the atoms in ``arr`` unprunable because of ``node``."""

@@ -119,11 +119,50 @@ def barrier(ctx: Analysis, node: fx.Node, reason: str | None = None):
     return none_output(node)
 
 
-def align(arr: np.ndarray, ndim: int) -> np.ndarray:
+def align(arr: np.ndarray | None, ndim: int) -> np.ndarray:
+    if arr is None:  # a value with no atom array (a 0-d getitem): it carries no channels
+        return none_like(ndim)
     return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape) if arr.ndim < ndim else arr
 
 
 # ---- element-wise -------------------------------------------------------------------------------
+
+
+def _detach_broadcast(ctx: Analysis, node: fx.Node, arrs: list, shapes: list):
+    """Drop the operands whose atoms cannot be coupled position by position with the others'.
+
+    An operand whose atoms vary on none of the dims where the other operands' atoms vary is
+    never sliced when those channels go: it is broadcast across them. Coupling it position by
+    position would tie all of the others' channels into one unit through it:
+
+    * a scalar ``scale`` / ``bias`` of shape [1] (timm's LearnableAffineBlock) next to a conv's
+      C channels would make the C channels one unit;
+    * RoPE's ``cos`` / ``sin`` tables vary along head_dim (they come from the ``inv_freq``
+      buffer), while q's heads vary along the head dim: every head of every layer would become
+      one unit.
+
+    Such an operand is dropped from the coupling when it is a constant nobody is coupled to yet
+    (it is simply not sliced) or when it is truly broadcast (size 1) along every dim where the
+    others vary; a broadcast operand with channels of its own keeps them (they are blocked: the
+    op needs its one position for every channel of the other operand)."""
+    vary = [
+        {d for d in range(a.ndim) if a.shape[d] > 1} if (a >= 0).any() else set() for a in arrs
+    ]
+    drop = []
+    for i, a in enumerate(arrs):
+        rest = set().union(*(v for j, v in enumerate(vary) if j != i and j not in drop))
+        if not rest or not vary[i].isdisjoint(rest) or not (a >= 0).any():
+            continue
+        broadcast = all(shapes[i][d] == 1 for d in rest)
+        if ctx.free_constant(a):
+            drop.append(i)
+        elif broadcast:
+            ctx.block(a, node, "broadcast across the channels of another operand")
+            drop.append(i)
+    if not drop or len(drop) == len(arrs):
+        return arrs, shapes
+    keep = [i for i in range(len(arrs)) if i not in drop]
+    return [arrs[i] for i in keep], [shapes[i] for i in keep]
 
 
 def elementwise(ctx: Analysis, node: fx.Node, operands) -> np.ndarray:
@@ -138,6 +177,7 @@ def elementwise(ctx: Analysis, node: fx.Node, operands) -> np.ndarray:
         shapes.append((1,) * (nd - t.ndim) + tuple(t.shape))
     if not arrs:
         return none_like(nd)
+    arrs, shapes = _detach_broadcast(ctx, node, arrs, shapes)
     try:
         b = np.broadcast_shapes(*[x.shape for x in arrs])
     except ValueError:

@@ -136,9 +136,24 @@ def attention_head_dims(ctx: Analysis, node: fx.Node, limit: int = 32) -> set[in
         elif fn is _sdpa:
             q, v = tensor_meta(u.args[0]), tensor_meta(u.args[2])
             dims |= {int(t.shape[-1]) for t in (q, v) if t is not None}
+        elif fn is _einsum:
+            dims |= einsum_head_dims(u)
         elif fn in TRANSPARENT:
+            if fn is _split and _splits_last_dim(u) and attention_head_dims(ctx, u, limit):
+                # LeViT / EfficientFormer: view(B, N, H, -1).split([kd, kd, vd], dim=-1): the
+                # last size is one head's q, k and v widths side by side, still per head
+                dims.add(int(tensor_meta(u.args[0]).shape[-1]))
             todo.extend(u.users)
     return dims
+
+
+def _splits_last_dim(node: fx.Node) -> bool:
+    t = tensor_meta(node.args[0])
+    name = str(getattr(node.target, "__name__", node.target))
+    if t is None or "unbind" in name or not t.ndim:
+        return False
+    d = arg(node, 2, "dim", 0)
+    return isinstance(d, int) and d % t.ndim == t.ndim - 1
 
 
 def _size_args(node: fx.Node):
@@ -162,12 +177,29 @@ def _scaled_size(node: fx.Node, s, old: int, new: int):
         if isinstance(c, int) and (c * new) % old == 0 and isinstance(var, fx.Node):
             with node.graph.inserting_before(node):
                 return node.graph.call_function(operator.mul, (var, c * new // old))
+    if isinstance(s, fx.Node) and new != old and _reads_a_size(s):
+        # ``reshape(B, N, C)`` with ``C = x.shape[-1]`` read off another (unpruned) tensor: a
+        # dim carrying channels has the static size the weights give it
+        return new
     return s
+
+
+def _reads_a_size(s: fx.Node) -> bool:
+    """``x.shape[i]`` / ``x.size(i)`` / ``aten.sym_size``: a size read off a tensor."""
+    if s.op == "call_method" and s.target == "size":
+        return True
+    if s.target is operator.getitem and isinstance(s.args[0], fx.Node):
+        src = s.args[0]
+        return (src.op == "call_function" and src.target is getattr) or (
+            src.op == "call_method" and src.target == "size"
+        )
+    return s.op == "call_function" and s.target is torch.ops.aten.sym_size.int
 
 
 def _needs_rewrite(s, varies: bool) -> bool:
     return varies and (
-        (isinstance(s, int) and s > 0) or (isinstance(s, fx.Node) and s.target is operator.mul)
+        (isinstance(s, int) and s > 0)
+        or (isinstance(s, fx.Node) and (s.target is operator.mul or _reads_a_size(s)))
     )
 
 
@@ -375,6 +407,19 @@ def _getitem(ctx, node):
 
 def _index(ctx, node, X, shape, idx):
     idx = idx if isinstance(idx, tuple) else (idx,)
+    tensors = [k for k, i in enumerate(idx) if tensor_meta(i) is not None]
+    full = all(k in tensors or i == slice(None) for k, i in enumerate(idx))
+    if len(tensors) == 1 and full and len(idx) <= X.ndim:
+        # ``table[:, idx]`` (LeViT / EfficientFormer attention biases): one dim gathered by an
+        # index tensor, the others whole: as ``aten.index``, the gathered dim's atoms are
+        # coupled into one and the other dims keep theirs
+        d = tensors[0]
+        if X.shape[d] > 1:
+            ref = X.take([0], axis=d)
+            ctx.union(X, ref)
+            X = ref
+        k = tensor_meta(idx[d]).ndim
+        return X.reshape(X.shape[:d] + (1,) * k + X.shape[d + 1 :])
     if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
         # Advanced indexing: follow it only when no channel dim is indexed.
         if varying_dims(X):
@@ -557,6 +602,81 @@ def _sdpa(ctx, node):
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out
+
+
+def _einsum_parts(node: fx.Node):
+    """(input subscripts per operand, output subscripts, operand nodes) of an einsum call, with
+    ``...`` expanded to one letter per broadcast dim; None when it cannot be read."""
+    eq = node.args[0]
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    if not isinstance(eq, str) or "->" not in eq:
+        return None  # an implicit output (no "->") orders letters alphabetically: not followed
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ops):
+        return None
+    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    n_ell = 0
+    for sub, op in zip(ins, ops, strict=True):
+        t = tensor_meta(op)
+        if t is None:
+            return None
+        if "..." in sub:
+            n_ell = max(n_ell, t.ndim - (len(sub) - 3))
+    ell = "".join(next(spare) for _ in range(n_ell))
+    fixed = []
+    for sub, op in zip(ins, ops, strict=True):
+        if "..." in sub:
+            k = tensor_meta(op).ndim - (len(sub) - 3)
+            sub = sub.replace("...", ell[n_ell - k :])
+        fixed.append(sub)
+    return fixed, out.replace("...", ell), list(ops)
+
+
+def einsum_head_dims(node: fx.Node) -> set[int]:
+    """Sizes an einsum attention product gives head_dim: its contracted letters and the last
+    letter of each operand (``bhid,bhjd->bhij`` contracts d; ``bhij,bhjd->bhid`` keeps it)."""
+    parts = _einsum_parts(node)
+    if parts is None:
+        return set()
+    ins, out, ops = parts
+    dims = set()
+    for sub, op in zip(ins, ops, strict=True):
+        shape = tensor_meta(op).shape
+        for i, c in enumerate(sub):
+            if c not in out or i == len(sub) - 1:
+                dims.add(int(shape[i]))
+    return dims
+
+
+@rule(torch.einsum, aten.einsum)
+def _einsum(ctx, node):
+    """``torch.einsum``: a letter kept in the output moves its atoms there (the operands are
+    coupled along it, as an element-wise op); a contracted letter must carry no channels."""
+    parts = _einsum_parts(node)
+    if parts is None:
+        return barrier(ctx, node, "einsum equation the analysis cannot follow")
+    ins, out, ops = parts
+    arrs = []
+    for sub, op in zip(ins, ops, strict=True):
+        A = ctx.atoms(op)
+        if A is None or A.ndim != len(sub) or len(set(sub)) != len(sub):
+            return barrier(ctx, node, "einsum with a repeated or unreadable subscript")
+        if any(A.shape[i] > 1 for i, c in enumerate(sub) if c not in out):
+            block_inputs(ctx, node, "einsum contracts a dim that carries channels")
+            return none_output(node)
+        kept = [c for c in sub if c in out]  # contracted dims have size 1 here: drop them
+        arr = A.reshape([A.shape[sub.index(c)] for c in kept])
+        arr = np.transpose(arr, sorted(range(len(kept)), key=lambda i: out.index(kept[i])))
+        arr = arr.reshape([A.shape[sub.index(c)] if c in kept else 1 for c in out])
+        arrs.append(arr)
+    try:
+        np.broadcast_shapes(*[a.shape for a in arrs])
+    except ValueError:
+        return barrier(ctx, node, "einsum operands' channel layouts do not broadcast")
+    return elementwise_arrays(ctx, node, arrs)
 
 
 def elementwise_arrays(ctx, node, arrs):

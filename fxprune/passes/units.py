@@ -15,7 +15,7 @@ import numpy as np
 
 from fxprune._util import module_matches
 from fxprune.calibration import as_batches, collect
-from fxprune.errors import ConfigError, PlanError
+from fxprune.errors import ConfigError, NothingToPruneError, PlanError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import apply_removal
 from fxprune.importance import CRITERIA, DATA_CRITERIA, SCALE_FREE, group_mean, unit_scores
@@ -178,8 +178,29 @@ def select_units(
     return final, per_group
 
 
+def check_kept(layer: str, idx, size: int) -> None:
+    """A plan's kept output indices of ``layer`` (``size`` channels): distinct ints in range."""
+    if not isinstance(idx, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in idx
+    ):
+        raise PlanError(f"plan: kept indices of {layer!r} must be a list of ints, got {idx!r:.80}")
+    bad = sorted({i for i in idx if not 0 <= i < size})
+    if bad:
+        raise PlanError(
+            f"plan: {layer!r} has {size} output channels but its kept indices include {bad[:5]}"
+            f" (each must be in [0, {size}))"
+        )
+    if len(set(idx)) != len(idx):
+        dup = sorted({i for i in idx if idx.count(i) > 1})
+        raise PlanError(f"plan: kept indices of {layer!r} repeat {dup[:5]}")
+    if not idx:
+        raise PlanError(f"plan: {layer!r} keeps no output channels (a layer keeps at least one)")
+
+
 def units_from_kept(graph: DependencyGraph, kept: dict[str, list[int]]) -> list[int]:
     """Replay a plan: the units holding any output channel a layer did not keep."""
+    if not isinstance(kept, dict):
+        raise PlanError(f"plan: 'kept' must map layer names to indices, got {type(kept).__name__}")
     by_layer = {}
     for s in graph.sources:
         by_layer.setdefault(s.layer, s)
@@ -189,6 +210,7 @@ def units_from_kept(graph: DependencyGraph, kept: dict[str, list[int]]) -> list[
     drop_atoms = []
     for name, idx in kept.items():
         s = by_layer[name]
+        check_kept(name, idx, s.size)
         mask = np.ones(s.size, dtype=bool)
         mask[np.asarray(idx, dtype=np.int64)] = False
         drop_atoms.append(s.start + np.nonzero(mask)[0])
@@ -237,6 +259,8 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         per_group = {g.id: sum(1 for u in g.units if u in gone) for g in graph.groups}
     else:
         units, per_group = select_units(graph, cfg, args, info)
+        if not units and (cfg.ratio or cfg.layer_ratios):
+            raise NothingToPruneError(nothing_removed(graph, cfg))
     if not units:
         return PassResult(cfg.name, changed=False)
     kept = kept_by_layer(graph, units)
@@ -263,4 +287,51 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         details={"groups_pruned": len(units_per_group), "units": units_per_group, **info},
         keeps=keeps,
         plan={"name": cfg.name, "kept": kept, "units": units_per_group},
+    )
+
+
+WHAT = {"channels": "channel", "ffn": "MLP neuron", "heads": "attention head"}
+
+
+def nothing_removed(graph: DependencyGraph, cfg: UnitSelection) -> str:
+    """Why a pass the user asked for removes nothing: no group of its kind, every group ignored,
+    every channel blocked (a barrier, the model output), or a ratio that rounds to zero."""
+    what = " / ".join(WHAT.get(k, k) for k in cfg.kinds)
+    asked = f"{cfg.option}={cfg.ratio!r}" + (
+        f" (layer overrides {dict(cfg.layer_ratios)})" if cfg.layer_ratios else ""
+    )
+    groups = [g for g in graph.groups if g.kind in cfg.kinds]
+    if not groups:
+        rows = graph.barrier_report()
+        why = "; ".join(
+            f"{r['node']} ({r['op']}: {r['reason']}) keeps {', '.join(r['layers'][:3])}"
+            + ("..." if len(r["layers"]) > 3 else "")
+            for r in rows[:3]
+        )
+        return (
+            f"{asked} removes nothing: the traced graph has no prunable {what} group"
+            + (f"; every such channel is kept by a barrier: {why}" if why else "")
+            + " (fxprune.inspect / `fxprune inspect` lists the groups and barriers)"
+        )
+    ratios = group_ratios(graph, cfg)
+    if all(r is None for r in ratios.values()):
+        return f"{asked} removes nothing: every {what} group is held by an ignored module ({list(cfg.ignore)[:5]})"
+    if all(not r for r in ratios.values()):
+        return f"{asked} removes nothing: no {what} group matches the given layer ratios"
+    by_id = {g.id: g for g in groups}
+    rounded = [
+        gid for gid, r in ratios.items() if r and math.floor(len(by_id[gid].units) * r + 1e-9) == 0
+    ]
+    g = by_id[next(gid for gid, r in ratios.items() if r)]
+    r = ratios[g.id]
+    example = f"{group_name(graph, g)} has {len(g.units)} units"
+    if len(rounded) == sum(1 for r in ratios.values() if r):
+        return (
+            f"{asked} removes nothing: the fraction rounds down to 0 units in every {what} group "
+            f"({example}: floor({len(g.units)} x {r}) = 0); give a larger fraction"
+            + (" or a count" if cfg.option == "heads" else "")
+        )
+    return (
+        f"{asked} removes nothing: every {what} group is at its minimum ({example} and must keep "
+        f"{cfg.units_to_keep(g, r)}: min_heads / min_channels / round_to)"
     )

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from fxprune.errors import NothingToPruneError
+from fxprune.graph import build_graph, trace
 from tests.conftest import assert_equivalent, randomize
 
 
@@ -169,11 +171,17 @@ class SoftmaxOverChannels(nn.Module):
         return self.b(torch.softmax(self.a(x), dim=1))
 
 
+def barriers(model, x):
+    return build_graph(trace(model, x).gm).barrier_report()
+
+
 def test_barrier_names_node_and_layers():
-    res = fxprune.compile(SoftmaxOverChannels(), torch.randn(1, 3, 4, 4), channels=0.5)
-    rows = [b for b in res.barriers if b["layers"] == ["a"]]
+    model, x = SoftmaxOverChannels(), torch.randn(1, 3, 4, 4)
+    rows = [b for b in barriers(model, x) if b["layers"] == ["a"]]
     assert rows and "softmax" in rows[0]["node"] and "dim 1" in rows[0]["reason"]
-    assert res.module.a.out_channels == 8  # kept, not guessed
+    # nothing else is prunable: asking for channels says why instead of succeeding silently
+    with pytest.raises(NothingToPruneError, match=r"softmax \(softmax: mixes values along dim 1"):
+        fxprune.compile(model, x, channels=0.5)
 
 
 def test_unknown_op_is_a_barrier():
@@ -185,9 +193,10 @@ def test_unknown_op_is_a_barrier():
         def forward(self, x):
             return self.b(torch.fft.fft(self.a(x), dim=1).real)
 
-    res = fxprune.compile(Weird(), torch.randn(1, 3, 4, 4), channels=0.5)
-    assert res.module.a.out_channels == 8
-    assert any("no coupling rule" in b["reason"] and b["layers"] == ["a"] for b in res.barriers)
+    rows = barriers(Weird(), torch.randn(1, 3, 4, 4))
+    assert any("no coupling rule" in b["reason"] and b["layers"] == ["a"] for b in rows)
+    with pytest.raises(NothingToPruneError, match="no coupling rule"):
+        fxprune.compile(Weird(), torch.randn(1, 3, 4, 4), channels=0.5)
 
 
 class Conv1d3d(nn.Module):  # 1-d and 3-d convs, depthwise 1-d, BatchNorm1d/3d, GroupNorm in 3-d
