@@ -154,7 +154,10 @@ def layer_costs(
         if found is not None:
             epilogue.add(node)
         if found is not None and wl is not None:
-            w = gm.get_parameter(wl.param)
+            try:
+                w = gm.get_parameter(wl.param)
+            except AttributeError:  # a buffer used as a weight (a fixed blur filter)
+                w = gm.get_buffer(wl.param)
             feats = w.shape[1 - wl.reduce_dim] if wl.kind == "linear" else out.shape[1]
             rows.append(
                 LayerCost(

@@ -43,6 +43,9 @@ def _reduction_axis(node, arg_index: int, ndim: int) -> int | None:
 
 
 def is_nm_array(w: np.ndarray, n: int, m: int, axis: int) -> bool:
+    """True when every group of ``m`` consecutive entries of ``w`` along ``axis`` has at most
+    ``n`` non-zeros (False when the axis is not a multiple of ``m``). Shared by this audit and
+    the equivalence proof (``fxprune.verify.proof.nm_violations``), which passes ``w != 0``."""
     moved = np.moveaxis(w, axis, -1)
     if moved.shape[-1] % m:
         return False

@@ -1,15 +1,23 @@
-"""Proof that a pruned model computes what the dense model computes with the removed parts zeroed."""
+"""Proof that a pruned model computes what the dense model computes with the removed parts zeroed.
+
+What it checks is spelled out in docs/design.md ("Why the result is exact"): each output on its
+own scale, in float32 (float64 for a float64 model) on cast copies, on the example and on fresh
+random draws at another batch size (and sequence length), NaN/Inf as failures, and the N:M
+pattern of every masked weight.
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxprune._util import eval_mode
+from fxprune.errors import ConfigError
 from fxprune.graph.trace import as_args
 
 RTOL = 1e-4
@@ -19,9 +27,15 @@ RTOL = 1e-4
 class EquivalenceReport:
     """Outcome of :func:`equivalence`.
 
-    ``max_rel_err`` is ``max|pruned - zeroed| / max|zeroed|`` over all outputs (scale-aware, so
-    near-zero outputs do not inflate it). ``pruning_effect`` is the same measure against the dense
-    model *without* zeroing: it shows the removed channels mattered, so a pass is not vacuous.
+    ``max_rel_err`` is the worst ``max|pruned - zeroed| / max|zeroed|`` of any one output leaf
+    on any input (each output on its own scale, so a small output cannot hide next to a large
+    one; an all-zero output is judged on the largest output of its input); ``worst_output`` names
+    that leaf (``last_hidden_state``, ``[1]``). ``max_abs_err`` and ``reference_scale`` are the
+    largest absolute error and ``|zeroed|`` over all outputs. ``pruning_effect`` is the
+    per-output measure against the dense model *without* zeroing: it shows the removed parts
+    mattered, so a pass is not vacuous. ``dtype`` is what the numbers were computed in,
+    ``inputs_checked`` how many input sets ran (the example and the fresh draws), ``skipped``
+    which draws did not run, and why.
     """
 
     ok: bool
@@ -32,6 +46,10 @@ class EquivalenceReport:
     approximate: bool
     tolerance: float
     message: str
+    worst_output: str = ""
+    dtype: str = "float32"
+    inputs_checked: int = 1
+    skipped: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.message
@@ -53,6 +71,13 @@ def _bypass(module: torch.nn.Module, path: str) -> None:
     module.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
 
 
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
+
+
 def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
     """A copy of the dense model with every removed channel zeroed where it is consumed and
     every removed block bypassed."""
@@ -62,7 +87,7 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
             _bypass(z, path)
     with torch.no_grad():
         for name, dims in result.zero_spec.items():
-            p = z.get_parameter(name)
+            p = _tensor(z, name)  # a parameter, or a buffer used as a weight (a fixed filter)
             for d, keep in dims.items():
                 shape = [1] * p.ndim
                 shape[d] = -1
@@ -100,62 +125,316 @@ def _dense_where(shape, index: dict[int, np.ndarray]) -> tuple:
     return tuple(where)
 
 
+class _Mismatch(Exception):
+    """A check failed outright; ``output`` names the output leaf concerned, if any."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
+
+
+def _name(path) -> str:
+    """``last_hidden_state``, ``[1]``, ``logits``, ``hidden_states[2]``: a leaf's key path."""
+    out = ""
+    for k in path:
+        if isinstance(k, pytree.SequenceKey):
+            out += f"[{k.idx}]"
+        else:
+            key = k.key if isinstance(k, pytree.MappingKey) else getattr(k, "name", k)
+            out += f".{key}" if out else str(key)
+    return out or "output"
+
+
+def _named_leaves(out) -> list[tuple[str, torch.Tensor]]:
+    try:
+        flat = pytree.tree_flatten_with_path(out)[0]
+    except ValueError:  # a container registered without key paths: number the leaves
+        flat = [((pytree.SequenceKey(i),), t) for i, t in enumerate(pytree.tree_leaves(out))]
+    return [(_name(p), t) for p, t in flat if isinstance(t, torch.Tensor)]
+
+
+def _what(name: str) -> str:
+    return "output" if name == "output" else f"output {name}"
+
+
 def _leaves(out) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def _floats(module: torch.nn.Module):
+    return (t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
+
+
+def _compare_dtype(*modules: torch.nn.Module) -> torch.dtype:
+    """float64 for a float64 model, else float32: half-precision rounding of two sums of the
+    same terms in another order (a half-ulp, ~1e-3 relative) is not an error of the pruning."""
+    dts = {t.dtype for m in modules for t in _floats(m)}
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _draw(a, g: torch.Generator, length: int | None):
+    """A random tensor drawn like ``a``, one more along dim 0 (and ``length`` along dim 1 of a
+    2-D integer input): floats with the example's mean and std (standard normal for an all-zero
+    example), integers uniform in the example's [min, max]."""
+    if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.is_complex():
+        return a
+    shape = list(a.shape)
+    shape[0] += 1
+    if length is not None and a.ndim == 2 and not a.is_floating_point():
+        shape[1] = length
+    if a.is_floating_point():
+        x = a.detach().double()
+        mean = float(x.mean()) if x.numel() else 0.0
+        std = float(x.std()) if x.numel() > 1 else 0.0
+        std = std or abs(mean) or 1.0  # a constant example still gets varied values
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+    else:
+        lo, hi = (int(a.min()), int(a.max())) if a.numel() else (0, 1)
+        t = torch.randint(lo, hi + 1, shape, generator=g)
+    return t.to(device=a.device, dtype=a.dtype)
+
+
+def _input_sets(args: tuple, fresh: int, seed: int) -> list[tuple[str, tuple, str]]:
+    """(label, inputs, kind) for the example and ``fresh`` random draws; kind is ``example``,
+    ``batch`` (the first draw: batch + 1) or ``length`` (later draws of a text model: batch + 1
+    and a sequence one shorter)."""
+    sets = [("the example", args, "example")]
+    batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.ndim), None)
+    if batch is None:
+        return sets
+    text = [a for a in args if isinstance(a, torch.Tensor) and a.ndim == 2]
+    text = [a for a in text if not a.is_floating_point()]
+    g = torch.Generator().manual_seed(seed)
+    for k in range(fresh):
+        length = None
+        if k and text:
+            seq = text[0].shape[1]
+            length = seq - 1 if seq > 1 else seq + 1
+        label = f"fresh input {k + 1} (batch {batch + 1}" + (
+            f", length {length})" if length else ")"
+        )
+        sets.append(
+            (label, tuple(_draw(a, g, length) for a in args), "length" if length else "batch")
+        )
+    return sets
+
+
+def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]]:
+    """Per output leaf of one input set: (name, max abs err, max |reference|, max |dense -
+    pruned|); raises :class:`_Mismatch` on a count, shape or finiteness mismatch."""
+    if len(ref) != len(got):
+        raise _Mismatch(f"output count differs: dense {len(ref)}, pruned {len(got)}")
+    rows = []
+    for (name, r), g, o in zip(ref, got, orig, strict=True):
+        if r.shape != g.shape:
+            raise _Mismatch(
+                f"{_what(name)} shape differs: {tuple(r.shape)} vs {tuple(g.shape)}", name
+            )
+        r, g, o = r.double(), g.double(), o.double()
+        if not torch.isfinite(r).all():
+            raise _Mismatch(
+                f"reference {_what(name)} has NaN/Inf on {where} (the zeroed dense model is not "
+                "finite): the check proves nothing",
+                name,
+            )
+        bad = int((~torch.isfinite(g)).sum())
+        if bad:
+            raise _Mismatch(
+                f"NOT equivalent: pruned {_what(name)} has {bad} NaN/Inf values on {where} "
+                "where the reference is finite",
+                name,
+            )
+        if not r.numel():
+            rows.append((name, 0.0, 0.0, 0.0))
+            continue
+        eff = float((o - g).abs().max()) if o.shape == g.shape else float("inf")
+        eff = float("inf") if eff != eff else eff  # a NaN in the dense model: removal mattered
+        rows.append((name, float((r - g).abs().max()), float(r.abs().max()), eff))
+    return rows
+
+
+def nm_violations(result) -> list[str]:
+    """Every N:M-masked weight of ``result.module`` that is non-zero where its mask is zero or
+    has more than N non-zeros in a group of M along its reduction axis, as a message."""
+    from fxprune.exporters.audit import is_nm_array
+    from fxprune.passes.nm import candidates
+
+    out: list[str] = []
+    for p in result.passes:
+        if not p.masks:
+            continue
+        n, m = p.details.get("n"), p.details.get("m")
+        axis = {c.param: c.reduce_dim for c in candidates(result.module)}
+        for name, mask in p.masks.items():
+            w = result.module.get_parameter(name).detach()
+            nz = (w != 0).cpu()
+            if mask.shape != w.shape:
+                out.append(f"{name}: N:M mask shape {tuple(mask.shape)} != {tuple(w.shape)}")
+            elif stray := int((nz & ~mask.cpu().bool()).sum()):
+                out.append(f"{name}: {stray} non-zeros where its N:M mask is zero")
+            elif n and m and not is_nm_array(nz.numpy(), n, m, axis.get(name, 1)):
+                out.append(f"{name}: more than {n} non-zeros per {m} along dim {axis.get(name, 1)}")
+    return out
+
+
 def equivalence(
-    model: torch.nn.Module, result, example_inputs, rtol: float = RTOL
+    model: torch.nn.Module,
+    result,
+    example_inputs,
+    rtol: float = RTOL,
+    *,
+    fresh_inputs: int = 2,
+    seed: int = 0,
 ) -> EquivalenceReport:
-    """Compare ``result.module`` with the zeroed dense ``model`` on ``example_inputs`` (fp32, eval).
+    """Compare ``result.module`` with the zeroed dense ``model`` (eval, fp32 or fp64) on
+    ``example_inputs`` and on ``fresh_inputs`` random draws like them, output by output.
+
+    Each output leaf (tuple item, dict or ``ModelOutput`` field) is judged on its own scale:
+    ``max|pruned - zeroed| / max|zeroed|``. Half-precision models are compared through float32
+    copies (neither ``model`` nor ``result.module`` is touched). A NaN/Inf in either output, or
+    an N:M-masked weight off its pattern, fails. Fresh draws have batch + 1 (floats with the
+    example's mean and std, integers uniform in its [min, max]); for a 2-D integer input (token
+    ids) later draws also shorten the sequence by one, and a module captured for one length
+    that rejects it is recorded in ``skipped``. A pruned module that rejects the larger batch
+    the dense model runs fails.
 
     Args:
         model: the dense model ``result`` was compiled from (not modified).
         result: a :class:`fxprune.plan.CompileResult`.
         example_inputs: a tensor or tuple of tensors (use real data where you have it).
         rtol: pass threshold on ``max_rel_err``.
+        fresh_inputs: how many random draws to check besides the example (0: the example only).
+        seed: seeds the draws, so a report is reproducible.
 
     Returns:
-        An :class:`EquivalenceReport`; ``ok`` is False when the error exceeds ``rtol`` or when the
-        outputs are all zero (the check would prove nothing).
+        An :class:`EquivalenceReport`; ``ok`` is False when an output's error exceeds ``rtol``,
+        when an output is non-finite, when an N:M pattern is broken, or when every output is all
+        zero (the check would prove nothing).
+
+    Raises:
+        ConfigError: ``fresh_inputs`` is negative.
 
     Example:
         >>> rep = fxprune.verify.equivalence(model, result, x)
         >>> assert rep.ok, rep
     """
-    args = as_args(example_inputs)
-    z = zeroed_dense(model, result)
-    # eval forwards change nothing, so the user's own model serves as the unzeroed reference
-    with torch.no_grad(), eval_mode(result.module) as pruned, eval_mode(model) as dense:
-        ref = _leaves(z(*args))
-        got = _leaves(pruned(*args))
-        orig = _leaves(dense(*args))
-
-    def failed(msg: str) -> EquivalenceReport:
+    if not isinstance(fresh_inputs, int) or fresh_inputs < 0:
+        raise ConfigError(f"fresh_inputs={fresh_inputs!r}: need an integer >= 0")
+    dtype = _compare_dtype(model, result.module)
+    native = {t.dtype for m in (model, result.module) for t in _floats(m)} - {dtype}
+    args = tuple(_cast(a, dtype) for a in as_args(example_inputs))
+    z = zeroed_dense(model, result).to(dtype)
+    pruned = _cast_module(result.module, native, dtype) if native else result.module
+    dense = copy.deepcopy(model).to(dtype) if native else model  # eval forwards change nothing
+    rows, skipped = [], []
+    try:
+        with torch.no_grad(), eval_mode(pruned), eval_mode(dense):
+            for label, inp, kind in _input_sets(args, fresh_inputs, seed):
+                out = _run(label, inp, kind, (z, pruned, dense), skipped)
+                if out is not None:
+                    rows.append(_measure(*out, label))
+    except _Mismatch as e:
         inf = float("inf")
-        return EquivalenceReport(False, inf, inf, 0.0, 0.0, result.approximate, rtol, msg)
+        head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
+        return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
+    return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result))
 
-    if len(ref) != len(got):
-        return failed(f"output count differs: dense {len(ref)}, pruned {len(got)}")
-    abs_err, scale, effect = 0.0, 0.0, 0.0
-    for r, g, o in zip(ref, got, orig, strict=True):
-        if r.shape != g.shape:
-            return failed(f"output shape differs: {tuple(r.shape)} vs {tuple(g.shape)}")
-        r, g, o = r.double(), g.double(), o.double()
-        abs_err = max(abs_err, (r - g).abs().max().item() if r.numel() else 0.0)
-        scale = max(scale, r.abs().max().item() if r.numel() else 0.0)
-        effect = max(effect, (o - g).abs().max().item() if o.numel() else 0.0)
-    rel = abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else float("inf"))
-    eff = effect / scale if scale > 0 else 0.0
+
+def _cast(a, dtype: torch.dtype):
+    return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+
+def _cast_module(gm: torch.nn.Module, native: set, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``gm`` in ``dtype``. A capture read the model's dtype into the graph (casts,
+    ``full(..., dtype=float16)``): those constants follow, as the dense model's would."""
+    out = copy.deepcopy(gm).to(dtype)
+    if isinstance(out, fx.GraphModule):
+
+        def swap(a):
+            return dtype if isinstance(a, torch.dtype) and a in native else a
+
+        for node in out.graph.nodes:
+            node.args = fx.node.map_aggregate(node.args, swap)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+        out.recompile()
+    return out
+
+
+def _dname(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _run(label: str, inp: tuple, kind: str, models, skipped: list[str]):
+    """(reference leaves, pruned leaves, dense leaves) of one input set, or None when the draw
+    is skipped (the dense model rejects it, or the pruned one rejects another length)."""
+    z, pruned, dense = models
+    try:
+        ref, orig = _named_leaves(z(*inp)), _leaves(dense(*inp))
+    except Exception as e:  # noqa: BLE001 - a draw the model itself cannot take
+        if kind == "example":
+            raise
+        skipped.append(f"{label}: the dense model rejects it ({_first_line(e)})")
+        return None
+    try:
+        return ref, _leaves(pruned(*inp)), orig
+    except Exception as e:  # noqa: BLE001
+        if kind == "example":
+            raise
+        if kind == "length":
+            skipped.append(
+                f"{label}: the pruned module rejects another sequence length (captured for "
+                f"one; {_first_line(e)})"
+            )
+            return None
+        raise _Mismatch(
+            f"NOT equivalent: the pruned module fails on {label}, which the dense model runs: "
+            f"{_first_line(e)}"
+        ) from e
+
+
+def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceReport:
+    checked = len(rows)
+    abs_err = scale = eff = rel = 0.0
+    worst = rows[0][0][0] if rows and rows[0] else "output"
+    for leaves in rows:  # one input set: an all-zero output is judged on the set's largest
+        top = max((s for _, _, s, _ in leaves), default=0.0)
+        for name, err, s, e in leaves:
+            s = s or top
+            r = err / s if s else (0.0 if err == 0 else float("inf"))
+            if r > rel:
+                rel, worst = r, name
+            eff = max(eff, e / s if s else 0.0)
+            abs_err, scale = max(abs_err, err), max(scale, s)
+    dt = _dname(dtype)
     if scale == 0:
         ok, msg = False, "outputs are all zero: the check proves nothing (use real weights/data)"
     else:
-        ok = rel <= rtol
-        msg = (
-            f"{'equivalent' if ok else 'NOT equivalent'}: max_rel_err={rel:.2e} "
-            f"(tolerance {rtol:.0e}), max_abs_err={abs_err:.2e}, pruning changed the dense "
-            f"output by {eff:.2e} relative"
+        ok = rel <= rtol and not nm_bad
+        how = f"compared in {dt}" + (
+            f" (cast copies of a {'/'.join(sorted(_dname(d) for d in native))} model)"
+            if native
+            else ""
         )
+        broken = f"N:M pattern broken: {'; '.join(nm_bad[:5])}; " if nm_bad else ""
+        where = "" if worst == "output" else f" in output {worst}"
+        msg = (
+            f"{'equivalent' if ok else 'NOT equivalent'}: {broken}max_rel_err={rel:.2e}{where} "
+            f"(tolerance {rtol:.0e}, each output on its own scale), max_abs_err={abs_err:.2e}, "
+            f"{how} on {checked} inputs (the example and {checked - 1} fresh draws), pruning "
+            f"changed the dense output by {eff:.2e} relative"
+        )
+        if eff <= rtol:
+            msg += (
+                "; the pruning effect is within the tolerance: the removed parts changed no "
+                "output on any input, so the check was vacuous"
+            )
+        if skipped:
+            msg += f"; skipped {'; '.join(skipped)}"
         if result.approximate:
             msg += "; approximate groups were pruned, so a difference is expected"
         gone = [b for r in result.passes for b in r.bypassed]
@@ -164,4 +443,6 @@ def equivalence(
                 f"; reference has the {len(gone)} removed blocks bypassed (the removal itself "
                 "changes the output: see pruning_effect)"
             )
-    return EquivalenceReport(ok, abs_err, rel, eff, scale, result.approximate, rtol, msg)
+    return EquivalenceReport(
+        ok, abs_err, rel, eff, scale, result.approximate, rtol, msg, worst, dt, checked, skipped
+    )
