@@ -2,15 +2,24 @@
 Runtime parity on fresh inputs, the N:M audit, and an atomic write.
 
 The file appears at its destination only after every check passed: the model (and its external
-data, for models over 2 GB) is written into a temporary folder beside the destination, checked
-there, then moved into place.
+data, for models over 2 GB) is written into a hidden staging folder beside the destination
+(``.<name>.<pid>.<random>``), checked there, then moved into place. An export that was killed
+leaves its staging folder behind; the next export to the same destination removes it when the
+pid in its name no longer runs on this machine (a folder of an older fxprune, without a pid, or
+any folder on Windows, where the pid is not probed: when untouched for ``STALE_AFTER_S``).
+
+ONNX Runtime parity fails on a NaN/Inf in either runtime's output: a non-finite PyTorch output
+proves nothing, and a non-finite ONNX Runtime output where PyTorch is finite is a mismatch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +31,10 @@ from fxprune._util import eval_mode
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter
 from fxprune.exporters.audit import AuditRow, audit_nm
+from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
 
 DEFAULT_OPSET = 18  # the torch.onnx dynamo exporter's well-tested range; ORT runs it everywhere
+STALE_AFTER_S = 3600  # a staging folder without a live owner this old is left from a killed export
 
 
 @dataclass
@@ -87,7 +98,8 @@ class OnnxExporter(Exporter):
             else (example_inputs,)
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        remove_stale_staging(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
         try:
             staged = tmp / path.name
             external = _export(module, args, staged, opset, dynamic_batch)
@@ -102,32 +114,99 @@ class OnnxExporter(Exporter):
         return OnnxReport(path, opset, dynamic_batch, abs_err, rel_err, rows, external)
 
 
-def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) -> bool:
-    dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        dynamic = tuple(
-            {0: batch} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
-        )
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove the staging folders that killed exports to ``path`` left beside it (see the
+    module docstring for which count as stale); returns the folders removed."""
+    # mkdtemp's random part is 8 characters of [a-z0-9_]; the pid is absent in older names
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}")
+    removed = []
+    for d in path.parent.iterdir():
+        found = pattern.fullmatch(d.name)
+        if not found or not d.is_dir():
+            continue
+        pid = int(found.group(1)) if found.group(1) and os.name == "posix" else None
+        if pid is not None:
+            stale = not _running(pid)
+        else:
+            try:
+                stale = time.time() - d.stat().st_mtime > STALE_AFTER_S
+            except OSError:  # removed meanwhile by its owner
+                continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another export of this process (a thread) owns it
     try:
-        with eval_mode(module):
-            prog = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic,
-                verbose=False,
-            )
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(
-            f"torch.onnx.export failed: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        ) from e
+        os.kill(pid, 0)  # signal 0 only probes (POSIX)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
+        return False
+    except OSError:  # EPERM: it runs, under another user
+        return True
+    return True
+
+
+def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) -> bool:
+    """Write ``module`` as ONNX to ``dest``; True when the weights went to external data.
+
+    With ``dynamic_batch``, the dims the capture left free (``gm.meta[DYNAMIC_DIMS]``, else
+    :func:`default_dynamic_dims`: batch, and sequence length of integer 2-D inputs) become named
+    axes: ``batch`` (dim 0), ``sequence`` (dim 1 of a token-id / mask input), ``<input>_dim<d>``
+    otherwise. A model that cannot take them all keeps only the batch axis free."""
+    dims = getattr(module, "meta", {}).get(DYNAMIC_DIMS)
+    if not dynamic_batch:
+        tries = [[[] for _ in args]]
+    else:
+        if dims is None or len(dims) != len(args):
+            dims = default_dynamic_dims(args)
+        tries = [dims, [[d for d in ds if d == 0] for ds in dims]]
+        tries = tries[:1] if tries[1] == tries[0] else tries
+    for k, free in enumerate(tries):
+        spec = _named_axes(args, free)
+        try:
+            with eval_mode(module), warnings.catch_warnings():
+                # shared Dim objects (one batch for all inputs) make it note every reuse
+                warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
+                prog = torch.onnx.export(
+                    module,
+                    widen(args, free),
+                    dynamo=True,
+                    opset_version=opset,
+                    dynamic_shapes=spec if any(free) else None,
+                    verbose=False,
+                )
+            break
+        except Exception as e:  # noqa: BLE001
+            if k < len(tries) - 1:
+                continue  # a length the model fixes: keep the batch axis alone
+            raise ExportError(
+                f"torch.onnx.export failed: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from e
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = size > 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
     prog.save(str(dest), external_data=external)
     return external
+
+
+def _named_axes(args: tuple, free: list[list[int]]) -> tuple:
+    """torch.export dims named for the ONNX axes: one ``batch`` and one ``sequence`` shared by
+    the inputs whose size there matches the first such input's (so ids and mask stay equal)."""
+    shared: dict[str, tuple[torch.export.Dim, int]] = {}
+    spec = []
+    for i, (a, ds) in enumerate(zip(args, free, strict=True)):
+        axes = {}
+        for d in ds:
+            text = d == 1 and a.ndim == 2 and not a.is_floating_point()
+            name = "batch" if d == 0 else "sequence" if text else f"input{i}_dim{d}"
+            dim, size = shared.setdefault(name, (torch.export.Dim(name, min=1), a.shape[d]))
+            axes[d] = dim if size == a.shape[d] else torch.export.Dim(f"{name}{i}", min=1)
+        spec.append(axes or None)
+    return tuple(spec)
 
 
 def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
@@ -162,10 +241,21 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
     if len(got) != len(ref):
         raise ExportError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(ref)}")
     abs_err = rel_err = 0.0
-    for r, o in zip(ref, got, strict=True):
+    for i, (r, o) in enumerate(zip(ref, got, strict=True)):
         r = r.detach().double().numpy()
         if r.shape != o.shape:
             raise ExportError(f"ONNX Runtime output shape {o.shape} != PyTorch {r.shape}")
+        # np.max over a NaN difference is NaN and NaN compares False either way: test explicitly
+        if not np.isfinite(r).all():
+            raise ExportError(
+                f"PyTorch output {i} has {int((~np.isfinite(r)).sum())} NaN/Inf values on the "
+                "fresh inputs: the ONNX Runtime parity check proves nothing (check the weights)"
+            )
+        if not np.isfinite(o).all():
+            raise ExportError(
+                f"ONNX Runtime output {i} has {int((~np.isfinite(o)).sum())} NaN/Inf values "
+                "where PyTorch is finite"
+            )
         err = float(np.abs(r - o).max()) if r.size else 0.0
         scale = float(np.abs(r).max()) if r.size else 0.0
         abs_err, rel_err = max(abs_err, err), max(rel_err, err / scale if scale else 0.0)

@@ -67,6 +67,26 @@ def layer_report(eligible: list[str], picked: list[str], onnx_nodes: list[str]) 
     return [LayerRow(n, owner.get(n), n in e_parts, n in p_parts) for n in onnx_nodes]
 
 
+MAX_BATCH, MAX_SEQUENCE = 64, 512
+
+
+def profile_shapes(shape, example=None, opt_batch: int = 1):
+    """(min, opt, max) shapes of one input for a TensorRT optimisation profile: every dynamic
+    dim (-1 in the ONNX shape) gets one. Dim 0 is the batch: 1 .. max(64, opt_batch), optimised
+    for ``opt_batch``; any other dynamic dim (a sequence) runs 1 .. max(512, example), optimised
+    for the example's size there (128 when unknown)."""
+    lo, opt, hi = [], [], []
+    for d, n in enumerate(shape):
+        if n != -1:
+            lo.append(n), opt.append(n), hi.append(n)
+        elif d == 0:
+            lo.append(1), opt.append(opt_batch), hi.append(max(MAX_BATCH, opt_batch))
+        else:
+            o = int(example[d]) if example is not None and d < len(example) else 128
+            lo.append(1), opt.append(o), hi.append(max(MAX_SEQUENCE, o))
+    return lo, opt, hi
+
+
 def trtexec_command(
     onnx_path,
     engine_path,
@@ -161,6 +181,14 @@ class TensorRTExporter(Exporter):
             sparse=sparse,
             workspace=int(workspace_gb * 2**30),
             opt_batch=int(first.shape[0]),
+            example_shapes=[
+                list(a.shape)
+                for a in (
+                    example_inputs
+                    if isinstance(example_inputs, (tuple, list))
+                    else [example_inputs]
+                )
+            ],
         )
         _atomic_write(path, engine)
         eligible, picked = parse_sparsity_log(log)
@@ -185,7 +213,16 @@ def _import_tensorrt():
 
 
 def _build(
-    trt, onnx_path: Path, log: list[str], *, fp16, int8, sparse, workspace, opt_batch
+    trt,
+    onnx_path: Path,
+    log: list[str],
+    *,
+    fp16,
+    int8,
+    sparse,
+    workspace,
+    opt_batch,
+    example_shapes=None,
 ) -> bytes:
     class Capture(trt.ILogger):
         def __init__(self):
@@ -214,9 +251,9 @@ def _build(
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         shape = list(inp.shape)
-        if shape and shape[0] == -1:  # the dynamic batch axis: optimise for the example batch
-            rest = shape[1:]
-            profile.set_shape(inp.name, [1, *rest], [opt_batch, *rest], [max(64, opt_batch), *rest])
+        if -1 in shape:
+            example = example_shapes[i] if example_shapes and i < len(example_shapes) else None
+            profile.set_shape(inp.name, *profile_shapes(shape, example, opt_batch))
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:

@@ -11,13 +11,18 @@ qualified names:
 
 Shapes come from ``shapeprop.propagate_shapes``: every node gets ``meta["val"]`` (a fake tensor)
 without touching real memory, so analysis of a large model is fast and cheap.
+
+Shapes stay dynamic where the model allows: by default the batch dim of every input and the
+sequence dim of integer 2-D inputs (token ids, attention masks), so the pruned graph serves padded,
+variable-length batches; ``dynamic_shapes=`` (torch.export's spelling) names other dims.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from dataclasses import dataclass
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -26,15 +31,23 @@ from fxprune.errors import ConfigError, TraceError, UnsupportedModelError
 from fxprune.graph.shapeprop import propagate_shapes
 
 MODES = ("auto", "fx", "export")
+# ``gm.meta`` key holding ``Traced.dynamic``: the exporters read it to name the same dims dynamic
+DYNAMIC_DIMS = "fxprune_dynamic_dims"
 
 
 @dataclass
 class Traced:
-    """A captured model: the graph module and how it was captured."""
+    """A captured model: the graph module and how it was captured.
+
+    ``dynamic`` lists, per example input, the dims the graph leaves free: under torch.export the
+    dims whose size stayed symbolic; under torch.fx (which never fixes a size itself) the dims
+    asked for. Also stored in ``gm.meta[DYNAMIC_DIMS]``.
+    """
 
     gm: fx.GraphModule
     mode: str  # "fx" or "export"
     fx_error: str | None = None  # why symbolic tracing failed, when mode == "export"
+    dynamic: list[list[int]] = field(default_factory=list)
 
 
 class _PathTracer(fx.Tracer):
@@ -72,6 +85,100 @@ def as_args(example_inputs) -> tuple:
     )
 
 
+def default_dynamic_dims(args: tuple) -> list[list[int]]:
+    """The dims kept dynamic unless told otherwise, per input: batch and sequence length of an
+    integer 2-D input (token ids, attention mask, token type ids), else the batch only (spatial
+    dims stay static: conv output sizes and view constants depend on them)."""
+    out = []
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.ndim == 0:
+            out.append([])
+        elif a.ndim == 2 and not (a.is_floating_point() or a.is_complex()):
+            out.append([0, 1])
+        else:
+            out.append([0])
+    return out
+
+
+def dims_spec(dims: Sequence[Sequence[int]]) -> tuple:
+    """torch.export ``dynamic_shapes`` with ``Dim.AUTO`` at the listed dims of each input: the
+    spelling of the per-input dim lists a plan records (``plan.config["dynamic_shapes"]``)."""
+    return tuple({int(d): torch.export.Dim.AUTO for d in ds} if ds else None for ds in dims)
+
+
+def _is_dynamic(v) -> bool:
+    """Whether a torch.export dim spec leaves the dim free (None, an int, Dim.STATIC fix it)."""
+    if v is None or isinstance(v, int):
+        return False
+    return getattr(getattr(v, "type", None), "name", None) != "STATIC"
+
+
+def _spec_maps(dynamic_shapes, model, args: tuple) -> list[dict]:
+    """``dynamic_shapes`` as torch.export takes it (a tuple with one entry per input, or a dict
+    keyed by the forward's argument names; an entry is None, ``{dim: Dim}`` or a per-dim tuple)
+    -> per input ``{dim: Dim}`` of the free dims. None: :func:`default_dynamic_dims`."""
+    if dynamic_shapes is None:
+        return [dict(dims_spec([ds])[0] or {}) for ds in default_dynamic_dims(args)]
+    if isinstance(dynamic_shapes, Mapping):
+        names = list(inspect.signature(model.forward).parameters)[: len(args)]
+        unknown = [k for k in dynamic_shapes if k not in names]
+        if unknown:
+            raise ConfigError(
+                f"dynamic_shapes names {unknown}, which are not among the forward's first "
+                f"{len(args)} arguments {names}; key it by those names or give a tuple with one "
+                "entry per example input"
+            )
+        dynamic_shapes = [dynamic_shapes.get(n) for n in names]
+    if not isinstance(dynamic_shapes, (tuple, list)) or len(dynamic_shapes) != len(args):
+        raise ConfigError(
+            f"dynamic_shapes must have one entry per example input ({len(args)}), as "
+            f"torch.export takes it, e.g. ({{0: Dim.AUTO, 1: Dim.AUTO}},); got {dynamic_shapes!r}"
+        )
+    maps = []
+    for i, (entry, a) in enumerate(zip(dynamic_shapes, args, strict=True)):
+        ndim = a.ndim if isinstance(a, torch.Tensor) else 0
+        if isinstance(entry, (tuple, list)) and len(entry) == ndim:
+            entry = dict(enumerate(entry))
+        if not (entry is None or isinstance(entry, Mapping)):
+            raise ConfigError(
+                f"dynamic_shapes[{i}]: give None, {{dim: Dim}} or one spec per dim of the "
+                f"{ndim}-D input, got {entry!r}"
+            )
+        free = {}
+        for d, v in (entry or {}).items():
+            if not isinstance(d, int) or not -ndim <= d < ndim:
+                raise ConfigError(
+                    f"dynamic_shapes[{i}]: dim {d!r} is not a dim of a {ndim}-D input"
+                )
+            if _is_dynamic(v):
+                free[d % ndim] = v
+        maps.append(free)
+    return maps
+
+
+def widen(args: tuple, free_dims: Sequence) -> tuple:
+    """The example inputs with every free dim of size 1 repeated to 2 (``free_dims[i]``: the
+    free dims of input ``i``, a list or a ``{dim: Dim}``): torch.export specialises a dim of
+    size 1 to the constant 1 (the "0/1 specialisation"), which would bake in a batch of 1."""
+    out = []
+    for a, free in zip(args, free_dims, strict=True):
+        reps = [2 if d in free and a.shape[d] == 1 else 1 for d in range(a.ndim)] if free else []
+        out.append(a.repeat(*reps) if any(r > 1 for r in reps) else a)
+    return tuple(out)
+
+
+def _symbolic_dims(gm: fx.GraphModule, args: tuple) -> list[list[int]]:
+    """Per input, the dims whose size an export graph keeps symbolic (read off its placeholders
+    before shape propagation replaces their values with concrete ones)."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = []
+    for i, a in enumerate(args):
+        v = inputs[i].meta.get("val") if i < len(inputs) else None
+        shape = v.shape if isinstance(a, torch.Tensor) and isinstance(v, torch.Tensor) else ()
+        out.append([d for d, s in enumerate(shape) if isinstance(s, torch.SymInt)])
+    return out
+
+
 def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
     tracer = _PathTracer(leaf_modules)
     try:
@@ -83,25 +190,44 @@ def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
-    # Let export keep the batch dim symbolic where the model allows it, so view/reshape sizes
-    # stay computed from the input and the pruned graph (and its ONNX export) serves any batch.
-    dims = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim else None for a in args
-    )
-    # export specialises a dim of size 1 to the constant 1 (the "0/1 specialisation"): trace
-    # a batch of 1 as a batch of 2 (rows repeated) so the graph still serves every batch size
-    wide = tuple(
-        a.repeat(2, *([1] * (a.ndim - 1)))
-        if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1
-        else a
-        for a in args
-    )
-    try:
-        ep = torch.export.export(model, wide, strict=False, dynamic_shapes=dims)
-    except Exception:  # noqa: BLE001 - a model that cannot take a symbolic batch: keep it static
-        ep = torch.export.export(model, args, strict=False)
-    stateful = ep.module()
+def _export_program(model: torch.nn.Module, args: tuple, maps: list[dict], user: bool):
+    """torch.export with the free dims in ``maps``: (the unlifted module, its symbolic dims).
+
+    Defaults fall back, for a model that cannot take a symbolic length or batch, to the batch
+    only, then to static shapes; a user's ``dynamic_shapes`` follows torch.export's rules
+    (``Dim.AUTO`` may come out static, a named ``Dim`` must stay free or export fails)."""
+    tries = [maps]
+    if not user:
+        tries += [[{d: v for d, v in m.items() if d == 0} for m in maps], [{} for _ in maps]]
+    for k, m in enumerate(tries):
+        if k and m == tries[k - 1]:
+            continue
+        try:
+            while True:
+                spec = tuple(x or None for x in m) if any(m) else None
+                ep = torch.export.export(model, widen(args, m), strict=False, dynamic_shapes=spec)
+                stateful = ep.module()
+                got = _symbolic_dims(stateful, args)
+                # a dim widened from 1 to 2 that came out static has 2 baked in: drop it
+                kept = [
+                    {d: v for d, v in mi.items() if d in gi or a.shape[d] != 1}
+                    for mi, gi, a in zip(m, got, args, strict=True)
+                ]
+                if kept == m:
+                    return stateful, got
+                m = kept
+        except Exception:  # noqa: BLE001 - the model cannot take these free dims: try fewer
+            if user or k == len(tries) - 1:
+                raise
+    raise AssertionError("unreachable: the static try returns or raises")
+
+
+def _trace_export(
+    model: torch.nn.Module, args: tuple, maps: list[dict], user: bool = False
+) -> tuple[fx.GraphModule, list[list[int]]]:
+    # Free dims stay symbolic where the model allows, so view/reshape sizes stay computed from
+    # the input and the pruned graph (and its ONNX export) serves any batch and length.
+    stateful, dynamic = _export_program(model, args, maps, user)
     # ep.module() refuses .eval()/.train(); a plain GraphModule over the same graph and
     # submodules behaves like any module (the graph already fixed inference behaviour).
     gm = fx.GraphModule(stateful, stateful.graph, type(model).__name__)
@@ -109,7 +235,7 @@ def _trace_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
         if hasattr(stateful, attr):
             setattr(gm, attr, getattr(stateful, attr))
     _constants_as_buffers(gm)
-    return gm
+    return gm, dynamic
 
 
 def _constants_as_buffers(gm: fx.GraphModule) -> None:
@@ -135,6 +261,7 @@ def trace(
     example_inputs,
     mode: str = "auto",
     leaf_modules: Sequence[str | type] = (),
+    dynamic_shapes=None,
 ) -> Traced:
     """Capture ``model`` as a GraphModule with fake-tensor shapes on every node.
 
@@ -143,23 +270,37 @@ def trace(
         example_inputs: a tensor or tuple of tensors with the shapes the model is used with.
         mode: ``"fx"``, ``"export"`` or ``"auto"`` (fx first, torch.export when fx fails).
         leaf_modules: submodule names (globs allowed) or types that fx must not trace into.
+        dynamic_shapes: the dims that stay free, spelled as for ``torch.export.export`` (one
+            entry per example input, or a dict keyed by the forward's argument names). Default:
+            batch and sequence length of integer 2-D inputs, the batch of every other input,
+            each as ``Dim.AUTO`` (static where the model fixes it).
 
     Returns:
-        A :class:`Traced` whose ``gm`` nodes carry ``meta["val"]``.
+        A :class:`Traced` whose ``gm`` nodes carry ``meta["val"]``; ``dynamic`` says which dims
+        stayed free.
 
     Raises:
+        ConfigError: ``dynamic_shapes`` does not fit the example inputs.
         TraceError: no capture path worked; the message names the submodule where fx failed and
             the export error, and suggests ``leaf_modules=``.
+
+    Example:
+        >>> t = trace(model, (ids, mask))  # two (batch, sequence) integer inputs
+        >>> t.dynamic
+        [[0, 1], [0, 1]]
     """
     if mode not in MODES:
         raise ConfigError(f"trace mode must be one of {MODES}, got {mode!r}")
     args = as_args(example_inputs)
+    maps = _spec_maps(dynamic_shapes, model, args)
     fx_err = None
     if mode in ("auto", "fx"):
         try:
             gm = _trace_fx(model, leaf_modules)
             propagate_shapes(gm, args)
-            return Traced(gm, "fx")
+            dynamic = [sorted(m) for m in maps]  # a symbolic trace fixes no size itself
+            gm.meta[DYNAMIC_DIMS] = dynamic
+            return Traced(gm, "fx", dynamic=dynamic)
         except UnsupportedModelError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -172,9 +313,10 @@ def trace(
                     f"Mark that submodule as a leaf (leaf_modules=['{where}']) or use mode='export'."
                 ) from e
     try:
-        gm = _trace_export(model, args)
+        gm, dynamic = _trace_export(model, args, maps, user=dynamic_shapes is not None)
         propagate_shapes(gm, args)
-        return Traced(gm, "export", fx_error=fx_err)
+        gm.meta[DYNAMIC_DIMS] = dynamic
+        return Traced(gm, "export", fx_error=fx_err, dynamic=dynamic)
     except UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -171,6 +171,7 @@ class TensorRTRunner:
             sparse=sparse,
             workspace=4 * 2**30,
             opt_batch=max_batch,
+            example_shapes=[list(a.shape) for a in args],
         )
         eligible, picked = parse_sparsity_log(log)
         self.notes = [

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import onnx
 import pytest
 import torch
@@ -10,7 +15,7 @@ from onnx import numpy_helper
 
 import fxprune
 from fxprune.errors import ExportError
-from fxprune.exporters import exporter_for
+from fxprune.exporters import export, exporter_for
 from fxprune.exporters import onnx as onnx_exp
 from fxprune.exporters.audit import audit_nm
 from tests.conftest import randomize
@@ -130,3 +135,47 @@ def test_hf_bert_channels_2to4_export(tmp_path):
     masked = [r for r in out.audit if r.expected]
     assert len(masked) == len(res.passes[-1].masks) == 13 and all(r.nm_ok for r in masked)
     assert out.ort_max_rel_err < 1e-4
+
+
+def test_nan_output_fails_the_runtime_parity_check(tmp_path):
+    """A NaN weight: both runtimes agree on NaN, which proves nothing and must not pass."""
+    model = nn.Linear(4, 3).eval()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ExportError, match=r"PyTorch output 0 has \d+ NaN/Inf values"):
+        export(model, torch.randn(2, 4), tmp_path / "nan.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_onnx_runtime_output_only_fails(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Linear(4, 3).eval()
+    real_run = ort.InferenceSession.run
+
+    def run_with_nan(self, *a, **k):
+        out = real_run(self, *a, **k)
+        out[0][0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run_with_nan)
+    with pytest.raises(ExportError, match="ONNX Runtime output 0 has 1 NaN/Inf values"):
+        export(model, torch.randn(2, 4), tmp_path / "m.onnx")
+
+
+def test_stale_staging_folders_are_removed_by_the_next_export(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    dead = tmp_path / f".m.onnx.{gone.pid}.abcd_123"  # a killed export of this target
+    old = tmp_path / ".m.onnx.old_fxpr"  # an older fxprune's name (no pid), 2 hours old
+    recent = tmp_path / ".m.onnx.new_fxpr"  # the same, but recent: maybe still being written
+    live = tmp_path / f".m.onnx.{os.getpid()}.live_123"  # owned by a running export
+    other = tmp_path / f".other.onnx.{gone.pid}.abcd_123"  # another target's: not ours to clean
+    for d in (dead, old, recent, live, other):
+        d.mkdir()
+        (d / "m.onnx").write_bytes(b"partial")
+    two_hours_ago = time.time() - 2 * onnx_exp.STALE_AFTER_S
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    export(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"m.onnx", recent.name, live.name, other.name}

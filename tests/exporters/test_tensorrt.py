@@ -83,3 +83,14 @@ def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ExportError, match="needs an NVIDIA GPU"):
         TensorRTExporter().export(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "m.engine")
+
+
+def test_profile_covers_every_dynamic_axis():
+    from fxprune.exporters.tensorrt import profile_shapes
+
+    # text input [batch, sequence]: both dims get a range, optimised for the example
+    assert profile_shapes([-1, -1], [4, 40], opt_batch=4) == ([1, 1], [4, 40], [64, 512])
+    # image input: only the batch is dynamic
+    lo, opt, hi = profile_shapes([-1, 3, 224, 224], [8, 3, 224, 224], opt_batch=8)
+    assert lo == [1, 3, 224, 224] and opt == [8, 3, 224, 224] and hi == [64, 3, 224, 224]
+    assert profile_shapes([2, 16], None) == ([2, 16], [2, 16], [2, 16])  # static stays static
