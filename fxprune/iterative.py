@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fxprune._util import eval_mode
 from fxprune.errors import ConfigError
 
 SCHEDULES = ("linear", "cubic", "exponential")
@@ -226,11 +227,8 @@ def iterative_prune(
         macs=sum(v["macs"] for v in stats0.values()),
     )
     if evaluate is not None:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # each submodule's own flag comes back after
             out.baseline = float(evaluate(model))
-        model.train(was)
     current = model
     pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to", "mode")}
     pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below

@@ -280,16 +280,11 @@ def sensitivity(
             traced = trace(model, args, mode="export")
     graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
     holders = channel_holders(graph) if ignore else {}
-    from fxprune._util import module_matches
+    from fxprune._util import eval_mode, module_matches
 
     stats = layer_stats(traced.gm)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            base = float(evaluate_fn(model))
-    finally:
-        model.train(was)
+    with torch.no_grad(), eval_mode(model):  # each submodule's own flag comes back after
+        base = float(evaluate_fn(model))
     rep = SensitivityReport(
         base,
         higher_is_better,

@@ -1,0 +1,121 @@
+"""The user's model is never touched, and the pruned module behaves like a model.
+
+``fxprune.compile`` works on a copy. This module holds what that promise needs:
+
+* every submodule's own ``training`` flag, saved and restored exactly (``model.train(flag)``
+  would reset a frozen BatchNorm inside a training model);
+* ``inplace=True`` commits a finished copy into the user's model in one step, so a failing pass
+  leaves it exactly as it was;
+* hooks, which a traced graph cannot carry, are refused with the module's name;
+* a graph traced in eval mode that would not train like the model (``F.dropout(training=...)``,
+  an ``if self.training:`` branch, anything captured by ``torch.export``) refuses ``.train()``
+  with the reason instead of silently training as an inference graph.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import TrainModeError, UnsupportedModelError
+
+HOOKS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+
+
+def training_flags(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's own ``training`` flag, by name ("" is the model itself)."""
+    return {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def restore_training(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Set each submodule's flag back to ``flags`` (names the model no longer has are skipped;
+    modules the capture added, such as a GraphModule's own, take their parent's flag)."""
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name in flags:
+            m.training = flags[name]
+        else:
+            parent = name.rpartition(".")[0]
+            m.training = flags.get(parent, flags.get("", False))
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Refuse a model with hooks: a traced graph runs its layers without them (top-level hooks
+    vanish) or runs them on fake tensors while tracing (inner ones crash or see garbage)."""
+    found = [
+        f"{HOOKS[attr]} on {name or type(model).__name__!r}"
+        for name, m in model.named_modules()
+        for attr in HOOKS
+        if getattr(m, attr, None)
+    ]
+    if found:
+        raise UnsupportedModelError(
+            f"the model has hooks fxprune cannot carry into the pruned graph: {', '.join(found[:5])}"
+            + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
+            + "; remove them before fxprune.compile and register them again on the submodules "
+            "of result.module"
+        )
+
+
+def train_difference(eval_gm: fx.GraphModule, train_gm: fx.GraphModule) -> str | None:
+    """None when the graphs traced in eval and in train mode are the same code (training
+    behaviour lives in leaf modules such as BatchNorm and Dropout, which keep their flags);
+    else the first line that differs."""
+    a, b = eval_gm.code.splitlines(), train_gm.code.splitlines()
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return f"traced in eval as `{x.strip()}`, in train mode as `{y.strip()}`"
+    if len(a) != len(b):
+        return "the forward traces to a different graph in train mode"
+    return None
+
+
+def guard_training(gm: nn.Module, reason: str) -> None:
+    """Make ``gm.train(True)`` raise :class:`TrainModeError` with ``reason``; ``eval()`` works."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise TrainModeError(
+                f"{type(self).__name__} cannot be put in train mode: {reason}. It would run as an "
+                "inference graph (no dropout, frozen batch-norm statistics, train-only branches "
+                "dropped). Fine-tune it in eval mode if that is what you want (gradients flow), or "
+                "prune a model that traces with torch.fx to one graph in both modes"
+            )
+        return nn.Module.train(self, False)
+
+    gm.train = types.MethodType(train, gm)
+    gm.fxprune_train_refused = reason
+
+
+def commit_inplace(model: nn.Module, work: nn.Module) -> None:
+    """Make ``model`` the pruned ``work`` copy in one step (its layers, parameters, buffers and
+    flags become the copy's; the pruned graph module shares them)."""
+    model.__dict__.update(work.__dict__)
+
+
+def inplace_refused(model: nn.Module, mode: str) -> str:
+    return (
+        f"inplace=True: {type(model).__name__} was captured with torch.export, whose graph holds "
+        "its own copies of the layers, so the model cannot be pruned in place; drop inplace=True "
+        "(the model stays untouched, the pruned model is result.module) or pass mode='fx' where "
+        "the model traces with torch.fx"
+        if mode == "export"
+        else f"inplace=True is not supported with {mode} capture"
+    )
+
+
+__all__ = [
+    "check_hooks",
+    "commit_inplace",
+    "guard_training",
+    "inplace_refused",
+    "restore_training",
+    "train_difference",
+    "training_flags",
+]

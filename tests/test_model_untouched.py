@@ -1,0 +1,163 @@
+"""The user's model is never touched (each submodule's training flag, weights, structure), in-place
+pruning is all or nothing, hooks are refused by name, and a pruned graph put in train mode
+trains like the dense model or refuses with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from fxprune.errors import ConfigError, PassError, TrainModeError, UnsupportedModelError
+from fxprune.verify.proof import zeroed_dense
+from tests.conftest import randomize
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.b(self.a(x)).mean((2, 3))))
+
+
+class FunctionalDropout(Net):
+    def forward(self, x):
+        y = self.b(self.a(x)).mean((2, 3))
+        return self.fc(F.dropout(y, 0.5, training=self.training))
+
+
+class TrainBranch(Net):
+    def forward(self, x):
+        y = self.b(self.a(x)).mean((2, 3))
+        if self.training:
+            y = y * 2
+        return self.fc(y)
+
+
+def net(cls=Net):
+    torch.manual_seed(0)
+    return randomize(cls()), torch.randn(4, 3, 8, 8)
+
+
+def flags(m):
+    return {n: s.training for n, s in m.named_modules()}
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda m, x: fxprune.compile(m, x, channels=0.5, ignore=["fc"]),
+        lambda m, x: fxprune.estimate(m, x, structured=0.5, hardware=("cpu",)),
+        lambda m, x: fxprune.sensitivity(m, x, lambda mod: float(mod(x).sum()), ratios=(0.5,)),
+        lambda m, x: fxprune.iterative_prune(
+            m, x, steps=2, channels=0.5, ignore=["fc"], evaluate=lambda mod: 0.0
+        ),
+    ],
+    ids=["compile", "estimate", "sensitivity", "iterative_prune"],
+)
+def test_each_submodule_keeps_its_own_training_flag(run):
+    model, x = net()
+    model.train()
+    model.a[1].eval()  # a frozen BN inside a training model
+    before, state = flags(model), {k: v.clone() for k, v in model.state_dict().items()}
+    run(model, x)
+    assert flags(model) == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_result_mirrors_the_flags_and_trains_like_the_dense_model():
+    model, x = net()
+    model.train()
+    model.a[1].eval()
+    res = fxprune.compile(model, x, channels=0.5, ignore=["fc"])
+    pruned = res.module
+    assert pruned.training and not pruned.get_submodule("a.1").training
+    assert pruned.get_submodule("b.1").training
+    ref = zeroed_dense(model, res)
+    ref.train()
+    ref.get_submodule("a.1").eval()
+    # dropout is live in the pruned model: two calls differ, as in the dense model
+    assert not torch.equal(pruned(x), pruned(x))
+    pruned.drop.p = ref.drop.p = 0.0  # its masks cannot match on fewer features: compare BN
+    for m in (pruned, ref):  # the calls above moved the running statistics: start both again
+        for bn in (m.get_submodule("b.1"),):
+            bn.reset_running_stats()
+    y, y_ref = pruned(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)  # batch statistics, not running
+    kept = res.plan.passes[0]["kept"]["b.0"]
+    torch.testing.assert_close(
+        pruned.get_submodule("b.1").running_mean, ref.get_submodule("b.1").running_mean[kept]
+    )
+    assert pruned.get_submodule("b.1").num_batches_tracked.item() == 1  # statistics updated
+    assert not torch.equal(pruned.eval()(x), y)
+
+
+@pytest.mark.parametrize("cls", [FunctionalDropout, TrainBranch])
+def test_a_graph_that_would_not_train_like_the_model_refuses_train(cls):
+    model, x = net(cls)
+    model.train()
+    res = fxprune.compile(model, x, channels=0.5, ignore=["fc"])
+    assert not res.module.training  # put in eval: it cannot honour train mode
+    with pytest.raises(TrainModeError, match="in train mode as"):
+        res.module.train()
+    res.module.eval()  # eval stays fine
+    assert flags(model)[""] is True  # the user's model keeps its flag
+
+
+def test_torch_export_capture_refuses_train():
+    model, x = net()
+    res = fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"], mode="export")
+    with pytest.raises(TrainModeError, match="torch.export"):
+        res.module.train()
+    with pytest.raises(TrainModeError):
+        nn.Sequential(res.module).train()  # a parent's train() reaches it too
+
+
+def test_inplace_changes_the_model_fully():
+    model, x = net()
+    model.train()
+    model.a[1].eval()
+    before = flags(model)
+    res = fxprune.compile(model, x, channels=0.5, ignore=["fc"], inplace=True)
+    assert model.a[0].weight.shape[0] == 4 and model.a[0].out_channels == 4
+    assert model.a[0] is res.module.get_submodule("a.0")
+    assert flags(model) == before
+    assert model(x).shape == (4, 3)
+
+
+def test_inplace_failure_leaves_the_model_as_it_was(monkeypatch):
+    model, x = net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    import fxprune.passes.nm as nm
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(nm, "nm_masks", broken, raising=False)
+    monkeypatch.setattr(fxprune.api, "prune_nm", broken)
+    with pytest.raises(PassError):
+        fxprune.compile(model, x, channels=0.5, ignore=["fc"], sparsity="2:4", inplace=True)
+    assert model.a[0].weight.shape[0] == 8  # the channel pass ran, but only on the copy
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_inplace_under_torch_export_is_refused_and_leaves_the_model():
+    model, x = net()
+    with pytest.raises(ConfigError, match="inplace=True.*torch.export"):
+        fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"], inplace=True, mode="export")
+    assert model.a[0].weight.shape[0] == 8
+
+
+@pytest.mark.parametrize("where", ["", "b.0"])
+def test_hooks_are_refused_with_the_module_name(where):
+    model, x = net()
+    model.get_submodule(where).register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(UnsupportedModelError, match=f"forward hook on '{where or 'Net'}'"):
+        fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"])
