@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import time
@@ -10,12 +11,23 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
-from fxprune.calibration import default_loss
-from fxprune.errors import ConfigError, PlanError
+from fxprune.calibration import default_loss, take_batches
+from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
-from fxprune.graph.trace import as_args
+from fxprune.graph.trace import as_args, dims_spec
 from fxprune.hf import pruned_config
+from fxprune.importance import DATA_CRITERIA
+from fxprune.modelstate import (
+    check_hooks,
+    commit_inplace,
+    guard_training,
+    inplace_refused,
+    restore_training,
+    train_difference,
+    training_flags,
+)
 from fxprune.passes import run_passes
 from fxprune.passes.blocks import Blocks, prune_blocks
 from fxprune.passes.channels import Channels, prune_channels
@@ -23,7 +35,7 @@ from fxprune.passes.ffn import FFN, prune_ffn
 from fxprune.passes.heads import Heads, prune_heads
 from fxprune.passes.nm import NM, prune_nm
 from fxprune.passes.permute import Permute, permute_channels
-from fxprune.plan import CompileResult, LayerRow, Plan, Summary
+from fxprune.plan import CompileResult, LayerRow, Plan, Summary, read_checkpoint
 from fxprune.stats import layer_stats
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
@@ -108,12 +120,39 @@ def hidden_attention(gm) -> list[str]:
     return out
 
 
-def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config):
+def _train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
+    """Why the eval-mode capture would not train like the model, or None when it would."""
+    if traced.mode != "fx":
+        return "it was captured by torch.export in eval mode"
+    try:
+        with _all_training(work):
+            again = trace(work, args, mode="fx", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
+    except FxPruneError as e:  # Inception's train-only aux head fails on small inputs
+        return f"its forward does not trace in train mode ({str(e)[:200]})"
+    return train_difference(traced.gm, again.gm)
+
+
+@contextlib.contextmanager
+def _all_training(module: nn.Module):
+    flags = training_flags(module)
+    module.train()
+    try:
+        yield module
+    finally:
+        restore_training(module, flags)
+
+
+def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config, dynamic=None):
     t0 = time.perf_counter()
-    work = model if inplace else copy.deepcopy(model)
-    was_training = model.training
+    check_hooks(model)
+    flags = training_flags(model)
+    # always a copy: inplace=True commits it into the model at the end, so a failure anywhere
+    # leaves the model exactly as it was
+    work = copy.deepcopy(model)
     work.eval()
-    traced = trace(work, args, mode=mode, leaf_modules=leaf_modules)
+    if mode == "auto" and any(parametrize.is_parametrized(m) for m in work.modules()):
+        mode = "export"  # fx keeps a parametrized layer opaque; export computes its weight
+    traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
     if (
         mode == "auto"
         and traced.mode == "fx"
@@ -121,20 +160,30 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         and hidden_attention(traced.gm)
     ):
         # torch.export decomposes attention into ops whose heads the graph can follow
-        traced = trace(work, args, mode="export", leaf_modules=leaf_modules)
+        traced = trace(work, args, mode="export", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
+    if inplace and traced.mode != "fx":
+        raise ConfigError(inplace_refused(model, traced.mode))
+    train_refused = _train_refused(work, args, traced, leaf_modules, dynamic)
     gm = traced.gm
     before = layer_stats(gm)
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
     barriers = graph.barrier_report()
     after = layer_stats(gm)
-    gm.train(was_training)
-    model.train(was_training)
+    restore_training(gm, flags)  # fx: gm's layers are the copy's; each keeps the user's flag
+    if train_refused:
+        guard_training(gm, train_refused)
+        if not inplace:
+            nn.Module.train(gm, False)  # it cannot train: say so rather than look like it does
+    if inplace:
+        restore_training(work, flags)
+        commit_inplace(model, work)
     plan = Plan(
         traced.mode,
         _inputs_spec(args),
         config,
         [r.plan for r in results if r.plan],
     )
+    plan.config["dynamic_shapes"] = traced.dynamic  # replay captures with the same free dims
     hf_config, notes = pruned_config(model, results)
     if notes:
         plan.config["hf_config_notes"] = notes
@@ -161,6 +210,7 @@ def compile(  # noqa: A001 - the public name the project promises
     importance: str = "l1",
     block_importance: str = "cosine",
     calibration=None,
+    calibration_batches: int | None = None,
     loss_fn=None,
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
@@ -180,6 +230,7 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity_exclude: Sequence[str] = (),
     sparsity_permute: bool = False,
     sparsity_method: str = "magnitude",
+    dynamic_shapes=None,
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -203,7 +254,11 @@ def compile(  # noqa: A001 - the public name the project promises
             ``"l1"``), scored over every weight of the coupled group.
         block_importance: ``"cosine"`` (1 - cosine of a block's input and output) or ``"l2"``.
         calibration: an iterable of batches (each like ``example_inputs``) for data-driven
-            choices; default: ``example_inputs``.
+            choices; default: ``example_inputs``. Read lazily, and only when an option measures
+            on it (data-driven ``importance``, ``blocks``, ``sparsity_method``): a weight-only
+            criterion never iterates it. A batch with NaN or Inf values is refused.
+        calibration_batches: how many batches to take from ``calibration`` at most (an endless
+            generator is fine); default: 128.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"`` (default: the
             LM loss for Hugging Face causal / masked LMs, else the mean squared output, a proxy;
             ``details["taylor_loss"]`` of the pass says which).
@@ -235,6 +290,10 @@ def compile(  # noqa: A001 - the public name the project promises
         sparsity_method: how the N:M pass picks the N of every M: ``"magnitude"``,
             ``"wanda"`` (|w| x input norm on ``calibration``) or ``"sparsegpt"`` (layer-wise
             second-order reconstruction on ``calibration``; kept weights are updated).
+        dynamic_shapes: the input dims the pruned module keeps free, as ``torch.export`` spells
+            them (e.g. ``({0: Dim.AUTO, 1: Dim.AUTO},)``). Default: batch and sequence length of
+            integer 2-D inputs (token ids, masks), the batch of the others; the plan records
+            which stayed free (``plan.config["dynamic_shapes"]``) and replay uses the same.
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -255,6 +314,9 @@ def compile(  # noqa: A001 - the public name the project promises
     _inputs_spec(args)
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
+    pruned = channels or layer_ratios or heads or head_ratios or ffn or ffn_ratios
+    measured = blocks or sparsity_method != "magnitude" or (importance in DATA_CRITERIA and pruned)
+    batches = take_batches(calibration if measured else None, calibration_batches)
     nm = None
     if sparsity is not None:
         resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
@@ -263,7 +325,7 @@ def compile(  # noqa: A001 - the public name the project promises
             include=tuple(sparsity_include),
             exclude=tuple(sparsity_exclude),
             method=sparsity_method,
-            calibration=None if calibration is None else tuple(calibration),
+            calibration=batches,
         )
     if round_to is None:
         round_to = nm.m if nm is not None else 1
@@ -272,7 +334,6 @@ def compile(  # noqa: A001 - the public name the project promises
     f_ratios = tuple((ffn_ratios or {}).items())
     resolve_names(model, [k for k, _ in h_ratios], "head_ratios")
     resolve_names(model, [k for k, _ in f_ratios], "ffn_ratios")
-    batches = None if calibration is None else tuple(calibration)
     shared = dict(
         importance=importance,
         ignore=ignore_t,
@@ -337,7 +398,9 @@ def compile(  # noqa: A001 - the public name the project promises
             sparsity_permute=sparsity_permute,
             sparsity_method=sparsity_method,
         )
-    return _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config)
+    return _run(
+        model, args, passes, mode, leaf_modules, allow_approximate, inplace, config, dynamic_shapes
+    )
 
 
 def apply_plan(
@@ -346,16 +409,24 @@ def apply_plan(
     example_inputs=None,
     leaf_modules: Sequence[str | type] = (),
     _weights_follow: bool = False,
+    dynamic_shapes=None,
 ) -> CompileResult:
     """Rebuild a plan's pruned architecture from a fresh dense ``model`` (weights sliced from it).
 
     Load a saved pruned state_dict into ``result.module`` afterwards, or use :func:`load`.
-    ``example_inputs`` default to zeros of the shapes recorded in the plan.
+    ``example_inputs`` default to zeros of the shapes recorded in the plan; ``dynamic_shapes``
+    (torch.export's spelling) to the free dims the plan recorded.
+
+    Raises:
+        PlanError: the plan is malformed (not JSON, a missing entry, kept indices that are
+            negative, repeated or out of range for their layer) or names layers ``model`` lacks.
     """
     if isinstance(plan, str):
         plan = Plan.from_json(plan)
     elif isinstance(plan, dict):
         plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a Plan, a dict or a JSON string, got {type(plan).__name__}")
     args = as_args(example_inputs) if example_inputs is not None else plan.example_inputs()
     data_nm = [e.get("method") for e in plan.passes if e["name"] == "nm"]
     data_nm = [m for m in data_nm if m not in (None, "magnitude")]
@@ -365,24 +436,65 @@ def apply_plan(
             "be recomputed from the dense weights; open the checkpoint with "
             "fxprune.load(path, model), which reads the masks off the saved weights"
         )
-    passes = []
-    for entry in plan.passes:
-        if entry["name"] not in PASSES:
-            raise ConfigError(f"plan has unknown pass {entry['name']!r}")
-        fn, make_cfg = PASSES[entry["name"]]
-        passes.append((fn, make_cfg(entry)))
+    passes = [_replayed(i, entry) for i, entry in enumerate(plan.passes)]
     allow = bool(plan.config.get("allow_approximate", False))
-    return _run(model, args, passes, plan.mode, leaf_modules, allow, False, plan.config)
+    recorded = plan.config.get("dynamic_shapes")
+    if dynamic_shapes is None and recorded is not None:
+        dynamic_shapes = dims_spec(recorded)
+    return _run(
+        model, args, passes, plan.mode, leaf_modules, allow, False, plan.config, dynamic_shapes
+    )
+
+
+def _replayed(i: int, entry: dict):
+    """(pass function, config) replaying plan entry ``i``; a malformed entry is a PlanError."""
+    if entry["name"] not in PASSES:
+        raise PlanError(f"plan pass {i} is {entry['name']!r}, not one of {sorted(PASSES)}")
+    fn, make_cfg = PASSES[entry["name"]]
+    try:
+        return fn, make_cfg(entry)
+    except KeyError as e:
+        raise PlanError(f"plan pass {i} ({entry['name']}) has no {e.args[0]!r} entry") from e
+    except (TypeError, ValueError) as e:  # ConfigError included: the plan holds the values
+        raise PlanError(f"plan pass {i} ({entry['name']}) is malformed: {e}") from e
 
 
 def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResult:
     """Load a checkpoint written by ``CompileResult.save`` onto a fresh dense ``model``.
 
     Uses ``torch.load(weights_only=True)`` unless ``trust=True``.
+
+    Args:
+        path: the checkpoint file.
+        model: a dense model of the architecture the checkpoint was pruned from.
+        trust: allow pickled Python objects in the file (only for files you trust).
+
+    Returns:
+        The :class:`fxprune.plan.CompileResult` with the saved weights in ``.module``.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, not an fxprune checkpoint, holds pickled
+            code without ``trust``, or its plan or weights do not fit ``model`` (the message
+            names the file).
+
+    Example:
+        >>> res = fxprune.load("r50.pt", torchvision.models.resnet50())  # doctest: +SKIP
     """
-    ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
-    res = apply_plan(model, ckpt["plan"], _weights_follow=True)
-    res.module.load_state_dict(ckpt["state_dict"])
+    ckpt = read_checkpoint(path, trust)
+    try:
+        res = apply_plan(model, ckpt["plan"], _weights_follow=True)
+    except CheckpointError:
+        raise
+    except PlanError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    try:
+        res.module.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3] or [str(e)]
+        raise CheckpointError(
+            f"{path}: its weights do not fit this {type(model).__name__} "
+            f"({'; '.join(lines)}); was it saved from another architecture?"
+        ) from e
     from fxprune.passes.nm import masks_from_weights
 
     for p in res.passes:  # the saved weights carry the pattern the plan's method chose

@@ -10,6 +10,7 @@ the causal LM loss, anything else the mean squared output (a proxy the report na
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,47 @@ from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import find_rule
 from fxprune.graph.shapes import _sdpa
+
+MAX_BATCHES = 128  # what compile(calibration_batches=None) takes from a calibration iterable
+
+
+def take_batches(calibration, limit: int | None = None) -> tuple[tuple, ...] | None:
+    """At most ``limit`` (default :data:`MAX_BATCHES`) batches of ``calibration``, each an
+    argument tuple, read lazily (an endless generator is fine) and checked to be finite.
+
+    Raises:
+        ConfigError: ``limit`` is not a positive int, ``calibration`` is a tensor rather than an
+            iterable of batches, it gave no batches, or a batch holds NaN / Inf (named by index).
+
+    Example:
+        >>> import itertools, torch
+        >>> len(take_batches(torch.zeros(1, 3) for _ in itertools.count()))
+        128
+    """
+    limit = MAX_BATCHES if limit is None else limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"calibration_batches={limit!r}: must be a positive int")
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        raise ConfigError(
+            "calibration must be an iterable of batches, got a tensor (iterating it would "
+            "split it along dim 0): pass [x]"
+        )
+    try:
+        batches = itertools.islice(iter(calibration), limit)
+    except TypeError as e:
+        raise ConfigError(f"calibration must be an iterable of batches: {e}") from e
+    out = []
+    for i, b in enumerate(batches):
+        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        for t in pytree.tree_leaves(b):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
+                raise ConfigError(f"calibration batch {i} holds NaN or Inf values")
+        out.append(b)
+    if not out:
+        raise ConfigError("calibration: the iterable gave no batches (an exhausted generator?)")
+    return tuple(out)
 
 
 def as_batches(calibration, args: tuple) -> list[tuple]:
@@ -197,10 +239,9 @@ def recalibrate_bn(module: torch.nn.Module, batches, max_batches: int | None = N
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    was = module.training
-    module.eval()
-    for m in bns:
-        m.train()
+    flags = [(m, m.training) for m in module.modules()]  # each submodule's own, restored after
+    for m, _ in flags:
+        m.training = any(m is b for b in bns)
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
@@ -211,7 +252,8 @@ def recalibrate_bn(module: torch.nn.Module, batches, max_batches: int | None = N
     finally:
         for m, mom in saved:
             m.momentum = mom
-        module.train(was)
+        for m, was in flags:
+            m.training = was
         if not ran:  # nothing seen: put the old statistics back rather than mean 0 / var 1
             for m, (mean, var, n) in zip(bns, stats, strict=True):
                 m.running_mean.copy_(mean)

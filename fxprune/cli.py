@@ -8,6 +8,7 @@ error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -19,7 +20,8 @@ EXAMPLES = """model sources:
                                       else random weights from config.json), a config.json, or a
                                       model type such as hf:bert (that family's default config,
                                       full size: hf:llama would be 6.7B parameters)
-  path/to/file.py:factory             factory() returns (model, example_input)
+  path/to/file.py:factory             factory() returns (model, example_input); runs the
+                                      file, so it needs --trust
   checkpoint.pt                       written by `fxprune prune --save` (plan + state_dict)
 
 examples:
@@ -30,7 +32,7 @@ examples:
   fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
   fxprune inspect torchvision:mobilenet_v3_small
   fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
-  fxprune prune my_model.py:build --channels 0.5 --importance l2
+  fxprune prune my_model.py:build --trust --channels 0.5 --importance l2
   fxprune verify torchvision:resnet50 --channels 0.5 --round_to 8 --ignore fc --batch 1 8
 """
 
@@ -64,8 +66,9 @@ def _blocks(values: list[str]):
 
 
 def is_checkpoint(spec: str) -> bool:
+    """A ``.pt`` / ``.pth`` path (a missing one too, so that it is reported as missing)."""
     p = Path(spec)
-    return p.suffix in (".pt", ".pth") and p.is_file()
+    return p.suffix in (".pt", ".pth") and (p.exists() or ":" not in spec)
 
 
 def _open_checkpoint(path: str, trust: bool):
@@ -73,16 +76,13 @@ def _open_checkpoint(path: str, trust: bool):
     import torch
 
     import fxprune
-    from fxprune.errors import ConfigError
+    from fxprune.errors import CheckpointError, ConfigError
     from fxprune.models import load_model
+    from fxprune.plan import read_checkpoint
 
-    try:
-        ckpt = torch.load(path, weights_only=not trust, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - torch raises several types here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if trust else " (it may hold pickled code: pass --trust if you trust it)"
-        raise ConfigError(f"cannot read checkpoint {path}: {first}{hint}") from e
-    src = ckpt.get("source") if isinstance(ckpt, dict) else None
+    src = read_checkpoint(path, trust).get("source")
+    if src and not (isinstance(src, dict) and isinstance(src.get("model"), str)):
+        raise CheckpointError(f"{path}: its 'source' entry is malformed: {src!r:.80}")
     if not src:
         raise ConfigError(
             f"{path} does not name the model it was pruned from (saved by the Python API); "
@@ -99,6 +99,32 @@ def _open_checkpoint(path: str, trust: bool):
     return model, x, fxprune.load(path, model, trust=trust)
 
 
+@contextlib.contextmanager
+def _blame_inputs(model, x):
+    """A TraceError from a model whose own forward rejects the example inputs is about the
+    inputs, not about tracing: say so (with their shapes) rather than suggest leaf_modules."""
+    from fxprune.errors import TraceError
+    from fxprune.models import check_example
+
+    try:
+        yield
+    except TraceError:
+        check_example(model, x)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path):
+    """An OSError while writing ``path`` (a read-only folder, a missing one) is a one-line
+    fxprune error naming the flag and the path."""
+    from fxprune.errors import FileAccessError
+
+    try:
+        yield
+    except OSError as e:
+        raise FileAccessError(f"cannot write {flag} {path}: {e.strerror or e}") from e
+
+
 def _compile(a, log: _Log):
     """(dense model, example input, CompileResult) from a checkpoint, ``--load`` or the flags."""
     import torch
@@ -108,17 +134,99 @@ def _compile(a, log: _Log):
 
     if is_checkpoint(a.model):
         log(f"opening {a.model}")
-        return _open_checkpoint(a.model, a.trust)
+        model, x, res = _open_checkpoint(a.model, a.trust)
+        return model, _shaped(a, model, x), res
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, x = load_model(a.model, trust=a.trust)
+    x = _shaped(a, model, x)
     if getattr(a, "load", None):
         log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
-    res = fxprune.compile(
+    with _blame_inputs(model, x):
+        res = _prune_flags(a, model, x, channels)
+    return model, x, res
+
+
+def _fit(t, dim: int, n: int):
+    """``t`` with ``n`` entries along ``dim``: its own repeated, or cut (ids stay ids, a mask a
+    mask)."""
+    from fxprune.errors import ConfigError
+
+    if n < 1 or t.shape[dim] == 0:
+        raise ConfigError(f"cannot make an example input of size {n} along dim {dim}")
+    reps = [1] * t.ndim
+    reps[dim] = -(-n // t.shape[dim])
+    return t.repeat(*reps).narrow(dim, 0, n).contiguous()
+
+
+def _shaped(a, model, x):
+    """The source's example input with ``--input-shape`` (every input of the first input's
+    shape; a float input is drawn anew), ``--seq-len`` (dim 1 of integer 2-D inputs: token ids,
+    masks) and ``--batch`` (dim 0 of every input) applied, in that order."""
+    import torch
+
+    from fxprune.errors import ConfigError
+
+    shape, seq, batch = getattr(a, "input_shape", None), getattr(a, "seq_len", None), a.batch
+    if isinstance(batch, list):  # verify / estimate: the first batch size timed, when given
+        batch = batch[0] if getattr(a, "batch_given", False) else None
+    if not (shape or seq or batch):
+        return x
+    single = isinstance(x, torch.Tensor)
+    args = [x] if single else list(x)
+    tensors = [i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.ndim]
+    if shape:
+        first = args[tensors[0]].shape if tensors else None
+        g = torch.Generator().manual_seed(a.seed)
+        for i in (i for i in tensors if args[i].shape == first):
+            t = args[i]
+            if t.is_floating_point():
+                args[i] = torch.randn(shape, generator=g, dtype=t.dtype)
+            elif len(shape) == t.ndim:
+                for d, n in enumerate(shape):
+                    t = _fit(t, d, n)
+                args[i] = t
+            else:
+                raise ConfigError(
+                    f"--input-shape {' '.join(map(str, shape))}: the example input is a "
+                    f"{t.ndim}-D integer tensor (token ids): give {t.ndim} sizes, or use "
+                    "--batch and --seq-len"
+                )
+    if seq:
+        text = [i for i in tensors if args[i].ndim == 2 and not args[i].is_floating_point()]
+        if not text:
+            raise ConfigError(
+                "--seq-len: the example has no token-id input (an integer (batch, sequence) "
+                "tensor); use --input-shape"
+            )
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and seq > limit:
+            raise ConfigError(f"--seq-len {seq} exceeds max_position_embeddings ({limit})")
+        for i in text:
+            args[i] = _fit(args[i], 1, seq)
+    for i in tensors if batch else ():
+        args[i] = _fit(args[i], 0, batch)
+    return args[0] if single else tuple(args)
+
+
+class _BatchSizes(argparse.Action):
+    """``--batch`` of verify / estimate: the batch sizes timed; given, the first is also the
+    example's batch (the default list leaves the source's example as it is)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.batch_given = True
+
+
+def _prune_flags(a, model, x, channels: float):
+    """``fxprune.compile`` with the pruning flags."""
+    import fxprune
+
+    return fxprune.compile(
         model,
         x,
         channels=channels,
@@ -138,7 +246,6 @@ def _compile(a, log: _Log):
         sparsity_permute=a.sparsity_permute,
         sparsity_method=a.sparsity_method,
     )
-    return model, x, res
 
 
 def _prove(model, res, x, log: _Log):
@@ -152,7 +259,8 @@ def _report(a, **sections) -> None:
     if getattr(a, "report", None):
         from fxprune.report import write
 
-        path = write(a.report, f"fxprune {a.cmd}: {a.model}", command=_argv(), **sections)
+        with _writing("--report", a.report):
+            path = write(a.report, f"fxprune {a.cmd}: {a.model}", command=_argv(), **sections)
         print(f"report: {path}", file=sys.stderr if a.json else sys.stdout)
 
 
@@ -174,11 +282,13 @@ def _prune(a, log: _Log) -> int:
     model, x, res = _compile(a, log)
     rep = _prove(model, res, x, log)
     if a.save:
-        res.save(a.save, source={"model": _portable(a.model), "seed": a.seed})
+        with _writing("--save", a.save):
+            res.save(a.save, source={"model": _portable(a.model), "seed": a.seed})
     exported = None
     if a.export:
         log(f"exporting {a.export}")
-        exported = res.export(a.export)
+        with _writing("--export", a.export):
+            exported = res.export(a.export)
     log(None)
     if a.json:
         print(
@@ -216,7 +326,8 @@ def _export(a, log: _Log) -> int:
     options = {}
     if Path(a.out).suffix in (".engine", ".plan", ".trt"):
         options["fp16"] = not a.fp32
-    out = res.export(a.out, **options)
+    with _writing("-o", a.out):
+        out = res.export(a.out, **options)
     log(None)
     if a.json:
         print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
@@ -357,8 +468,10 @@ def _inspect(a, log: _Log) -> int:
         log(f"building {a.model}")
         torch.manual_seed(a.seed)
         model, x = load_model(a.model, trust=a.trust)
+    x = _shaped(a, model, x)
     log("tracing")
-    traced = trace(model, x, mode=a.mode)
+    with _blame_inputs(model, x):
+        traced = trace(model, x, mode=a.mode)
     log("building the dependency graph")
     g = build_graph(traced.gm, allow_approximate=a.allow_approximate)
     log(None)
@@ -414,8 +527,27 @@ def _add_source(pr) -> None:
         help="torchvision:NAME, timm:NAME, hf:CONFIG_OR_DIR, path/file.py:factory or a "
         "checkpoint.pt from `fxprune prune --save`",
     )
-    pr.add_argument("--trust", action="store_true", help="allow pickled code when loading")
+    pr.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow pickled code in checkpoints and running a file.py:factory source",
+    )
     pr.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
+    pr.add_argument(
+        "--input-shape",
+        dest="input_shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="example input shape, e.g. 1 3 224 224 (default: the source's)",
+    )
+    pr.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        default=None,
+        help="example sequence length of token-id / attention-mask inputs (default: hf: 128)",
+    )
     pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
     pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -462,13 +594,26 @@ def _add_pruning(pr) -> None:
     pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
 
 
+def _add_example_batch(pr) -> None:
+    pr.add_argument(
+        "--batch", type=int, default=None, help="example batch size (default: the source's)"
+    )
+
+
 def _add_timing(pr, batch_default) -> None:
     pr.add_argument(
         "--backend",
         default="onnxruntime",
         help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse) or tensorrt (GPU)",
     )
-    pr.add_argument("--batch", type=int, nargs="+", default=batch_default, help="batch sizes")
+    pr.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=batch_default,
+        action=_BatchSizes,
+        help="batch sizes timed (default 1 8); when given, the first is the example's batch",
+    )
     pr.add_argument("--warmup", type=int, default=5, help="untimed calls per model and batch")
     pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
     pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
@@ -494,12 +639,14 @@ def parser() -> argparse.ArgumentParser:
     _add_pruning(pr)
     pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
     pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
+    _add_example_batch(pr)
     pr.add_argument("--report", help="write a self-contained HTML report here")
 
     ex = add("export", "prune (or open a checkpoint), prove, export ONNX or a TensorRT engine")
     _add_pruning(ex)
     ex.add_argument("-o", "--out", required=True, help="model.onnx, or model.engine (TensorRT)")
     ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
+    _add_example_batch(ex)
 
     ve = add("verify", "measure pruned vs dense latency on a backend, side by side")
     _add_pruning(ve)
@@ -532,6 +679,7 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--allow_approximate", action="store_true")
     ins.add_argument("--top", type=int, default=30, help="groups and barriers shown")
     ins.add_argument("--all", action="store_true", help="show every group and barrier")
+    _add_example_batch(ins)
     return p
 
 
@@ -544,18 +692,44 @@ COMMANDS = {
 }
 
 
+# the flags that name a file to write, checked before any work: a directory given as a file
+# fails at once, not after minutes of pruning
+OUTPUTS = (("--save", "save"), ("--export", "export"), ("-o", "out"), ("--report", "report"))
+
+
+def _check_outputs(a) -> None:
+    from fxprune.errors import FileAccessError
+
+    for flag, attr in OUTPUTS:
+        path = getattr(a, attr, None)
+        if path and Path(path).is_dir():
+            raise FileAccessError(f"{flag} {path} is a directory: give a file path")
+        if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
+            raise FileAccessError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
+
+
+def _one_line(e: Exception) -> str:
+    from fxprune.errors import FxPruneError
+
+    text = str(e)
+    if not isinstance(e, FxPruneError) and e.filename:  # an OSError no command wrapped
+        text = f"{e.filename}: {e.strerror or e}"
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from fxprune.errors import FxPruneError
 
     log = _Log(a.quiet or a.json)
     try:
+        _check_outputs(a)
         return COMMANDS[a.cmd](a, log)
-    except FxPruneError as e:
+    except (FxPruneError, OSError) as e:  # an fxprune error, or I/O on a path the user gave
         if a.debug:
             raise
         log(None)
-        print(f"fxprune: error: {e}", file=sys.stderr)
+        print(f"fxprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -61,3 +61,8 @@ class MissingExtraError(FxPruneError, ImportError):
 class NothingToPruneError(ConfigError):
     """A pass the user asked for would remove nothing; the message says why (nothing of that
     kind in the graph, everything ignored or blocked, or the ratio rounds to zero)."""
+
+
+class TrainModeError(UnsupportedModelError):
+    """A pruned graph captured in eval mode would not train like the model; the message says why
+    (``F.dropout(training=...)``, an ``if self.training:`` branch, a torch.export capture)."""

@@ -5,6 +5,7 @@ command line itself: they name the source they were pruned from)."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -12,9 +13,15 @@ import torch
 
 from fxprune.errors import ConfigError, MissingExtraError
 
+# the text inputs an example is made of, by forward parameter name
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-def _hf_input(cfg, seq_len: int) -> torch.Tensor:
-    """An example input for a Hugging Face config: pixels for vision configs, else token ids."""
+
+def _hf_input(cfg, seq_len: int, model=None):
+    """An example input for a Hugging Face config: pixels for vision configs; for text, token ids
+    with an all-ones ``attention_mask`` and zero ``token_type_ids``, as many of them as lead the
+    forward's parameters (BERT: all three; LLaMA: ids and mask; GPT-2, whose second parameter is
+    the cache: ids alone), since the example is passed positionally."""
     if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         return torch.randn(1, cfg.num_channels, size, size)
@@ -22,7 +29,19 @@ def _hf_input(cfg, seq_len: int) -> torch.Tensor:
     if not vocab:
         raise ConfigError(f"hf: cannot make an example input for a {type(cfg).__name__}")
     limit = getattr(cfg, "max_position_embeddings", None) or seq_len
-    return torch.randint(0, vocab, (1, min(seq_len, limit)))
+    if "roberta" in getattr(cfg, "model_type", ""):  # positions start after the padding index
+        limit -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    ids = torch.randint(0, vocab, (1, min(seq_len, limit)))
+    made = dict(zip(_TEXT_INPUTS, (ids, torch.ones_like(ids), torch.zeros_like(ids)), strict=True))
+    params = list(inspect.signature(model.forward).parameters) if model is not None else []
+    lead = []
+    for name in params:
+        if name not in made:
+            break
+        lead.append(made[name])
+    if not lead or params[0] != "input_ids":
+        return ids
+    return lead[0] if len(lead) == 1 else tuple(lead)
 
 
 def load_hf(name: str, trust: bool = False, seq_len: int = 128):
@@ -68,8 +87,15 @@ def load_hf(name: str, trust: bool = False, seq_len: int = 128):
         auto = arch is transformers.AutoModel
         model = transformers.AutoModel.from_config(cfg) if auto else arch(cfg)
         how = "random weights (no weights in the source)"
-    print(f"fxprune: hf:{name}: {type(model).__name__}, {how}", file=sys.stderr)
-    return model.eval(), _hf_input(cfg, seq_len)
+    x = _hf_input(cfg, seq_len, model)
+    params = list(inspect.signature(model.forward).parameters)
+    what = " + ".join(params[: len(x)]) if isinstance(x, tuple) else "input"
+    shape = list((x[0] if isinstance(x, tuple) else x).shape)
+    print(
+        f"fxprune: hf:{name}: {type(model).__name__}, {how}; example {what} {shape}",
+        file=sys.stderr,
+    )
+    return model.eval(), x
 
 
 def load_model(spec: str, trust: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -94,6 +120,11 @@ def load_model(spec: str, trust: bool = False) -> tuple[torch.nn.Module, torch.T
             import timm
         except ImportError as e:
             raise MissingExtraError("timm", "vision", "timm models") from e
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:3] if name else []
+            raise ConfigError(
+                f"unknown timm model {name!r}" + (f" (did you mean {close}?)" if close else "")
+            )
         m = timm.create_model(name, pretrained=False).eval()
         cfg = m.pretrained_cfg.get("input_size", (3, 224, 224))
         return m, torch.randn(1, *cfg)
@@ -101,9 +132,16 @@ def load_model(spec: str, trust: bool = False) -> tuple[torch.nn.Module, torch.T
         path = Path(kind)
         if not path.exists():
             raise ConfigError(f"no such file: {path}")
+        if not trust:
+            raise ConfigError(
+                f"{spec}: building the model runs the Python file {path}; pass --trust if you "
+                "trust it"
+            )
         mod_spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(mod)
+        if not callable(getattr(mod, name, None)):
+            raise ConfigError(f"{spec}: {path} defines no function {name!r}")
         made = getattr(mod, name)()
         if not (isinstance(made, tuple) and len(made) == 2):
             raise ConfigError(f"{spec}: the factory must return (model, example_input)")
@@ -112,3 +150,28 @@ def load_model(spec: str, trust: bool = False) -> tuple[torch.nn.Module, torch.T
         f"model source {spec!r}: use torchvision:NAME, timm:NAME, hf:CONFIG_OR_DIR, "
         "file.py:factory or a checkpoint saved by `fxprune prune --save`"
     )
+
+
+def check_example(model: torch.nn.Module, example) -> None:
+    """Run ``model`` once, eagerly, on ``example`` (a tensor or a tuple of them).
+
+    Raises:
+        ConfigError: the model's own forward raises on it: the message says that the model
+            rejected the example inputs and shows their shapes.
+    """
+    args = example if isinstance(example, (tuple, list)) else (example,)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as e:  # noqa: BLE001 - whatever the forward raises, the inputs are wrong
+        shapes = ", ".join(
+            f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            if isinstance(t, torch.Tensor)
+            else type(t).__name__
+            for t in args
+        )
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(
+            f"{type(model).__name__} rejected the example inputs (shape {shapes}): its forward "
+            f"raised {type(e).__name__}: {first}"
+        ) from e

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import secrets
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +15,23 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune.errors import CheckpointError, PlanError
+
 PLAN_VERSION = 1
+
+
+def _input_ok(i) -> bool:
+    return (
+        isinstance(i, dict)
+        and isinstance(i.get("shape"), list)
+        and all(isinstance(n, int) and n >= 0 for n in i["shape"])
+        and isinstance(i.get("dtype"), str)
+        and isinstance(getattr(torch, i["dtype"], None), torch.dtype)
+    )
+
+
+def _entry_ok(e) -> bool:
+    return isinstance(e, dict) and isinstance(e.get("name"), str)
 
 
 @dataclass
@@ -41,18 +62,36 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        from fxprune.errors import PlanError
-
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(
                 f"plan version {d.get('version')!r} is not supported "
                 f"(this fxprune reads version {PLAN_VERSION})"
             )
-        return cls(d["mode"], d["inputs"], d.get("config", {}), d.get("passes", []), d["version"])
+        if d.get("mode") not in ("fx", "export"):
+            raise PlanError(f"plan 'mode' must be 'fx' or 'export', got {d.get('mode')!r}")
+        inputs, passes, config = d.get("inputs"), d.get("passes", []), d.get("config", {})
+        if not (isinstance(inputs, list) and all(_input_ok(i) for i in inputs)):
+            raise PlanError(
+                "plan 'inputs' must be a list of {'shape': [sizes], 'dtype': 'float32'}, "
+                f"got {inputs!r:.80}"
+            )
+        if not (isinstance(passes, list) and all(_entry_ok(e) for e in passes)):
+            raise PlanError(
+                f"plan 'passes' must be a list of objects with a 'name', got {passes!r:.80}"
+            )
+        if not isinstance(config, dict):
+            raise PlanError(f"plan 'config' must be an object, got {type(config).__name__}")
+        return cls(d["mode"], inputs, config, passes, d["version"])
 
     @classmethod
     def from_json(cls, s: str) -> Plan:
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"the plan is not valid JSON: {e}") from e
+        return cls.from_dict(d)
 
     def example_inputs(self) -> tuple:
         """Zero tensors with the recorded shapes (tracing only needs shapes)."""
@@ -173,6 +212,94 @@ def compose(passes) -> tuple[dict, dict]:
     return index, out
 
 
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``: a kill
+    or a full disk mid-write leaves the previous file intact, never a truncated checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open, not mkstemp: the checkpoint gets the umask's permissions, not mkstemp's 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# what torch.save's legacy (non-zip) format starts with: the pickled magic number
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """The dict :meth:`CompileResult.save` wrote: ``plan``, ``state_dict`` and maybe ``source``.
+
+    Read with ``torch.load(weights_only=True)`` unless ``trust=True``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, truncated or corrupt, is not an fxprune
+            checkpoint, or holds pickled code and ``trust`` is False (only that case suggests
+            trusting it).
+
+    Example:
+        >>> ckpt = read_checkpoint("r50.pt")  # doctest: +SKIP
+        >>> sorted(ckpt)  # doctest: +SKIP
+        ['plan', 'source', 'state_dict']
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    try:
+        ckpt = torch.load(p, weights_only=not trust, map_location="cpu")
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {_why_unreadable(p, e, trust)}"
+        ) from e
+    if not (
+        isinstance(ckpt, dict)
+        and isinstance(ckpt.get("plan"), dict)
+        and isinstance(ckpt.get("state_dict"), dict)
+    ):
+        raise CheckpointError(
+            f"{path} is a torch file but not an fxprune checkpoint (it needs 'plan' and "
+            "'state_dict'): write one with CompileResult.save or `fxprune prune --save`"
+        )
+    return ckpt
+
+
+def _why_unreadable(p: Path, e: Exception, trust: bool) -> str:
+    text = str(e)
+    # torch's weights-only refusal advises weights_only=False even for random bytes: only a
+    # well-formed torch file that names a Python global really needs trust
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if code and not trust and _is_torch_file(p):
+        return (
+            f"it holds pickled Python objects ({code[1]}), not only weights; pass --trust "
+            "(trust=True in Python) only if you trust where it came from"
+        )
+    if p.stat().st_size == 0:
+        return "the file is empty"
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first.split(". ")[0]
+    return f"not a valid checkpoint, truncated or corrupt ({type(e).__name__}: {first})"
+
+
+def _is_torch_file(p: Path) -> bool:
+    if zipfile.is_zipfile(p):
+        return True
+    with open(p, "rb") as f:
+        return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+
+
 def _num(n: int) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -247,7 +374,7 @@ class CompileResult:
         ckpt = {"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}
         if source is not None:
             ckpt["source"] = dict(source)
-        torch.save(ckpt, path)
+        atomic_save(ckpt, path)
 
     def report(self) -> str:
         lines = [self.summary.table()]

@@ -247,7 +247,7 @@ def test_cli_heads_ffn_blocks_from_a_factory_file(tmp_path):
         "    return m.eval(), torch.randn(2, 3, 32, 32)\n"
     )
     cmd = [sys.executable, "-m", "fxprune.cli", "prune", f"{src}:build", "--heads", "2"]
-    cmd += ["--ffn", "0.5", "--blocks", "1", "--json"]
+    cmd += ["--trust", "--ffn", "0.5", "--blocks", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)

@@ -50,7 +50,8 @@ def _json(capsys) -> dict:
 
 
 def test_prune_save_export_verify_estimate_inspect(net, tmp_path, capsys):
-    assert main(["prune", net, "--ignore", "fc", "--save", "ck.pt", "--report", "p.html"]) == 0
+    args = ["prune", net, "--trust", "--ignore", "fc", "--save", "ck.pt", "--report", "p.html"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "equivalent" in out and "report: p.html" in out
     ck = torch.load("ck.pt", weights_only=True)
@@ -79,18 +80,18 @@ def test_prune_save_export_verify_estimate_inspect(net, tmp_path, capsys):
     assert names[:3] == ["dense", "unstructured 90%", "2:4"] and names[3].startswith("structured")
     assert est["scenarios"][1]["speedup"]["H100"]["8"] == 1.0
 
-    assert main(["inspect", net, "--json"]) == 0
+    assert main(["inspect", net, "--trust", "--json"]) == 0
     ins = _json(capsys)
     residual = [g for g in ins["groups"] if {"stem", "b"} <= set(g["layers"])]
     assert residual and residual[0]["prunable"] == 16
     assert any(b["node"] == "output" for b in ins["barriers"])
-    assert main(["inspect", net]) == 0
+    assert main(["inspect", net, "--trust"]) == 0
     assert "| group | kind |" in capsys.readouterr().out
 
 
 def test_estimate_with_measurement_prints_both(net, capsys):
-    args = ["estimate", net, "--ignore", "fc", "--measure", "--backend", "torch", "--batch", "1"]
-    assert main(args + ["--repeats", "4", "--hardware", "cpu"]) == 0
+    args = ["estimate", net, "--trust", "--ignore", "fc", "--measure", "--backend", "torch"]
+    assert main(args + ["--batch", "1", "--repeats", "4", "--hardware", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| estimated | measured |" in out and "remaining = P x (1 - s)" in out
 
@@ -98,7 +99,7 @@ def test_estimate_with_measurement_prints_both(net, capsys):
 def test_checkpoint_errors(net, tmp_path, capsys):
     from fxprune.models import load_model
 
-    model, x = load_model(f"{tmp_path / 'net.py'}:build")
+    model, x = load_model(f"{tmp_path / 'net.py'}:build", trust=True)
     fxprune.compile(model, x, channels=0.5, ignore=["fc"]).save("api.pt")  # no source recorded
     assert main(["verify", "api.pt"]) == 2
     assert "does not name the model" in capsys.readouterr().err
@@ -108,6 +109,68 @@ def test_checkpoint_errors(net, tmp_path, capsys):
     assert "cannot read checkpoint pickle.pt" in err and "--trust" in err
     assert main(["prune", "nosuch:thing"]) == 2
     assert "hf:CONFIG_OR_DIR" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fxprune: error: "), err
+    return lines[0]
+
+
+def test_every_subcommand_reports_its_errors_in_one_line(net, capsys):
+    Path("bad.pt").write_bytes(b"not a checkpoint at all")
+    cases = [
+        (["prune", "gone.pt"], "checkpoint gone.pt does not exist"),
+        (["export", "bad.pt", "-o", "m.onnx"], "cannot read checkpoint bad.pt"),
+        (["verify", net, "--trust", "--load", "gone.pt"], "gone.pt does not exist"),
+        (["estimate", net, "--trust", "--hardware", "TPU"], "hardware 'TPU'"),
+        (["inspect", "bad.pt"], "truncated or corrupt"),
+    ]
+    for argv, words in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        line = _one_error_line(capsys)
+        assert words in line and "trust" not in line, line
+        with pytest.raises(fxprune.errors.FxPruneError):
+            main(["--debug", *argv, "--quiet"])  # --debug: the exception and its traceback
+
+
+def test_factory_file_needs_trust(net, capsys):
+    assert main(["prune", net, "--quiet"]) == 2
+    assert "runs the Python file net.py; pass --trust" in _one_error_line(capsys)
+
+
+def test_wrong_example_shape_is_blamed_on_the_inputs(net, capsys):
+    Path("wide.py").write_text(
+        NET.replace("torch.randn(2, 3, 16, 16)", "torch.randn(2, 5, 16, 16)")
+    )
+    for cmd in ("prune", "inspect"):
+        assert main([cmd, "wide.py:build", "--trust", "--quiet"]) == 2
+        line = _one_error_line(capsys)
+        assert "Net rejected the example inputs (shape [2, 5, 16, 16] float32)" in line, line
+        assert "leaf_modules" not in line
+
+
+def test_unknown_timm_model_is_one_line(capsys):
+    pytest.importorskip("timm")
+    assert main(["inspect", "timm:not_a_model", "--quiet"]) == 2
+    assert "unknown timm model 'not_a_model'" in _one_error_line(capsys)
+
+
+def test_unwritable_outputs_are_one_line(net, monkeypatch, capsys):
+    Path("folder").mkdir()
+    for argv in (["prune", net, "--save", "folder"], ["export", net, "-o", "folder"]):
+        assert main([*argv, "--trust", "--quiet"]) == 2
+        assert "folder is a directory" in _one_error_line(capsys)
+    assert main(["prune", net, "--trust", "--quiet", "--save", "net.py/ck.pt"]) == 2
+    assert "net.py is a file, not a folder" in _one_error_line(capsys)
+
+    def read_only(self, path, source=None):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fxprune.CompileResult, "save", read_only)
+    assert main(["prune", net, "--trust", "--quiet", "--save", "ro/ck.pt"]) == 2
+    assert "cannot write --save ro/ck.pt: Permission denied" in _one_error_line(capsys)
 
 
 def test_hf_sources(tmp_path, capsys):
@@ -122,7 +185,7 @@ def test_hf_sources(tmp_path, capsys):
     m.save_pretrained(tmp_path / "full")  # safetensors: the real weights are used
     from fxprune.models import load_model
 
-    loaded, ids = load_model(f"hf:{tmp_path / 'full'}")
+    loaded, (ids, *_) = load_model(f"hf:{tmp_path / 'full'}")
     assert torch.equal(
         loaded.encoder.layer[0].attention.self.query.weight,
         m.encoder.layer[0].attention.self.query.weight,
@@ -156,7 +219,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_renders_in_headless_chromium(net, tmp_path, capsys):
     from PIL import Image
 
-    args = ["verify", net, "--ignore", "fc", "--backend", "torch", "--batch", "1", "2"]
+    args = ["verify", net, "--trust", "--ignore", "fc", "--backend", "torch", "--batch", "1", "2"]
     assert main(args + ["--repeats", "4", "--report", "r.html", "--quiet"]) == 0
     flags = [
         "--headless",

@@ -12,7 +12,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
+from fxprune.errors import UnsupportedModelError
 from fxprune.graph.depgraph import NONE, Analysis
 from fxprune.graph.rules import arg, barrier, keep_along, rule, set_arg
 from fxprune.graph.trace import tensor_meta
@@ -54,7 +56,20 @@ def get_tensor(ctx: Analysis, name: str) -> torch.Tensor:
     try:
         return ctx.gm.get_parameter(name)
     except AttributeError:
+        pass
+    try:
         return ctx.gm.get_buffer(name)
+    except AttributeError:
+        owner, _, attr = name.rpartition(".")
+        mod = ctx.gm.get_submodule(owner) if owner else ctx.gm
+        if parametrize.is_parametrized(mod, attr):
+            raise UnsupportedModelError(
+                f"'{owner}': its {attr} is computed by a parametrization (weight_norm / "
+                "spectral_norm) that torch.fx does not look into; use mode='export' (its "
+                "channels are kept, the rest prunes) or torch.nn.utils.parametrize."
+                "remove_parametrizations first"
+            ) from None
+        raise
 
 
 # ---- convolution --------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_cli_verify_gates_a_pipeline(tmp_path):
         "    return Net().eval(), torch.randn(2, 3, 16, 16)\n"
     )
     cmd = [sys.executable, "-m", "fxprune.cli", "verify", f"{src}:build", "--ignore", "fc"]
-    cmd += ["--batch", "1", "--repeats", "4", "--backend", "torch", "--json"]
+    cmd += ["--trust", "--batch", "1", "--repeats", "4", "--backend", "torch", "--json"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
