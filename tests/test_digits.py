@@ -11,6 +11,7 @@ from benchmarks._digits import accuracy, clone, train, trained_model
 from fxprune.calibration import recalibrate_bn
 
 pytest.importorskip("sklearn")
+pytestmark = pytest.mark.slow  # trains a CNN on the real digits (seconds idle, minutes loaded)
 
 
 @pytest.fixture(scope="module")

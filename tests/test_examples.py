@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torchvision")
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+EXAMPLES = [
+    pytest.param(p, id=p.name, marks=[pytest.mark.slow] if "digits" in p.name else [])
+    for p in sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+]
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+@pytest.mark.parametrize("path", EXAMPLES)
 def test_example_runs(path, capsys):
     runpy.run_path(str(path), run_name="__main__")
     assert "equivalent" in capsys.readouterr().out

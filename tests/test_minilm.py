@@ -25,6 +25,7 @@ def _cosine(model_out, dense):
     return float((model_out * dense).sum(1).mean())
 
 
+@pytest.mark.slow
 def test_real_minilm_heads_and_ffn(minilm):
     model, evals, calib, dense = minilm
     res = fxprune.compile(

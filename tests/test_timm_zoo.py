@@ -27,3 +27,26 @@ def test_timm_equivalence(name, size, what):
     torch.manual_seed(0)
     model = randomize(timm.create_model(name, pretrained=False, num_classes=10))
     assert_equivalent(model, torch.randn(2, 3, size, size), channels=0.5)
+
+
+# Attention layouts that found no heads before the einsum / split-head / size-read rules
+# (model, input size, creation kwargs that keep it small, what it exercises)
+TIMM_HEADS = [
+    ("xcit_nano_12_p16_224", 64, {"depth": 2}, "reshape(B, N, C) with C read off x.shape"),
+    ("levit_128s", 224, {}, "view(B, N, H, -1).split([kd, kd, vd]) and table[:, idx] biases"),
+    ("efficientformer_l1", 224, {}, "the same split layout after a permute"),
+    (
+        "cait_xxs24_224",
+        64,
+        {"depth": 2, "img_size": 64},
+        "talking-heads attention with reshape(B, N, C)",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,size,kw,what", TIMM_HEADS, ids=[t[0] for t in TIMM_HEADS])
+def test_timm_heads(name, size, kw, what):
+    torch.manual_seed(0)
+    model = randomize(timm.create_model(name, pretrained=False, num_classes=10, **kw))
+    res, _ = assert_equivalent(model, torch.randn(2, 3, size, size), channels=0.0, heads=0.5)
+    assert res.passes[0].details["groups_pruned"] >= 1

@@ -145,9 +145,7 @@ def _detach_broadcast(ctx: Analysis, node: fx.Node, arrs: list, shapes: list):
     (it is simply not sliced) or when it is truly broadcast (size 1) along every dim where the
     others vary; a broadcast operand with channels of its own keeps them (they are blocked: the
     op needs its one position for every channel of the other operand)."""
-    vary = [
-        {d for d in range(a.ndim) if a.shape[d] > 1} if (a >= 0).any() else set() for a in arrs
-    ]
+    vary = [{d for d in range(a.ndim) if a.shape[d] > 1} if (a >= 0).any() else set() for a in arrs]
     drop = []
     for i, a in enumerate(arrs):
         rest = set().union(*(v for j, v in enumerate(vary) if j != i and j not in drop))

@@ -159,9 +159,7 @@ class SplitHeadAttention(nn.Module):
 
     def forward(self, x):
         B, N, _ = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, N, self.h, -1).split([self.kd, self.kd, self.vd], dim=3)
-        )
+        q, k, v = self.qkv(x).view(B, N, self.h, -1).split([self.kd, self.kd, self.vd], dim=3)
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
         att = (q @ k.transpose(-2, -1) * self.kd**-0.5).softmax(dim=-1)
         return x + self.proj((att @ v).transpose(1, 2).reshape(B, N, self.h * self.vd))

@@ -32,6 +32,7 @@ def resnet():
     return randomize(tv.models.resnet18()), torch.randn(2, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_permutation_is_exact_and_keeps_more(resnet):
     model, x = resnet
     plain = fxprune.compile(model, x, channels=0.3, sparsity="2:4")

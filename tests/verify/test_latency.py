@@ -86,6 +86,7 @@ def test_bad_arguments(pruned, kw, match):
         fxprune.verify.latency(m, res, x, **kw)
 
 
+@pytest.mark.slow
 def test_cli_verify_gates_a_pipeline(tmp_path):
     src = tmp_path / "net.py"
     src.write_text(
