@@ -296,3 +296,24 @@ def test_cli_shape_flags_that_do_not_fit_are_named(hf_dirs, capsys):
     assert "give 2 sizes, or use --batch and --seq-len" in capsys.readouterr().err
     assert main(["inspect", hf_dirs["vit"], "--seq-len", "8"]) == 2
     assert "no token-id input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "llama", "mistral", "qwen2"])
+def test_every_hf_text_family_exports_dynamic_axes_that_ort_runs(name, tmp_path):
+    """Heads + FFN pruned, exported once, run by ONNX Runtime at two other (batch, length)."""
+    ort = pytest.importorskip("onnxruntime")
+    from tests.transformer_models import build
+
+    model, x, info = build(name)
+    res = fxprune.compile(model, x, heads=0.5, ffn=0.5)
+    assert list(res.passes[0].details["units"].values())[0] == [info["heads"], info["heads"] // 2]
+    res.export(tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"]]
+    for shape in [(3, 5), (1, 13)]:
+        ids = torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(shape[1]))
+        got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
+        with torch.no_grad():
+            ref = _leaves(res.module(ids))
+        torch.testing.assert_close(torch.from_numpy(got[0]), ref[0], rtol=1e-4, atol=1e-5)
