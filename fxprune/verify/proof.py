@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxprune._util import eval_mode
 from fxprune.errors import ConfigError
 from fxprune.graph.trace import as_args
+from fxprune.verify.inputs import cast, cast_module, input_sets
 
 RTOL = 1e-4
 
@@ -177,53 +177,6 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _draw(a, g: torch.Generator, length: int | None):
-    """A random tensor drawn like ``a``, one more along dim 0 (and ``length`` along dim 1 of a
-    2-D integer input): floats with the example's mean and std (standard normal for an all-zero
-    example), integers uniform in the example's [min, max]."""
-    if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.is_complex():
-        return a
-    shape = list(a.shape)
-    shape[0] += 1
-    if length is not None and a.ndim == 2 and not a.is_floating_point():
-        shape[1] = length
-    if a.is_floating_point():
-        x = a.detach().double()
-        mean = float(x.mean()) if x.numel() else 0.0
-        std = float(x.std()) if x.numel() > 1 else 0.0
-        std = std or abs(mean) or 1.0  # a constant example still gets varied values
-        t = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
-    else:
-        lo, hi = (int(a.min()), int(a.max())) if a.numel() else (0, 1)
-        t = torch.randint(lo, hi + 1, shape, generator=g)
-    return t.to(device=a.device, dtype=a.dtype)
-
-
-def _input_sets(args: tuple, fresh: int, seed: int) -> list[tuple[str, tuple, str]]:
-    """(label, inputs, kind) for the example and ``fresh`` random draws; kind is ``example``,
-    ``batch`` (the first draw: batch + 1) or ``length`` (later draws of a text model: batch + 1
-    and a sequence one shorter)."""
-    sets = [("the example", args, "example")]
-    batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.ndim), None)
-    if batch is None:
-        return sets
-    text = [a for a in args if isinstance(a, torch.Tensor) and a.ndim == 2]
-    text = [a for a in text if not a.is_floating_point()]
-    g = torch.Generator().manual_seed(seed)
-    for k in range(fresh):
-        length = None
-        if k and text:
-            seq = text[0].shape[1]
-            length = seq - 1 if seq > 1 else seq + 1
-        label = f"fresh input {k + 1} (batch {batch + 1}" + (
-            f", length {length})" if length else ")"
-        )
-        sets.append(
-            (label, tuple(_draw(a, g, length) for a in args), "length" if length else "batch")
-        )
-    return sets
-
-
 def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]]:
     """Per output leaf of one input set: (name, max abs err, max |reference|, max |dense -
     pruned|); raises :class:`_Mismatch` on a count, shape or finiteness mismatch."""
@@ -327,14 +280,14 @@ def equivalence(
         raise ConfigError(f"fresh_inputs={fresh_inputs!r}: need an integer >= 0")
     dtype = _compare_dtype(model, result.module)
     native = {t.dtype for m in (model, result.module) for t in _floats(m)} - {dtype}
-    args = tuple(_cast(a, dtype) for a in as_args(example_inputs))
+    args = tuple(cast(a, dtype) for a in as_args(example_inputs))
     z = zeroed_dense(model, result).to(dtype)
-    pruned = _cast_module(result.module, native, dtype) if native else result.module
+    pruned = cast_module(result.module, native, dtype) if native else result.module
     dense = copy.deepcopy(model).to(dtype) if native else model  # eval forwards change nothing
     rows, skipped = [], []
     try:
         with torch.no_grad(), eval_mode(pruned), eval_mode(dense):
-            for label, inp, kind in _input_sets(args, fresh_inputs, seed):
+            for label, inp, kind in input_sets(args, fresh_inputs, seed):
                 out = _run(label, inp, kind, (z, pruned, dense), skipped)
                 if out is not None:
                     rows.append(_measure(*out, label))
@@ -343,26 +296,6 @@ def equivalence(
         head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
     return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result))
-
-
-def _cast(a, dtype: torch.dtype):
-    return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-
-def _cast_module(gm: torch.nn.Module, native: set, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``gm`` in ``dtype``. A capture read the model's dtype into the graph (casts,
-    ``full(..., dtype=float16)``): those constants follow, as the dense model's would."""
-    out = copy.deepcopy(gm).to(dtype)
-    if isinstance(out, fx.GraphModule):
-
-        def swap(a):
-            return dtype if isinstance(a, torch.dtype) and a in native else a
-
-        for node in out.graph.nodes:
-            node.args = fx.node.map_aggregate(node.args, swap)
-            node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
-        out.recompile()
-    return out
 
 
 def _dname(dtype: torch.dtype) -> str:
