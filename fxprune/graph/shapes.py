@@ -410,16 +410,8 @@ def _index(ctx, node, X, shape, idx):
     tensors = [k for k, i in enumerate(idx) if tensor_meta(i) is not None]
     full = all(k in tensors or i == slice(None) for k, i in enumerate(idx))
     if len(tensors) == 1 and full and len(idx) <= X.ndim:
-        # ``table[:, idx]`` (LeViT / EfficientFormer attention biases): one dim gathered by an
-        # index tensor, the others whole: as ``aten.index``, the gathered dim's atoms are
-        # coupled into one and the other dims keep theirs
-        d = tensors[0]
-        if X.shape[d] > 1:
-            ref = X.take([0], axis=d)
-            ctx.union(X, ref)
-            X = ref
-        k = tensor_meta(idx[d]).ndim
-        return X.reshape(X.shape[:d] + (1,) * k + X.shape[d + 1 :])
+        # ``table[:, idx]`` (LeViT / EfficientFormer attention biases), as ``aten.index``
+        return gather_atoms(ctx, X, tensors[0], tensor_meta(idx[tensors[0]]).ndim)
     if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
         # Advanced indexing: follow it only when no channel dim is indexed.
         if varying_dims(X):
@@ -513,12 +505,16 @@ def _aten_index(ctx, node):
     used = [d for d, i in enumerate(indices) if i is not None]
     if X is None or o is None or len(used) != 1:
         return barrier(ctx, node, "tensor indexing the analysis cannot follow")
-    d = used[0]
+    return gather_atoms(ctx, X, used[0], tensor_meta(indices[used[0]]).ndim)
+
+
+def gather_atoms(ctx, X: np.ndarray, d: int, k: int) -> np.ndarray:
+    """Dim ``d`` of ``X`` gathered by a ``k``-dim index tensor: its atoms are coupled into one
+    (the gather may repeat or drop any of them), the other dims keep theirs."""
     if X.shape[d] > 1:
         ref = X.take([0], axis=d)
         ctx.union(X, ref)
         X = ref
-    k = tensor_meta(indices[d]).ndim
     return X.reshape(X.shape[:d] + (1,) * k + X.shape[d + 1 :])
 
 
