@@ -1,0 +1,204 @@
+"""The ``fxprune`` command line's arguments: every subcommand's flags, spelled once, and the
+examples ``--help`` prints. ``fxprune.cli`` runs what they ask for."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """model sources:
+  torchvision:NAME | timm:NAME        random weights, nothing downloaded
+  hf:CONFIG_OR_LOCAL_DIR              a Hugging Face folder (its safetensors weights when present,
+                                      else random weights from config.json), a config.json, or a
+                                      model type such as hf:bert (that family's default config,
+                                      full size: hf:llama would be 6.7B parameters)
+  path/to/file.py:factory             factory() returns (model, example_input); runs the
+                                      file, so it needs --trust
+  checkpoint.pt                       written by `fxprune prune --save` (plan + state_dict)
+
+examples:
+  fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
+  fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --save r50.pt
+  fxprune export r50.pt -o r50.onnx
+  fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
+  fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
+  fxprune inspect torchvision:mobilenet_v3_small
+  fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
+  fxprune prune my_model.py:build --trust --channels 0.5 --importance l2
+  fxprune verify torchvision:resnet50 --channels 0.5 --round_to 8 --ignore fc --batch 1 8
+"""
+
+
+def _number(s: str):
+    """``"2"`` -> 2 (a count), ``"0.25"`` -> 0.25 (a fraction)."""
+    return int(s) if s.isdigit() else float(s)
+
+
+class _BatchSizes(argparse.Action):
+    """``--batch`` of verify / estimate: the batch sizes timed; given, the first is also the
+    example's batch (the default list leaves the source's example as it is)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.batch_given = True
+
+
+def _add_source(pr) -> None:
+    pr.add_argument(
+        "model",
+        help="torchvision:NAME, timm:NAME, hf:CONFIG_OR_DIR, path/file.py:factory or a "
+        "checkpoint.pt from `fxprune prune --save`",
+    )
+    pr.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow pickled code in checkpoints and running a file.py:factory source",
+    )
+    pr.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
+    pr.add_argument(
+        "--input-shape",
+        dest="input_shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="example input shape, e.g. 1 3 224 224 (default: the source's)",
+    )
+    pr.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        default=None,
+        help="example sequence length of token-id / attention-mask inputs (default: hf: 128)",
+    )
+    pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
+    pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _add_pruning(pr) -> None:
+    _add_source(pr)
+    pr.add_argument(
+        "--channels",
+        type=float,
+        default=None,
+        help="fraction removed per group (default 0.5, or 0 when --heads/--ffn/--blocks is given)",
+    )
+    pr.add_argument(
+        "--heads", type=_number, default=0, help="fraction (or number) of heads per layer"
+    )
+    pr.add_argument("--ffn", type=float, default=0.0, help="fraction of MLP neurons per layer")
+    pr.add_argument(
+        "--blocks", nargs="*", default=[], help="a number of blocks to remove, or their names"
+    )
+    pr.add_argument("--block_importance", default="cosine", choices=["cosine", "l2"])
+    pr.add_argument(
+        "--importance",
+        default="l1",
+        help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence",
+    )
+    pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
+    pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
+    pr.add_argument("--global_ranking", action="store_true")
+    pr.add_argument("--allow_approximate", action="store_true")
+    pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
+    pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
+    pr.add_argument(
+        "--sparsity_method",
+        default="magnitude",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="how N:M picks weights (wanda / sparsegpt use the example input as calibration)",
+    )
+    pr.add_argument(
+        "--sparsity_permute",
+        action="store_true",
+        help="reorder channels first so the N:M mask keeps more weight magnitude",
+    )
+    pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
+
+
+def _add_example_batch(pr) -> None:
+    pr.add_argument(
+        "--batch", type=int, default=None, help="example batch size (default: the source's)"
+    )
+
+
+def _add_timing(pr, batch_default) -> None:
+    pr.add_argument(
+        "--backend",
+        default="onnxruntime",
+        help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse) or tensorrt (GPU)",
+    )
+    pr.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=batch_default,
+        action=_BatchSizes,
+        help="batch sizes timed (default 1 8); when given, the first is the example's batch",
+    )
+    pr.add_argument("--warmup", type=int, default=5, help="untimed calls per model and batch")
+    pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
+    pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawTextHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="fxprune",
+        description="Structural pruning with proof, honest speed numbers and estimates.",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help_):
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES, formatter_class=fmt
+        )
+
+    pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
+    _add_pruning(pr)
+    pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
+    _add_example_batch(pr)
+    pr.add_argument("--report", help="write a self-contained HTML report here")
+
+    ex = add("export", "prune (or open a checkpoint), prove, export ONNX or a TensorRT engine")
+    _add_pruning(ex)
+    ex.add_argument("-o", "--out", required=True, help="model.onnx, or model.engine (TensorRT)")
+    ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
+    _add_example_batch(ex)
+
+    ve = add("verify", "measure pruned vs dense latency on a backend, side by side")
+    _add_pruning(ve)
+    _add_timing(ve, [1, 8])
+    ve.add_argument(
+        "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
+    )
+    ve.add_argument(
+        "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
+    )
+    ve.add_argument("--report", help="write a self-contained HTML report here")
+
+    es = add("estimate", "price unstructured vs 2:4 vs structured pruning per hardware")
+    _add_pruning(es)
+    _add_timing(es, [1, 8])
+    es.add_argument("--unstructured", type=float, default=0.9, help="sparsity s (0: skip)")
+    es.add_argument("--nm", default="2:4", help="'2:4' or 'none'")
+    es.add_argument("--hardware", nargs="+", default=["A100", "H100", "L4", "cpu"], help="profiles")
+    es.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None)
+    es.add_argument("--exclude", nargs="*", default=[], help="modules kept dense by 2:4/unstr.")
+    es.add_argument("--roofline_top", type=int, default=5, help="layers per roofline table")
+    es.add_argument(
+        "--measure", action="store_true", help="also time the structured model and compare"
+    )
+    es.add_argument("--compare_with", help="profile the measurement is compared to")
+    es.add_argument("--report", help="write a self-contained HTML report here")
+
+    ins = add("inspect", "show the dependency groups and the barriers that keep channels")
+    _add_source(ins)
+    ins.add_argument("--allow_approximate", action="store_true")
+    ins.add_argument("--top", type=int, default=30, help="groups and barriers shown")
+    ins.add_argument("--all", action="store_true", help="show every group and barrier")
+    _add_example_batch(ins)
+    return p
