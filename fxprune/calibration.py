@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from fxprune.errors import ConfigError
+from fxprune.graph.attention import sdpa_rule
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import find_rule
-from fxprune.graph.shapes import _sdpa
 
 MAX_BATCHES = 128  # what compile(calibration_batches=None) takes from a calibration iterable
 
@@ -192,7 +192,7 @@ def collect(graph: DependencyGraph, batches: list[tuple], need: set[str], loss_f
                     if not need & {"entropy", "confidence"}:
                         break
                     v = cap.seen[name]
-                    p = _probs(nd, cap.seen) if find_rule(gm, nd) is _sdpa else v
+                    p = _probs(nd, cap.seen) if find_rule(gm, nd) is sdpa_rule else v
                     info, c = _head_stats(p)
                     heads = graph.attention[name].reshape(-1, *graph.attention[name].shape[-3:])
                     for h, atom in enumerate(heads[0, :, 0, 0].tolist()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxprune.graph import attention as _attention  # noqa: F401 - matmul, SDPA, einsum rules
 from fxprune.graph import layers as _layers  # noqa: F401 - registers the layer rules
 from fxprune.graph import shapes as _shapes  # noqa: F401 - registers the shape rules
 from fxprune.graph.depgraph import Analysis, DependencyGraph, Group, none_like

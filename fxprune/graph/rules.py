@@ -208,6 +208,16 @@ def elementwise(ctx: Analysis, node: fx.Node, operands) -> np.ndarray:
     return out if small is None else small
 
 
+def elementwise_arrays(ctx: Analysis, node: fx.Node, arrs) -> np.ndarray:
+    """Atom arrays already aligned to the output: coupled position by position (broadcast)."""
+    out = np.broadcast_arrays(*arrs)
+    res = out[0].copy()
+    for s in out[1:]:
+        ctx.union(res, s)
+        res = np.where(res >= 0, res, s)
+    return res
+
+
 # fmt: off
 BINARY = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.iadd,

@@ -1,0 +1,160 @@
+"""Coupling rules for the products attention is made of: matmul / bmm, scaled dot-product
+attention and ``torch.einsum``. Batched dims (heads) are coupled position by position, as by an
+element-wise op; a contracted dim must carry no channels. Under grouped-query attention a
+key/value head is coupled with its query heads."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxprune.graph.rules import (
+    align,
+    arg,
+    barrier,
+    block_inputs,
+    elementwise_arrays,
+    none_output,
+    out_ndim,
+    rule,
+)
+from fxprune.graph.trace import tensor_meta
+
+aten = torch.ops.aten
+
+
+# fmt: off
+@rule(
+    torch.matmul, torch.bmm, operator.matmul, aten.matmul, aten.bmm, aten.mm, "method:matmul",
+    "method:bmm",
+)
+# fmt: on
+def matmul_rule(ctx, node):
+    a, b = node.args[0], node.args[1]
+    A, B = ctx.atoms(a), ctx.atoms(b)
+    if A is None or B is None or A.ndim < 2 or B.ndim < 2:
+        return barrier(ctx, node, "vector matmul")
+    if A.shape[-1] > 1 or B.shape[-2] > 1:
+        ctx.block(A, node, "contracts a dim that carries channels")
+        ctx.block(B, node, "contracts a dim that carries channels")
+        return none_output(node)
+    nd = out_ndim(node)
+    rows, cols = align(A, nd), align(B, nd)  # [..., n, 1] and [..., 1, m]
+    if rows.shape[-2] > 1 and cols.shape[-1] > 1:
+        return barrier(ctx, node, "both operands carry channels")
+    return elementwise_arrays(ctx, node, [rows, cols])
+
+
+# fmt: off
+@rule(
+    F.scaled_dot_product_attention, aten.scaled_dot_product_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention,
+)
+# fmt: on
+def sdpa_rule(ctx, node):
+    """Attention of q ``[..., Hq, L, E]``, k ``[..., Hk, S, E]``, v ``[..., Hk, S, Ev]``: head ``h``
+    of the output comes from head ``h`` of q and head ``h // (Hq / Hk)`` of k and v (grouped-query
+    attention), so those heads are coupled; sequence and head_dim must carry no channels."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    Q, K, V = ctx.atoms(q), ctx.atoms(k), ctx.atoms(v)
+    if any(a is None or a.ndim < 3 for a in (Q, K, V)):
+        return barrier(ctx, node, "attention on tensors the analysis cannot follow")
+    if any(a.shape[-1] > 1 or a.shape[-2] > 1 for a in (Q, K, V)):
+        block_inputs(ctx, node, "attention over a dim that carries channels")
+        return none_output(node)
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        ctx.block(ctx.atoms(mask), node, "attention mask carries channels")
+    hq, hk = tensor_meta(q).shape[-3], tensor_meta(k).shape[-3]
+    if hk != hq:
+        if hq % hk:
+            return barrier(ctx, node, f"{hq} query heads do not divide into {hk} key/value heads")
+        K = np.repeat(K, hq // hk, axis=-3) if K.shape[-3] > 1 else K
+        V = np.repeat(V, hq // hk, axis=-3) if V.shape[-3] > 1 else V
+    nd = out_ndim(node) if isinstance(node.meta.get("val"), torch.Tensor) else Q.ndim
+    out = elementwise_arrays(ctx, node, [align(Q, nd), align(K, nd), align(V, nd)])
+    if out.shape[-3] > 1:
+        ctx.attention[node.name] = out
+    if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
+        return (out,) + tuple(none_output(node)[1:])
+    return out
+
+
+def _einsum_parts(node: fx.Node):
+    """(input subscripts per operand, output subscripts, operand nodes) of an einsum call, with
+    ``...`` expanded to one letter per broadcast dim; None when it cannot be read."""
+    eq = node.args[0]
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    if not isinstance(eq, str) or "->" not in eq:
+        return None  # an implicit output (no "->") orders letters alphabetically: not followed
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ops):
+        return None
+    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    n_ell = 0
+    for sub, op in zip(ins, ops, strict=True):
+        t = tensor_meta(op)
+        if t is None:
+            return None
+        if "..." in sub:
+            n_ell = max(n_ell, t.ndim - (len(sub) - 3))
+    ell = "".join(next(spare) for _ in range(n_ell))
+    fixed = []
+    for sub, op in zip(ins, ops, strict=True):
+        if "..." in sub:
+            k = tensor_meta(op).ndim - (len(sub) - 3)
+            sub = sub.replace("...", ell[n_ell - k :])
+        fixed.append(sub)
+    return fixed, out.replace("...", ell), list(ops)
+
+
+def einsum_head_dims(node: fx.Node) -> set[int]:
+    """Sizes an einsum attention product gives head_dim: its contracted letters and the last
+    letter of each operand (``bhid,bhjd->bhij`` contracts d; ``bhij,bhjd->bhid`` keeps it)."""
+    parts = _einsum_parts(node)
+    if parts is None:
+        return set()
+    ins, out, ops = parts
+    dims = set()
+    for sub, op in zip(ins, ops, strict=True):
+        shape = tensor_meta(op).shape
+        for i, c in enumerate(sub):
+            if c not in out or i == len(sub) - 1:
+                dims.add(int(shape[i]))
+    return dims
+
+
+@rule(torch.einsum, aten.einsum)
+def einsum_rule(ctx, node):
+    """``torch.einsum``: a letter kept in the output moves its atoms there (the operands are
+    coupled along it, as an element-wise op); a contracted letter must carry no channels."""
+    parts = _einsum_parts(node)
+    if parts is None:
+        return barrier(ctx, node, "einsum equation the analysis cannot follow")
+    ins, out, ops = parts
+    arrs = []
+    for sub, op in zip(ins, ops, strict=True):
+        A = ctx.atoms(op)
+        if A is None or A.ndim != len(sub) or len(set(sub)) != len(sub):
+            return barrier(ctx, node, "einsum with a repeated or unreadable subscript")
+        if any(A.shape[i] > 1 for i, c in enumerate(sub) if c not in out):
+            block_inputs(ctx, node, "einsum contracts a dim that carries channels")
+            return none_output(node)
+        kept = [c for c in sub if c in out]  # contracted dims have size 1 here: drop them
+        arr = A.reshape([A.shape[sub.index(c)] for c in kept])
+        arr = np.transpose(arr, sorted(range(len(kept)), key=lambda i: out.index(kept[i])))
+        arr = arr.reshape([A.shape[sub.index(c)] if c in kept else 1 for c in out])
+        arrs.append(arr)
+    try:
+        np.broadcast_shapes(*[a.shape for a in arrs])
+    except ValueError:
+        return barrier(ctx, node, "einsum operands' channel layouts do not broadcast")
+    return elementwise_arrays(ctx, node, arrs)
