@@ -317,3 +317,22 @@ def test_every_hf_text_family_exports_dynamic_axes_that_ort_runs(name, tmp_path)
         with torch.no_grad():
             ref = _leaves(res.module(ids))
         torch.testing.assert_close(torch.from_numpy(got[0]), ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_ort_parity_runs_another_batch_and_length(tmp_path, monkeypatch):
+    """The exporter's parity check feeds ONNX Runtime twice the batch and one token fewer."""
+    ort = pytest.importorskip("onnxruntime")
+    seen = []
+    real = ort.InferenceSession
+
+    class Spy(real):
+        def run(self, names, feeds, *a, **k):
+            seen.append({n: v.shape for n, v in feeds.items()})
+            return super().run(names, feeds, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", Spy)
+    model = _bert_1layer()
+    ids, mask = _padded((2, 8), [8, 6])
+    res = fxprune.compile(model, (ids, mask), heads=0.5, ffn=0.5)
+    res.export(tmp_path / "bert.onnx")
+    assert {"input_ids": (4, 7), "attention_mask": (4, 7)} in seen
