@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxprune._util import eval_mode
+from fxprune.calibration import take_batches
 from fxprune.errors import ConfigError
 
 SCHEDULES = ("linear", "cubic", "exponential")
@@ -198,6 +199,10 @@ def iterative_prune(
         if compile_kwargs.get(k):
             raise ConfigError(f"{k}= is not supported by iterative_prune (per-step ratios)")
     args = as_args(example_inputs)
+    if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
+        compile_kwargs["calibration"] = take_batches(
+            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches")
+        )
     mode = compile_kwargs.get("mode", "auto")
     traced = trace(model, args, mode=mode, leaf_modules=compile_kwargs.get("leaf_modules", ()))
     if "heads" in targets and traced.mode == "fx":

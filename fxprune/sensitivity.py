@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fxprune.calibration import take_batches
 from fxprune.errors import ConfigError, NothingToPruneError
 
 KINDS = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
@@ -264,6 +265,10 @@ def sensitivity(
     if recalibrate is not None:
         recalibrate = list(recalibrate)  # used once per measurement: a generator would run dry
     args = as_args(example_inputs)
+    if compile_kwargs.get("calibration") is not None:  # one compile per group and ratio reads it
+        compile_kwargs["calibration"] = take_batches(
+            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches")
+        )
     ignore = resolve_names(model, compile_kwargs.get("ignore", ()), "ignore")
     if groups is not None:
         resolve_names(model, groups, "groups")

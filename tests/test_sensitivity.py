@@ -251,3 +251,29 @@ def test_iterative_heads_behind_multihead_attention():
     one = fxprune.compile(m, x, heads=0.5)
     assert r.steps[-1].params == sum(p.numel() for p in one.module.parameters())
     assert r.steps[0].params < sum(p.numel() for p in m.parameters())
+
+
+def test_a_calibration_generator_serves_every_step_and_every_group():
+    """iterative_prune and sensitivity compile many times: a generator is read once, not drained
+    by the first compile."""
+    torch.manual_seed(0)
+    m, x = MLP().eval(), torch.randn(8, 16)
+
+    def batches():
+        for _ in range(3):
+            yield torch.randn(8, 16)
+
+    r = fxprune.iterative_prune(
+        m, x, steps=2, channels=0.5, ignore=["fc3"], importance="activation", calibration=batches()
+    )
+    assert [s.equivalent for s in r.steps] == [True, True]
+    rep = fxprune.sensitivity(
+        m,
+        x,
+        lambda mod: float(mod(x).sum()),
+        ratios=(0.5,),
+        ignore=["fc3"],
+        importance="activation",
+        calibration=batches(),
+    )
+    assert len(rep.rows) >= 2  # every group was measured, not only the first
