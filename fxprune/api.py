@@ -97,8 +97,13 @@ def _summary(before: dict, after: dict) -> Summary:
 def _inputs_spec(args: tuple) -> list[dict]:
     spec = []
     for a in args:
+        if (
+            a is None
+        ):  # a positional the model leaves at its default (GPT-2's cache before the mask)
+            spec.append({"none": True})
+            continue
         if not isinstance(a, torch.Tensor):
-            raise ConfigError(f"example_inputs must be tensors, got {type(a).__name__}")
+            raise ConfigError(f"example_inputs must be tensors (or None), got {type(a).__name__}")
         spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
     return spec
 

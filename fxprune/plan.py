@@ -21,6 +21,8 @@ PLAN_VERSION = 1
 
 
 def _input_ok(i) -> bool:
+    if i == {"none": True}:  # a None positional (GPT-2's cache before its mask)
+        return True
     return (
         isinstance(i, dict)
         and isinstance(i.get("shape"), list)
@@ -74,7 +76,8 @@ class Plan:
         inputs, passes, config = d.get("inputs"), d.get("passes", []), d.get("config", {})
         if not (isinstance(inputs, list) and all(_input_ok(i) for i in inputs)):
             raise PlanError(
-                "plan 'inputs' must be a list of {'shape': [sizes], 'dtype': 'float32'}, "
+                "plan 'inputs' must be a list of {'shape': [sizes], 'dtype': 'float32'} (or "
+                "{'none': true}), "
                 f"got {inputs!r:.80}"
             )
         if not (isinstance(passes, list) and all(_entry_ok(e) for e in passes)):
@@ -95,7 +98,10 @@ class Plan:
 
     def example_inputs(self) -> tuple:
         """Zero tensors with the recorded shapes (tracing only needs shapes)."""
-        return tuple(torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"])) for i in self.inputs)
+        return tuple(
+            None if i.get("none") else torch.zeros(i["shape"], dtype=getattr(torch, i["dtype"]))
+            for i in self.inputs
+        )
 
 
 @dataclass

@@ -190,7 +190,26 @@ def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) ->
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = size > 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
     prog.save(str(dest), external_data=external)
+    if any(a is None for a in args) and any(free) and not external:
+        _name_axes_in_file(dest, args, free)
     return external
+
+
+def _name_axes_in_file(dest: Path, args: tuple, free: list[list[int]]) -> None:
+    """torch.onnx renames dynamic axes only when every input is a tensor; with a None
+    positional (GPT-2's cache before its mask) write the ``batch`` / ``sequence`` names here."""
+    import onnx
+
+    model = onnx.load(str(dest))
+    tensors = [
+        (i, a, ds) for i, (a, ds) in enumerate(zip(args, free, strict=True)) if a is not None
+    ]
+    for inp, (i, a, ds) in zip(model.graph.input, tensors, strict=False):
+        for d in ds:
+            text = d == 1 and a.ndim == 2 and not a.is_floating_point()
+            dim = inp.type.tensor_type.shape.dim[d]
+            dim.dim_param = "batch" if d == 0 else "sequence" if text else f"input{i}_dim{d}"
+    onnx.save(model, str(dest))
 
 
 def _named_axes(args: tuple, free: list[list[int]]) -> tuple:
@@ -216,7 +235,7 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     axes = [list(i.shape) for i in sess.get_inputs()]
     fresh = []
-    for k, a in enumerate(args):
+    for k, a in enumerate(a for a in args if a is not None):  # ONNX has no None inputs
         shape = list(a.shape)
         if dynamic_batch and shape:
             shape[0] *= 2
@@ -229,6 +248,8 @@ def _parity(module, args, path: Path, ort, dynamic_batch, rtol, atol, seed):
             hi = int(a.max()) + 1 if a.numel() else 2
             fresh.append(torch.randint(0, max(hi, 2), shape, generator=g, dtype=a.dtype))
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), fresh, strict=False)}
+    it = iter(fresh)
+    fresh = [None if a is None else next(it) for a in args]  # the module takes them back
     try:
         got = sess.run(None, feeds)
     except Exception as e:  # noqa: BLE001

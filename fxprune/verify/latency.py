@@ -151,7 +151,8 @@ class _Runner:
 
     def prepare(self, args: tuple):
         if self.backend == "onnxruntime":
-            return {n: a.numpy() for n, a in zip(self.names, args, strict=False)}
+            tensors = [a for a in args if a is not None]  # ONNX drops None positionals
+            return {n: a.numpy() for n, a in zip(self.names, tensors, strict=False)}
         return args
 
     def run(self, prepared):
