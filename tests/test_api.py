@@ -168,6 +168,7 @@ def test_inplace_prunes_the_given_model(resnet):
     assert res.module.get_submodule("layer1.0.conv1") is model.layer1[0].conv1
 
 
+@pytest.mark.slow
 def test_cli_prune_and_errors(tmp_path):
     cmd = [
         sys.executable,
@@ -235,6 +236,7 @@ def test_ignore_a_norm_or_a_container_keeps_its_channels(resnet):
     assert r.module.get_submodule("layer1.0.conv1").out_channels == 32  # fc only consumes
 
 
+@pytest.mark.slow
 def test_cli_heads_ffn_blocks_from_a_factory_file(tmp_path):
     src = tmp_path / "vit.py"
     src.write_text(

@@ -209,6 +209,7 @@ def test_onnx_has_named_batch_and_sequence_axes_and_runs_at_other_lengths(tmp_pa
             torch.testing.assert_close(torch.from_numpy(g), r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_latency_from_a_batch_of_one_runs_onnxruntime_at_batch_8(tmp_path):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -338,6 +339,7 @@ def test_ort_parity_runs_another_batch_and_length(tmp_path, monkeypatch):
     assert {"input_ids": (4, 7), "attention_mask": (4, 7)} in seen
 
 
+@pytest.mark.slow
 def test_gpt2_takes_a_mask_after_a_none_cache_positional(tmp_path):
     """GPT-2's second positional is the cache: (ids, None, mask) passes the mask. The pruned
     module honours it at other shapes; an ONNX file is written only if ORT agrees with it."""

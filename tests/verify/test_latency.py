@@ -109,6 +109,7 @@ def test_cli_verify_gates_a_pipeline(tmp_path):
     assert "below --min-speedup 1000" in json.loads(gated.stdout)["failed"][0]
 
 
+@pytest.mark.slow
 def test_batch_one_example_still_serves_other_batches():
     """torch.export specialises a size-1 dim; fxprune traces a batch of 1 as 2 so the pruned
     graph and its ONNX export take any batch (the verifier times batch 1 and 8 from one input)."""
