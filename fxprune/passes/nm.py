@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune._util import module_matches
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, NothingToPruneError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
 from fxprune.passes import PassResult
@@ -152,6 +152,12 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
             ineligible[c.layer] = reason
             continue
         chosen.append((c, w))
+    if not chosen and cfg.layers is None:  # asked for N:M, and not one weight can carry it
+        why = "; ".join(f"{k}: {v}" for k, v in list(ineligible.items())[:5])
+        raise NothingToPruneError(
+            f"sparsity='{cfg.n}:{cfg.m}' masks nothing: no Linear / Conv weight is eligible"
+            + (f" ({why})" if why else " (the model has none the N:M pass knows)")
+        )
     data = cfg.method != "magnitude" and cfg.layers is None
     fallback: dict[str, str] = {}
     if data:

@@ -63,3 +63,10 @@ def test_cli_nothing_to_prune_is_one_line_and_exit_2(capsys):
     assert main(["prune", "torchvision:resnet18", "--heads", "0.25", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no prunable attention heads" in err[0]
+
+
+def test_nm_with_no_eligible_weight_says_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    with pytest.raises(NothingToPruneError, match=r"sparsity='2:4' masks nothing.*0:"):
+        fxprune.compile(model, torch.randn(1, 3, 8, 8), sparsity="2:4")
