@@ -19,11 +19,11 @@ from fxprune.graph import trace
 from fxprune.graph.trace import as_args, dims_spec
 from fxprune.hf import pruned_config
 from fxprune.importance import DATA_CRITERIA
+from fxprune.materialize import NotMaterialized, failing_module, materialize
 from fxprune.modelstate import (
     check_hooks,
     commit_inplace,
     guard_training,
-    inplace_refused,
     restore_training,
     train_difference,
     training_flags,
@@ -37,6 +37,7 @@ from fxprune.passes.nm import NM, prune_nm
 from fxprune.passes.permute import Permute, permute_channels
 from fxprune.plan import CompileResult, LayerRow, Plan, Summary, read_checkpoint
 from fxprune.stats import layer_stats
+from fxprune.verify.proof import agreement
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
 PASSES = {
@@ -137,6 +138,57 @@ def _train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
     return train_difference(traced.gm, again.gm)
 
 
+def check_uniform(results) -> None:
+    """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
+    for r in results:
+        units = r.details.get("units") if r.name in ("heads", "ffn") else None
+        if units and len({tuple(v) for v in units.values()}) > 1:
+            seen: dict = {}
+            for layer, v in units.items():
+                seen.setdefault(tuple(v), layer)
+            (a, la), (b, lb) = list(seen.items())[:2]
+            raise ConfigError(
+                f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
+                f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
+                "minimum bound in some of them"
+            )
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module):
+    """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
+    user's setting back afterwards: the module tree and its saved config keep the KV cache."""
+    cfg = getattr(model, "config", None)
+    was = getattr(cfg, "use_cache", None)
+    if was:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if was:
+            cfg.use_cache = was
+
+
+def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
+    """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
+    ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
+    what = type(work).__name__
+    try:
+        materialize(work, gm, results, hf_config)
+    except NotMaterialized as e:
+        return gm, str(e)
+    with without_cache(work):
+        ok, msg = agreement(gm, work, args)
+    if ok:
+        return work, ""
+    where = failing_module(work, args) if msg.startswith("fails") else ""
+    return gm, (
+        f"the {what} module tree with the pruned layers does not compute what the pruned graph "
+        f"does ({msg}{f'; raised in {where}' if where else ''}): its forward must hard-code a "
+        "size the graph rewrote; result.model is the graph module"
+    )
+
+
 @contextlib.contextmanager
 def _all_training(module: nn.Module):
     flags = training_flags(module)
@@ -157,31 +209,43 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
     work.eval()
     if mode == "auto" and any(parametrize.is_parametrized(m) for m in work.modules()):
         mode = "export"  # fx keeps a parametrized layer opaque; export computes its weight
-    traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
-    if (
-        mode == "auto"
-        and traced.mode == "fx"
-        and any(fn is prune_heads for fn, _ in passes)
-        and hidden_attention(traced.gm)
-    ):
-        # torch.export decomposes attention into ops whose heads the graph can follow
-        traced = trace(work, args, mode="export", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
-    if inplace and traced.mode != "fx":
-        raise ConfigError(inplace_refused(model, traced.mode))
+    with without_cache(work):  # a KV cache is no part of the computation to prune
+        traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
+        if (
+            mode == "auto"
+            and traced.mode == "fx"
+            and any(fn is prune_heads for fn, _ in passes)
+            and hidden_attention(traced.gm)
+        ):
+            # torch.export decomposes attention into ops whose heads the graph can follow
+            traced = trace(
+                work, args, mode="export", leaf_modules=leaf_modules, dynamic_shapes=dynamic
+            )
     train_refused = _train_refused(work, args, traced, leaf_modules, dynamic)
     gm = traced.gm
     before = layer_stats(gm)
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
     barriers = graph.barrier_report()
+    if config.get("uniform"):
+        check_uniform(results)
     after = layer_stats(gm)
     restore_training(gm, flags)  # fx: gm's layers are the copy's; each keeps the user's flag
     if train_refused:
         guard_training(gm, train_refused)
         if not inplace:
             nn.Module.train(gm, False)  # it cannot train: say so rather than look like it does
-    if inplace:
+    hf_config, notes = pruned_config(model, results)
+    tree, why = module_tree(work, gm, results, hf_config, args)
+    if inplace and why:
+        raise ConfigError(
+            f"inplace=True: {type(model).__name__} cannot be pruned in place ({why}); it is "
+            "unchanged. Drop inplace=True: result.module is the pruned graph module"
+        )
+    if tree is work:
         restore_training(work, flags)
+    if inplace:
         commit_inplace(model, work)
+        tree = model
     plan = Plan(
         traced.mode,
         _inputs_spec(args),
@@ -189,7 +253,6 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         [r.plan for r in results if r.plan],
     )
     plan.config["dynamic_shapes"] = traced.dynamic  # replay captures with the same free dims
-    hf_config, notes = pruned_config(model, results)
     if notes:
         plan.config["hf_config_notes"] = notes
     return CompileResult(
@@ -201,6 +264,8 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
         approximate=any(r.approximate_groups for r in results),
         seconds=time.perf_counter() - t0,
         config=hf_config,
+        model=tree,
+        model_note=why,
     )
 
 
@@ -236,6 +301,7 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity_permute: bool = False,
     sparsity_method: str = "magnitude",
     dynamic_shapes=None,
+    uniform: bool = False,
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -299,6 +365,11 @@ def compile(  # noqa: A001 - the public name the project promises
             them (e.g. ``({0: Dim.AUTO, 1: Dim.AUTO},)``). Default: batch and sequence length of
             integer 2-D inputs (token ids, masks), the batch of the others; the plan records
             which stayed free (``plan.config["dynamic_shapes"]``) and replay uses the same.
+        uniform: every attention layer keeps the same number of heads (and KV heads), every
+            MLP the same width, as a Hugging Face config can hold (``save_pretrained``); the
+            units each layer loses are still chosen by importance in that layer. Refuses
+            options that set counts per layer and fails, before touching anything, when the
+            counts come out unequal.
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -334,6 +405,22 @@ def compile(  # noqa: A001 - the public name the project promises
         )
     if round_to is None:
         round_to = nm.m if nm is not None else 1
+    if uniform:
+        per_layer = [
+            n
+            for n, v in (
+                ("global_ranking", global_ranking),
+                ("layer_ratios", layer_ratios),
+                ("head_ratios", head_ratios),
+                ("ffn_ratios", ffn_ratios),
+            )
+            if v
+        ]
+        if per_layer:
+            raise ConfigError(
+                f"uniform=True keeps one count for every layer, but {', '.join(per_layer)} "
+                "sets counts per layer"
+            )
     resolve_names(model, [k for k, _ in ratios], "layer_ratios")
     h_ratios = tuple((head_ratios or {}).items())
     f_ratios = tuple((ffn_ratios or {}).items())
@@ -388,6 +475,8 @@ def compile(  # noqa: A001 - the public name the project promises
         "allow_approximate": allow_approximate,
         "seed": seed,
     }
+    if uniform:
+        config["uniform"] = True
     if sparsity_method != "magnitude" and nm is None:
         raise ConfigError(f"sparsity_method={sparsity_method!r} needs sparsity='N:M' (e.g. '2:4')")
     if sparsity_permute and nm is None:

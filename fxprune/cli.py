@@ -113,6 +113,13 @@ def _compile(a, log: _Log):
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, x = load_model(a.model, trust=a.trust)
+    if getattr(a, "save_pretrained", None) and not hasattr(model, "save_pretrained"):
+        from fxprune.errors import ConfigError
+
+        raise ConfigError(
+            f"--save-pretrained: {a.model} is a {type(model).__name__}, not a Hugging Face "
+            "model; use --save for an fxprune checkpoint"
+        )
     x = _shaped(a, model, x)
     if getattr(a, "load", None):
         log(f"applying {a.load}")
@@ -210,6 +217,7 @@ def _prune_flags(a, model, x, channels: float):
         sparsity_exclude=a.sparsity_exclude,
         sparsity_permute=a.sparsity_permute,
         sparsity_method=a.sparsity_method,
+        uniform=bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
     )
 
 
@@ -249,6 +257,14 @@ def _prune(a, log: _Log) -> int:
     if a.save:
         with _writing("--save", a.save):
             res.save(a.save, source={"model": _portable(a.model), "seed": a.seed})
+    if a.save_pretrained:
+        if not rep.ok:
+            log(None)
+            print(f"equivalence check: {rep}\nnot saved: the pruned model is not exact")
+            return 1
+        log(f"writing {a.save_pretrained}")
+        with _writing("--save-pretrained", a.save_pretrained):
+            res.save_pretrained(a.save_pretrained)
     exported = None
     if a.export:
         log(f"exporting {a.export}")
@@ -274,6 +290,11 @@ def _prune(a, log: _Log) -> int:
         print(f"\nequivalence check: {rep}")
         if a.save:
             print(f"saved plan + state_dict to {a.save}")
+        if a.save_pretrained:
+            print(
+                f"saved a Hugging Face folder to {a.save_pretrained} (opens with "
+                "transformers' from_pretrained, without fxprune)"
+            )
         if exported:
             print(exported.summary())
     _report(a, result=res, equivalence=rep)
@@ -498,6 +519,7 @@ COMMANDS = {
 # the flags that name a file to write, checked before any work: a directory given as a file
 # fails at once, not after minutes of pruning
 OUTPUTS = (("--save", "save"), ("--export", "export"), ("-o", "out"), ("--report", "report"))
+FOLDERS = (("--save-pretrained", "save_pretrained"),)  # written as a folder
 
 
 def _check_outputs(a) -> None:
@@ -509,6 +531,10 @@ def _check_outputs(a) -> None:
             raise FileAccessError(f"{flag} {path} is a directory: give a file path")
         if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
             raise FileAccessError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
+    for flag, attr in FOLDERS:
+        path = getattr(a, attr, None)
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise FileAccessError(f"{flag} {path} is a file: give a folder")
 
 
 def _one_line(e: Exception) -> str:

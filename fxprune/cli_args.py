@@ -18,6 +18,7 @@ EXAMPLES = """model sources:
 examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
   fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --save r50.pt
+  fxprune prune hf:./llama-dir --heads 0.25 --ffn 0.25 --save-pretrained ./llama-pruned
   fxprune export r50.pt -o r50.onnx
   fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
   fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
@@ -159,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
     _add_pruning(pr)
     pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument(
+        "--save-pretrained",
+        metavar="DIR",
+        help="Hugging Face models: write a folder from_pretrained opens without fxprune "
+        "(config with the new counts, safetensors, tokenizer files); implies uniform counts",
+    )
     pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
     _add_example_batch(pr)
     pr.add_argument("--report", help="write a self-contained HTML report here")

@@ -1,14 +1,36 @@
 """Keep a Hugging Face ``model.config`` consistent with what the passes removed.
 
-The pruned model is a GraphModule whose shapes live in the graph, so nothing here is needed to
-run it; the config is what tools around the model read (``num_attention_heads``,
-``intermediate_size``, ``num_hidden_layers``). A count is written when it is uniform across
-layers; per-layer counts are in the plan (``units`` of each head / FFN pass entry).
+The pruned graph module's shapes live in the graph; the config is what tools around the model
+read (``num_attention_heads``, ``intermediate_size``, ``num_hidden_layers``) and what
+``from_pretrained`` builds the pruned ``result.model`` from. A count is written when it is
+uniform across layers; per-layer counts are in the plan (``units`` of each head / FFN pass entry)
+and a Hugging Face folder cannot hold them (``save_pretrained`` refuses them).
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
+
+from fxprune.errors import ConfigError, UnsupportedModelError
+
+# what a model folder holds besides config + weights, copied next to the pruned weights
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 LAYERS = ("num_hidden_layers", "n_layer")
 HEADS = ("num_attention_heads", "n_head")
@@ -57,3 +79,84 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             else:
                 notes["ffn"] = "differs per layer: see the plan's 'units'"
     return new, notes
+
+
+def source_folder(model) -> Path | None:
+    """The local folder ``model`` was loaded from (``from_pretrained(dir)``), if any."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(name) if name else None
+    return path if path is not None and path.is_dir() else None
+
+
+def check_config_builds(model) -> None:
+    """Build ``type(model)`` from its pruned config on the meta device (no memory) and refuse
+    when a weight would come out another shape: ``from_pretrained`` would re-initialise it.
+    GPT-2, BERT and ViT derive ``head_dim`` from ``hidden_size / num_attention_heads``, so
+    their configs cannot hold fewer heads of the same size."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception as e:  # noqa: BLE001 - the config itself is inconsistent
+        raise ConfigError(
+            f"save_pretrained: {type(model).__name__} cannot be built from the pruned config "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    bad = [
+        f"{k} is {tuple(v.shape)}, the config builds {want[k]}"
+        for k, v in model.state_dict().items()
+        if k in want and tuple(v.shape) != want[k]
+    ]
+    if bad:
+        heads = [b for b in bad if any(w in b for w in ("attn", "attention", "query", "qkv"))]
+        why = (
+            f"; {type(model.config).__name__} derives the head size from hidden_size / "
+            "num_attention_heads, so it cannot describe fewer heads (prune FFN and blocks for a "
+            "Hugging Face folder, or save the fxprune checkpoint with result.save(path))"
+            if heads
+            else "; save the fxprune checkpoint with result.save(path)"
+        )
+        raise ConfigError(
+            f"save_pretrained: from_pretrained would not rebuild this pruned "
+            f"{type(model).__name__}: {bad[0]}"
+            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+            + why
+        )
+
+
+def save_pretrained(result, path, tokenizer_from=None, **kwargs) -> Path:
+    """Write ``result.model`` as a Hugging Face folder (config.json with the pruned counts +
+    safetensors weights, tokenizer files of the source folder copied); see
+    :meth:`fxprune.plan.CompileResult.save_pretrained`."""
+    model = result.model
+    if result.model is result.module:
+        raise UnsupportedModelError(
+            "save_pretrained needs result.model as the model's own class, but: "
+            f"{result.model_note}; save the fxprune checkpoint with result.save(path)"
+        )
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(
+            f"save_pretrained: {type(model).__name__} is not a Hugging Face model; save the "
+            "fxprune checkpoint with result.save(path)"
+        )
+    uneven = result.plan.config.get("hf_config_notes") or {}
+    if uneven:
+        what = "; ".join(f"{k} {v}" for k, v in uneven.items())
+        raise ConfigError(
+            f"save_pretrained: {what}, and a Hugging Face config holds one count for every "
+            "layer; compile with uniform=True (the same count removed from each layer), or save "
+            "the fxprune checkpoint with result.save(path)"
+        )
+    check_config_builds(model)
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"save_pretrained: {out} is a file; give a folder")
+    model.save_pretrained(str(out), **kwargs)
+    src = Path(tokenizer_from) if tokenizer_from is not None else source_folder(model)
+    if src is not None and src.resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+    return out

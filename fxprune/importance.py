@@ -59,13 +59,18 @@ def _atom_scores(
             tracked = sorted(d for d, pd in dims.items() if pd.role in roles)
             if not tracked:
                 continue
-            w = w.detach().float()
-            # One pass over the weight into a reused scratch buffer (fresh 10 MB temporaries
-            # cost more in page faults than the arithmetic), then reduce untracked dims.
+            w = w.detach()
+            # One pass over the weight into a reused float32 scratch buffer (fresh 10 MB
+            # temporaries cost more in page faults than the arithmetic; a bf16 weight is cast
+            # into it, never copied to a new fp32 tensor), then reduce untracked dims.
             if scratch.numel() < w.numel() or scratch.device != w.device:
                 scratch = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
             tmp = scratch[: w.numel()].view(w.shape)
-            (torch.abs if power == 1 else torch.square)(w, out=tmp)
+            if w.dtype == torch.float32:
+                (torch.abs if power == 1 else torch.square)(w, out=tmp)
+            else:
+                tmp.copy_(w)
+                tmp.abs_() if power == 1 else tmp.square_()
             rest = [k for k in range(w.ndim) if k not in tracked]
             m = (
                 tmp.sum(dim=rest)

@@ -47,7 +47,8 @@ def _hf_input(cfg, seq_len: int, model=None):
 def load_hf(name: str, trust: bool = False, seq_len: int = 128):
     """``hf:`` source: a local model folder (its weights when present, else random weights from
     its config.json), a config.json file, or a model type (``hf:llama``: the default config of
-    that family, random weights). Nothing is downloaded; ``use_cache`` is turned off."""
+    that family, random weights). Nothing is downloaded; ``use_cache`` stays as the config says
+    (``compile`` turns it off for the capture only)."""
     try:
         import transformers
     except ImportError as e:
@@ -66,8 +67,6 @@ def load_hf(name: str, trust: bool = False, seq_len: int = 128):
             f"hf:{name}: give a local model folder, a config.json, or a model type such as "
             "'bert' or 'llama' (nothing is downloaded from the hub)"
         )
-    if hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
     files = sorted(folder.glob("*.safetensors")) if folder is not None else []
     pickles = sorted(folder.glob("pytorch_model*.bin")) if folder is not None else []
     if not files and pickles and not trust:

@@ -326,6 +326,12 @@ class CompileResult:
         approximate: True when a group whose removal is inexact was pruned (allow_approximate).
         config: for a Hugging Face model, a copy of its config with the uniform head, FFN and
             layer counts written back (None otherwise; see ``fxprune.hf``).
+        model: the pruned model as the user's own class (a copy, or the model itself with
+            ``inplace=True``): smaller layers of the same types, head counts and removed blocks
+            updated, checked against ``module``; it shares the changed tensors with ``module``.
+            When the class's forward cannot run pruned (it hard-codes a size), ``model`` is
+            ``module`` and ``model_note`` says why.
+        model_note: why ``model`` is the graph module ("" when it is the module tree).
     """
 
     module: fx.GraphModule
@@ -336,6 +342,13 @@ class CompileResult:
     approximate: bool = False
     seconds: float = 0.0
     config: object = None
+    model: object = None
+    model_note: str = ""
+
+    @property
+    def materialized(self) -> bool:
+        """True when ``model`` is the user's module tree, not the graph module."""
+        return self.model is not None and self.model is not self.module
 
     @property
     def zero_spec(self) -> dict[str, dict[int, np.ndarray]]:
@@ -381,6 +394,23 @@ class CompileResult:
         if source is not None:
             ckpt["source"] = dict(source)
         atomic_save(ckpt, path)
+
+    def save_pretrained(self, path: str | Path, tokenizer_from=None, **kwargs) -> Path:
+        """Write the pruned Hugging Face model as a folder ``from_pretrained`` opens without
+        fxprune: config.json with the new counts (``num_attention_heads``,
+        ``num_key_value_heads``, ``head_dim``, ``intermediate_size``, ``num_hidden_layers``,
+        ``layer_types``) and safetensors weights (tied embeddings stay tied), written by
+        transformers' own ``save_pretrained`` (``kwargs`` go to it). Tokenizer files of the
+        folder the model was loaded from (or ``tokenizer_from``) are copied.
+
+        Raises:
+            ConfigError: not a Hugging Face model, or counts differ per layer (compile with
+                ``uniform=True``, or use :meth:`save`).
+            UnsupportedModelError: ``model`` fell back to the graph module (``model_note``).
+        """
+        from fxprune.hf import save_pretrained
+
+        return save_pretrained(self, path, tokenizer_from=tokenizer_from, **kwargs)
 
     def report(self) -> str:
         lines = [self.summary.table()]

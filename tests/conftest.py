@@ -33,8 +33,12 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def assert_equivalent(model: nn.Module, x, rtol: float = 1e-4, **compile_kw):
-    """Prune with ``compile_kw`` and require pruned == zeroed dense, with a real effect."""
+def assert_equivalent(
+    model: nn.Module, x, rtol: float = 1e-4, tree: bool | None = None, **compile_kw
+):
+    """Prune with ``compile_kw`` and require pruned == zeroed dense, with a real effect, for the
+    graph module and for ``result.model``, the user's class rebuilt smaller (``tree=True``: it
+    must be; ``None``: proved when it is; a toy forward with its own attribute names is not)."""
     compile_kw.setdefault("channels", 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = fxprune.compile(model, x, **compile_kw)
@@ -47,6 +51,12 @@ def assert_equivalent(model: nn.Module, x, rtol: float = 1e-4, **compile_kw):
     assert rep.pruning_effect > 1e-3, (
         f"pruning barely changed the output ({rep.pruning_effect:.1e}): weak check"
     )
+    if tree:
+        assert res.materialized, res.model_note
+    if res.materialized:
+        assert type(res.model) is type(model)
+        on_tree = fxprune.verify.equivalence(model, res, x, rtol=rtol, target="model")
+        assert on_tree.ok, f"result.model: {on_tree.message}"
     return res, rep
 
 

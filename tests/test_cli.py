@@ -204,6 +204,35 @@ def test_hf_sources(tmp_path, capsys):
     assert "nothing is downloaded" in capsys.readouterr().err
 
 
+def test_save_pretrained_writes_a_folder_transformers_opens(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )  # fmt: skip  (use_cache left at True, as users load it)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer.json").write_text("{}")
+    src, out = f"hf:{tmp_path / 'dense'}", tmp_path / "pruned"
+    argv = ["prune", src, "--heads", "0.5", "--ffn", "0.25", "--save-pretrained", str(out)]
+    assert main([*argv, "--seq-len", "8"]) == 0
+    assert "saved a Hugging Face folder" in capsys.readouterr().out
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert again.config.num_key_value_heads == 1 and again.config.intermediate_size == 48
+    assert again.config.use_cache is True and (out / "tokenizer.json").exists()
+    capsys.readouterr()  # transformers' own loading progress
+    (tmp_path / "afile").write_text("")
+    assert main([*argv[:-1], str(tmp_path / "afile"), "--quiet"]) == 2
+    assert "is a file: give a folder" in _one_error_line(capsys)
+    assert main(["prune", "torchvision:resnet18", "--save-pretrained", str(out), "--quiet"]) == 2
+    assert "not a Hugging Face model" in _one_error_line(capsys)
+
+
 def test_help_shows_real_examples(capsys):
     for cmd in ([], ["estimate"], ["inspect"]):
         with pytest.raises(SystemExit):

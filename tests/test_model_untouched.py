@@ -4,6 +4,8 @@ trains like the dense model or refuses with the reason."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -148,11 +150,35 @@ def test_inplace_failure_leaves_the_model_as_it_was(monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_inplace_under_torch_export_is_refused_and_leaves_the_model():
+def test_inplace_under_torch_export_prunes_the_model_itself():
+    """The export graph holds its own tensors; the module tree commits them into the model."""
     model, x = net()
-    with pytest.raises(ConfigError, match="inplace=True.*torch.export"):
-        fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"], inplace=True, mode="export")
-    assert model.a[0].weight.shape[0] == 8
+    dense = copy.deepcopy(model).eval()
+    res = fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"], inplace=True, mode="export")
+    assert res.plan.mode == "export" and res.model is model
+    assert model.a[0].weight.shape[0] == 4 and model.a[0].out_channels == 4
+    with torch.no_grad():
+        assert torch.allclose(model(x), res.module(x), atol=1e-6)
+    assert fxprune.verify.equivalence(dense, res, x, target="model").ok
+
+
+def test_inplace_is_refused_when_the_class_cannot_hold_the_pruned_layers():
+    """A forward that hard-codes a width: the model cannot be pruned in place, and stays."""
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x).view(-1, 8))
+
+    torch.manual_seed(0)
+    model, x = Fixed().eval(), torch.randn(2, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="inplace=True.*Fixed.*unchanged"):
+        fxprune.compile(model, x, channels=0.5, ignore=["b"], inplace=True, mode="export")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("where", ["", "b.0"])

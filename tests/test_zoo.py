@@ -34,13 +34,22 @@ ZOO = [
 ]
 
 
+# Models whose own forward cannot run the pruned widths, so result.model stays the graph module,
+# and the reason compile gives (see docs/design.md, "The module tree").
+GRAPH_ONLY = {
+    "shufflenet_v2_x0_5": "Conv2d",  # x.chunk(2) needs equal halves; the graph splits unequally
+}
+
+
 @pytest.mark.parametrize("name,size,what", ZOO, ids=[z[0] for z in ZOO])
 def test_zoo_equivalence(name, size, what):
     torch.manual_seed(0)
     model = randomize(tv.models.get_model(name, weights=None))
     x = torch.randn(2, 3, size, size)
-    res, rep = assert_equivalent(model, x, channels=0.5)
+    res, rep = assert_equivalent(model, x, channels=0.5, tree=name not in GRAPH_ONLY)
     assert res.summary.macs_after < res.summary.macs_before
+    if name in GRAPH_ONLY:
+        assert res.model is res.module and GRAPH_ONLY[name] in res.model_note
 
 
 def test_convnext_approximate_is_reported():

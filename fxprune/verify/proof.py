@@ -243,8 +243,9 @@ def equivalence(
     *,
     fresh_inputs: int = 2,
     seed: int = 0,
+    target: str = "module",
 ) -> EquivalenceReport:
-    """Compare ``result.module`` with the zeroed dense ``model`` (eval, fp32 or fp64) on
+    """Compare ``result.module`` (or ``result.model``: ``target="model"``) with the zeroed dense ``model`` (eval, fp32 or fp64) on
     ``example_inputs`` and on ``fresh_inputs`` random draws like them, output by output.
 
     Each output leaf (tuple item, dict or ``ModelOutput`` field) is judged on its own scale:
@@ -263,6 +264,8 @@ def equivalence(
         rtol: pass threshold on ``max_rel_err``.
         fresh_inputs: how many random draws to check besides the example (0: the example only).
         seed: seeds the draws, so a report is reproducible.
+        target: ``"module"`` proves the graph module, ``"model"`` the module tree of the user's
+            class (``result.model``, run eagerly).
 
     Returns:
         An :class:`EquivalenceReport`; ``ok`` is False when an output's error exceeds ``rtol``,
@@ -278,11 +281,14 @@ def equivalence(
     """
     if not isinstance(fresh_inputs, int) or fresh_inputs < 0:
         raise ConfigError(f"fresh_inputs={fresh_inputs!r}: need an integer >= 0")
-    dtype = _compare_dtype(model, result.module)
-    native = {t.dtype for m in (model, result.module) for t in _floats(m)} - {dtype}
+    if target not in ("module", "model"):
+        raise ConfigError(f"target={target!r}: give 'module' or 'model'")
+    candidate = getattr(result, target)
+    dtype = _compare_dtype(model, candidate)
+    native = {t.dtype for m in (model, candidate) for t in _floats(m)} - {dtype}
     args = tuple(cast(a, dtype) for a in as_args(example_inputs))
     z = zeroed_dense(model, result).to(dtype)
-    pruned = cast_module(result.module, native, dtype) if native else result.module
+    pruned = cast_module(candidate, native, dtype) if native else candidate
     dense = copy.deepcopy(model).to(dtype) if native else model  # eval forwards change nothing
     rows, skipped = [], []
     try:
@@ -296,6 +302,48 @@ def equivalence(
         head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
     return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result))
+
+
+def agreement(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    example_inputs,
+    rtol: float = RTOL,
+    *,
+    fresh_inputs: int = 1,
+    seed: int = 0,
+) -> tuple[bool, str]:
+    """Do two modules compute the same thing (each output on its own scale, NaN/Inf failing) on
+    the example and ``fresh_inputs`` draws like it? ``(ok, message)``; a candidate that raises
+    where the reference runs is a failure with the error's first line."""
+    args = as_args(example_inputs)
+    rows = []
+    try:
+        with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
+            for label, inp, kind in input_sets(args, fresh_inputs, seed):
+                try:
+                    ref = _named_leaves(reference(*inp))
+                except Exception:  # noqa: BLE001 - a draw the reference cannot take either
+                    if kind == "example":
+                        raise
+                    continue
+                try:
+                    got = _leaves(candidate(*inp))
+                except Exception as e:  # noqa: BLE001
+                    return False, f"fails on {label}: {_first_line(e)}"
+                rows.append(_measure(ref, got, [t for _, t in ref], label))
+    except _Mismatch as e:
+        return False, str(e).removeprefix("NOT equivalent: ")
+    worst, rel = "output", 0.0
+    for leaves in rows:
+        top = max((s for _, _, s, _ in leaves), default=0.0)
+        for name, err, s, _ in leaves:
+            s = s or top
+            r = err / s if s else (0.0 if err == 0 else float("inf"))
+            if r > rel:
+                rel, worst = r, name
+    where = "" if worst == "output" else f" in output {worst}"
+    return rel <= rtol, f"max_rel_err={rel:.2e}{where} on {len(rows)} inputs"
 
 
 def _dname(dtype: torch.dtype) -> str:

@@ -121,6 +121,7 @@ def test_rope_tables_from_a_buffer_leave_heads_separate(mode):
     assert res.module.get_buffer("layers.0.inv_freq").shape == (4,)  # head_dim unchanged
 
 
+@pytest.mark.slow
 def test_hgnetv2_learnable_affine_prunes():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

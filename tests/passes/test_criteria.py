@@ -1,6 +1,8 @@
 """FPGM and LAMP on fxprune's units: FPGM removes the filter at the geometric median even when
 magnitude would not; LAMP keeps l2's order inside a group and is scale-free across groups."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -60,7 +62,7 @@ def test_lamp_keeps_l2_order_in_a_group_and_is_scale_free():
         assert lamp[u] == pytest.approx(sq[u] / tail)
 
 
-@pytest.mark.parametrize("importance", ["fpgm", "lamp"])
+@pytest.mark.parametrize("importance", [pytest.param("fpgm", marks=pytest.mark.slow), "lamp"])
 def test_new_criteria_are_exact_on_resnet(importance):
     torchvision = pytest.importorskip("torchvision")
     m, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
@@ -73,3 +75,18 @@ def test_new_criteria_are_exact_on_resnet(importance):
         global_ranking=importance == "lamp",
     )
     assert fxprune.verify.equivalence(m, res, x).ok and res.summary.macs_ratio < 0.8
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+def test_half_precision_weights_score_like_their_float32_values(importance):
+    """bf16 weights are cast into the float32 scratch buffer, not copied: the same scores."""
+    m, x = _model()
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    ref = copy.deepcopy(half).float()  # the bf16 values, in float32
+    scores = []
+    for net, inp in ((half, x.to(torch.bfloat16)), (ref, x)):
+        graph = build_graph(trace(net, (inp,)).gm)
+        scores.append(unit_scores(graph, importance))
+    assert scores[0].keys() == scores[1].keys()
+    for u in scores[0]:
+        assert scores[0][u] == pytest.approx(scores[1][u], rel=1e-6)

@@ -28,7 +28,12 @@ def _first(out):
 )
 def test_heads_and_ffn_are_exact_and_run(name):
     model, x, info = build(name)
-    res, rep = assert_equivalent(model, x, channels=0.0, heads=0.5, ffn=0.5)
+    # torchvision's shifted_window_attention computes head_dim = C // num_heads from the model
+    # width: its module tree cannot hold fewer heads, so result.model stays the graph module
+    tree = name != "tv_swin_t"
+    res, rep = assert_equivalent(model, x, channels=0.0, heads=0.5, ffn=0.5, tree=tree)
+    if not tree:
+        assert res.model is res.module and "ShiftedWindowAttention" in res.model_note
     heads, ffn = res.passes[0], res.passes[1]
     assert heads.name == "heads" and ffn.name == "ffn"
     counts = list(heads.details["units"].values())
@@ -138,7 +143,7 @@ def test_pruned_model_runs_under_torch_compile():
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2", "tv_vit", "timm_vit_tiny"])
 def test_block_removal_is_exact_against_the_bypassed_dense_model(name):
     model, x, _ = build(name)
-    res, rep = assert_equivalent(model, x, channels=0.0, blocks=1, heads=0.5)
+    res, rep = assert_equivalent(model, x, channels=0.0, blocks=1, heads=0.5, tree=True)
     blocks = res.passes[0]
     assert blocks.name == "blocks" and len(blocks.details["removed"]) == 1
     assert blocks.details["output_deviation"] > 1e-3  # removal is approximate and says so

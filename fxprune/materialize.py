@@ -1,0 +1,347 @@
+"""The pruned model as the user's own module tree: ``result.model``.
+
+The passes prune a captured graph (``result.module``, an ``fx.GraphModule``). Deployment code
+wants the user's class back: ``save_pretrained``, ``generate()``, methods, train-mode behaviour,
+``torch.compile``. This module rebuilds that from the copy the compile worked on, in one place:
+
+1. every tensor a pass changed (sliced, reordered, N:M-masked, reconstructed) is taken from the
+   graph module into the copy, under the same name (the two share those tensors);
+2. each layer's shape attributes follow its new weights (``LAYERS``: ``out_features``,
+   ``in_channels`` / ``groups``, ``num_features``, ``normalized_shape``, HF ``Conv1D.nf``...);
+3. each attention module whose projections shrank gets its head counts recomputed from the new
+   projection sizes and its ``head_dim`` (``num_heads``, ``num_key_value_heads``,
+   ``all_head_size``, GPT-2's ``split_size``...), an MLP its ``intermediate_size``;
+4. removed blocks leave their ``ModuleList`` / ``Sequential`` (later ``layer_idx`` renumbered,
+   the HF config's per-layer lists shortened), and the HF config takes the new counts.
+
+The graph decided what to remove; nothing here chooses. Then the tree is run against the graph
+module on the example and a fresh draw; a forward that hard-codes a size the graph rewrote (a
+literal ``view(B, T, 12, 64)``) fails that check, and the reason names the innermost module
+that raised. ``compile`` then keeps the graph module as ``result.model`` and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from fxprune.errors import FxPruneError
+
+
+class NotMaterialized(FxPruneError):
+    """The pruned model cannot be the user's module tree; the message says which module."""
+
+
+# ---------------------------------------------------------------- layer attributes from weights
+
+LAYERS: dict = {}  # layer type -> fix(module): its shape attributes follow its tensors
+LAYERS_BY_NAME: dict = {}  # "module.Class" -> fix, for types of optional packages
+
+
+def layer_fix(*types, names=()):
+    def deco(fn):
+        for t in types:
+            LAYERS[t] = fn
+        for n in names:
+            LAYERS_BY_NAME[n] = fn
+        return fn
+
+    return deco
+
+
+def fix_layer(m: nn.Module) -> None:
+    for cls in type(m).__mro__:
+        fn = LAYERS.get(cls) or LAYERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            fn(m)
+            return
+
+
+@layer_fix(nn.Linear)
+def _linear(m):
+    m.out_features, m.in_features = m.weight.shape
+
+
+@layer_fix(names=("transformers.pytorch_utils.Conv1D",))
+def _hf_conv1d(m):
+    m.nx, m.nf = m.weight.shape  # GPT-2's Conv1D stores its weight transposed: (in, out)
+
+
+@layer_fix(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(m):
+    per_group = m.out_channels // m.groups  # outputs per group: whole groups are removed
+    out = m.weight.shape[0]
+    m.groups = out // per_group if m.groups > 1 else 1
+    m.out_channels, m.in_channels = out, m.weight.shape[1] * m.groups
+
+
+@layer_fix(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_t(m):
+    per_group = m.in_channels // m.groups
+    cin = m.weight.shape[0]
+    m.groups = cin // per_group if m.groups > 1 else 1
+    m.in_channels, m.out_channels = cin, m.weight.shape[1] * m.groups
+
+
+@layer_fix(nn.modules.batchnorm._NormBase)
+def _bn(m):
+    t = m.weight if m.weight is not None else m.running_mean
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+@layer_fix(nn.GroupNorm)
+def _gn(m):
+    if m.weight is not None:
+        per_group = m.num_channels // m.num_groups
+        m.num_channels = m.weight.shape[0]
+        m.num_groups = m.num_channels // per_group
+
+
+@layer_fix(nn.LayerNorm, nn.RMSNorm)
+def _ln(m):
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@layer_fix(nn.Embedding, nn.EmbeddingBag)
+def _embedding(m):
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+@layer_fix(nn.PReLU)
+def _prelu(m):
+    m.num_parameters = m.weight.numel()
+
+
+# ---------------------------------------------------------------- attention / MLP attributes
+
+HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head")
+Q_PROJ = ("q_proj", "query", "q", "wq", "to_q", "q_lin")
+K_PROJ = ("k_proj", "key", "k", "wk", "to_k", "k_lin")
+QKV_PROJ = ("qkv", "c_attn", "qkv_proj", "Wqkv", "query_key_value")  # q, k, v stacked
+HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim")  # heads x head_dim
+MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "dense_h_to_4h")
+
+
+def out_size(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if hasattr(m, "nf"):  # HF Conv1D
+        return m.nf
+    return None
+
+
+def _first(m: nn.Module, names) -> tuple[str, nn.Module] | None:
+    for n in names:
+        child = getattr(m, n, None)
+        if isinstance(child, nn.Module):
+            return n, child
+    return None
+
+
+def fix_attention(m: nn.Module, shrunk: set[int]) -> None:
+    """Recompute ``m``'s head counts from its projections' new sizes and its ``head_dim`` when
+    one of its projections is in ``shrunk`` (ids of layers whose output size changed). A module
+    without a ``head_dim`` attribute derives its sizes per call; the agreement check decides."""
+    q, k, qkv = _first(m, Q_PROJ), _first(m, K_PROJ), _first(m, QKV_PROJ)
+    proj = [p[1] for p in (q, k, qkv) if p is not None]
+    hd = next((getattr(m, a) for a in HEAD_DIM if isinstance(getattr(m, a, None), int)), None)
+    if (
+        hd is None
+        or not any(id(p) in shrunk for p in proj)
+        or any(out_size(p) is None for p in proj)
+    ):
+        return
+    if q is None:  # fused q, k, v
+        n_q = n_kv = out_size(qkv[1]) // (3 * hd)
+    else:
+        n_q = out_size(q[1]) // hd
+        n_kv = out_size(k[1]) // hd if k is not None else n_q
+    for names, value in ((HEADS, n_q), (KV_HEADS, n_kv), (INNER, n_q * hd)):
+        for a in names:
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, value)
+    if isinstance(getattr(m, "num_key_value_groups", None), int) and n_kv:
+        m.num_key_value_groups = n_q // n_kv
+
+
+def fix_mlp(m: nn.Module, shrunk: set[int]) -> None:
+    hit = _first(m, MLP_IN)
+    if hit is not None and id(hit[1]) in shrunk:
+        for a in ("intermediate_size", "ffn_dim", "hidden_features"):
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, out_size(hit[1]))
+
+
+# Modules whose forward reads sizes of their children (split sizes, head counts): by class,
+# run after every layer has its new shape, children before parents. A class without an entry
+# gets the generic attention and MLP fixes. Entries for timm's classes: materialize_timm.py.
+MODULES: dict = {}  # "module.Class" -> fix(module, shrunk)
+
+
+def module_fix(*names):
+    def deco(fn):
+        for n in names:
+            MODULES[n] = fn
+        return fn
+
+    return deco
+
+
+def fix_module(m: nn.Module, shrunk: set[int]) -> None:
+    for cls in type(m).__mro__:
+        fn = MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            fn(m, shrunk)
+            return
+    fix_attention(m, shrunk)
+    fix_mlp(m, shrunk)
+
+
+def post_order(m: nn.Module):
+    for child in m.children():
+        yield from post_order(child)
+    yield m
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def remove_blocks(tree: nn.Module, paths: list[str]) -> dict[str, list[str]]:
+    """Delete each block from the list that holds it; ``{list path: removed names}``. A
+    ``ModuleList`` / ``Sequential`` of numbered children is renumbered (HF's ``layers.3`` becomes
+    ``layers.2``); a ``Sequential`` of named children (torchvision's ``encoder_layer_3``)
+    keeps the other names."""
+    by_parent: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, key = path.rpartition(".")
+        holder = tree.get_submodule(parent) if parent else tree
+        numbered = isinstance(holder, nn.ModuleList) and key.isdigit()
+        if not (numbered or isinstance(holder, nn.Sequential)):
+            raise NotMaterialized(
+                f"removed block {path!r} sits in a {type(holder).__name__}, which its forward "
+                "calls by name, not a ModuleList or Sequential it iterates: it cannot be deleted"
+            )
+        by_parent.setdefault(parent, []).append(key)
+    for parent, keys in by_parent.items():
+        holder = tree.get_submodule(parent) if parent else tree
+        if all(k.isdigit() for k in keys):
+            for i in sorted((int(k) for k in keys), reverse=True):
+                del holder[i]
+        else:
+            for k in keys:
+                del holder._modules[k]
+        for i, block in enumerate(holder):  # the KV cache is indexed by layer_idx
+            for sub in block.modules():
+                if isinstance(getattr(sub, "layer_idx", None), int):
+                    sub.layer_idx = i
+    return by_parent
+
+
+# ---------------------------------------------------------------- the whole tree
+
+
+def changed_tensors(results) -> set[str]:
+    names: set[str] = set()
+    for r in results:
+        names |= set(r.keeps) | set(r.masks) | set(r.updated) | set(r.order)
+    return names
+
+
+def _get(root: nn.Module, name: str):
+    mod, _, attr = name.rpartition(".")
+    owner = root.get_submodule(mod) if mod else root
+    return owner, attr
+
+
+def take_tensors(tree: nn.Module, gm: nn.Module, names: set[str]) -> set[int]:
+    """Put ``gm``'s version of each named tensor into ``tree``; ids of the modules that changed."""
+    touched: set[int] = set()
+    for name in sorted(names):
+        owner, attr = _get(gm, name)
+        new = getattr(owner, attr)
+        mod, attr = _get(tree, name)
+        if attr in mod._parameters:
+            if not isinstance(new, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=mod._parameters[attr].requires_grad)
+            mod._parameters[attr] = new
+        elif attr in mod._buffers:
+            mod._buffers[attr] = new
+        else:
+            setattr(mod, attr, new)
+        touched.add(id(mod))
+    return touched
+
+
+def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None:
+    """Turn ``tree`` (the dense copy the compile traced) into the pruned model, in place.
+
+    Raises :class:`NotMaterialized` when a removed block cannot leave the tree."""
+    before = {id(m): out_size(m) for m in tree.modules()}
+    touched = take_tensors(tree, gm, changed_tensors(results))
+    for m in tree.modules():
+        if id(m) in touched:
+            fix_layer(m)
+    shrunk = {id(m) for m in tree.modules() if out_size(m) != before.get(id(m))}
+    seen: set[int] = set()
+    for m in post_order(tree):
+        if id(m) not in seen:
+            seen.add(id(m))
+            fix_module(m, shrunk)
+    removed = remove_blocks(tree, [b for r in results for b in r.bypassed])
+    cfg = getattr(tree, "config", None)
+    if hf_config is not None and cfg is not None and hasattr(cfg, "to_dict"):
+        n_before = getattr(cfg, "num_hidden_layers", None)
+        cfg.__dict__.update(hf_config.__dict__)  # the submodules hold this same object
+        gone = sorted(int(k) for keys in removed.values() for k in keys if k.isdigit())
+        types = getattr(cfg, "layer_types", None)
+        if gone and isinstance(types, list) and len(types) == n_before:
+            cfg.layer_types = [t for i, t in enumerate(types) if i not in set(gone)]
+
+
+@contextlib.contextmanager
+def innermost_module(tree: nn.Module):
+    """Track which module is running; ``stack[-1]`` is the innermost after an exception."""
+    stack: list[str] = []
+    handles = []
+    for name, m in tree.named_modules():
+
+        def pre(mod, args, name=name):
+            stack.append(name or type(tree).__name__)
+
+        def post(mod, args, out):
+            if stack:
+                stack.pop()
+
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def failing_module(tree: nn.Module, args: tuple) -> str:
+    """Run ``tree`` once more to name the innermost module that raises (with its class)."""
+    with innermost_module(tree) as stack, torch.no_grad():
+        try:
+            tree(*args)
+        except Exception:  # noqa: BLE001 - we only want the module name
+            if stack:
+                name = stack[-1]
+                with contextlib.suppress(AttributeError):
+                    return f"{name} ({type(tree.get_submodule(name)).__name__})"
+                return name
+    return ""
+
+
+# registered by class name: torch's own classes (MultiheadAttention), then timm's
+from fxprune import materialize_timm, materialize_torch  # noqa: E402,F401
+
+__all__ = ["LAYERS", "MODULES", "NotMaterialized", "layer_fix", "materialize", "module_fix"]

@@ -1,0 +1,218 @@
+"""Hugging Face in, Hugging Face out: ``result.model`` is the user's class, and
+``result.save_pretrained`` writes a folder ``from_pretrained`` opens in a process that never
+imports fxprune, equal to ``result.model`` on fresh inputs and in greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import ConfigError, UnsupportedModelError
+from tests.conftest import randomize
+
+T = pytest.importorskip("transformers")
+
+HIDDEN, FFN = 64, 128
+
+
+def _decoder(cfg_name, cls_name, kv=2, **extra):
+    cfg = getattr(T, cfg_name)(
+        vocab_size=100,
+        hidden_size=HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=kv,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )  # use_cache stays at its default (True): capture turns it off, the result keeps it
+    return getattr(T, cls_name)(cfg)
+
+
+FAMILIES = {
+    "llama": lambda: _decoder("LlamaConfig", "LlamaForCausalLM"),  # GQA: 8 heads, 2 KV
+    "qwen2": lambda: _decoder("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": lambda: _decoder("MistralConfig", "MistralForCausalLM", sliding_window=None),
+    "gpt2": lambda: T.GPT2LMHeadModel(
+        T.GPT2Config(
+            vocab_size=100,
+            n_embd=HIDDEN,
+            n_layer=4,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ),  # fmt: skip
+    "bert": lambda: T.BertModel(
+        T.BertConfig(
+            vocab_size=100,
+            hidden_size=HIDDEN,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=FFN,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    ),
+}
+
+
+# configs that derive head_dim from hidden_size / heads: fewer heads cannot be saved
+NO_HEAD_DIM = ("gpt2", "bert")
+
+
+def _ids(seed, batch=2, seq=10):
+    return torch.randint(2, 100, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _main(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each family pruned (heads 50 % where its config holds head_dim, FFN 25 %, one block), saved from a folder with a
+    tokenizer file; returns {name: (result, folder, fresh ids, outputs, greedy tokens)}."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, make in FAMILIES.items():
+        torch.manual_seed(0)
+        dense = randomize(make())
+        src = root / f"{name}-dense"
+        dense.save_pretrained(src)
+        (src / "vocab.txt").write_text("tokens\n")  # stands for the tokenizer files
+        dense = type(dense).from_pretrained(src).eval()
+        heads = 0.0 if name in NO_HEAD_DIM else 0.5
+        res = fxprune.compile(
+            dense, _ids(0), heads=heads, ffn=0.25, blocks=1, uniform=True, calibration=[_ids(1)]
+        )
+        folder = res.save_pretrained(root / f"{name}-pruned")
+        fresh = _ids(2, batch=3, seq=7)
+        with torch.no_grad():
+            logits = _main(res.model(fresh))
+            tokens = None
+            if name != "bert":  # the causal LMs
+                tokens = res.model.generate(fresh[:1], max_new_tokens=6, do_sample=False)
+        out[name] = (dense, res, folder, fresh, logits, tokens)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_result_model_is_the_users_class_with_new_counts(saved, name):
+    dense, res, folder, *_ = saved[name]
+    assert type(res.model) is type(dense) and res.materialized
+    cfg = json.loads((folder / "config.json").read_text())
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    assert layers == 3
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    assert heads == (4 if name not in NO_HEAD_DIM else 4)
+    if name in ("llama", "qwen2", "mistral"):
+        assert cfg["num_key_value_heads"] == 1 and cfg["head_dim"] == 8
+        assert cfg["intermediate_size"] == 96 and cfg["use_cache"] is True
+        assert [m.self_attn.layer_idx for m in res.model.model.layers] == [0, 1, 2]
+    assert (folder / "vocab.txt").read_text() == "tokens\n"
+    assert any(folder.glob("*.safetensors"))
+    rep = fxprune.verify.equivalence(dense, res, _ids(3), target="model")
+    assert rep.ok, rep.message
+
+
+@pytest.mark.slow
+def test_greedy_generate_with_the_kv_cache_matches_the_graph(saved):
+    """generate() runs the pruned attention through the KV cache; the graph module, captured
+    without a cache, recomputes every step: the same tokens."""
+    _, res, _, fresh, _, tokens = saved["llama"]
+    seq = fresh[:1]
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = _main(res.module(seq))[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(seq, tokens)
+    assert res.model.config.use_cache is True
+
+
+@pytest.mark.slow
+def test_from_pretrained_in_a_process_without_fxprune(saved, tmp_path):
+    """The saved folders open with transformers alone, equal on fresh inputs and in tokens."""
+    jobs = {}
+    for name, (dense, _res, folder, fresh, _, _) in saved.items():
+        torch.save(fresh, tmp_path / f"{name}.in.pt")
+        jobs[name] = (str(folder), type(dense).__name__)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        jobs = {jobs!r}
+        for name, (folder, cls) in jobs.items():
+            model = getattr(transformers, cls).from_pretrained(folder).eval()
+            ids = torch.load({str(tmp_path)!r} + f"/{{name}}.in.pt")
+            with torch.no_grad():
+                out = model(ids)
+                main = out.logits if hasattr(out, "logits") else out.last_hidden_state
+                gen = model.generate(ids[:1], max_new_tokens=6, do_sample=False) if hasattr(
+                    model, "generate") and "LM" in cls else None
+            torch.save((main, gen), {str(tmp_path)!r} + f"/{{name}}.out.pt")
+        assert not any(m.startswith("fxprune") for m in sys.modules), "fxprune was imported"
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, (_, _, _, _, logits, tokens) in saved.items():
+        main, gen = torch.load(tmp_path / f"{name}.out.pt")
+        torch.testing.assert_close(main, logits, rtol=1e-5, atol=1e-5)
+        if tokens is not None:
+            assert torch.equal(gen, tokens), name
+
+
+@pytest.mark.parametrize("name", NO_HEAD_DIM)
+def test_heads_a_config_cannot_describe_are_refused_before_writing(name, tmp_path):
+    torch.manual_seed(0)
+    model = randomize(FAMILIES[name]()).eval()
+    res = fxprune.compile(model, _ids(0), heads=0.5)
+    assert res.materialized  # the module tree runs; only the config cannot say it
+    with pytest.raises(ConfigError, match="cannot describe fewer heads"):
+        res.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_uneven_counts_are_refused_with_the_way_out(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(FAMILIES["llama"]()).eval()
+    only_first = {"model.layers.0.self_attn.q_proj": 0.5}
+    res = fxprune.compile(model, _ids(0), head_ratios=only_first)
+    assert res.plan.config["hf_config_notes"]["heads"].startswith("differs per layer")
+    with pytest.raises(ConfigError, match="differs per layer.*uniform=True.*result.save"):
+        res.save_pretrained(tmp_path / "x")
+    for kw in ({"head_ratios": only_first}, {"heads": 0.5, "global_ranking": True}):
+        with pytest.raises(ConfigError, match="uniform=True keeps one count"):
+            fxprune.compile(model, _ids(0), uniform=True, **kw)
+
+
+def test_graph_only_result_cannot_save_pretrained(tmp_path, monkeypatch):
+    import fxprune.api as api
+
+    torch.manual_seed(0)
+    model = randomize(FAMILIES["bert"]()).eval()
+    monkeypatch.setattr(api, "agreement", lambda *a, **k: (False, "max_rel_err=1.00e+00"))
+    res = fxprune.compile(model, _ids(0), heads=0.5)
+    assert res.model is res.module and "does not compute" in res.model_note
+    with pytest.raises(UnsupportedModelError, match="save_pretrained needs result.model"):
+        res.save_pretrained(tmp_path / "x")
+
+
+def test_a_non_hf_model_is_told_to_use_save(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.resnet18(num_classes=10).eval()
+    res = fxprune.compile(m, torch.randn(1, 3, 32, 32), channels=0.5, ignore=["fc"])
+    with pytest.raises(ConfigError, match="not a Hugging Face model.*result.save"):
+        res.save_pretrained(tmp_path / "x")
