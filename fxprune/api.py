@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxprune.calibration import default_loss, take_batches
-from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
+from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PassError, PlanError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args, dims_spec
 from fxprune.hf import pruned_config
@@ -177,8 +177,15 @@ def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
         materialize(work, gm, results, hf_config)
     except NotMaterialized as e:
         return gm, str(e)
-    with without_cache(work):
-        ok, msg = agreement(gm, work, args)
+    try:
+        with without_cache(work):
+            ok, msg = agreement(gm, work, args)  # raises only when the graph fails the example
+    except Exception as e:  # noqa: BLE001 - a rewrite the fake-tensor check let through
+        raise PassError(
+            f"the pruned graph does not run on the example ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the passes left an inconsistent "
+            "model, nothing was changed: please report it with the model"
+        ) from e
     if ok:
         return work, ""
     where = failing_module(work, args) if msg.startswith("fails") else ""
