@@ -393,13 +393,13 @@ def compile(  # noqa: A001 - the public name the project promises
         >>> r.summary.params_ratio < 0.35
         True
     """
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, model)
     _inputs_spec(args)
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
     pruned = channels or layer_ratios or heads or head_ratios or ffn or ffn_ratios
     measured = blocks or sparsity_method != "magnitude" or (importance in DATA_CRITERIA and pruned)
-    batches = take_batches(calibration if measured else None, calibration_batches)
+    batches = take_batches(calibration if measured else None, calibration_batches, model)
     nm = None
     if sparsity is not None:
         resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
@@ -528,7 +528,7 @@ def apply_plan(
         plan = Plan.from_dict(plan)
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a Plan, a dict or a JSON string, got {type(plan).__name__}")
-    args = as_args(example_inputs) if example_inputs is not None else plan.example_inputs()
+    args = as_args(example_inputs, model) if example_inputs is not None else plan.example_inputs()
     data_nm = [e.get("method") for e in plan.passes if e["name"] == "nm"]
     data_nm = [m for m in data_nm if m not in (None, "magnitude")]
     if data_nm and not _weights_follow:

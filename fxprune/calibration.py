@@ -24,11 +24,12 @@ from fxprune.errors import ConfigError
 from fxprune.graph.attention import sdpa_rule
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import find_rule
+from fxprune.graph.trace import as_args
 
 MAX_BATCHES = 128  # what compile(calibration_batches=None) takes from a calibration iterable
 
 
-def take_batches(calibration, limit: int | None = None) -> tuple[tuple, ...] | None:
+def take_batches(calibration, limit: int | None = None, model=None) -> tuple[tuple, ...] | None:
     """At most ``limit`` (default :data:`MAX_BATCHES`) batches of ``calibration``, each an
     argument tuple, read lazily (an endless generator is fine) and checked to be finite.
 
@@ -57,7 +58,7 @@ def take_batches(calibration, limit: int | None = None) -> tuple[tuple, ...] | N
         raise ConfigError(f"calibration must be an iterable of batches: {e}") from e
     out = []
     for i, b in enumerate(batches):
-        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        b = as_args(b, model)  # a tensor, a tuple, or a dict of keyword inputs
         for t in pytree.tree_leaves(b):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
                 raise ConfigError(f"calibration batch {i} holds NaN or Inf values")

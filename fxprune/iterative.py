@@ -198,10 +198,10 @@ def iterative_prune(
     for k in ("layer_ratios", "head_ratios", "ffn_ratios", "global_ranking", "inplace"):
         if compile_kwargs.get(k):
             raise ConfigError(f"{k}= is not supported by iterative_prune (per-step ratios)")
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, model)
     if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
         compile_kwargs["calibration"] = take_batches(
-            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches")
+            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches"), model
         )
     mode = compile_kwargs.get("mode", "auto")
     traced = trace(model, args, mode=mode, leaf_modules=compile_kwargs.get("leaf_modules", ()))

@@ -375,6 +375,10 @@ class CompileResult:
         """
         from fxprune.exporters import export
 
+        if isinstance(example_inputs, dict):  # keyword inputs, in the forward's order
+            from fxprune.graph.trace import as_args
+
+            example_inputs = as_args(example_inputs, self.model)
         args = example_inputs if example_inputs is not None else self.plan.example_inputs()
         nm = next((p for p in self.passes if p.name == "nm"), None)
         if nm is not None and "nm" not in options:

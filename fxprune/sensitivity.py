@@ -264,10 +264,10 @@ def sensitivity(
     t0 = time.perf_counter()
     if recalibrate is not None:
         recalibrate = list(recalibrate)  # used once per measurement: a generator would run dry
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, model)
     if compile_kwargs.get("calibration") is not None:  # one compile per group and ratio reads it
         compile_kwargs["calibration"] = take_batches(
-            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches")
+            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches"), model
         )
     ignore = resolve_names(model, compile_kwargs.get("ignore", ()), "ignore")
     if groups is not None:

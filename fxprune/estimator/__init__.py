@@ -169,7 +169,7 @@ def estimate(
     batches = list(batch_sizes or (1, 8))
     if any(not isinstance(b, int) or b < 1 for b in batches):
         raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, model)
     b0 = _batch_of(args)
     gm = trace(model, args, mode=mode, leaf_modules=leaf_modules).gm
     costs = layer_costs(gm, exclude, fused)

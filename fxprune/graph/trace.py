@@ -74,15 +74,55 @@ class _PathTracer(fx.Tracer):
         return out
 
 
-def as_args(example_inputs) -> tuple:
-    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) to a tuple."""
+def as_args(example_inputs, model=None) -> tuple:
+    """Normalise ``example_inputs`` to a positional tuple: a tensor, a tuple/list of them, or a
+    dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``), which needs the
+    ``model`` whose forward signature orders them (see :func:`bind_keywords`)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        if model is None:
+            raise ConfigError("keyword example_inputs need the model: pass it as well")
+        return bind_keywords(model, example_inputs)
     raise ConfigError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
+        f"{type(example_inputs).__name__}"
     )
+
+
+def bind_keywords(model, kwargs: Mapping) -> tuple:
+    """Keyword inputs as the positional tuple the graph is captured with: in the order of
+    ``model.forward``'s parameters, a parameter left out before the last given one passed as
+    ``None`` (allowed only where that is its default, so nothing changes meaning)."""
+    sig = inspect.signature(model.forward)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    names = [p.name for p in params]
+    what = f"{type(model).__name__}.forward"
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"example_inputs: {what} has no parameter {unknown[0]!r} that can be passed by "
+            f"position (it takes {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+        )
+    if not kwargs:
+        raise ConfigError("example_inputs: the dict of keyword inputs is empty")
+    last = max(names.index(k) for k in kwargs)
+    out = []
+    for p in params[: last + 1]:
+        if p.name in kwargs:
+            out.append(kwargs[p.name])
+        elif p.default is None:
+            out.append(None)
+        else:
+            given = next(k for k in names if k in kwargs and names.index(k) > names.index(p.name))
+            raise ConfigError(
+                f"example_inputs: {what} takes {p.name!r} before {given!r} and its default is "
+                f"{p.default!r}, not None: give {p.name!r} too (inputs are captured by position)"
+            )
+    return tuple(out)
 
 
 def default_dynamic_dims(args: tuple) -> list[list[int]]:

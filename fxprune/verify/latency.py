@@ -275,7 +275,7 @@ def latency(
         from fxprune.verify.gpu import require_cuda
 
         require_cuda(backend)
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, dense)
     module = getattr(pruned, "module", pruned)
     summary = getattr(pruned, "summary", None)
     mac_ratio = (

@@ -286,7 +286,7 @@ def equivalence(
     candidate = getattr(result, target)
     dtype = _compare_dtype(model, candidate)
     native = {t.dtype for m in (model, candidate) for t in _floats(m)} - {dtype}
-    args = tuple(cast(a, dtype) for a in as_args(example_inputs))
+    args = tuple(cast(a, dtype) for a in as_args(example_inputs, model))
     z = zeroed_dense(model, result).to(dtype)
     pruned = cast_module(candidate, native, dtype) if native else candidate
     dense = copy.deepcopy(model).to(dtype) if native else model  # eval forwards change nothing
@@ -316,7 +316,7 @@ def agreement(
     """Do two modules compute the same thing (each output on its own scale, NaN/Inf failing) on
     the example and ``fresh_inputs`` draws like it? ``(ok, message)``; a candidate that raises
     where the reference runs is a failure with the error's first line."""
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, reference)
     rows = []
     try:
         with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
