@@ -31,6 +31,7 @@ def test_keyword_inputs_compile_prove_and_calibrate():
         )
 
 
+@pytest.mark.slow
 def test_keyword_inputs_export(tmp_path):
     model, (ids,), _ = build("bert")
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

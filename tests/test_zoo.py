@@ -25,11 +25,13 @@ ZOO = [
     ("convnext_tiny", 64, "channels-last permute + layer scale"),
     ("regnet_x_400mf", 64, "grouped RegNet"),
     ("regnet_y_400mf", 64, "RegNet with SE"),
-    ("vgg11_bn", 64, "flatten into Linear"),
+    pytest.param("vgg11_bn", 64, "flatten into Linear", marks=pytest.mark.slow),
     ("squeezenet1_1", 64, "fire concat"),
     ("mnasnet0_5", 64, "MnasNet"),
     ("alexnet", 64, "adaptive pool + flatten"),
-    ("vit_b_16", 224, "transformer MLPs around attention barriers"),
+    pytest.param(
+        "vit_b_16", 224, "transformer MLPs around attention barriers", marks=pytest.mark.slow
+    ),
     ("swin_t", 64, "windowed attention, channels-last"),
 ]
 
@@ -41,7 +43,9 @@ GRAPH_ONLY = {
 }
 
 
-@pytest.mark.parametrize("name,size,what", ZOO, ids=[z[0] for z in ZOO])
+@pytest.mark.parametrize(
+    "name,size,what", ZOO, ids=[(z.values if hasattr(z, "values") else z)[0] for z in ZOO]
+)
 def test_zoo_equivalence(name, size, what):
     torch.manual_seed(0)
     model = randomize(tv.models.get_model(name, weights=None))

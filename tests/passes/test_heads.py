@@ -132,6 +132,7 @@ def test_mha_module_as_fx_leaf_is_named():
         fxprune.compile(model, x, heads=0.5, mode="fx")
 
 
+@pytest.mark.slow
 def test_pruned_model_runs_under_torch_compile():
     model, x, _ = build("llama")
     res = fxprune.compile(model, x, heads=0.5, ffn=0.5)
