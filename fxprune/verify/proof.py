@@ -335,13 +335,9 @@ def agreement(
     except _Mismatch as e:
         return False, str(e).removeprefix("NOT equivalent: ")
     worst, rel = "output", 0.0
-    for leaves in rows:
-        top = max((s for _, _, s, _ in leaves), default=0.0)
-        for name, err, s, _ in leaves:
-            s = s or top
-            r = err / s if s else (0.0 if err == 0 else float("inf"))
-            if r > rel:
-                rel, worst = r, name
+    for name, _, _, _, r in _judged(rows):
+        if r > rel:
+            rel, worst = r, name
     where = "" if worst == "output" else f" in output {worst}"
     return rel <= rtol, f"max_rel_err={rel:.2e}{where} on {len(rows)} inputs"
 
@@ -378,19 +374,25 @@ def _run(label: str, inp: tuple, kind: str, models, skipped: list[str]):
         ) from e
 
 
+def _judged(rows):
+    """Each measured leaf as (name, abs err, its scale, dense effect, relative error); in one
+    input set an all-zero output is judged on the set's largest output."""
+    for leaves in rows:
+        top = max((s for _, _, s, _ in leaves), default=0.0)
+        for name, err, s, e in leaves:
+            s = s or top
+            yield name, err, s, e, (err / s if s else (0.0 if err == 0 else float("inf")))
+
+
 def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceReport:
     checked = len(rows)
     abs_err = scale = eff = rel = 0.0
     worst = rows[0][0][0] if rows and rows[0] else "output"
-    for leaves in rows:  # one input set: an all-zero output is judged on the set's largest
-        top = max((s for _, _, s, _ in leaves), default=0.0)
-        for name, err, s, e in leaves:
-            s = s or top
-            r = err / s if s else (0.0 if err == 0 else float("inf"))
-            if r > rel:
-                rel, worst = r, name
-            eff = max(eff, e / s if s else 0.0)
-            abs_err, scale = max(abs_err, err), max(scale, s)
+    for name, err, s, e, r in _judged(rows):
+        if r > rel:
+            rel, worst = r, name
+        eff = max(eff, e / s if s else 0.0)
+        abs_err, scale = max(abs_err, err), max(scale, s)
     dt = _dname(dtype)
     if scale == 0:
         ok, msg = False, "outputs are all zero: the check proves nothing (use real weights/data)"
