@@ -14,12 +14,12 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxprune.calibration import default_loss, take_batches
-from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PassError, PlanError
+from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
 from fxprune.graph.trace import as_args, dims_spec
 from fxprune.hf import pruned_config
 from fxprune.importance import DATA_CRITERIA
-from fxprune.materialize import NotMaterialized, failing_module, materialize
+from fxprune.materialize import check_uniform, module_tree, without_cache
 from fxprune.modelstate import (
     check_hooks,
     commit_inplace,
@@ -37,7 +37,6 @@ from fxprune.passes.nm import NM, prune_nm
 from fxprune.passes.permute import Permute, permute_channels
 from fxprune.plan import CompileResult, LayerRow, Plan, Summary, read_checkpoint
 from fxprune.stats import layer_stats
-from fxprune.verify.proof import agreement
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
 PASSES = {
@@ -136,64 +135,6 @@ def _train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
     except FxPruneError as e:  # Inception's train-only aux head fails on small inputs
         return f"its forward does not trace in train mode ({str(e)[:200]})"
     return train_difference(traced.gm, again.gm)
-
-
-def check_uniform(results) -> None:
-    """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
-    for r in results:
-        units = r.details.get("units") if r.name in ("heads", "ffn") else None
-        if units and len({tuple(v) for v in units.values()}) > 1:
-            seen: dict = {}
-            for layer, v in units.items():
-                seen.setdefault(tuple(v), layer)
-            (a, la), (b, lb) = list(seen.items())[:2]
-            raise ConfigError(
-                f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
-                f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
-                "minimum bound in some of them"
-            )
-
-
-@contextlib.contextmanager
-def without_cache(model: nn.Module):
-    """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
-    user's setting back afterwards: the module tree and its saved config keep the KV cache."""
-    cfg = getattr(model, "config", None)
-    was = getattr(cfg, "use_cache", None)
-    if was:
-        cfg.use_cache = False
-    try:
-        yield
-    finally:
-        if was:
-            cfg.use_cache = was
-
-
-def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
-    """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
-    ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
-    what = type(work).__name__
-    try:
-        materialize(work, gm, results, hf_config)
-    except NotMaterialized as e:
-        return gm, str(e)
-    try:
-        with without_cache(work):
-            ok, msg = agreement(gm, work, args)  # raises only when the graph fails the example
-    except Exception as e:  # noqa: BLE001 - a rewrite the fake-tensor check let through
-        raise PassError(
-            f"the pruned graph does not run on the example ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); the passes left an inconsistent "
-            "model, nothing was changed: please report it with the model"
-        ) from e
-    if ok:
-        return work, ""
-    where = failing_module(work, args) if msg.startswith("fails") else ""
-    return gm, (
-        f"the {what} module tree with the pruned layers does not compute what the pruned graph "
-        f"does ({msg}{f'; raised in {where}' if where else ''}): its forward must hard-code a "
-        "size the graph rewrote; result.model is the graph module"
-    )
 
 
 @contextlib.contextmanager

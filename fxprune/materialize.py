@@ -27,7 +27,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import ConfigError, FxPruneError, PassError
+from fxprune.verify.proof import agreement
 
 
 class NotMaterialized(FxPruneError):
@@ -304,6 +305,64 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
             cfg.layer_types = [t for i, t in enumerate(types) if i not in set(gone)]
 
 
+def check_uniform(results) -> None:
+    """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
+    for r in results:
+        units = r.details.get("units") if r.name in ("heads", "ffn") else None
+        if units and len({tuple(v) for v in units.values()}) > 1:
+            seen: dict = {}
+            for layer, v in units.items():
+                seen.setdefault(tuple(v), layer)
+            (a, la), (b, lb) = list(seen.items())[:2]
+            raise ConfigError(
+                f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
+                f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
+                "minimum bound in some of them"
+            )
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module):
+    """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
+    user's setting back afterwards: the module tree and its saved config keep the KV cache."""
+    cfg = getattr(model, "config", None)
+    was = getattr(cfg, "use_cache", None)
+    if was:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if was:
+            cfg.use_cache = was
+
+
+def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
+    """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
+    ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
+    what = type(work).__name__
+    try:
+        materialize(work, gm, results, hf_config)
+    except NotMaterialized as e:
+        return gm, str(e)
+    try:
+        with without_cache(work):
+            ok, msg = agreement(gm, work, args)  # raises only when the graph fails the example
+    except Exception as e:  # noqa: BLE001 - a rewrite the fake-tensor check let through
+        raise PassError(
+            f"the pruned graph does not run on the example ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the passes left an inconsistent "
+            "model, nothing was changed: please report it with the model"
+        ) from e
+    if ok:
+        return work, ""
+    where = failing_module(work, args) if msg.startswith("fails") else ""
+    return gm, (
+        f"the {what} module tree with the pruned layers does not compute what the pruned graph "
+        f"does ({msg}{f'; raised in {where}' if where else ''}): its forward must hard-code a "
+        "size the graph rewrote; result.model is the graph module"
+    )
+
+
 @contextlib.contextmanager
 def innermost_module(tree: nn.Module):
     """Track which module is running; ``stack[-1]`` is the innermost after an exception."""
@@ -344,4 +403,14 @@ def failing_module(tree: nn.Module, args: tuple) -> str:
 # registered by class name: torch's own classes (MultiheadAttention), then timm's
 from fxprune import materialize_timm, materialize_torch  # noqa: E402,F401
 
-__all__ = ["LAYERS", "MODULES", "NotMaterialized", "layer_fix", "materialize", "module_fix"]
+__all__ = [
+    "LAYERS",
+    "MODULES",
+    "NotMaterialized",
+    "check_uniform",
+    "layer_fix",
+    "materialize",
+    "module_fix",
+    "module_tree",
+    "without_cache",
+]
