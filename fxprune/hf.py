@@ -149,6 +149,10 @@ def save_pretrained(result, path, tokenizer_from=None, **kwargs) -> Path:
             "layer; compile with uniform=True (the same count removed from each layer), or save "
             "the fxprune checkpoint with result.save(path)"
         )
+    if tokenizer_from is not None and not Path(tokenizer_from).is_dir():
+        raise ConfigError(
+            f"save_pretrained: tokenizer_from={str(tokenizer_from)!r} is not a folder"
+        )
     check_config_builds(model)
     out = Path(path)
     if out.exists() and not out.is_dir():

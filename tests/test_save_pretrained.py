@@ -199,11 +199,11 @@ def test_uneven_counts_are_refused_with_the_way_out(tmp_path):
 
 
 def test_graph_only_result_cannot_save_pretrained(tmp_path, monkeypatch):
-    import fxprune.api as api
+    import fxprune.materialize as mat
 
     torch.manual_seed(0)
     model = randomize(FAMILIES["bert"]()).eval()
-    monkeypatch.setattr(api, "agreement", lambda *a, **k: (False, "max_rel_err=1.00e+00"))
+    monkeypatch.setattr(mat, "agreement", lambda *a, **k: (False, "max_rel_err=1.00e+00"))
     res = fxprune.compile(model, _ids(0), heads=0.5)
     assert res.model is res.module and "does not compute" in res.model_note
     with pytest.raises(UnsupportedModelError, match="save_pretrained needs result.model"):
@@ -216,3 +216,25 @@ def test_a_non_hf_model_is_told_to_use_save(tmp_path):
     res = fxprune.compile(m, torch.randn(1, 3, 32, 32), channels=0.5, ignore=["fc"])
     with pytest.raises(ConfigError, match="not a Hugging Face model.*result.save"):
         res.save_pretrained(tmp_path / "x")
+
+
+def test_uniform_post_check_names_two_layers_that_differ():
+    """The check that runs after the passes (layers of different sizes) fails, naming both."""
+    from types import SimpleNamespace
+
+    from fxprune.materialize import check_uniform
+
+    even = SimpleNamespace(name="heads", details={"units": {"a": [4, 2], "b": [4, 2]}})
+    check_uniform([even])  # equal counts pass
+    uneven = SimpleNamespace(name="ffn", details={"units": {"a": [8, 4], "b": [6, 3]}})
+    with pytest.raises(
+        ConfigError, match=r"ffn pass left layers with different counts \(a: 8 -> 4, b: 6 -> 3\)"
+    ):
+        check_uniform([even, uneven])
+
+
+@pytest.mark.slow
+def test_a_missing_tokenizer_folder_is_an_error(saved, tmp_path):
+    _, res, *_ = saved["llama"]
+    with pytest.raises(ConfigError, match="tokenizer_from=.*not a folder"):
+        res.save_pretrained(tmp_path / "x", tokenizer_from=tmp_path / "nope")
