@@ -12,6 +12,7 @@ from fxprune.estimator import estimate
 from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
 from fxprune.sensitivity import sensitivity
+from fxprune.streaming import stream
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ __all__ = [
     "iterative_prune",
     "load",
     "sensitivity",
+    "stream",
     "verify",
 ]

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
-from fxprune.graph.trace import as_args, dims_spec
+from fxprune.graph.trace import as_args, dims_spec, retarget
 from fxprune.hf import pruned_config
 from fxprune.importance import DATA_CRITERIA
 from fxprune.materialize import check_uniform, module_tree, without_cache
@@ -147,7 +147,18 @@ def _all_training(module: nn.Module):
         restore_training(module, flags)
 
 
-def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, config, dynamic=None):
+def _run(
+    model,
+    args,
+    passes,
+    mode,
+    leaf_modules,
+    allow_approximate,
+    inplace,
+    config,
+    dynamic=None,
+    capture=None,
+):
     t0 = time.perf_counter()
     check_hooks(model)
     flags = training_flags(model)
@@ -158,9 +169,13 @@ def _run(model, args, passes, mode, leaf_modules, allow_approximate, inplace, co
     if mode == "auto" and any(parametrize.is_parametrized(m) for m in work.modules()):
         mode = "export"  # fx keeps a parametrized layer opaque; export computes its weight
     with without_cache(work):  # a KV cache is no part of the computation to prune
-        traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
+        if capture is not None:  # a repeated block: its twin's graph over this copy's tensors
+            traced = retarget(capture, work, args)
+        else:
+            traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
         if (
-            mode == "auto"
+            capture is None
+            and mode == "auto"
             and traced.mode == "fx"
             and any(fn is prune_heads for fn, _ in passes)
             and hidden_attention(traced.gm)
@@ -250,6 +265,7 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity_method: str = "magnitude",
     dynamic_shapes=None,
     uniform: bool = False,
+    capture=None,
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
 
@@ -318,6 +334,11 @@ def compile(  # noqa: A001 - the public name the project promises
             units each layer loses are still chosen by importance in that layer. Refuses
             options that set counts per layer and fails, before touching anything, when the
             counts come out unequal.
+        capture: a :class:`fxprune.graph.Traced` of a module with the same structure as
+            ``model`` (another block of a repeated stack, from :func:`fxprune.graph.trace`):
+            its graph is reused over ``model``'s tensors instead of capturing again
+            (:func:`fxprune.graph.trace.retarget`), which is how :func:`fxprune.stream`
+            captures a decoder stack once.
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.
@@ -441,7 +462,16 @@ def compile(  # noqa: A001 - the public name the project promises
             sparsity_method=sparsity_method,
         )
     return _run(
-        model, args, passes, mode, leaf_modules, allow_approximate, inplace, config, dynamic_shapes
+        model,
+        args,
+        passes,
+        mode,
+        leaf_modules,
+        allow_approximate,
+        inplace,
+        config,
+        dynamic_shapes,
+        capture,
     )
 
 

@@ -19,6 +19,7 @@ examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
   fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --save r50.pt
   fxprune prune hf:./llama-dir --heads 0.25 --ffn 0.25 --save-pretrained ./llama-pruned
+  fxprune prune hf:./llama-7b --heads 0.25 --ffn 0.25 --stream --save-pretrained ./out
   fxprune export r50.pt -o r50.onnx
   fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
   fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
@@ -165,6 +166,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="Hugging Face models: write a folder from_pretrained opens without fxprune "
         "(config with the new counts, safetensors, tokenizer files); implies uniform counts",
+    )
+    pr.add_argument(
+        "--stream",
+        action="store_true",
+        help="hf:DIR decoder LMs (Llama, Mistral, Qwen2/3) with --save-pretrained: prune block "
+        "by block from the safetensors shards, holding about one block in memory (wanda / "
+        "sparsegpt / activation calibrate on --batch random token batches of --seq-len)",
     )
     pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
     _add_example_batch(pr)

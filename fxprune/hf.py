@@ -88,6 +88,33 @@ def source_folder(model) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
+def check_config_valid(cfg, what: str = "save_pretrained") -> None:
+    """Run the config class's own validation (transformers' ``@strict`` validators) on the
+    pruned counts, and refuse with the reason: ``LlamaConfig`` requires ``hidden_size`` to be a
+    multiple of ``num_attention_heads`` even when ``head_dim`` is explicit, so a Llama pruned
+    from 32 to 24 heads of 128 has no Llama config (16 heads does; Mistral / Qwen2 configs take
+    any count)."""
+    validate = getattr(cfg, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - the validators raise what they like
+        cause = getattr(e, "__cause__", None) or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        heads = getattr(cfg, "num_attention_heads", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        if heads and hidden and hidden % heads:
+            why = (
+                f"{heads} attention heads: it needs hidden_size ({hidden}) to be a multiple of "
+                "num_attention_heads even with head_dim set; prune to a head count that "
+                f"divides {hidden}"
+            )
+        else:
+            why = f"the pruned counts ({first})"
+        raise ConfigError(f"{what}: {type(cfg).__name__} refuses {why}") from e
+
+
 def check_config_builds(model) -> None:
     """Build ``type(model)`` from its pruned config on the meta device (no memory) and refuse
     when a weight would come out another shape: ``from_pretrained`` would re-initialise it.
@@ -153,6 +180,7 @@ def save_pretrained(result, path, tokenizer_from=None, **kwargs) -> Path:
         raise ConfigError(
             f"save_pretrained: tokenizer_from={str(tokenizer_from)!r} is not a folder"
         )
+    check_config_valid(model.config)
     check_config_builds(model)
     out = Path(path)
     if out.exists() and not out.is_dir():

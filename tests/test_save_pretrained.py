@@ -238,3 +238,15 @@ def test_a_missing_tokenizer_folder_is_an_error(saved, tmp_path):
     _, res, *_ = saved["llama"]
     with pytest.raises(ConfigError, match="tokenizer_from=.*not a folder"):
         res.save_pretrained(tmp_path / "x", tokenizer_from=tmp_path / "nope")
+
+
+def test_a_head_count_the_config_class_refuses_is_a_clear_error(tmp_path):
+    """transformers' LlamaConfig validates hidden_size % num_attention_heads even with head_dim
+    set: 8 -> 6 heads of a 64-wide Llama has no Llama config (Qwen2 / Mistral configs take it)."""
+    torch.manual_seed(0)
+    model = randomize(_decoder("LlamaConfig", "LlamaForCausalLM", kv=8)).eval()
+    res = fxprune.compile(model, _ids(0), heads=0.25, uniform=True)
+    assert res.materialized
+    with pytest.raises(ConfigError, match="LlamaConfig refuses 6 attention heads.*divides 64"):
+        res.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()

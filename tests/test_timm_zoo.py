@@ -22,7 +22,12 @@ TIMM = [
         "ghost modules: concat of a conv and its cheap depthwise copy",
         marks=pytest.mark.slow,
     ),
-    ("mixnet_s", 64, "mixed depthwise kernels: split, per-part conv, concat"),
+    pytest.param(
+        "mixnet_s",
+        64,
+        "mixed depthwise kernels: split, per-part conv, concat",
+        marks=pytest.mark.slow,
+    ),
     ("rexnet_100", 64, "partial residuals: add into a slice of channels"),
     ("res2net50_26w_4s", 64, "hierarchical split/add/concat inside a block"),
     ("hrnet_w18_small", 64, "multi-resolution branches fused by upsample + add"),
@@ -76,7 +81,13 @@ TIMM_HEADS = [
         "view(B, N, H, -1).split([kd, kd, vd]) and table[:, idx] biases",
         marks=pytest.mark.slow,
     ),
-    ("efficientformer_l1", 224, {}, "the same split layout after a permute"),
+    pytest.param(
+        "efficientformer_l1",
+        224,
+        {},
+        "the same split layout after a permute",
+        marks=pytest.mark.slow,
+    ),
     (
         "cait_xxs24_224",
         64,

@@ -13,7 +13,7 @@ tv = pytest.importorskip("torchvision")
 ZOO = [
     ("resnet18", 64, "residual add"),
     ("resnext50_32x4d", 64, "grouped conv"),
-    ("wide_resnet50_2", 64, "wide bottleneck"),
+    pytest.param("wide_resnet50_2", 64, "wide bottleneck", marks=pytest.mark.slow),
     ("mobilenet_v2", 64, "depthwise + inverted residual"),
     ("mobilenet_v3_small", 64, "SE scaling + hardswish"),
     ("efficientnet_b0", 64, "SE + stochastic depth"),

@@ -12,9 +12,17 @@ from fxprune.graph import shapes as _shapes  # noqa: F401 - registers the shape 
 from fxprune.graph.depgraph import Analysis, DependencyGraph, Group, none_like
 from fxprune.graph.rules import RULES, barrier, find_rule
 from fxprune.graph.shapeprop import propagate_shapes
-from fxprune.graph.trace import Traced, trace
+from fxprune.graph.trace import Traced, retarget, trace
 
-__all__ = ["DependencyGraph", "Group", "Traced", "build_graph", "propagate_shapes", "trace"]
+__all__ = [
+    "DependencyGraph",
+    "Group",
+    "Traced",
+    "build_graph",
+    "propagate_shapes",
+    "retarget",
+    "trace",
+]
 
 
 def build_graph(gm: fx.GraphModule, allow_approximate: bool = False) -> DependencyGraph:

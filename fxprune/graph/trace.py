@@ -19,6 +19,7 @@ variable-length batches; ``dynamic_shapes=`` (torch.export's spelling) names oth
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 from collections.abc import Mapping, Sequence
@@ -367,6 +368,78 @@ def trace(
         msg += f"torch.export failed ({type(e).__name__}: {first}). "
         msg += "Mark the failing submodule as a leaf with leaf_modules=[...] or fix the forward."
         raise TraceError(msg) from e
+
+
+def _lookup(root: torch.nn.Module, target: str):
+    owner_name, _, attr = target.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    return owner, attr, getattr(owner, attr)
+
+
+def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Traced:
+    """The same capture over ``model``, a module of the same structure (a repeated block of a
+    decoder stack): the graph is copied, every parameter, buffer and submodule it names is
+    ``model``'s own (shared, not copied), constants the capture lifted are copied from
+    ``traced``. Tracing once and retargeting is how a stack of identical blocks is captured
+    at the cost of one.
+
+    Raises:
+        ConfigError: ``model`` lacks a tensor the graph reads, or holds it in another shape or
+            dtype (it is not the same structure).
+    """
+    src = traced.gm
+    root: dict = {}
+    buffers: dict[str, bool] = {}  # target -> persistent
+    for node in src.graph.nodes:
+        if node.op not in ("get_attr", "call_module") or node.target in root:
+            continue
+        t = node.target
+        _, _, old = _lookup(src, t)
+        try:
+            owner, attr, new = _lookup(model, t)
+        except AttributeError:
+            stateful = isinstance(old, torch.nn.Parameter) or (
+                isinstance(old, torch.nn.Module) and any(True for _ in old.parameters())
+            )
+            if stateful:
+                raise ConfigError(
+                    f"retarget: {type(model).__name__} has no {t!r}, which the captured graph "
+                    "reads; it is not the same structure as the module that was traced"
+                ) from None
+            # what the capture added (a lifted constant, torch.export's guard module)
+            root[t] = copy.deepcopy(old)
+            continue
+        if isinstance(old, torch.Tensor) != isinstance(new, torch.Tensor) or (
+            isinstance(old, torch.Tensor) and (old.shape != new.shape or old.dtype != new.dtype)
+        ):
+            what = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new)
+            raise ConfigError(
+                f"retarget: {t!r} of {type(model).__name__} is {what}, the captured graph "
+                f"read {tuple(old.shape)} {old.dtype}"
+                if isinstance(old, torch.Tensor)
+                else f"retarget: {t!r} of {type(model).__name__} is {what}, not a tensor"
+            )
+        if node.op == "call_module" and type(new) is not type(old):
+            raise ConfigError(
+                f"retarget: {t!r} of {type(model).__name__} is a {type(new).__name__}, the "
+                f"captured graph calls a {type(old).__name__}"
+            )
+        root[t] = new
+        if attr in owner._buffers:
+            buffers[t] = attr not in owner._non_persistent_buffers_set
+    gm = fx.GraphModule(root, copy.deepcopy(src.graph), src.__class__.__name__)
+    for t, persistent in buffers.items():  # GraphModule sets plain attributes from a dict
+        owner, attr, value = _lookup(gm, t)
+        delattr(owner, attr)
+        owner.register_buffer(attr, value, persistent=persistent)
+    _constants_as_buffers(gm)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(src, attr):
+            setattr(gm, attr, getattr(src, attr))
+    gm.meta.update(src.meta)
+    if example_inputs is not None:
+        propagate_shapes(gm, as_args(example_inputs))
+    return Traced(gm, traced.mode, traced.fx_error, [list(d) for d in traced.dynamic])
 
 
 def tensor_meta(node) -> torch.Tensor | None:

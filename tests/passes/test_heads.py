@@ -74,7 +74,10 @@ def test_fused_qkv_rows_follow_their_head():
             assert all(t * 64 + h * 16 + d in kept for d in range(16))
 
 
-@pytest.mark.parametrize("name", list(HF))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in ("qwen2", "mistral") else []) for n in HF],
+)
 def test_hf_save_pretrained_and_replay_the_plan(name, tmp_path):
     model, x, info = build(name)
     res = fxprune.compile(model, x, heads=0.5, ffn=0.25)

@@ -1,0 +1,262 @@
+"""``fxprune.stream``: a Hugging Face decoder pruned block by block from its safetensors shards
+gives the same folder ``compile(..., uniform=True).save_pretrained`` gives (weight criteria),
+calibrates sequentially (data-driven ones), proves every block, and refuses bad input without
+leaving a half-written folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import CheckpointError, ConfigError, PassError, UnsupportedModelError
+from fxprune.streaming import Shards, ShardWriter
+from tests.conftest import randomize
+
+T = pytest.importorskip("transformers")
+
+
+def _decoder(kind: str, layers: int = 3, heads: int = 8, kv: int = 4):
+    cfg_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    cfg = getattr(T, cfg_cls)(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return randomize(getattr(T, model_cls)(cfg)).eval()
+
+
+def _ids(seed, batch=2, seq=12):
+    return torch.randint(2, 120, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _source(model, folder, shard=None):
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    (folder / "tokenizer.json").write_text("{}")  # stands for the tokenizer files
+    return folder
+
+
+def _state(folder):
+    m = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return m, m.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        ("llama", {"heads": 0.5, "ffn": 0.25}),
+        ("qwen2", {"heads": 0.25, "sparsity": "2:4"}),
+        ("mistral", {"ffn": 0.5, "importance": "l2"}),
+    ],
+)
+def test_stream_writes_what_compile_and_save_pretrained_write(kind, kw, tmp_path):
+    dense = _decoder(kind)
+    # sharded source (several files + index) and sharded output: both paths of the readers
+    src = _source(dense, tmp_path / "src", shard="60KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    res = fxprune.stream(src, tmp_path / "out", max_shard_bytes=80_000, **kw)
+    # N:M covers the blocks' Linears only (lm_head stays dense, as Wanda / SparseGPT do)
+    only_blocks = {"sparsity_include": ["model.layers.*"]} if "sparsity" in kw else {}
+    ref = fxprune.compile(dense, _ids(0), uniform=True, **kw, **only_blocks)
+    ref.save_pretrained(tmp_path / "ref")
+    got, want = _state(tmp_path / "out")[1], _state(tmp_path / "ref")[1]
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    ref_cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"):
+        assert cfg[k] == ref_cfg[k] == res.after[k], k
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert len(res.layers) == 3 and all(r.max_rel_err < 1e-4 for r in res.layers)
+    assert res.bytes_out < res.bytes_in or kw.get("sparsity")
+    assert "streamed 3 blocks" in res.table()
+
+
+def test_a_streamed_folder_opens_without_fxprune_and_generates(tmp_path):
+    dense = _decoder("mistral", layers=2)
+    src = _source(dense, tmp_path / "src")
+    fxprune.stream(src, tmp_path / "out", heads=0.25, ffn=0.25)
+    ref = fxprune.compile(dense, _ids(0), heads=0.25, ffn=0.25, uniform=True)
+    fresh = _ids(5, batch=1, seq=6)
+    with torch.no_grad():
+        logits = ref.model(fresh).logits
+        tokens = ref.model.generate(fresh, max_new_tokens=5, do_sample=False)
+    torch.save(fresh, tmp_path / "in.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}).eval()
+        ids = torch.load({str(tmp_path / "in.pt")!r})
+        with torch.no_grad():
+            out = (m(ids).logits, m.generate(ids, max_new_tokens=5, do_sample=False))
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        assert not any(k.startswith("fxprune") for k in sys.modules), "fxprune was imported"
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got_logits, got_tokens = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_tokens, tokens)
+
+
+def test_wanda_calibrates_each_block_on_the_pruned_blocks_before_it(tmp_path):
+    """Block 1 is masked by Wanda on the hidden states the *pruned* block 0 makes: recomputed
+    here from the streamed model's own forward (output_hidden_states), independent of the
+    stream's code, the masks agree."""
+    dense = _decoder("llama", layers=2)
+    src = _source(dense, tmp_path / "src")
+    calib = [_ids(10 + i, batch=2, seq=16) for i in range(2)]
+    fxprune.stream(
+        src, tmp_path / "out", sparsity="2:4", sparsity_method="wanda", calibration=calib
+    )
+    pruned, state = _state(tmp_path / "out")
+    with torch.no_grad():
+        into_1 = [pruned(b, output_hidden_states=True).hidden_states[1] for b in calib]
+    from fxprune.streaming import Block
+
+    block = Block(dense.model.layers[1], dense.model.rotary_emb).eval()
+    ref = fxprune.compile(
+        block, into_1[0], sparsity="2:4", sparsity_method="wanda", calibration=into_1
+    )
+    dense_calibrated = fxprune.compile(
+        dense, calib[0], sparsity="2:4", sparsity_method="wanda", calibration=calib
+    ).model.state_dict()
+    differs = 0
+    for name, w in ref.model.layer.state_dict().items():
+        got = state[f"model.layers.1.{name}"]
+        assert torch.equal(got != 0, w != 0), name
+        differs += int(not torch.equal(got != 0, dense_calibrated[f"model.layers.1.{name}"] != 0))
+    # calibrating on the dense model's hidden states would have chosen other weights
+    assert differs > 0
+    for name, w in state.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+            assert int(groups.max()) <= 2, name
+
+
+def test_every_block_is_proved_and_a_wrong_one_stops_the_run(tmp_path, monkeypatch):
+    dense = _decoder("llama", layers=2)
+    src = _source(dense, tmp_path / "src")
+    real = fxprune.compile
+
+    def tampered(*a, **kw):
+        res = real(*a, **kw)
+        if "capture" in kw:  # the stream's per-block compile
+            with torch.no_grad():
+                res.model.layer.mlp.down_proj.weight[0, 0] += 1.0
+        return res
+
+    monkeypatch.setattr(fxprune, "compile", tampered)
+    with pytest.raises(PassError, match="block 0 fails its proof"):
+        fxprune.stream(src, tmp_path / "out", ffn=0.25)
+    assert not (tmp_path / "out").exists()  # nothing half-written is left
+
+
+def test_bad_input_is_refused_by_name(tmp_path):
+    llama = _source(_decoder("llama", layers=1), tmp_path / "llama")
+    with pytest.raises(ConfigError, match="LlamaConfig refuses 6 attention heads.*divides 64"):
+        fxprune.stream(llama, tmp_path / "o1", heads=0.25)  # 8 -> 6 heads: Llama's rule
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        fxprune.stream(tmp_path / "nowhere", tmp_path / "o2", ffn=0.5)
+    with pytest.raises(ConfigError, match="nothing to do"):
+        fxprune.stream(llama, tmp_path / "o3")
+    with pytest.raises(ConfigError, match="taylor needs the model's loss"):
+        fxprune.stream(llama, tmp_path / "o4", ffn=0.5, importance="taylor")
+    with pytest.raises(ConfigError, match="wanda.*give calibration"):
+        fxprune.stream(llama, tmp_path / "o5", sparsity="2:4", sparsity_method="wanda")
+    padded = {"input_ids": _ids(0), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    padded["attention_mask"][0, :3] = 0
+    with pytest.raises(ConfigError, match="batch 0 is padded"):
+        fxprune.stream(
+            llama, tmp_path / "o6", ffn=0.5, importance="activation", calibration=[padded]
+        )
+    with pytest.raises(ConfigError, match="outside \\[0, 120\\)"):
+        fxprune.stream(
+            llama, tmp_path / "o7", ffn=0.5, importance="activation", calibration=[_ids(0) + 500]
+        )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ConfigError, match="not an empty folder"):
+        fxprune.stream(llama, tmp_path / "full", ffn=0.5)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        fxprune.stream(tmp_path / "gpt2", tmp_path / "o8", ffn=0.5)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((llama / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        fxprune.stream(tmp_path / "bin", tmp_path / "o9", ffn=0.5)
+
+
+def test_shard_reader_and_writer_round_trip(tmp_path):
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
+    w = ShardWriter(tmp_path, max_bytes=900)
+    for k, v in tensors.items():
+        w.add(k, v)
+    names = w.close()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2000
+    back = Shards(tmp_path).load(tensors)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_cli_stream(tmp_path, capsys):
+    from fxprune.cli import main
+
+    src = _source(_decoder("qwen2", layers=2), tmp_path / "src")
+    rc = main(
+        [
+            "prune",
+            f"hf:{src}",
+            "--heads",
+            "0.25",
+            "--stream",
+            "--save-pretrained",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert "streamed 2 blocks" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["num_key_value_heads"] == 3
+    rc = main(
+        [
+            "prune",
+            f"hf:{src}",
+            "--ffn",
+            "0.5",
+            "--stream",
+            "--save-pretrained",
+            str(tmp_path / "o2"),
+            "--blocks",
+            "1",
+        ]
+    )
+    assert rc == 2
+    assert "--stream does not take --blocks" in capsys.readouterr().err
+    rc = main(["prune", f"hf:{src}", "--ffn", "0.5", "--stream"])
+    assert rc == 2
+    assert "give --save-pretrained" in capsys.readouterr().err
