@@ -260,3 +260,26 @@ def test_cli_stream(tmp_path, capsys):
     rc = main(["prune", f"hf:{src}", "--ffn", "0.5", "--stream"])
     assert rc == 2
     assert "give --save-pretrained" in capsys.readouterr().err
+
+
+def test_retarget_reuses_one_capture_and_refuses_another_structure():
+    from fxprune.graph import retarget, trace
+    from fxprune.streaming import Block
+
+    dense = _decoder("llama", layers=2)
+    rot = dense.model.rotary_emb
+    b0, b1 = (Block(layer, rot).eval() for layer in dense.model.layers)
+    x = torch.randn(1, 6, 64)
+    t0 = trace(b0, x, mode="export")
+    t1 = retarget(t0, b1, x)
+    with torch.no_grad():
+        torch.testing.assert_close(t1.gm(x), b1(x), rtol=0, atol=0)
+    assert t1.gm.get_parameter("layer.mlp.up_proj.weight") is b1.layer.mlp.up_proj.weight
+    other = Block(_decoder("llama", layers=1, heads=4, kv=2).model.layers[0], rot)
+    with pytest.raises(ConfigError, match="retarget: Block.layer.self_attn.head_dim is 16.*8"):
+        retarget(t0, other)
+    wider = Block(_decoder("llama", layers=1).model.layers[0], rot)
+    with torch.no_grad():
+        wider.layer.mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(64, 64))
+    with pytest.raises(ConfigError, match="'layer.mlp.up_proj.weight' of Block is \\(64, 64\\)"):
+        retarget(t0, wider)

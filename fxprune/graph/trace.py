@@ -49,6 +49,35 @@ class Traced:
     mode: str  # "fx" or "export"
     fx_error: str | None = None  # why symbolic tracing failed, when mode == "export"
     dynamic: list[list[int]] = field(default_factory=list)
+    # each submodule's type and plain attributes (num_heads, head_dim, ...) when captured: the
+    # graph bakes them in, so :func:`retarget` refuses a module whose attributes differ
+    signature: dict = field(default_factory=dict, repr=False)
+
+
+PLAIN = (int, float, bool, str, type(None))
+# attributes that differ between blocks of one stack without changing the captured graph: the
+# train flag (the capture is of eval mode) and Hugging Face's ``layer_idx`` (read by the KV
+# cache only, which capture turns off)
+VARYING = frozenset({"training", "layer_idx"})
+
+
+def signature(model: torch.nn.Module) -> dict:
+    """``{submodule name: (type name, {attribute: value})}`` for the plain attributes a forward
+    may read (ints, floats, bools, strings and tuples of them)."""
+    out = {}
+    for name, m in model.named_modules():
+        attrs = {
+            k: v
+            for k, v in vars(m).items()
+            if not k.startswith("_")
+            and k not in VARYING
+            and (
+                isinstance(v, PLAIN)
+                or (isinstance(v, tuple) and all(isinstance(x, PLAIN) for x in v))
+            )
+        }
+        out[name] = (type(m).__qualname__, attrs)
+    return out
 
 
 class _PathTracer(fx.Tracer):
@@ -341,7 +370,7 @@ def trace(
             propagate_shapes(gm, args)
             dynamic = [sorted(m) for m in maps]  # a symbolic trace fixes no size itself
             gm.meta[DYNAMIC_DIMS] = dynamic
-            return Traced(gm, "fx", dynamic=dynamic)
+            return Traced(gm, "fx", dynamic=dynamic, signature=signature(model))
         except UnsupportedModelError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -357,7 +386,7 @@ def trace(
         gm, dynamic = _trace_export(model, args, maps, user=dynamic_shapes is not None)
         propagate_shapes(gm, args)
         gm.meta[DYNAMIC_DIMS] = dynamic
-        return Traced(gm, "export", fx_error=fx_err, dynamic=dynamic)
+        return Traced(gm, "export", fx_error=fx_err, dynamic=dynamic, signature=signature(model))
     except UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -387,6 +416,8 @@ def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Tra
         ConfigError: ``model`` lacks a tensor the graph reads, or holds it in another shape or
             dtype (it is not the same structure).
     """
+    if traced.signature:
+        _same_signature(traced.signature, signature(model), type(model).__name__)
     src = traced.gm
     root: dict = {}
     buffers: dict[str, bool] = {}  # target -> persistent
@@ -439,7 +470,28 @@ def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Tra
     gm.meta.update(src.meta)
     if example_inputs is not None:
         propagate_shapes(gm, as_args(example_inputs))
-    return Traced(gm, traced.mode, traced.fx_error, [list(d) for d in traced.dynamic])
+    dynamic = [list(d) for d in traced.dynamic]
+    return Traced(gm, traced.mode, traced.fx_error, dynamic, traced.signature)
+
+
+def _same_signature(want: dict, got: dict, what: str) -> None:
+    for name in want.keys() | got.keys():
+        if name not in got or name not in want:
+            which = "lacks" if name not in got else "has an extra"
+            raise ConfigError(
+                f"retarget: {what} {which} submodule {name!r}; it is not the same structure "
+                "as the module that was traced"
+            )
+        (t0, a0), (t1, a1) = want[name], got[name]
+        if t0 != t1:
+            raise ConfigError(f"retarget: {what}.{name} is a {t1}, the traced module's a {t0}")
+        diff = sorted(k for k in a0.keys() | a1.keys() if a0.get(k, ...) != a1.get(k, ...))
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"retarget: {what}.{name or '<root>'}.{k} is {a1.get(k)!r}, the traced module's "
+                f"{a0.get(k)!r}: the captured graph bakes it in"
+            )
 
 
 def tensor_meta(node) -> torch.Tensor | None:

@@ -68,25 +68,37 @@ class NM:
         return cls(n, m, **kw)
 
 
+def magnitude_order(w: torch.Tensor) -> torch.Tensor:
+    """A tensor that orders like ``|w|``: for IEEE floats the bit pattern with the sign cleared
+    (one integer op, no float conversion of a bf16 / fp16 weight), else ``w.abs()``."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    if w.dtype in bits:
+        return w.detach().view(bits[w.dtype]) & torch.iinfo(bits[w.dtype]).max
+    return w.detach().abs()
+
+
 def nm_mask(w: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest-magnitude of every ``m`` consecutive weights along
     ``axis`` (``w.shape[axis]`` must be divisible by ``m``). Ties go to the earlier weight.
 
-    Vectorised: for small M (2:4, 4:8) each weight's rank in its group comes from M*(M-1)
-    column comparisons over all groups at once, which is ~1.7x faster than ``topk`` over a
-    size-4 dim on a CPU; larger M uses ``topk``.
+    Vectorised: for small M (2:4, 4:8) each weight's rank in its group comes from the
+    M*(M-1)/2 pairwise comparisons of the groups' columns (each decides both ranks), on the
+    magnitude bits (:func:`magnitude_order`): no float ``abs`` copy, half the comparisons of
+    ranking each weight on its own, and ~2x the rate of ``topk`` over a size-4 dim on a CPU
+    (a copy transposing the groups into contiguous rows measured slower: its allocation
+    costs more than the strided reads). Larger M uses ``topk``.
     """
-    moved = w.detach().abs().movedim(axis, -1)  # [..., C]
+    moved = magnitude_order(w).movedim(axis, -1)  # [..., C]
     groups = moved.reshape(-1, m)  # one row per group of M along the reduction axis
     if m <= 8:
         cols = groups.unbind(1)
-        keep = torch.empty(groups.shape, dtype=torch.bool, device=w.device)
+        rank = [torch.zeros(groups.shape[0], dtype=torch.uint8, device=w.device) for _ in cols]
         for i in range(m):
-            rank = torch.zeros(groups.shape[0], dtype=torch.int8, device=w.device)
-            for j in range(m):
-                if j != i:  # j outranks i: larger, or equal and earlier
-                    rank += (cols[j] > cols[i]) if j > i else (cols[j] >= cols[i])
-            keep[:, i] = rank < n
+            for j in range(i + 1, m):
+                later = cols[j] > cols[i]  # j outranks i; otherwise i (larger or equal, earlier)
+                rank[i] += later
+                rank[j] += ~later
+        keep = torch.stack([r < n for r in rank], 1)
     else:
         top = groups.topk(n, dim=-1).indices
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
@@ -94,12 +106,17 @@ def nm_mask(w: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
 
 
 def is_nm(w: torch.Tensor, n: int, m: int, axis: int = 1) -> bool:
-    """True when every group of ``m`` along ``axis`` has at most ``n`` non-zeros."""
+    """True when every group of ``m`` along ``axis`` has at most ``n`` non-zeros (False when
+    the axis is not a multiple of ``m``). Counted by adding the groups' columns as bytes: a
+    sum over a size-M dim is several times slower on a CPU."""
     moved = w.detach().movedim(axis, -1)
     if moved.shape[-1] % m:
         return False
-    nz = (moved.reshape(-1, moved.shape[-1] // m, m) != 0).sum(-1)
-    return bool((nz <= n).all())
+    cols = (moved != 0).reshape(-1, m).unbind(1)
+    count = cols[0].to(torch.uint8)
+    for c in cols[1:]:
+        count += c
+    return bool((count <= n).all())
 
 
 def candidates(gm: fx.GraphModule) -> list[WeightedLayer]:
@@ -188,8 +205,8 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
                 else:
                     score = w
                 mask = nm_mask(score, cfg.n, cfg.m, axis=c.reduce_dim)
-                kept_mag += float((w.abs() * mask).sum())
-                w.mul_(mask)
+                w.masked_fill_(~mask, 0)
+                kept_mag += float(w.abs().sum())
             masks[c.param] = mask
             eligible.append(c.param)
     if cfg.layers is not None and set(cfg.layers) - set(eligible):

@@ -214,8 +214,7 @@ def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]
 def nm_violations(result) -> list[str]:
     """Every N:M-masked weight of ``result.module`` that is non-zero where its mask is zero or
     has more than N non-zeros in a group of M along its reduction axis, as a message."""
-    from fxprune.exporters.audit import is_nm_array
-    from fxprune.passes.nm import candidates
+    from fxprune.passes.nm import candidates, is_nm
 
     out: list[str] = []
     for p in result.passes:
@@ -224,13 +223,12 @@ def nm_violations(result) -> list[str]:
         n, m = p.details.get("n"), p.details.get("m")
         axis = {c.param: c.reduce_dim for c in candidates(result.module)}
         for name, mask in p.masks.items():
-            w = result.module.get_parameter(name).detach()
-            nz = (w != 0).cpu()
+            w = result.module.get_parameter(name).detach().cpu()
             if mask.shape != w.shape:
                 out.append(f"{name}: N:M mask shape {tuple(mask.shape)} != {tuple(w.shape)}")
-            elif stray := int((nz & ~mask.cpu().bool()).sum()):
+            elif stray := int(torch.where(mask.cpu().bool(), 0, w).count_nonzero()):
                 out.append(f"{name}: {stray} non-zeros where its N:M mask is zero")
-            elif n and m and not is_nm_array(nz.numpy(), n, m, axis.get(name, 1)):
+            elif n and m and not is_nm(w, n, m, axis.get(name, 1)):
                 out.append(f"{name}: more than {n} non-zeros per {m} along dim {axis.get(name, 1)}")
     return out
 
