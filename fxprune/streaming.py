@@ -51,7 +51,7 @@ from fxprune.hf import TOKENIZER_FILES, check_config_valid
 
 DATA_IMPORTANCE = ("activation", "entropy", "confidence")  # measured on the block's inputs
 WEIGHT_IMPORTANCE = ("l1", "l2", "random")
-SHARD_BYTES = 2 * 1024**3  # output shard size (what save_pretrained's default max_shard_size is)
+SHARD_BYTES = 1024**3  # output shard size: a pending shard is held in memory until written
 
 
 @dataclass(frozen=True)
