@@ -6,6 +6,10 @@
 Both rewrite fp32 Linear weights in place to 2:4 along the input-feature axis. The per-block loop
 is the seed guide's shape (a Python loop over blocks of 4), timed on a slice small enough to finish,
 and reported in the same unit (GB of weights rewritten per second).
+
+The last rows time the N:M pass itself (``prune_nm`` on the dependency graph of a traced stack of
+Linear layers, as ``fxprune.compile`` runs it: masks, the kept-magnitude statistic, the in-place
+rewrite) in fp32 and bf16, so the pass can be held to the kernel's speed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from fxprune.passes.nm import is_nm, nm_mask  # noqa: E402
+from fxprune.passes.nm import NM, is_nm, nm_mask, prune_nm  # noqa: E402
 
 
 def per_block(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -77,7 +81,35 @@ def main() -> None:
         f"| per-block Python loop | {small.numel():,} | {t_loop:.2f} | {gb_loop:.6f} | "
         f"{small.numel() / t_loop:.3g} |"
     )
+    for dtype in (torch.float32, torch.bfloat16):
+        secs, n = in_pass(a.rows, a.cols, count, dtype)
+        size = torch.finfo(dtype).bits // 8
+        print(
+            f"| N:M pass (prune_nm), {str(dtype).removeprefix('torch.')} | {n:,} | {secs:.2f} | "
+            f"{n * size / 1e9 / secs:.3f} | {n / secs:.3g} |"
+        )
     print(f"\nvectorised / per-block throughput: {gb_vec / gb_loop:,.0f}x")
+
+
+def in_pass(rows: int, cols: int, count: int, dtype) -> tuple[float, int]:
+    """Seconds the N:M pass takes over as many weights as ``count`` rows x cols layers, as
+    square Linear(cols, cols) layers (so they chain) in traced stacks of 8, and the weights it
+    rewrote."""
+    from fxprune.graph import build_graph, trace
+
+    secs, total = 0.0, 0
+    count = max(1, round(count * rows / cols))
+    for start in range(0, count, 8):
+        k = min(8, count - start)
+        stack = torch.nn.Sequential(*(torch.nn.Linear(cols, cols, bias=False) for _ in range(k)))
+        stack = stack.to(dtype).eval()
+        x = torch.randn(1, cols, dtype=dtype)
+        graph = build_graph(trace(stack, x, mode="fx").gm)
+        t0 = time.perf_counter()
+        res = prune_nm(graph, NM(2, 4), (x,))
+        secs += time.perf_counter() - t0
+        total += sum(m.numel() for m in res.masks.values())
+    return secs, total
 
 
 if __name__ == "__main__":

@@ -511,6 +511,9 @@ class _Stack:
 
         ti = time.perf_counter()
         block = self.load_block(i)
+        stored = next(block.layer.parameters()).dtype  # the shards' dtype, whatever the config says
+        if self.example.dtype != stored:
+            self.example = self.example.to(stored)
         res = fxprune.compile(
             block,
             self.example,

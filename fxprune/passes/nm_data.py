@@ -13,7 +13,9 @@ position), from calibration batches run through the graph being pruned.
   columns through the inverse Hessian's Cholesky factor, in blocks of 128 columns. **Kept
   weights change**: the pass returns them (``PassResult.updated``) so the proof compares against
   the dense model with those values. Inputs come from the dense model (all layers calibrated in
-  one forward, not sequentially through already-pruned layers as in the paper).
+  one forward, not sequentially through already-pruned layers as in the paper; ``fxprune.stream``
+  calibrates block by block on the pruned blocks' outputs). Linear layers that read the same
+  value (q/k/v, gate/up) share one Hessian.
 
 Conv weights ``[K, C, R, S]`` are handled as ``[K, R*S*C]`` (columns ordered kernel position,
 then channel) so that every group of M consecutive columns lies along ``C`` (TensorRT's axis
@@ -89,6 +91,13 @@ def calibrate(
             fallback[wl.param] = "its input is not a graph value"
             continue
         want.setdefault(src.name, []).append((wl.param, node, wl))
+    # Linear layers reading one value (q/k/v, gate/up) have the same statistics: one copy,
+    # accumulated once, serves them all (SparseGPT's Hessian is [in, in] in fp64)
+    key = {
+        param: f"{src}:linear" if wl.kind == "linear" and wl.reduce_dim == 1 else param
+        for src, uses in want.items()
+        for param, _, wl in uses
+    }
     acc = _Acc()
     with torch.no_grad():
         for b in batches:
@@ -98,12 +107,26 @@ def calibrate(
                 x = cap.seen.get(src)
                 if not isinstance(x, torch.Tensor):
                     continue
+                done = set()
                 for param, node, wl in uses:
-                    _accumulate(acc, gm, param, node, wl, x.detach().float(), hessian, fallback)
+                    if key[param] in done:
+                        continue
+                    done.add(key[param])
+                    _accumulate(
+                        acc, gm, param, node, wl, x.detach().float(), hessian, fallback, key[param]
+                    )
+    for param, k in key.items():  # each weight reads its shared statistics under its own name
+        for table in (acc.sq, acc.hess, acc.count):
+            if k in table:
+                table[param] = table[k]
+    for k in set(key.values()) - set(key):
+        for table in (acc.sq, acc.hess, acc.count):
+            table.pop(k, None)
     return acc, fallback
 
 
-def _accumulate(acc, gm, param, node, wl, x, hessian, fallback) -> None:
+def _accumulate(acc, gm, param, node, wl, x, hessian, fallback, key=None) -> None:
+    key = key or param
     if wl.kind == "linear":
         cols = x.reshape(-1, x.shape[-1])  # [tokens, in]
         sq = cols.pow(2).sum(0)
@@ -122,11 +145,14 @@ def _accumulate(acc, gm, param, node, wl, x, hessian, fallback) -> None:
                 c = x.shape[1]  # (c, r, s) -> (r, s, c): groups of M run along channels
                 u = u.reshape(n, c, k[0] * k[1], L).permute(0, 2, 1, 3).reshape(n, -1, L)
                 cols = u.permute(0, 2, 1).reshape(-1, u.shape[1])
-    acc.sq[param] = acc.sq.get(param, 0) + sq
-    acc.count[param] = acc.count.get(param, 0) + (cols.shape[0] if cols is not None else 1)
+    acc.sq[key] = acc.sq.get(key, 0) + sq
+    acc.count[key] = acc.count.get(key, 0) + (cols.shape[0] if cols is not None else 1)
     if hessian and cols is not None and param not in fallback:
         h = cols.T.double() @ cols.double()
-        acc.hess[param] = acc.hess.get(param, 0) + h
+        if key in acc.hess:
+            acc.hess[key] += h
+        else:
+            acc.hess[key] = h
 
 
 def wanda_scores(w: torch.Tensor, wl: WeightedLayer, sq: torch.Tensor) -> torch.Tensor:
