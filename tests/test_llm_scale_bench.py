@@ -30,6 +30,8 @@ def test_llm_scale_rows_on_the_tiny_shape(tmp_path):
     for job in jobs:
         row = next((r for r in run.stdout.splitlines() if r.startswith(job + " ")), None)
         assert row is not None, run.stdout
-        assert re.match(rf"{re.escape(job)}\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d", row), row
+        assert re.match(rf"{re.escape(job)}\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d", row), (
+            row
+        )
     assert "heads 8/4 -> 6/3" in run.stdout  # a whole KV group with its query heads
     assert not list(tmp_path.glob("out-*"))  # every output folder was removed

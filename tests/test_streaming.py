@@ -175,9 +175,12 @@ def test_every_block_is_proved_and_a_wrong_one_stops_the_run(tmp_path, monkeypat
 
 def test_bad_input_is_refused_by_name(tmp_path):
     llama = _source(_decoder("llama", layers=1), tmp_path / "llama")
-    with pytest.raises(ConfigError, match="LlamaConfig refuses 6 attention heads.*divides 64"):
-        fxprune.stream(llama, tmp_path / "o1", heads=0.25)  # 8 -> 6 heads: Llama's rule
-    assert not (tmp_path / "o1").exists()
+    from tests.test_save_pretrained import llama_checks_head_count
+
+    if llama_checks_head_count():  # transformers 5.24's LlamaConfig; 5.0 takes any count
+        with pytest.raises(ConfigError, match="LlamaConfig refuses 6 attention heads.*divides 64"):
+            fxprune.stream(llama, tmp_path / "o1", heads=0.25)  # 8 -> 6 heads
+        assert not (tmp_path / "o1").exists()
     with pytest.raises(CheckpointError, match="no config.json"):
         fxprune.stream(tmp_path / "nowhere", tmp_path / "o2", ffn=0.5)
     with pytest.raises(ConfigError, match="nothing to do"):
