@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.passes.nm import NM, is_nm, keep_masks, nm_mask
+from fxprune.passes import nm as nm_kernels
+from fxprune.passes.nm import NM, apply_nm, is_nm, keep_masks, nm_mask
 from tests.conftest import assert_equivalent, randomize
 
 
@@ -120,3 +121,46 @@ def test_round_to_defaults_to_m_with_sparsity():
     )
     assert res.plan.config["round_to"] == 4
     assert list(res.passes[-1].details["ineligible"]) == ["conv1"]  # only the 3-channel stem
+
+
+def _reference_mask(w, n, m, axis):
+    """Rank by |w| in float64, ties to the earlier weight, one group at a time: slow and plain."""
+    g = w.detach().double().abs().movedim(axis, -1).reshape(-1, m)
+    pos = torch.arange(m)
+    beats = (g[:, None, :] > g[:, :, None]) | (
+        (g[:, None, :] == g[:, :, None]) & (pos[None, :] < pos[:, None])[None]
+    )
+    keep = beats.sum(-1) < n  # weight k's rank: how many of its group outrank it
+    return keep.reshape(w.movedim(axis, -1).shape).movedim(-1, axis)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (1, 8), (7, 8), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_packed_kernel_equals_a_plain_ranking_across_blocks(monkeypatch, n, m, dtype):
+    """The packed-rank kernel, cut into blocks along either axis, equals a one-group-at-a-time
+    ranking: ties (equal and opposite-signed values, zeros) included, and so does the rewrite."""
+    monkeypatch.setattr(nm_kernels, "BLOCK", 4096)  # many blocks, and a ragged last one
+    torch.manual_seed(0)
+    for shape, axis in [((37, 24 * m), 1), ((24 * m, 37), 0), ((9, 8 * m, 3, 3), 1)]:
+        w = torch.randn(shape).to(dtype)
+        flat = w.view(-1)
+        flat[::7], flat[::11], flat[::13] = 0.5, -0.5, 0.0
+        want = _reference_mask(w, n, m, axis)
+        assert torch.equal(nm_mask(w, n, m, axis), want), (shape, axis)
+        rewritten = w.clone()
+        keep, before, after = apply_nm(rewritten, n, m, axis)
+        assert torch.equal(keep, want)
+        assert torch.equal(rewritten, w.masked_fill(~want, 0))
+        assert is_nm(rewritten, n, m, axis) and not is_nm(w, n, m, axis)
+        assert before == pytest.approx(float(w.double().abs().sum()), rel=1e-3)
+        assert after == pytest.approx(float(rewritten.double().abs().sum()), rel=1e-3)
+
+
+def test_rewrite_zeroes_a_dropped_nan_and_keeps_a_kept_one():
+    w = torch.tensor([[float("nan"), 1.0, 2.0, 3.0], [0.1, float("nan"), 0.2, 0.0]])
+    apply_nm(w, 2, 4)  # NaN's bits rank it above every number: it is kept
+    assert w[0, 0].isnan() and w[1, 1].isnan() and int((w == 0).sum()) == 4
+    v = torch.tensor([[0.5, 1.0, 2.0, float("nan")]]).bfloat16()
+    keep = torch.tensor([[True, False, True, False]])
+    nm_kernels._zero_dropped(v, keep)  # a dropped NaN becomes +0.0
+    assert v.float().tolist() == [[0.5, 0.0, 2.0, 0.0]]
