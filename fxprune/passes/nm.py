@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-
 from dataclasses import dataclass, field
 
 import torch
