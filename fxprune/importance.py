@@ -45,19 +45,32 @@ DATA_CRITERIA = ("taylor", "activation", "entropy", "confidence")  # need calibr
 
 
 def _atom_scores(
-    graph: DependencyGraph, roles: tuple[str, ...], power: int, tensors: dict | None = None
+    graph: DependencyGraph,
+    roles: tuple[str, ...],
+    power: int,
+    tensors: dict | None = None,
+    wanted: np.ndarray | None = None,
 ) -> np.ndarray:
+    """Per atom: the summed |w| (power 1) or w**2 (power 2) of every weight slice it owns.
+    ``wanted`` (a bool per unit label) skips the dims that hold none of those units."""
     ids, vals = [], []
     gm = graph.gm
     scratch = torch.empty(0)
+
+    def needed(pd) -> bool:
+        if wanted is None:
+            return True
+        vec = pd.vec[pd.vec >= 0]
+        return bool(vec.size) and bool(wanted[graph.label[vec]].any())
+
     with torch.no_grad():
         for name, dims in graph.params.items():
+            tracked = sorted(d for d, pd in dims.items() if pd.role in roles and needed(pd))
+            if not tracked:
+                continue
             try:
                 w = tensors[name] if tensors is not None else gm.get_parameter(name)
             except (AttributeError, KeyError):
-                continue
-            tracked = sorted(d for d, pd in dims.items() if pd.role in roles)
-            if not tracked:
                 continue
             w = w.detach()
             # One pass over the weight into a reused float32 scratch buffer (fresh 10 MB
@@ -89,10 +102,10 @@ def _atom_scores(
     return np.bincount(np.concatenate(ids), np.concatenate(vals), minlength=graph.n_atoms)
 
 
-def _fpgm(graph: DependencyGraph) -> dict[int, float]:
+def _fpgm(graph: DependencyGraph, groups: list[Group]) -> dict[int, float]:
     """Per unit: summed Euclidean distance of its rows to the other units' rows in every layer
     that produces the group (a unit's rows: one output channel, or a head's head_dim rows)."""
-    unit_group = {u: g.id for g in graph.groups for u in g.units}
+    unit_group = {u: g.id for g in groups for u in g.units}
     score = dict.fromkeys(unit_group, 0.0)
     gm = graph.gm
     with torch.no_grad():
@@ -100,6 +113,9 @@ def _fpgm(graph: DependencyGraph) -> dict[int, float]:
             for d, pd in dims.items():
                 if pd.role != "weight" or pd.consumer:
                     continue
+                held = np.unique(graph.label[pd.vec[pd.vec >= 0]])
+                if not any(int(u) in unit_group for u in held):
+                    continue  # holds none of the scored units: not read
                 try:
                     w = gm.get_parameter(name)
                 except AttributeError:
@@ -124,9 +140,9 @@ def _fpgm(graph: DependencyGraph) -> dict[int, float]:
     return score
 
 
-def _lamp(graph: DependencyGraph, l2: np.ndarray) -> dict[int, float]:
+def _lamp(graph: DependencyGraph, l2: np.ndarray, groups: list[Group]) -> dict[int, float]:
     out = {}
-    for g in graph.groups:
+    for g in groups:
         sq = np.array([l2[u] ** 2 for u in g.units], dtype=np.float64)
         order = np.argsort(sq, kind="stable")
         tail = np.cumsum(sq[order][::-1])[::-1]  # sum over units at least as large
@@ -137,19 +153,31 @@ def _lamp(graph: DependencyGraph, l2: np.ndarray) -> dict[int, float]:
 
 
 def unit_scores(
-    graph: DependencyGraph, criterion: str, seed: int = 0, stats=None
+    graph: DependencyGraph,
+    criterion: str,
+    seed: int = 0,
+    stats=None,
+    groups: list[Group] | None = None,
 ) -> dict[int, float]:
-    """Score every unit of every group; higher means more important.
+    """Score every unit of ``groups`` (default: every group); higher means more important.
+    Weights that hold none of those units are not read.
 
     ``stats`` (a :class:`fxprune.calibration.Stats`) is required by the data-driven criteria.
     """
-    if criterion == "random":
+    groups = graph.groups if groups is None else groups
+    if criterion == "random":  # one draw per unit of the whole graph: a subset draws the same
         rng = np.random.default_rng(seed)
-        return {u: float(rng.random()) for g in graph.groups for u in g.units}
+        draw = {u: float(rng.random()) for g in graph.groups for u in g.units}
+        return {u: draw[u] for g in groups for u in g.units}
     n_units = int(graph.label.max()) + 1 if graph.n_atoms else 0
+    wanted = None
+    if groups is not graph.groups:
+        wanted = np.zeros(max(n_units, 1), dtype=bool)
+        for g in groups:
+            wanted[g.units] = True
 
     def by_unit(roles, power, tensors=None):
-        per_atom = _atom_scores(graph, roles, power, tensors)
+        per_atom = _atom_scores(graph, roles, power, tensors, wanted)
         s = np.bincount(graph.label, weights=per_atom, minlength=n_units)
         return np.sqrt(s) if power == 2 else s
 
@@ -158,13 +186,13 @@ def unit_scores(
             raise ValueError(f"importance={criterion!r} needs calibration statistics")
         if criterion == "taylor":
             s = by_unit(("weight", "norm"), 1, stats.taylor)
-            return {u: float(s[u]) for g in graph.groups for u in g.units}
+            return {u: float(s[u]) for g in groups for u in g.units}
         per_atom = getattr(stats, criterion)
         has = ~np.isnan(per_atom)
         s = np.bincount(graph.label[has], weights=per_atom[has], minlength=n_units)
         covered = np.bincount(graph.label[has], minlength=n_units) > 0
         out, l1 = {}, None
-        for g in graph.groups:
+        for g in groups:
             if covered[g.units].all():
                 out.update({u: float(s[u]) for u in g.units})
             else:  # entropy / confidence score heads only: other groups by magnitude
@@ -173,17 +201,17 @@ def unit_scores(
         return out
 
     if criterion == "fpgm":
-        return _fpgm(graph)
+        return _fpgm(graph, groups)
     if criterion == "lamp":
-        return _lamp(graph, by_unit(("weight", "norm"), 2))
+        return _lamp(graph, by_unit(("weight", "norm"), 2), groups)
     if criterion in ("l1", "l2"):
         s = by_unit(("weight", "norm"), 1 if criterion == "l1" else 2)
-        return {u: float(s[u]) for g in graph.groups for u in g.units}
+        return {u: float(s[u]) for g in groups for u in g.units}
     if criterion == "bn_scale":
         bn = by_unit(("norm",), 1)
         l1 = None
         out = {}
-        for g in graph.groups:
+        for g in groups:
             if any(bn[u] > 0 for u in g.units):
                 out.update({u: float(bn[u]) for u in g.units})
             else:  # no norm in this group: fall back to the weights' l1

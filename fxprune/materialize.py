@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -182,7 +183,34 @@ def fix_mlp(m: nn.Module, shrunk: set[int]) -> None:
 # Modules whose forward reads sizes of their children (split sizes, head counts): by class,
 # run after every layer has its new shape, children before parents. A class without an entry
 # gets the generic attention and MLP fixes. Entries for timm's classes: materialize_timm.py.
-MODULES: dict = {}  # "module.Class" -> fix(module, shrunk)
+class Shrunk(set):
+    """Ids of the layers whose output size changed, as a module fix receives them, and which of
+    a layer's original outputs it kept (for a forward that slices by a count, where the new
+    count depends on where the kept outputs lie: DPN's ``num_1x1_c``)."""
+
+    def __init__(self, ids, rows: dict[str, np.ndarray], names: dict[int, str]):
+        super().__init__(ids)
+        self._rows, self._names = rows, names
+
+    def kept(self, layer: nn.Module) -> np.ndarray | None:
+        """Indices of ``layer``'s original output rows (weight dim 0) it kept; None when the
+        passes did not change them."""
+        return self._rows.get(f"{self._names.get(id(layer), '')}.weight")
+
+
+def kept_rows(results) -> dict[str, np.ndarray]:
+    """``{weight name: original output rows kept}``, composed over the passes in order."""
+    rows: dict[str, np.ndarray] = {}
+    for r in results:
+        for name, dims in r.keeps.items():
+            if 0 in dims:
+                mask = np.asarray(dims[0], dtype=bool)
+                idx = rows.get(name, np.arange(mask.size))
+                rows[name] = idx[mask]
+    return rows
+
+
+MODULES: dict = {}  # "module.Class" -> fix(module, shrunk: Shrunk)
 
 
 def module_fix(*names):
@@ -288,7 +316,11 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
     for m in tree.modules():
         if id(m) in touched:
             fix_layer(m)
-    shrunk = {id(m) for m in tree.modules() if out_size(m) != before.get(id(m))}
+    shrunk = Shrunk(
+        (id(m) for m in tree.modules() if out_size(m) != before.get(id(m))),
+        kept_rows(results),
+        {id(m): name for name, m in tree.named_modules()},
+    )
     seen: set[int] = set()
     for m in post_order(tree):
         if id(m) not in seen:

@@ -60,17 +60,11 @@ def _dpn_block(m, shrunk):
     if m.c1x1_c1 is not None:  # b: out1 is c1x1_c1's whole output
         m.num_1x1_c = m.c1x1_c1.out_channels
         return
-    n, inc = m.num_1x1_c, m.inc
-    proj = m.c1x1_w_s1 if m.c1x1_w_s1 is not None else m.c1x1_w_s2
-    if m.c1x1_c.conv.out_channels == n + inc or (
-        proj is not None and proj.conv.out_channels == n + 2 * inc
-    ):
-        return  # an output holding the residual kept all its channels: so did the residual
-    raise NotMaterialized(
-        "DualPathBlock.num_1x1_c: with b=False the residual and dense parts of c1x1_c's "
-        f"{m.c1x1_c.conv.out_channels} outputs were both pruned, and their split is not "
-        "determined by the pruned shapes"
-    )
+    # b=False: c1x1_c's outputs are [residual | dense]; the residual's new width is how many of
+    # its first num_1x1_c outputs were kept (the shapes alone do not say where the split lies)
+    kept = shrunk.kept(m.c1x1_c.conv)
+    if kept is not None:
+        m.num_1x1_c = int((kept < m.num_1x1_c).sum())
 
 
 def _reads_width_off_input(m, qkv: list, proj, name: str) -> None:

@@ -58,8 +58,8 @@ def check_hooks(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"the model has hooks fxprune cannot carry into the pruned graph: {', '.join(found[:5])}"
             + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
-            + "; remove them before fxprune.compile and register them again on the submodules "
-            "of result.module"
+            + "; remove them before fxprune.compile and register them again on the pruned "
+            "model's submodules (result.model, your class, runs them)"
         )
 
 

@@ -249,6 +249,8 @@ FIXED = [
         {"channels": 0.25},
     ),
     ("dpn_block_b", "timm.models.dpn.DualPathBlock", lambda: _dpn(b=True), IMG, {"channels": 0.5}),
+    # b=False: c1x1_c's outputs split [residual | dense] by num_1x1_c; the kept rows say where
+    ("dpn_block", "timm.models.dpn.DualPathBlock", lambda: _dpn(b=False), IMG, {"channels": 0.5}),
     (
         "levit_attention",
         "timm.models.levit.Attention",
@@ -287,14 +289,6 @@ def test_timm_entry_materializes(key, make, x, kw, monkeypatch):
 # says which attribute (without it the fallback only reports a disagreement)
 # (id, registry key, model, input, compile kwargs, what the note names)
 GRAPH_ONLY = [
-    (
-        "dpn_block",  # b=False: c1x1_c's residual / dense split of its output is not a shape
-        "timm.models.dpn.DualPathBlock",
-        lambda: _dpn(b=False),
-        IMG,
-        {"channels": 0.5},
-        "DualPathBlock.num_1x1_c",
-    ),
     (
         "cait_class_attn",  # reshape(B, 1, num_heads, C // num_heads), C the input width
         "timm.models.cait.ClassAttn",

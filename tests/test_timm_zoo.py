@@ -45,9 +45,6 @@ TIMM = [
 # result.model stays the graph module (fxprune/materialize_timm.py says why), and the note
 # names the class: model -> class
 GRAPH_ONLY = {
-    # b=False: num_1x1_c splits c1x1_c's output into residual and dense parts, both pruned,
-    # and the pruned shapes do not say where that split now lies
-    "dpn68": "DualPathBlock",
     # ClassAttn takes head_dim as C // num_heads with C its input width: fewer heads than C
     # holds cannot be expressed (XCA likewise, but the heads pass finds none in it)
     "xcit_nano_12_p16_224": "ClassAttn",

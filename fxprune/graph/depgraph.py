@@ -336,7 +336,7 @@ class Analysis:
         heads = np.zeros(n, dtype=bool)  # per unit label: an attention head
         for arr in self.head_atoms:
             heads[label[arr[arr >= 0]]] = True
-        groups = self._groups(label, pairs, blocked, approx, heads)
+        groups = self._groups(label, pairs, blocked, approx, heads, params)
         return DependencyGraph(
             self.gm,
             n,
@@ -365,14 +365,29 @@ class Analysis:
             out[label[np.concatenate(self.positional_atoms)]] = True
         return out
 
-    def _groups(self, label, pairs, blocked, approx, heads) -> list[Group]:
-        """Group prunable units by the set of source layers their atoms come from."""
+    def _groups(self, label, pairs, blocked, approx, heads, params) -> list[Group]:
+        """Group prunable units by the set of source layers their atoms come from and the set
+        of layers that consume them. The consumers split a layer's outputs that go different
+        ways (the parts of a ``split`` feeding different convs, a slice passed by): a ratio
+        applied to them together could empty one part (a 0-wide conv input) and keep another
+        whole; per part, each keeps its share."""
         pl, ps = pairs
         # Key each unit by its source set: a sum of random 64-bit numbers, one per source (pairs
         # are sorted by unit, so a segmented sum does it; distinct sets collide with p ~ 2**-64).
-        r = np.random.default_rng(0x5EED).integers(1, 2**63, max(len(self.sources), 1))
+        rng = np.random.default_rng(0x5EED)
+        r = rng.integers(1, 2**63, max(len(self.sources), 1))
         units, starts = np.unique(pl, return_index=True)
         sig = np.add.reduceat(r[ps].astype(np.uint64), starts) if pl.size else pl
+        consumed = np.zeros(max(self.n_atoms, 1), dtype=np.uint64)  # per unit label
+        for name in sorted(params):
+            for d in sorted(params[name]):
+                pd = params[name][d]
+                if pd.consumer:
+                    labs = np.unique(label[pd.vec[pd.vec >= 0]])
+                    np.add.at(consumed, labs, np.uint64(rng.integers(1, 2**63)))
+        if pl.size:
+            with np.errstate(over="ignore"):  # a hash: wrapping is intended
+                sig = sig + consumed[units] * np.uint64(0x9E3779B97F4A7C15)
         _, first_atom = np.unique(label, return_index=True)  # labels are 0..k-1, dense
         keep = ~blocked[units]
         units, sig = units[keep], sig[keep]

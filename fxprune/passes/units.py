@@ -126,11 +126,14 @@ def select_units(
         stats = collect(graph, batches, {cfg.importance}, cfg.loss_fn)
         if stats.loss and info is not None:
             info["taylor_loss"] = stats.loss
-    scores = unit_scores(graph, cfg.importance, cfg.seed, stats)
     removed: list[int] = []
     per_group: dict[int, int] = {}
     ratios = group_ratios(graph, cfg)
     by_id = {g.id: g for g in graph.groups}
+    # score only the groups this pass may prune: a heads / FFN pass never reads the embedding,
+    # lm_head or any other hidden-size weight
+    ranked = [by_id[gid] for gid, r in ratios.items() if r is not None]
+    scores = unit_scores(graph, cfg.importance, cfg.seed, stats, groups=ranked)
     if not cfg.global_ranking:
         for gid, r in ratios.items():
             g = by_id[gid]

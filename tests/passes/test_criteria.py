@@ -90,3 +90,24 @@ def test_half_precision_weights_score_like_their_float32_values(importance):
     assert scores[0].keys() == scores[1].keys()
     for u in scores[0]:
         assert scores[0][u] == pytest.approx(scores[1][u], rel=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "lamp", "random"])
+def test_scoring_some_groups_reads_only_their_weights(criterion, monkeypatch):
+    """A heads / FFN pass scores its own groups: the embedding and every other hidden-size
+    weight are never read, and the scores equal those of a whole-graph scoring."""
+    from tests.transformer_models import build
+
+    model, (ids,), _ = build("llama")
+    graph = build_graph(trace(model.eval(), ids, mode="export").gm)
+    wanted = [g for g in graph.groups if g.kind in ("heads", "ffn")][:2]
+    read = []
+    real = graph.gm.get_parameter
+    monkeypatch.setattr(graph.gm, "get_parameter", lambda n: read.append(n) or real(n))
+    full = unit_scores(graph, criterion)
+    everything, read[:] = set(read), []
+    some = unit_scores(graph, criterion, groups=wanted)
+    assert some == {u: full[u] for g in wanted for u in g.units}
+    if criterion != "random":
+        assert read and all(n.startswith("layers.0.") for n in read), read  # layer 0's groups
+        assert any("embed" in n for n in everything) or criterion == "fpgm"
