@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
+from fxprune.graph.capture import capture as graph_capture
+from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import as_args, dims_spec, retarget
 from fxprune.hf import pruned_config
-from fxprune.importance import DATA_CRITERIA
-from fxprune.materialize import check_uniform, module_tree, without_cache
+from fxprune.importance import Criterion, name_of, resolve
+from fxprune.materialize import check_uniform, module_tree
 from fxprune.modelstate import (
     check_hooks,
     commit_inplace,
@@ -35,7 +36,7 @@ from fxprune.passes.ffn import FFN, prune_ffn
 from fxprune.passes.heads import Heads, prune_heads
 from fxprune.passes.nm import NM, prune_nm
 from fxprune.passes.permute import Permute, permute_channels
-from fxprune.plan import CompileResult, LayerRow, Plan, Summary, read_checkpoint
+from fxprune.plan import CompileResult, Plan, Summary, read_checkpoint
 from fxprune.stats import layer_stats
 
 # How a plan entry replays: pass name -> (pass function, entry -> config)
@@ -83,17 +84,6 @@ def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _summary(before: dict, after: dict) -> Summary:
-    rows = []
-    for layer in sorted(set(before) | set(after)):
-        b, a = (
-            before.get(layer, {"params": 0, "macs": 0}),
-            after.get(layer, {"params": 0, "macs": 0}),
-        )
-        rows.append(LayerRow(layer, b["params"], a["params"], b["macs"], a["macs"]))
-    return Summary(rows)
-
-
 def _inputs_spec(args: tuple) -> list[dict]:
     spec = []
     for a in args:
@@ -106,23 +96,6 @@ def _inputs_spec(args: tuple) -> list[dict]:
             raise ConfigError(f"example_inputs must be tensors (or None), got {type(a).__name__}")
         spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
     return spec
-
-
-def hidden_attention(gm) -> list[str]:
-    """Nodes where torch.fx stopped at an attention it cannot see into (``nn.MultiheadAttention``
-    is a leaf module; torchvision's ``shifted_window_attention`` is an ``fx.wrap`` function)."""
-    from fxprune.graph.rules import find_rule
-
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if isinstance(m, nn.MultiheadAttention) and find_rule(gm, node) is None:
-                out.append(node.target)
-        elif node.op == "call_function" and find_rule(gm, node) is None:
-            if "attention" in getattr(node.target, "__name__", "").lower():
-                out.append(node.name)
-    return out
 
 
 def _train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
@@ -166,24 +139,14 @@ def _run(
     # leaves the model exactly as it was
     work = copy.deepcopy(model)
     work.eval()
-    if mode == "auto" and any(parametrize.is_parametrized(m) for m in work.modules()):
-        mode = "export"  # fx keeps a parametrized layer opaque; export computes its weight
-    with without_cache(work):  # a KV cache is no part of the computation to prune
-        if capture is not None:  # a repeated block: its twin's graph over this copy's tensors
+    if capture is not None:  # a repeated block: its twin's graph over this copy's tensors
+        with without_cache(work):
             traced = retarget(capture, work, args)
-        else:
-            traced = trace(work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic)
-        if (
-            capture is None
-            and mode == "auto"
-            and traced.mode == "fx"
-            and any(fn is prune_heads for fn, _ in passes)
-            and hidden_attention(traced.gm)
-        ):
-            # torch.export decomposes attention into ops whose heads the graph can follow
-            traced = trace(
-                work, args, mode="export", leaf_modules=leaf_modules, dynamic_shapes=dynamic
-            )
+    else:
+        heads = any(fn is prune_heads for fn, _ in passes)
+        traced = graph_capture(
+            work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic, heads=heads
+        )
     train_refused = _train_refused(work, args, traced, leaf_modules, dynamic)
     gm = traced.gm
     before = layer_stats(gm)
@@ -221,7 +184,7 @@ def _run(
     return CompileResult(
         gm,
         plan,
-        _summary(before, after),
+        Summary.between(before, after),
         barriers,
         results,
         approximate=any(r.approximate_groups for r in results),
@@ -240,7 +203,7 @@ def compile(  # noqa: A001 - the public name the project promises
     heads: float | int = 0.0,
     ffn: float = 0.0,
     blocks: int | Sequence[int | str] = 0,
-    importance: str = "l1",
+    importance: str | Criterion = "l1",
     block_importance: str = "cosine",
     calibration=None,
     calibration_batches: int | None = None,
@@ -286,7 +249,9 @@ def compile(  # noqa: A001 - the public name the project promises
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` (weights only), or
             ``"taylor"``, ``"activation"``, ``"entropy"``, ``"confidence"`` (measured on
             ``calibration``; the last two score attention heads, other groups fall back to
-            ``"l1"``), scored over every weight of the coupled group.
+            ``"l1"``), scored over every weight of the coupled group; also ``"fpgm"``,
+            ``"lamp"``, any name registered with ``@fxprune.importance.criterion``, or a
+            :class:`fxprune.importance.Criterion` instance (the plan records its ``name``).
         block_importance: ``"cosine"`` (1 - cosine of a block's input and output) or ``"l2"``.
         calibration: an iterable of batches (each like ``example_inputs``) for data-driven
             choices; default: ``example_inputs``. Read lazily, and only when an option measures
@@ -360,7 +325,7 @@ def compile(  # noqa: A001 - the public name the project promises
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
     pruned = channels or layer_ratios or heads or head_ratios or ffn or ffn_ratios
-    measured = blocks or sparsity_method != "magnitude" or (importance in DATA_CRITERIA and pruned)
+    measured = blocks or sparsity_method != "magnitude" or (resolve(importance).needs and pruned)
     batches = take_batches(calibration if measured else None, calibration_batches, model)
     nm = None
     if sparsity is not None:
@@ -433,7 +398,7 @@ def compile(  # noqa: A001 - the public name the project promises
         "blocks": blocks if isinstance(blocks, int) else list(blocks),
         "block_importance": block_importance,
         "min_heads": min_heads,
-        "importance": importance,
+        "importance": name_of(importance),
         "ignore": list(ignore_t),
         "layer_ratios": dict(ratios),
         "head_ratios": dict(h_ratios),

@@ -89,7 +89,7 @@ class Stats:
     loss: str = ""
 
 
-class _Capture(fx.Interpreter):
+class Capture(fx.Interpreter):
     def __init__(self, gm, keep: set[str]):
         super().__init__(gm)
         self.keep, self.seen = keep, {}
@@ -180,7 +180,7 @@ def collect(graph: DependencyGraph, batches: list[tuple], need: set[str], loss_f
         act, ent, conf = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
         with torch.no_grad():
             for b in batches:
-                cap = _Capture(gm, keep)
+                cap = Capture(gm, keep)
                 cap.run(*b)
                 if "activation" in need:
                     for name, arr in graph.probes.items():

@@ -426,7 +426,7 @@ def _estimate(a, log: _Log) -> int:
             est.compare(lat, hardware=profile)
         else:
             print(
-                "fxprune: no estimator profile matches this GPU: pass --compare_with",
+                "fxprune: no estimator profile matches this GPU: pass --compare-with",
                 file=sys.stderr,
             )
     log(None)

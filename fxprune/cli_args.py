@@ -17,7 +17,7 @@ EXAMPLES = """model sources:
 
 examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
-  fxprune prune torchvision:resnet50 --channels 0.3 --round_to 4 --sparsity 2:4 --save r50.pt
+  fxprune prune torchvision:resnet50 --channels 0.3 --round-to 4 --sparsity 2:4 --save r50.pt
   fxprune prune hf:./llama-dir --heads 0.25 --ffn 0.25 --save-pretrained ./llama-pruned
   fxprune prune hf:./llama-7b --heads 0.25 --ffn 0.25 --stream --save-pretrained ./out
   fxprune export r50.pt -o r50.onnx
@@ -26,8 +26,33 @@ examples:
   fxprune inspect torchvision:mobilenet_v3_small
   fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
   fxprune prune my_model.py:build --trust --channels 0.5 --importance l2
-  fxprune verify torchvision:resnet50 --channels 0.5 --round_to 8 --ignore fc --batch 1 8
+  fxprune verify torchvision:resnet50 --channels 0.5 --round-to 8 --ignore fc --batch 1 8
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """Flags are spelled in kebab-case (``--round-to``); the snake_case spelling
+    (``--round_to``, what earlier releases used for most flags) still parses, as a hidden alias
+    of the same option."""
+
+    def add_argument(self, *names, **kw):
+        if names and all(n.startswith("-") for n in names):
+            kebab = [n.replace("_", "-") if n.startswith("--") else n for n in names]
+            snake = ["--" + n[2:].replace("-", "_") for n in kebab if n.startswith("--")]
+            names = tuple(dict.fromkeys(kebab + snake))
+        return super().add_argument(*names, **kw)
+
+
+class HelpFormatter(argparse.RawTextHelpFormatter):
+    """``--help`` shows each flag's kebab-case spelling only."""
+
+    def _format_action_invocation(self, action):
+        shown = [o for o in action.option_strings if not (o.startswith("--") and "_" in o)]
+        if not action.option_strings or shown == action.option_strings:
+            return super()._format_action_invocation(action)
+        hidden = argparse.Action(shown, action.dest, nargs=action.nargs, metavar=action.metavar)
+        hidden.default, hidden.choices = action.default, action.choices
+        return super()._format_action_invocation(hidden)
 
 
 def _number(s: str):
@@ -98,7 +123,7 @@ def _add_pruning(pr) -> None:
         help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence",
     )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
-    pr.add_argument("--round_to", type=int, default=None, help="default 1, or M with --sparsity")
+    pr.add_argument("--round-to", type=int, default=None, help="default 1, or M with --sparsity")
     pr.add_argument("--global_ranking", action="store_true")
     pr.add_argument("--allow_approximate", action="store_true")
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
@@ -143,8 +168,8 @@ def _add_timing(pr, batch_default) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawTextHelpFormatter
-    p = argparse.ArgumentParser(
+    fmt = HelpFormatter
+    p = Parser(
         prog="fxprune",
         description="Structural pruning with proof, honest speed numbers and estimates.",
         epilog=EXAMPLES,

@@ -14,9 +14,9 @@ STREAM_REFUSES = (
     ("save", "--save"),
     ("export", "--export"),
     ("report", "--report"),
-    ("sparsity_permute", "--sparsity_permute"),
-    ("sparsity_exclude", "--sparsity_exclude"),
-    ("global_ranking", "--global_ranking"),
+    ("sparsity_permute", "--sparsity-permute"),
+    ("sparsity_exclude", "--sparsity-exclude"),
+    ("global_ranking", "--global-ranking"),
     ("ignore", "--ignore"),
 )
 

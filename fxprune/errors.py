@@ -1,7 +1,12 @@
-"""Every error fxprune raises derives from :class:`FxPruneError`.
+"""Every error fxprune's public functions raise derives from :class:`FxPruneError`.
 
 User mistakes (bad arguments, untraceable models) are typed errors with a message that names the
-argument, node or layer and says what to do; ``assert`` is kept for internal invariants.
+argument, node or layer and says what to do; ``assert`` is kept for internal invariants. Inside
+the fake-tensor shape checks (``graph.shapeprop``) a misfit raises ``RuntimeError``, as the real
+op would, and the capture or rewrite that ran them turns it into a :class:`TraceError` or
+:class:`PassError`. The classes that also derive from a builtin (``ConfigError`` is a
+``ValueError``, ``FileAccessError`` an ``OSError``, ``MissingExtraError`` an ``ImportError``)
+can be caught either way.
 """
 
 from __future__ import annotations
@@ -21,10 +26,6 @@ class TraceError(FxPruneError):
 
 class UnsupportedModelError(FxPruneError):
     """The model has a property fxprune refuses to prune (tied weights, non-tensor outputs, ...)."""
-
-
-class UnsupportedOpError(FxPruneError):
-    """An operator has no coupling rule and the caller asked for strict handling."""
 
 
 class PassError(FxPruneError):

@@ -19,29 +19,80 @@ units (see docs/design.md for why Torch-Pruning's classes are not called directl
 | ``confidence`` | forward on calibration | heads: mean max attention probability; other groups: l1 |
 
 Data-driven criteria read ``fxprune.calibration.collect`` statistics of the graph being pruned.
+Each criterion is a :class:`Criterion` in ``REGISTRY``; register your own with ``@criterion``.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 
+from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph, Group
 
-CRITERIA = (
-    "l1",
-    "l2",
-    "bn_scale",
-    "fpgm",
-    "lamp",
-    "random",
-    "taylor",
-    "activation",
-    "entropy",
-    "confidence",
-)
-SCALE_FREE = ("lamp",)  # global ranking compares these across groups as they are
-DATA_CRITERIA = ("taylor", "activation", "entropy", "confidence")  # need calibration batches
+
+class Criterion:
+    """An importance criterion: :meth:`score` maps every unit of the groups asked for to a number,
+    higher meaning more important (the lowest-scoring units of a group are removed).
+
+    Register a subclass with ``@criterion("name")`` to use it by name (``importance="name"``,
+    ``fxprune prune --importance name``), or pass an instance (``importance=MyCriterion()``).
+
+    Class attributes:
+        name: what plans, reports and errors call it.
+        needs: the calibration statistic it reads (``"taylor"``, ``"activation"``,
+            ``"entropy"`` or ``"confidence"``: :class:`fxprune.calibration.Stats` fields),
+            collected on the calibration batches before :meth:`score`; None for weight-only.
+        scale_free: its scores compare across groups as they are (``global_ranking`` does not
+            divide them by each group's mean).
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[str | None] = None
+    scale_free: ClassVar[bool] = False
+
+    def score(
+        self, graph: DependencyGraph, groups: list[Group], stats=None, seed: int = 0
+    ) -> dict[int, float]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Criterion] = {}
+"""Criteria by name, in registration order (the built-ins below first)."""
+
+
+def criterion(name: str):
+    """Class decorator: register a :class:`Criterion` subclass under ``name``."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+            raise ConfigError(f"@criterion({name!r}) decorates a Criterion subclass, not {cls!r}")
+        cls.name = name
+        REGISTRY[name] = cls()
+        return cls
+
+    return deco
+
+
+def resolve(importance) -> Criterion:
+    """The criterion ``importance`` names (a registered name) or is (an instance)."""
+    if isinstance(importance, Criterion):
+        return importance
+    if isinstance(importance, type) and issubclass(importance, Criterion):
+        return importance()
+    if isinstance(importance, str) and importance in REGISTRY:
+        return REGISTRY[importance]
+    raise ConfigError(
+        f"importance={importance!r}: choose one of {tuple(REGISTRY)} or pass a "
+        "fxprune.importance.Criterion instance"
+    )
+
+
+def name_of(importance) -> str:
+    """``importance`` as plans and reports spell it."""
+    return resolve(importance).name or type(importance).__name__
 
 
 def _atom_scores(
@@ -152,73 +203,161 @@ def _lamp(graph: DependencyGraph, l2: np.ndarray, groups: list[Group]) -> dict[i
     return out
 
 
+class _Scorer:
+    """Per-unit sums over the weights that hold the groups asked for (the others are not read)."""
+
+    def __init__(self, graph: DependencyGraph, groups: list[Group]):
+        self.graph, self.groups = graph, groups
+        self.n_units = int(graph.label.max()) + 1 if graph.n_atoms else 0
+        self.wanted = None
+        if groups is not graph.groups:
+            self.wanted = np.zeros(max(self.n_units, 1), dtype=bool)
+            for g in groups:
+                self.wanted[g.units] = True
+
+    def by_unit(self, roles, power, tensors=None) -> np.ndarray:
+        per_atom = _atom_scores(self.graph, roles, power, tensors, self.wanted)
+        s = np.bincount(self.graph.label, weights=per_atom, minlength=self.n_units)
+        return np.sqrt(s) if power == 2 else s
+
+    def of(self, s) -> dict[int, float]:
+        return {u: float(s[u]) for g in self.groups for u in g.units}
+
+
 def unit_scores(
     graph: DependencyGraph,
-    criterion: str,
+    criterion,
     seed: int = 0,
     stats=None,
     groups: list[Group] | None = None,
 ) -> dict[int, float]:
-    """Score every unit of ``groups`` (default: every group); higher means more important.
-    Weights that hold none of those units are not read.
+    """Score every unit of ``groups`` (default: every group) by ``criterion`` (a registered
+    name or a :class:`Criterion`); higher means more important. Weights that hold none of those
+    units are not read. ``stats`` (a :class:`fxprune.calibration.Stats`) is required by the
+    data-driven criteria."""
+    c = resolve(criterion)
+    if c.needs and stats is None:
+        raise ConfigError(f"importance={c.name!r} needs calibration statistics")
+    return c.score(graph, graph.groups if groups is None else groups, stats, seed)
 
-    ``stats`` (a :class:`fxprune.calibration.Stats`) is required by the data-driven criteria.
-    """
-    groups = graph.groups if groups is None else groups
-    if criterion == "random":  # one draw per unit of the whole graph: a subset draws the same
+
+@criterion("l1")
+class L1(Criterion):
+    """Sum of |w| over every conv / linear / embedding / norm slice the unit owns."""
+
+    def score(self, graph, groups, stats=None, seed=0):
+        sc = _Scorer(graph, groups)
+        return sc.of(sc.by_unit(("weight", "norm"), 1))
+
+
+@criterion("l2")
+class L2(Criterion):
+    """Square root of the sum of w**2 over the same slices as l1."""
+
+    def score(self, graph, groups, stats=None, seed=0):
+        sc = _Scorer(graph, groups)
+        return sc.of(sc.by_unit(("weight", "norm"), 2))
+
+
+@criterion("bn_scale")
+class BNScale(Criterion):
+    """Sum of |gamma| of the unit's norm scales; l1 in a group without a norm."""
+
+    def score(self, graph, groups, stats=None, seed=0):
+        sc = _Scorer(graph, groups)
+        bn, l1, out = sc.by_unit(("norm",), 1), None, {}
+        for g in groups:
+            if any(bn[u] > 0 for u in g.units):
+                out.update({u: float(bn[u]) for u in g.units})
+            else:  # no norm in this group: fall back to the weights' l1
+                l1 = sc.by_unit(("weight", "norm"), 1) if l1 is None else l1
+                out.update({u: float(l1[u]) for u in g.units})
+        return out
+
+
+@criterion("fpgm")
+class FPGM(Criterion):
+    """Summed distance of the unit's producing rows to the other units' (geometric median)."""
+
+    def score(self, graph, groups, stats=None, seed=0):
+        return _fpgm(graph, groups)
+
+
+@criterion("lamp")
+class LAMP(Criterion):
+    """l2 squared over the sum of l2 squared of the group's units at least as large."""
+
+    scale_free = True
+
+    def score(self, graph, groups, stats=None, seed=0):
+        return _lamp(graph, _Scorer(graph, groups).by_unit(("weight", "norm"), 2), groups)
+
+
+@criterion("random")
+class Random(Criterion):
+    """Uniform random: one draw per unit of the whole graph, so a subset draws the same."""
+
+    def score(self, graph, groups, stats=None, seed=0):
         rng = np.random.default_rng(seed)
         draw = {u: float(rng.random()) for g in graph.groups for u in g.units}
         return {u: draw[u] for g in groups for u in g.units}
-    n_units = int(graph.label.max()) + 1 if graph.n_atoms else 0
-    wanted = None
-    if groups is not graph.groups:
-        wanted = np.zeros(max(n_units, 1), dtype=bool)
-        for g in groups:
-            wanted[g.units] = True
 
-    def by_unit(roles, power, tensors=None):
-        per_atom = _atom_scores(graph, roles, power, tensors, wanted)
-        s = np.bincount(graph.label, weights=per_atom, minlength=n_units)
-        return np.sqrt(s) if power == 2 else s
 
-    if criterion in DATA_CRITERIA:
-        if stats is None:
-            raise ValueError(f"importance={criterion!r} needs calibration statistics")
-        if criterion == "taylor":
-            s = by_unit(("weight", "norm"), 1, stats.taylor)
-            return {u: float(s[u]) for g in groups for u in g.units}
-        per_atom = getattr(stats, criterion)
+@criterion("taylor")
+class Taylor(Criterion):
+    """Sum of |w * dL/dw| over the unit's slices (first-order Taylor, on calibration)."""
+
+    needs = "taylor"
+
+    def score(self, graph, groups, stats=None, seed=0):
+        sc = _Scorer(graph, groups)
+        return sc.of(sc.by_unit(("weight", "norm"), 1, stats.taylor))
+
+
+class _Measured(Criterion):
+    """A per-atom calibration statistic summed per unit; groups it does not cover by l1."""
+
+    def score(self, graph, groups, stats=None, seed=0):
+        sc = _Scorer(graph, groups)
+        per_atom = getattr(stats, self.needs)
         has = ~np.isnan(per_atom)
-        s = np.bincount(graph.label[has], weights=per_atom[has], minlength=n_units)
-        covered = np.bincount(graph.label[has], minlength=n_units) > 0
+        s = np.bincount(graph.label[has], weights=per_atom[has], minlength=sc.n_units)
+        covered = np.bincount(graph.label[has], minlength=sc.n_units) > 0
         out, l1 = {}, None
         for g in groups:
             if covered[g.units].all():
                 out.update({u: float(s[u]) for u in g.units})
             else:  # entropy / confidence score heads only: other groups by magnitude
-                l1 = by_unit(("weight", "norm"), 1) if l1 is None else l1
+                l1 = sc.by_unit(("weight", "norm"), 1) if l1 is None else l1
                 out.update({u: float(l1[u]) for u in g.units})
         return out
 
-    if criterion == "fpgm":
-        return _fpgm(graph, groups)
-    if criterion == "lamp":
-        return _lamp(graph, by_unit(("weight", "norm"), 2), groups)
-    if criterion in ("l1", "l2"):
-        s = by_unit(("weight", "norm"), 1 if criterion == "l1" else 2)
-        return {u: float(s[u]) for g in groups for u in g.units}
-    if criterion == "bn_scale":
-        bn = by_unit(("norm",), 1)
-        l1 = None
-        out = {}
-        for g in groups:
-            if any(bn[u] > 0 for u in g.units):
-                out.update({u: float(bn[u]) for u in g.units})
-            else:  # no norm in this group: fall back to the weights' l1
-                l1 = by_unit(("weight", "norm"), 1) if l1 is None else l1
-                out.update({u: float(l1[u]) for u in g.units})
-        return out
-    raise ValueError(f"unknown importance {criterion!r}; choose one of {CRITERIA}")
+
+@criterion("activation")
+class Activation(_Measured):
+    """Mean |activation| of the unit's channels where layers read them."""
+
+    needs = "activation"
+
+
+@criterion("entropy")
+class Entropy(_Measured):
+    """Heads: log(keys) - attention entropy (focused heads score high)."""
+
+    needs = "entropy"
+
+
+@criterion("confidence")
+class Confidence(_Measured):
+    """Heads: mean max attention probability."""
+
+    needs = "confidence"
+
+
+# the built-in names, as the CLI and the docs list them (registered criteria join REGISTRY)
+CRITERIA = tuple(REGISTRY)
+SCALE_FREE = tuple(n for n, c in REGISTRY.items() if c.scale_free)
+DATA_CRITERIA = tuple(n for n, c in REGISTRY.items() if c.needs)  # need calibration batches
 
 
 def group_mean(scores: dict[int, float], group: Group) -> float:

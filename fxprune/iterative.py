@@ -25,7 +25,7 @@ import torch
 
 from fxprune._util import eval_mode
 from fxprune.calibration import take_batches
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, NothingToPruneError
 
 SCHEDULES = ("linear", "cubic", "exponential")
 
@@ -84,8 +84,7 @@ class IterativeResult:
         plan entries in order (a plan replays them one after another), so ``.save(path)`` and
         ``fxprune.load(path, dense_model)`` work as for a one-shot result. Its equivalence proof
         against the dense model holds only when no fine-tuning changed the weights."""
-        from fxprune.api import _summary
-        from fxprune.plan import CompileResult, Plan
+        from fxprune.plan import CompileResult, Plan, Summary
 
         first, last = self.steps[0].result, self.steps[-1].result
 
@@ -103,7 +102,9 @@ class IterativeResult:
         return CompileResult(
             last.module,
             plan,
-            _summary(stats(first.summary.layers, "before"), stats(last.summary.layers, "after")),
+            Summary.between(
+                stats(first.summary.layers, "before"), stats(last.summary.layers, "after")
+            ),
             first.barriers,
             [p for s in self.steps for p in s.result.passes],
             approximate=any(s.result.approximate for s in self.steps),
@@ -181,7 +182,7 @@ def iterative_prune(
         step (ratios, params, MACs, proof, metric).
     """
     from fxprune.api import compile as fx_compile
-    from fxprune.graph import build_graph, trace
+    from fxprune.graph import build_graph, capture, hidden_attention
     from fxprune.graph.trace import as_args
     from fxprune.stats import layer_stats
     from fxprune.verify import equivalence
@@ -204,15 +205,10 @@ def iterative_prune(
             compile_kwargs["calibration"], compile_kwargs.get("calibration_batches"), model
         )
     mode = compile_kwargs.get("mode", "auto")
-    traced = trace(model, args, mode=mode, leaf_modules=compile_kwargs.get("leaf_modules", ()))
-    if "heads" in targets and traced.mode == "fx":
-        from fxprune.api import hidden_attention
-
-        if hidden_attention(traced.gm):
-            traced = trace(model, args, mode="export")
-    allow = compile_kwargs.get("allow_approximate", False)
     leaves = compile_kwargs.get("leaf_modules", ())
-    capture = traced.mode  # every step captures the way the dense model had to be captured
+    traced = capture(model, args, mode=mode, leaf_modules=leaves, heads="heads" in targets)
+    allow = compile_kwargs.get("allow_approximate", False)
+    step_mode = traced.mode  # every step captures the way the dense model had to be captured
     graph = build_graph(traced.gm, allow)
     cfgs = _configs(compile_kwargs)
     ignore = compile_kwargs.get("ignore", ())
@@ -224,6 +220,20 @@ def iterative_prune(
         k = kind_of.get(g.kind)
         if k in targets and len(g.units):
             original[g.layers(graph)[0]] = (k, g)
+    missing = [k for k, r in targets.items() if r and all(k != v[0] for v in original.values())]
+    if missing:  # the request would be a silent no-op: say why instead
+        k = missing[0]
+        hidden = hidden_attention(traced.gm) if k == "heads" else []
+        raise NothingToPruneError(
+            f"iterative_prune {k}={targets[k]}: the graph captured with {traced.mode} has no "
+            f"prunable {k} group"
+            + (
+                f" (torch.fx cannot see into {', '.join(hidden[:3])}: use mode='auto' or "
+                "mode='export')"
+                if hidden
+                else ""
+            )
+        )
     arg_of = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
     stats0 = layer_stats(traced.gm)
     out = IterativeResult(
@@ -237,11 +247,11 @@ def iterative_prune(
     current = model
     pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to", "mode")}
     pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below
-    pass_kw["mode"] = capture
+    pass_kw["mode"] = step_mode
     for k in range(1, steps + 1):
         t0 = time.perf_counter()
         ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
-        cur = trace(current, args, mode=capture, leaf_modules=leaves)
+        cur = capture(current, args, mode=step_mode, leaf_modules=leaves)
         cur_graph = build_graph(cur.gm, allow)
         by_layer = {g.layers(cur_graph)[0]: g for g in cur_graph.groups}
         rel: dict[str, dict[str, float]] = {}
@@ -251,7 +261,7 @@ def iterative_prune(
             if g is None:
                 raise ConfigError(
                     f"iterative_prune step {k}: the {kind} group of layer {layer!r} is not in "
-                    f"the graph of the previous step's model (captured with {capture})"
+                    f"the graph of the previous step's model (captured with {step_mode})"
                 )
             if keep >= len(g.units):
                 continue

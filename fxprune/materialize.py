@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import ConfigError, FxPruneError, PassError
+from fxprune.graph.capture import without_cache
 from fxprune.verify.proof import agreement
 
 
@@ -353,21 +354,6 @@ def check_uniform(results) -> None:
             )
 
 
-@contextlib.contextmanager
-def without_cache(model: nn.Module):
-    """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
-    user's setting back afterwards: the module tree and its saved config keep the KV cache."""
-    cfg = getattr(model, "config", None)
-    was = getattr(cfg, "use_cache", None)
-    if was:
-        cfg.use_cache = False
-    try:
-        yield
-    finally:
-        if was:
-            cfg.use_cache = was
-
-
 def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
     """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
     ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
@@ -444,5 +430,4 @@ __all__ = [
     "materialize",
     "module_fix",
     "module_tree",
-    "without_cache",
 ]

@@ -119,6 +119,17 @@ class Summary:
 
     layers: list[LayerRow]
 
+    @classmethod
+    def between(cls, before: dict, after: dict) -> Summary:
+        """From two ``layer_stats`` tables (``{layer: {"params", "macs"}}``): a layer missing
+        on one side (a removed block) counts 0 there."""
+        zero = {"params": 0, "macs": 0}
+        rows = []
+        for layer in sorted(set(before) | set(after)):
+            b, a = before.get(layer, zero), after.get(layer, zero)
+            rows.append(LayerRow(layer, b["params"], a["params"], b["macs"], a["macs"]))
+        return cls(rows)
+
     @property
     def params_before(self) -> int:
         return sum(r.params_before for r in self.layers)

@@ -248,7 +248,7 @@ def sensitivity(
     """
     from fxprune.api import compile as fx_compile
     from fxprune.api import resolve_names
-    from fxprune.graph import build_graph, trace
+    from fxprune.graph import build_graph, capture
     from fxprune.graph.trace import as_args
     from fxprune.passes.units import channel_holders, group_name
     from fxprune.stats import layer_stats
@@ -272,17 +272,13 @@ def sensitivity(
     ignore = resolve_names(model, compile_kwargs.get("ignore", ()), "ignore")
     if groups is not None:
         resolve_names(model, groups, "groups")
-    traced = trace(
+    traced = capture(
         model,
         args,
         mode=compile_kwargs.get("mode", "auto"),
         leaf_modules=compile_kwargs.get("leaf_modules", ()),
+        heads="heads" in kinds,
     )
-    if "heads" in kinds and traced.mode == "fx":
-        from fxprune.api import hidden_attention
-
-        if hidden_attention(traced.gm):
-            traced = trace(model, args, mode="export")
     graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
     holders = channel_holders(graph) if ignore else {}
     from fxprune._util import eval_mode, module_matches

@@ -48,9 +48,8 @@ from fxprune.errors import (
     UnsupportedModelError,
 )
 from fxprune.hf import TOKENIZER_FILES, check_config_valid
+from fxprune.importance import name_of, resolve
 
-DATA_IMPORTANCE = ("activation", "entropy", "confidence")  # measured on the block's inputs
-WEIGHT_IMPORTANCE = ("l1", "l2", "random")
 SHARD_BYTES = 1024**3  # output shard size: a pending shard is held in memory until written
 
 
@@ -306,7 +305,7 @@ def stream(
     ffn: float = 0.0,
     sparsity: str | None = None,
     sparsity_method: str = "magnitude",
-    importance: str = "l1",
+    importance="l1",
     calibration=None,
     calibration_batches: int = 8,
     min_heads: int = 1,
@@ -348,7 +347,7 @@ def stream(
     """
     t0 = time.perf_counter()
     src, dst = Path(source), Path(out)
-    measured = sparsity_method != "magnitude" or (importance in DATA_IMPORTANCE and (heads or ffn))
+    measured = sparsity_method != "magnitude" or bool(resolve(importance).needs and (heads or ffn))
     _check_options(
         src, dst, heads, ffn, sparsity, sparsity_method, importance, measured, calibration
     )
@@ -408,16 +407,10 @@ def _check_options(src, dst, heads, ffn, sparsity, method, importance, measured,
         raise CheckpointError(f"{src}: no config.json (stream needs a Hugging Face model folder)")
     if not (heads or ffn or sparsity):
         raise ConfigError("stream: nothing to do (give heads=, ffn= or sparsity=)")
-    if importance not in WEIGHT_IMPORTANCE + DATA_IMPORTANCE:
-        why = (
-            " (taylor needs the model's loss, which a block-by-block pass never computes; use "
-            "fxprune.compile)"
-            if importance == "taylor"
-            else ""
-        )
+    if resolve(importance).needs == "taylor":  # resolve: a ConfigError for an unknown name
         raise ConfigError(
-            f"stream: importance={importance!r} is not one of "
-            f"{WEIGHT_IMPORTANCE + DATA_IMPORTANCE}{why}"
+            f"stream: importance={name_of(importance)!r} reads gradients, and taylor needs the "
+            "model's loss, which a block-by-block pass never computes; use fxprune.compile"
         )
     if measured and calibration is None:
         what = (
@@ -507,14 +500,15 @@ class _Stack:
 
     def prune_block(self, i, options, hidden, prove, result, writer, shapes):
         """Prune block i, prove it, write it; returns the calibration's next hidden states."""
-        import fxprune
+        from fxprune.api import compile as compile_block
+        from fxprune.verify import equivalence
 
         ti = time.perf_counter()
         block = self.load_block(i)
         stored = next(block.layer.parameters()).dtype  # the shards' dtype, whatever the config says
         if self.example.dtype != stored:
             self.example = self.example.to(stored)
-        res = fxprune.compile(
+        res = compile_block(
             block,
             self.example,
             calibration=hidden,
@@ -530,7 +524,7 @@ class _Stack:
             )
         err = None
         if prove:
-            rep = fxprune.verify.equivalence(block, res, self.example, target="model")
+            rep = equivalence(block, res, self.example, target="model")
             if not rep.ok:
                 raise PassError(f"stream: pruned block {i} fails its proof: {rep.message}")
             err = rep.max_rel_err

@@ -275,3 +275,31 @@ def test_report_renders_in_headless_chromium(net, tmp_path, capsys):
     img = Image.open(shot).convert("RGB")
     blue = sum(1 for p in img.getdata() if p == (0x2F, 0x6F, 0xDF))  # the "after" bars
     assert img.size == (1100, 1400) and blue > 500
+
+
+def _long_options(p):
+    import argparse
+
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {o}", o) for _, o in _long_options(sub))
+        else:
+            yield from (("", o) for o in action.option_strings if o.startswith("--"))
+
+
+def test_flags_are_kebab_case_and_old_spellings_still_parse(capsys):
+    from fxprune.cli_args import parser
+
+    p = parser()
+    options = [o for _, o in _long_options(p)]
+    snake = [o for o in options if "_" in o]
+    assert snake and all(o.replace("_", "-") in options for o in snake)  # each has its kebab
+    new = p.parse_args(["prune", "m", "--round-to", "8", "--global-ranking", "--allow-approximate"])
+    old = p.parse_args(["prune", "m", "--round_to", "8", "--global_ranking", "--allow_approximate"])
+    assert vars(new) == vars(old) and new.round_to == 8 and new.global_ranking
+    for cmd in ("prune", "verify", "estimate", "inspect", "export"):
+        with pytest.raises(SystemExit):
+            p.parse_args([cmd, "--help"])
+        shown = capsys.readouterr().out
+        assert "--" in shown and not [w for w in shown.split() if w.startswith("--") and "_" in w]

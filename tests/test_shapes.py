@@ -381,7 +381,7 @@ def test_gpt2_takes_a_mask_after_a_none_cache_positional(tmp_path):
 
     import fxprune.exporters.onnx as onnx_exp
 
-    real_export = onnx_exp._export
+    real_export = onnx_exp.write_onnx
 
     def tampered(module, args, dest, opset, dynamic_batch):
         external = real_export(module, args, dest, opset, dynamic_batch)
@@ -391,10 +391,10 @@ def test_gpt2_takes_a_mask_after_a_none_cache_positional(tmp_path):
         onnx.save(m, str(dest))
         return external
 
-    onnx_exp._export = tampered
+    onnx_exp.write_onnx = tampered
     try:
         with pytest.raises(ExportError, match="differs"):
             res.export(tmp_path / "bad.onnx")
     finally:
-        onnx_exp._export = real_export
+        onnx_exp.write_onnx = real_export
     assert not (tmp_path / "bad.onnx").exists()

@@ -158,7 +158,9 @@ def test_wanda_calibrates_each_block_on_the_pruned_blocks_before_it(tmp_path):
 def test_every_block_is_proved_and_a_wrong_one_stops_the_run(tmp_path, monkeypatch):
     dense = _decoder("llama", layers=2)
     src = _source(dense, tmp_path / "src")
-    real = fxprune.compile
+    import fxprune.api
+
+    real = fxprune.api.compile
 
     def tampered(*a, **kw):
         res = real(*a, **kw)
@@ -167,7 +169,7 @@ def test_every_block_is_proved_and_a_wrong_one_stops_the_run(tmp_path, monkeypat
                 res.model.layer.mlp.down_proj.weight[0, 0] += 1.0
         return res
 
-    monkeypatch.setattr(fxprune, "compile", tampered)
+    monkeypatch.setattr(fxprune.api, "compile", tampered)  # what the stream calls per block
     with pytest.raises(PassError, match="block 0 fails its proof"):
         fxprune.stream(src, tmp_path / "out", ffn=0.25)
     assert not (tmp_path / "out").exists()  # nothing half-written is left

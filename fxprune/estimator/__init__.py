@@ -32,17 +32,17 @@ from fxprune.errors import ConfigError, FxPruneError
 from fxprune.estimator.costs import (
     LayerCost,
     RooflineRow,
-    _dense_ms,
-    _nm_ms,
-    _roofline,
-    _unstructured_ms,
     bitmask_bytes,
     csr_bytes,
+    dense_time_ms,
     layer_costs,
     nm_bytes_ratio,
+    nm_time_ms,
+    roofline_rows,
+    unstructured_time_ms,
 )
 from fxprune.estimator.hardware import BYTES, HARDWARE, NM_META_BITS, Hardware
-from fxprune.estimator.report import EstimateReport, Scenario, _mb, _n
+from fxprune.estimator.report import EstimateReport, Scenario, fmt_count, fmt_mb
 from fxprune.graph.trace import as_args
 
 __all__ = [
@@ -91,7 +91,7 @@ def _speedups(
         out[hw.name] = {}
         for b in batches:
             sc = b / b0
-            t_dense = sum(_dense_ms(c, hw, dtypes[hw.name], sc) for c in base)
+            t_dense = sum(dense_time_ms(c, hw, dtypes[hw.name], sc) for c in base)
             t_new = per_layer(hw, dtypes[hw.name], sc)
             out[hw.name][b] = t_dense / t_new if t_new else float("inf")
     return out
@@ -196,12 +196,12 @@ def estimate(
     dense = Scenario("dense", P, {"dense": _bytes_all(P)}, gflops, gflops)
     dense.speedup = {h.name: {b: 1.0 for b in batches} for h in hws}
     dense.formulas.append(
-        f"P = {_n(P)} parameters, of which {_n(W)} in {len(weights)} conv/linear weights "
-        f"(prunable) and {_n(other)} others (biases, norms, embeddings)"
+        f"P = {fmt_count(P)} parameters, of which {fmt_count(W)} in {len(weights)} conv/linear weights "
+        f"(prunable) and {fmt_count(other)} others (biases, norms, embeddings)"
     )
     dense.formulas.append(
         "bytes = P x bytes per value = "
-        + ", ".join(f"{_n(P)} x {b} = {_mb(P * b)} ({d})" for d, b in BYTES.items())
+        + ", ".join(f"{fmt_count(P)} x {b} = {fmt_mb(P * b)} ({d})" for d, b in BYTES.items())
     )
     dense.formulas.append(f"FLOPs = 2 x MACs = {gflops / 1e9:.3f} GFLOPs per batch of {b0}")
     scen.append(dense)
@@ -231,7 +231,9 @@ def estimate(
         sc.speedup = _speedups(
             costs,
             lambda hw, d, k: sum(
-                _dense_ms(c, hw, d, k) if c.name in excl else _unstructured_ms(c, hw, d, k, s)
+                dense_time_ms(c, hw, d, k)
+                if c.name in excl
+                else unstructured_time_ms(c, hw, d, k, s)
                 for c in costs
             ),
             hws,
@@ -242,19 +244,19 @@ def estimate(
         big = max(sparse_w.values(), key=lambda c: c.weight, default=None)
         Ws = W - (dense_rest - other)
         sc.formulas.append(
-            f"remaining = P x (1 - s) = {_n(Ws)} x (1 - {s:g}) = {_n(Ws * (1 - s))} "
-            f"(+ {_n(dense_rest)} not pruned) = {_n(dense_rest + kept)} parameters"
+            f"remaining = P x (1 - s) = {fmt_count(Ws)} x (1 - {s:g}) = {fmt_count(Ws * (1 - s))} "
+            f"(+ {fmt_count(dense_rest)} not pruned) = {fmt_count(dense_rest + kept)} parameters"
         )
         if big is not None:
             nnz = round(big.weight * (1 - s))
             sc.formulas.append(
                 f"CSR bytes = nnz x (value + 4-byte column index) + (rows + 1) x 4, e.g. "
-                f"{big.name} fp16: {_n(nnz)} x (2 + 4) + ({big.out_features} + 1) x 4 = "
-                f"{_n(csr_bytes(big, s, 'fp16'))} vs dense {_n(big.weight * 2)}"
+                f"{big.name} fp16: {fmt_count(nnz)} x (2 + 4) + ({big.out_features} + 1) x 4 = "
+                f"{fmt_count(csr_bytes(big, s, 'fp16'))} vs dense {fmt_count(big.weight * 2)}"
             )
             sc.formulas.append(
                 f"bitmask bytes = nnz x value + positions / 8, e.g. {big.name} fp16: "
-                f"{_n(nnz)} x 2 + {_n(big.weight)} / 8 = {_n(bitmask_bytes(big, s, 'fp16'))}"
+                f"{fmt_count(nnz)} x 2 + {fmt_count(big.weight)} / 8 = {fmt_count(bitmask_bytes(big, s, 'fp16'))}"
             )
         for hw in hws:
             if hw.unstructured_threshold is None:
@@ -287,7 +289,7 @@ def estimate(
         )
         sc.speedup = _speedups(
             costs,
-            lambda hw, d, k: sum(_nm_ms(c, hw, d, k) for c in costs),
+            lambda hw, d, k: sum(nm_time_ms(c, hw, d, k) for c in costs),
             hws,
             dtypes,
             batches,
@@ -295,7 +297,7 @@ def estimate(
         )
         inel = {k: c.nm_reason for k, c in weights.items() if c.nm_reason is not None}
         sc.formulas.append(
-            f"eligible weights E = {_n(E)} in {len(elig)} of {len(weights)} layers"
+            f"eligible weights E = {fmt_count(E)} in {len(elig)} of {len(weights)} layers"
             + (
                 f" (not: {', '.join(f'{k}: {v}' for k, v in list(inel.items())[:3])}"
                 + (f" and {len(inel) - 3} more" if len(inel) > 3 else "")
@@ -304,7 +306,9 @@ def estimate(
                 else ""
             )
         )
-        sc.formulas.append(f"remaining = P - E / 2 = {_n(P)} - {_n(E // 2)} = {_n(P - E // 2)}")
+        sc.formulas.append(
+            f"remaining = P - E / 2 = {fmt_count(P)} - {fmt_count(E // 2)} = {fmt_count(P - E // 2)}"
+        )
         sc.formulas.append(
             f"bytes of an eligible weight = dense x (1/2 + 1/2 x {NM_META_BITS} bits / value "
             f"bits) = dense x {nm_bytes_ratio('fp16'):.4f} (fp16), "
@@ -318,9 +322,13 @@ def estimate(
             parts = []
             for b in batches:
                 k = b / b0
-                t_all = sum(_dense_ms(c, hw, d, k) for c in costs)
-                t_e = sum(_dense_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None)
-                t_es = sum(_nm_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None)
+                t_all = sum(dense_time_ms(c, hw, d, k) for c in costs)
+                t_e = sum(
+                    dense_time_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None
+                )
+                t_es = sum(
+                    nm_time_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None
+                )
                 f = t_e / t_all if t_all else 0.0
                 keff = t_e / t_es if t_es else 1.0
                 parts.append(
@@ -352,7 +360,8 @@ def estimate(
         )
 
     roof = {
-        hw.name: {b: _roofline(costs, hw, dtypes[hw.name], b / b0) for b in batches} for hw in hws
+        hw.name: {b: roofline_rows(costs, hw, dtypes[hw.name], b / b0) for b in batches}
+        for hw in hws
     }
     return EstimateReport(
         type(model).__name__,
@@ -414,7 +423,7 @@ def _structured(
     for c in pcosts:  # only weights the N:M pass masked run on sparse math
         if c.weight and c.param not in masked:
             c.nm_reason = "not N:M-masked"
-    ms = _nm_ms if masked else _dense_ms
+    ms = nm_time_ms if masked else dense_time_ms
     fl = _gemm_flops(pcosts)
     sc = Scenario(f"structured ({what})", P2, {"dense": _bytes_all(P2)}, fl, fl)
     sc.speedup = _speedups(
@@ -428,7 +437,7 @@ def _structured(
     P = sum(p.numel() for p in model.parameters())
     f0 = _gemm_flops(costs)
     sc.formulas.append(
-        f"{what if isinstance(structured, CompileResult) else f'built with fxprune.compile({what})'}: params {_n(P)} -> {_n(P2)} (x{P2 / P:.3f}), "
+        f"{what if isinstance(structured, CompileResult) else f'built with fxprune.compile({what})'}: params {fmt_count(P)} -> {fmt_count(P2)} (x{P2 / P:.3f}), "
         f"FLOPs {f0 / 1e9:.3f} -> {fl / 1e9:.3f} G (x{fl / f0 if f0 else 1:.3f}); a smaller "
         "dense model, same kernels"
         + (f"; {len(masked)} weights N:M-masked run as in the 2:4 scenario" if masked else "")
@@ -438,7 +447,7 @@ def _structured(
         parts = []
         for b in batches:
             k = b / b0
-            t0 = sum(_dense_ms(c, hw, d, k) for c in costs)
+            t0 = sum(dense_time_ms(c, hw, d, k) for c in costs)
             t1 = sum(ms(c, hw, d, k) for c in pcosts)
             parts.append(f"batch {b}: {t0:.4f} / {t1:.4f} ms = {t0 / t1:.2f}x")
         sc.formulas.append(

@@ -209,12 +209,12 @@ def bitmask_bytes(c: LayerCost, s: float, dtype: str) -> float:
     return round(c.weight * (1 - s)) * BYTES[dtype] + math.ceil(c.weight / 8)
 
 
-def _dense_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
+def dense_time_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
     return _time(hw, dtype, c.flops * scale, (c.weight + c.act * scale) * BYTES[dtype])
 
 
-def _nm_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
-    dense = _dense_ms(c, hw, dtype, scale)
+def nm_time_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
+    dense = dense_time_ms(c, hw, dtype, scale)
     if c.nm_reason is not None or not hw.sparse_24 or c.rows * scale < hw.sparse_min_rows:
         return dense
     B = BYTES[dtype]
@@ -227,8 +227,8 @@ def _nm_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float) -> float:
     return min(dense, sparse)
 
 
-def _unstructured_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float, s: float) -> float:
-    dense = _dense_ms(c, hw, dtype, scale)
+def unstructured_time_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float, s: float) -> float:
+    dense = dense_time_ms(c, hw, dtype, scale)
     if not c.weight or hw.unstructured_threshold is None or s < hw.unstructured_threshold:
         return dense
     sparse = _time(
@@ -241,7 +241,9 @@ def _unstructured_ms(c: LayerCost, hw: Hardware, dtype: str, scale: float, s: fl
     return min(dense, sparse)
 
 
-def _roofline(costs: list[LayerCost], hw: Hardware, dtype: str, scale: float) -> list[RooflineRow]:
+def roofline_rows(
+    costs: list[LayerCost], hw: Hardware, dtype: str, scale: float
+) -> list[RooflineRow]:
     ridge = hw.ridge(dtype)
     rows = []
     for c in costs:
@@ -256,7 +258,7 @@ def _roofline(costs: list[LayerCost], hw: Hardware, dtype: str, scale: float) ->
                 nbytes,
                 ai,
                 "compute" if ai >= ridge else "memory",
-                _dense_ms(c, hw, dtype, scale),
+                dense_time_ms(c, hw, dtype, scale),
             )
         )
     return rows

@@ -78,8 +78,8 @@ class EstimateReport:
             for fmt, by in s.bytes.items():
                 label = s.name if fmt == "dense" else f"{s.name} ({fmt})"
                 out.append(
-                    f"| {label} | {_n(s.params)} | {_mb(by['fp32'])} | {_mb(by['fp16'])} "
-                    f"| {_mb(by['int8'])} | {s.flops / 1e9:.2f} | {s.nominal_flops / 1e9:.2f} |"
+                    f"| {label} | {fmt_count(s.params)} | {fmt_mb(by['fp32'])} | {fmt_mb(by['fp16'])} "
+                    f"| {fmt_mb(by['int8'])} | {s.flops / 1e9:.2f} | {s.nominal_flops / 1e9:.2f} |"
                 )
         out.append("")
         head = " | ".join(
@@ -138,9 +138,9 @@ class EstimateReport:
         return json.dumps(self.to_dict())
 
 
-def _n(v: float) -> str:
+def fmt_count(v: float) -> str:
     return f"{v:,.0f}"
 
 
-def _mb(v: float) -> str:
+def fmt_mb(v: float) -> str:
     return f"{v / 1e6:.2f} MB"

@@ -1,4 +1,5 @@
-"""Exporters behind one interface (ONNX and TensorRT arrive with issue #4).
+"""Exporters behind one interface: ONNX (``exporters.onnx``) and a TensorRT engine
+(``exporters.tensorrt``).
 
 An exporter declares what it needs as class attributes and registers itself; ``export`` picks one
 by the output file's suffix. Optional packages are imported inside ``export`` and a missing one

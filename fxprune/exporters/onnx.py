@@ -102,7 +102,7 @@ class OnnxExporter(Exporter):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
         try:
             staged = tmp / path.name
-            external = _export(module, args, staged, opset, dynamic_batch)
+            external = write_onnx(module, args, staged, opset, dynamic_batch)
             onnx.checker.check_model(str(staged), full_check=True)
             model = onnx.load(str(staged), load_external_data=True)
             abs_err, rel_err = _parity(module, args, staged, ort, dynamic_batch, rtol, atol, seed)
@@ -150,7 +150,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _export(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) -> bool:
+def write_onnx(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) -> bool:
     """Write ``module`` as ONNX to ``dest``; True when the weights went to external data.
 
     With ``dynamic_batch``, the dims the capture left free (``gm.meta[DYNAMIC_DIMS]``, else

@@ -149,7 +149,7 @@ class TensorRTExporter(Exporter):
         **onnx_options,
     ) -> TensorRTReport:
         """ONNX export (with every check of the ONNX exporter) next to ``path``, then the build."""
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():
@@ -172,7 +172,7 @@ class TensorRTExporter(Exporter):
             )
         log: list[str] = []
         first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-        engine = _build(
+        engine = build_engine(
             trt,
             onnx_path,
             log,
@@ -204,7 +204,7 @@ class TensorRTExporter(Exporter):
         )
 
 
-def _import_tensorrt():
+def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -212,7 +212,7 @@ def _import_tensorrt():
     return trt
 
 
-def _build(
+def build_engine(
     trt,
     onnx_path: Path,
     log: list[str],

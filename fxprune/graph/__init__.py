@@ -1,4 +1,4 @@
-"""Dependency-graph core: capture (``trace``), coupling rules (``rules``, ``layers``), the solved
+"""Dependency-graph core: capture (``capture``, over ``trace``), coupling rules (``rules``, ``layers``), the solved
 graph (``depgraph``) and the rewrite that applies a removal (``rewrite``)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch.fx as fx
 from fxprune.graph import attention as _attention  # noqa: F401 - matmul, SDPA, einsum rules
 from fxprune.graph import layers as _layers  # noqa: F401 - registers the layer rules
 from fxprune.graph import shapes as _shapes  # noqa: F401 - registers the shape rules
+from fxprune.graph.capture import capture, hidden_attention, without_cache  # noqa: E402
 from fxprune.graph.depgraph import Analysis, DependencyGraph, Group, none_like
 from fxprune.graph.rules import RULES, barrier, find_rule
 from fxprune.graph.shapeprop import propagate_shapes
@@ -19,9 +20,12 @@ __all__ = [
     "Group",
     "Traced",
     "build_graph",
+    "capture",
+    "hidden_attention",
     "propagate_shapes",
     "retarget",
     "trace",
+    "without_cache",
 ]
 
 

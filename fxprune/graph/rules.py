@@ -232,7 +232,7 @@ BINARY = [
 
 
 @rule(*BINARY)
-def _binary(ctx, node):
+def binary_rule(ctx, node):
     if node.op == "call_method" and node.target == "expand_as":
         return ctx.atoms(node.args[0])
     return elementwise(ctx, node, pytree.tree_leaves((node.args, node.kwargs)))
@@ -360,7 +360,7 @@ UNARY = [
 
 
 @rule(*UNARY, "torchvision.ops.stochastic_depth.stochastic_depth")
-def _unary(ctx, node):
+def unary_rule(ctx, node):
     x = first_tensor(ctx, node)
     return ctx.atoms(x) if x is not None else none_output(node)
 

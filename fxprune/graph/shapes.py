@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from fxprune.graph.attention import einsum_head_dims, einsum_rule, matmul_rule, sdpa_rule
 from fxprune.graph.depgraph import Analysis, compress, varying_dims
 from fxprune.graph.rules import (
-    _binary,
-    _unary,
     align,
     arg,
     barrier,
+    binary_rule,
     elementwise,
     find_rule,
     keep_along,
@@ -32,6 +31,7 @@ from fxprune.graph.rules import (
     out_ndim,
     rule,
     set_arg,
+    unary_rule,
 )
 from fxprune.graph.trace import tensor_meta
 
@@ -558,7 +558,7 @@ def _channel_shuffle(ctx, node):
 # Rules that only move, slice or rescale values: attention detection looks through them.
 TRANSPARENT = frozenset(
     {
-        _unary, _binary, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice,
+        unary_rule, binary_rule, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice,
         _aten_select, _roll,
     }
 )

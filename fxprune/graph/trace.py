@@ -47,7 +47,6 @@ class Traced:
 
     gm: fx.GraphModule
     mode: str  # "fx" or "export"
-    fx_error: str | None = None  # why symbolic tracing failed, when mode == "export"
     dynamic: list[list[int]] = field(default_factory=list)
     # each submodule's type and plain attributes (num_heads, head_dim, ...) when captured: the
     # graph bakes them in, so :func:`retarget` refuses a module whose attributes differ
@@ -386,7 +385,7 @@ def trace(
         gm, dynamic = _trace_export(model, args, maps, user=dynamic_shapes is not None)
         propagate_shapes(gm, args)
         gm.meta[DYNAMIC_DIMS] = dynamic
-        return Traced(gm, "export", fx_error=fx_err, dynamic=dynamic, signature=signature(model))
+        return Traced(gm, "export", dynamic=dynamic, signature=signature(model))
     except UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -471,7 +470,7 @@ def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Tra
     if example_inputs is not None:
         propagate_shapes(gm, as_args(example_inputs))
     dynamic = [list(d) for d in traced.dynamic]
-    return Traced(gm, traced.mode, traced.fx_error, dynamic, traced.signature)
+    return Traced(gm, traced.mode, dynamic, traced.signature)
 
 
 def _same_signature(want: dict, got: dict, what: str) -> None:

@@ -23,7 +23,6 @@ class PassResult:
 
     name: str
     changed: bool
-    removed_units: list[int] = field(default_factory=list)
     zero: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # consumer keep masks
     approximate_groups: int = 0
     details: dict = field(default_factory=dict)

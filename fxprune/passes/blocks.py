@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from fxprune.calibration import _Capture, as_batches
+from fxprune.calibration import Capture, as_batches
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.shapeprop import propagate_shapes
@@ -160,7 +160,7 @@ def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str
     totals = dict.fromkeys((r.path for r in regions), 0.0)
     with torch.no_grad():
         for b in batches:
-            cap = _Capture(gm, keep)
+            cap = Capture(gm, keep)
             cap.run(*b)
             for r in regions:
                 x = cap.seen[r.hidden.name].double().flatten(1)

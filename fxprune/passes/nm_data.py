@@ -78,7 +78,7 @@ def calibrate(
     """Run ``batches`` through ``gm`` and accumulate input statistics for the weights in
     ``layers`` (param name -> layer). Returns the statistics and, per weight, why SparseGPT
     cannot reconstruct it (those get Wanda scores)."""
-    from fxprune.calibration import _Capture
+    from fxprune.calibration import Capture
 
     want: dict[str, list[tuple[str, fx.Node, WeightedLayer]]] = {}
     fallback: dict[str, str] = {}
@@ -101,7 +101,7 @@ def calibrate(
     acc = _Acc()
     with torch.no_grad():
         for b in batches:
-            cap = _Capture(gm, set(want))
+            cap = Capture(gm, set(want))
             cap.run(*b)
             for src, uses in want.items():
                 x = cap.seen.get(src)

@@ -18,7 +18,7 @@ from fxprune.calibration import as_batches, collect
 from fxprune.errors import ConfigError, NothingToPruneError, PlanError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import apply_removal
-from fxprune.importance import CRITERIA, DATA_CRITERIA, SCALE_FREE, group_mean, unit_scores
+from fxprune.importance import Criterion, group_mean, resolve, unit_scores
 from fxprune.passes import PassResult
 
 
@@ -28,7 +28,8 @@ class UnitSelection:
 
     Args:
         ratio: fraction of each group's units to remove, in [0, 1).
-        importance: one of ``fxprune.importance.CRITERIA``.
+        importance: a registered criterion's name (``fxprune.importance.REGISTRY``) or a
+            :class:`fxprune.importance.Criterion` instance.
         ignore: module names (globs or parent modules allowed) whose output channels stay.
         layer_ratios: ``{module name or glob: ratio}`` overriding ``ratio`` for the groups that
             contain a matching layer (first match wins).
@@ -40,7 +41,7 @@ class UnitSelection:
     """
 
     ratio: float = 0.0
-    importance: str = "l1"
+    importance: str | Criterion = "l1"
     ignore: tuple[str, ...] = ()
     layer_ratios: tuple[tuple[str, float], ...] = ()
     global_ranking: bool = False
@@ -58,8 +59,7 @@ class UnitSelection:
         for name, r in self.layer_ratios:
             if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
                 raise ConfigError(f"layer_ratios[{name!r}]={r!r}: must be in [0, 1)")
-        if self.importance not in CRITERIA:
-            raise ConfigError(f"importance={self.importance!r}: choose one of {CRITERIA}")
+        resolve(self.importance)  # a ConfigError naming the registered criteria
 
     def check_ratio(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0):
@@ -121,9 +121,10 @@ def select_units(
     """Units to remove and how many per group, by importance (``info`` receives the loss a
     Taylor score used)."""
     stats = None
-    if cfg.importance in DATA_CRITERIA:
+    crit = resolve(cfg.importance)
+    if crit.needs:
         batches = as_batches(cfg.calibration, args)
-        stats = collect(graph, batches, {cfg.importance}, cfg.loss_fn)
+        stats = collect(graph, batches, {crit.needs}, cfg.loss_fn)
         if stats.loss and info is not None:
             info["taylor_loss"] = stats.loss
     removed: list[int] = []
@@ -133,7 +134,7 @@ def select_units(
     # score only the groups this pass may prune: a heads / FFN pass never reads the embedding,
     # lm_head or any other hidden-size weight
     ranked = [by_id[gid] for gid, r in ratios.items() if r is not None]
-    scores = unit_scores(graph, cfg.importance, cfg.seed, stats, groups=ranked)
+    scores = unit_scores(graph, crit, cfg.seed, stats, groups=ranked)
     if not cfg.global_ranking:
         for gid, r in ratios.items():
             g = by_id[gid]
@@ -150,7 +151,7 @@ def select_units(
         if r is None:
             continue
         g = by_id[gid]
-        mean = 1.0 if cfg.importance in SCALE_FREE else group_mean(scores, g)
+        mean = 1.0 if crit.scale_free else group_mean(scores, g)
         cands += [(scores[u] / mean, gid, u) for u in g.units]
         budget += len(g.units) * g.width
     target = int(math.floor(budget * cfg.ratio + 1e-9))
@@ -284,7 +285,6 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
     return PassResult(
         cfg.name,
         changed=True,
-        removed_units=units,
         zero=zero,
         approximate_groups=approx,
         details={"groups_pruned": len(units_per_group), "units": units_per_group, **info},

@@ -1,11 +1,22 @@
 """The verifier: the equivalence proof (``equivalence``) and the latency comparison
 (``latency``) of a pruned model against its dense original."""
 
-from fxprune.verify.latency import BACKENDS, LatencyReport, LatencyRow, latency
+from fxprune.verify.latency import (
+    BACKENDS,
+    Backend,
+    LatencyReport,
+    LatencyRow,
+    RunContext,
+    backend,
+    latency,
+)
 from fxprune.verify.proof import RTOL, EquivalenceReport, equivalence, zeroed_dense
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "RunContext",
+    "backend",
     "RTOL",
     "EquivalenceReport",
     "LatencyReport",

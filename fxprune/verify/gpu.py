@@ -152,17 +152,17 @@ class TensorRTRunner:
     CUDA tensors (I/O bound by name, one stream, synchronised after every call)."""
 
     def __init__(self, module, args: tuple, workdir: Path, tag: str, sparse: bool, max_batch: int):
-        from fxprune.exporters.onnx import DEFAULT_OPSET, _export
-        from fxprune.exporters.tensorrt import _build, _import_tensorrt, parse_sparsity_log
+        from fxprune.exporters.onnx import DEFAULT_OPSET, write_onnx
+        from fxprune.exporters.tensorrt import build_engine, import_tensorrt, parse_sparsity_log
 
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         require_cuda("tensorrt")
         self.trt = trt
         path = Path(workdir) / f"{tag}.onnx"
-        _export(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
+        write_onnx(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
         log: list[str] = []
         fp16 = int(trt.__version__.split(".")[0]) < 11  # TRT 11: precision comes from the ONNX
-        blob = _build(
+        blob = build_engine(
             trt,
             path,
             log,

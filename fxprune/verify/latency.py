@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,8 +30,6 @@ from torch.utils import _pytree as pytree
 from fxprune._util import eval_mode, progress_bar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
-
-BACKENDS = ("onnxruntime", "torch", "torch-compile", "torch-cuda", "tensorrt")
 
 
 @dataclass
@@ -121,57 +120,176 @@ def _tensors(out) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-class _Runner:
-    """A prepared model on a CPU backend: ``prepare(args)`` makes one batch of inputs ready
-    (outside the timed region), ``run(prepared)`` does one forward."""
+class Backend:
+    """A latency backend: how a model is prepared once and run per call.
 
-    notes: tuple[str, ...] = ()  # the CPU backends have nothing to add
+    Register a subclass with ``@backend("name")`` and ``fxprune.verify.latency(...,
+    backend="name")`` (and ``fxprune verify --backend name``) times on it.
 
-    def __init__(self, module, args, backend: str, threads: int, workdir: Path, tag: str):
-        self.backend = backend
-        self.module = module
-        if backend == "onnxruntime":
-            import onnxruntime as ort
+    ``check()`` runs before anything is prepared: a missing package or device raises a typed
+    error (``MissingExtraError``, ``ConfigError``) naming the backend. ``runner(module, args,
+    ctx)`` returns an object with ``prepare(args)`` (one batch made ready, outside the timed
+    region), ``run(prepared)`` (one forward; its outputs are compared with PyTorch eager for
+    the parity column) and ``notes`` (what the backend did: sparse layers, ...). ``gpu``: the
+    report names the GPU.
+    """
 
-            from fxprune.exporters.onnx import DEFAULT_OPSET, _export
+    name: ClassVar[str] = ""
+    gpu: ClassVar[bool] = False
 
-            path = workdir / f"{tag}.onnx"
-            _export(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            self.names = [i.name for i in self.sess.get_inputs()]
-        elif backend == "torch-compile":
-            self.fn = torch.compile(module)
-        else:
-            self.fn = module
+    def check(self) -> None:
+        """Raise when this backend cannot run here."""
+
+    def runner(self, module, args: tuple, ctx: RunContext):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a backend's runner may need besides the model and its example."""
+
+    threads: int
+    workdir: Path  # scratch files (ONNX, engines), removed afterwards
+    tag: str  # "dense" or "pruned": a file name stem
+    masks: dict  # the pruned model's N:M masks ({} for the dense one)
+    max_batch: int  # the largest batch that will be timed
+
+
+REGISTRY: dict[str, Backend] = {}
+"""Latency backends by name, in registration order (the built-ins below first)."""
+
+
+def backend(name: str):
+    """Class decorator: register a :class:`Backend` subclass under ``name``."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise ConfigError(f"@backend({name!r}) decorates a Backend subclass, not {cls!r}")
+        cls.name = name
+        REGISTRY[name] = cls()
+        return cls
+
+    return deco
+
+
+class _Eager:
+    """PyTorch in-process: ``fn(*args)`` under inference mode."""
+
+    notes: tuple[str, ...] = ()
+
+    def __init__(self, fn):
+        self.fn = fn
 
     def prepare(self, args: tuple):
-        if self.backend == "onnxruntime":
-            tensors = [a for a in args if a is not None]  # ONNX drops None positionals
-            return {n: a.numpy() for n, a in zip(self.names, tensors, strict=False)}
         return args
 
     def run(self, prepared):
-        if self.backend == "onnxruntime":
-            return self.sess.run(None, prepared)
         with torch.inference_mode():
             return self.fn(*prepared)
 
 
-def _runner(module, args, backend, threads, workdir, tag, masks, max_batch):
-    if backend == "torch-cuda":
+@backend("onnxruntime")
+class OnnxRuntime(Backend):
+    """Both models exported to ONNX, timed on ONNX Runtime's CPU execution provider."""
+
+    def check(self) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:  # pragma: no cover - a core dependency
+            raise MissingExtraError("onnxruntime", "onnx", "the onnxruntime backend") from e
+
+    def runner(self, module, args, ctx):
+        return _OrtRunner(module, args, ctx)
+
+
+class _OrtRunner:
+    notes: tuple[str, ...] = ()
+
+    def __init__(self, module, args, ctx: RunContext):
+        import onnxruntime as ort
+
+        from fxprune.exporters.onnx import DEFAULT_OPSET, write_onnx
+
+        path = ctx.workdir / f"{ctx.tag}.onnx"
+        write_onnx(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = ctx.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def prepare(self, args: tuple):
+        tensors = [a for a in args if a is not None]  # ONNX drops None positionals
+        return {n: a.numpy() for n, a in zip(self.names, tensors, strict=False)}
+
+    def run(self, prepared):
+        return self.sess.run(None, prepared)
+
+
+@backend("torch")
+class Torch(Backend):
+    """PyTorch eager on the CPU."""
+
+    def runner(self, module, args, ctx):
+        return _Eager(module)
+
+
+@backend("torch-compile")
+class TorchCompile(Backend):
+    """``torch.compile`` (inductor) on the CPU; the warm-up calls pay the compile."""
+
+    def runner(self, module, args, ctx):
+        return _Eager(torch.compile(module))
+
+
+@backend("torch-cuda")
+class TorchCuda(Backend):
+    """PyTorch on the GPU; N:M-masked Linear weights as semi-structured sparse tensors."""
+
+    gpu = True
+
+    def check(self) -> None:
+        from fxprune.verify.gpu import require_cuda
+
+        require_cuda(self.name)
+
+    def runner(self, module, args, ctx):
         from fxprune.verify.gpu import TorchCudaRunner
 
-        return TorchCudaRunner(module, masks, tag)
-    if backend == "tensorrt":
+        return TorchCudaRunner(module, ctx.masks, ctx.tag)
+
+
+@backend("tensorrt")
+class TensorRT(Backend):
+    """A TensorRT engine per model (sparse weights when the N:M pass ran)."""
+
+    gpu = True
+
+    def check(self) -> None:
+        from fxprune.exporters.tensorrt import import_tensorrt
+        from fxprune.verify.gpu import require_cuda
+
+        import_tensorrt()
+        require_cuda(self.name)
+
+    def runner(self, module, args, ctx):
         from fxprune.verify.gpu import TensorRTRunner
 
-        return TensorRTRunner(module, args, workdir, tag, bool(masks), max_batch)
-    return _Runner(module, args, backend, threads, workdir, tag)
+        return TensorRTRunner(module, args, ctx.workdir, ctx.tag, bool(ctx.masks), ctx.max_batch)
+
+
+BACKENDS = tuple(REGISTRY)  # the built-in names (registered backends join REGISTRY)
+
+
+def resolve(name) -> Backend:
+    """The backend ``name`` names (a registered name) or is (an instance)."""
+    if isinstance(name, Backend):
+        return name
+    if isinstance(name, str) and name in REGISTRY:
+        return REGISTRY[name]
+    raise ConfigError(f"backend={name!r}: choose one of {tuple(REGISTRY)}")
 
 
 def _macs(module, args) -> int:
@@ -256,25 +374,12 @@ def latency(
         >>> rep = fxprune.verify.latency(model, result, x, batch_sizes=(1, 8))
         >>> print(rep.table()); rep.rows[-1].efficiency
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r}: choose one of {BACKENDS}")
+    be = resolve(backend)
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
     if repeats < 2 or warmup < 0:
         raise ConfigError(f"repeats={repeats}, warmup={warmup}: need repeats >= 2, warmup >= 0")
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as e:  # pragma: no cover - a core dependency
-            raise MissingExtraError("onnxruntime", "onnx", "the onnxruntime backend") from e
-    if backend == "tensorrt":
-        from fxprune.exporters.tensorrt import _import_tensorrt
-
-        _import_tensorrt()
-    if backend in ("torch-cuda", "tensorrt"):
-        from fxprune.verify.gpu import require_cuda
-
-        require_cuda(backend)
+    be.check()
     args = as_args(example_inputs, dense)
     module = getattr(pruned, "module", pruned)
     summary = getattr(pruned, "summary", None)
@@ -287,12 +392,12 @@ def latency(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rep = LatencyReport(
-        backend,
+        be.name,
         threads,
         warmup,
         repeats,
         machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if backend in ("torch-cuda", "tensorrt") else ""),
+        + (f", {torch.cuda.get_device_name()}" if be.gpu else ""),
     )
     masks = getattr(pruned, "nm_masks", None) or {}
     tmp = tempfile.TemporaryDirectory(prefix="fxprune-latency-") if workdir is None else None
@@ -302,13 +407,13 @@ def latency(
         with eval_mode(dense), eval_mode(module):
             top = max(batch_sizes)
             runners = {
-                "dense": _runner(dense, args, backend, threads, wd, "dense", {}, top),
-                "pruned": _runner(module, args, backend, threads, wd, "pruned", masks, top),
+                "dense": be.runner(dense, args, RunContext(threads, wd, "dense", {}, top)),
+                "pruned": be.runner(module, args, RunContext(threads, wd, "pruned", masks, top)),
             }
             for r in runners.values():
                 rep.notes += r.notes
             bar = progress_bar(
-                progress, len(batch_sizes) * 2 * (warmup + repeats), f"timing on {backend}"
+                progress, len(batch_sizes) * 2 * (warmup + repeats), f"timing on {be.name}"
             )
             for b in batch_sizes:
                 xb = _batch(args, b)

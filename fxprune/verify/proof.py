@@ -16,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxprune._util import eval_mode
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, PassError
 from fxprune.graph.trace import as_args
 from fxprune.verify.inputs import cast, cast_module, input_sets
 
@@ -63,7 +63,7 @@ def _bypass(module: torch.nn.Module, path: str) -> None:
         cands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         x = next((a for a in cands if a.shape == first.shape and a.dtype == first.dtype), None)
         if x is None:
-            raise RuntimeError(f"block {path}: no input has its output's shape to bypass it")
+            raise PassError(f"block {path}: no input has its output's shape to bypass it")
         if isinstance(out, torch.Tensor):
             return x
         return type(out)((x, *out[1:])) if isinstance(out, tuple) else out.__class__(x, *out[1:])

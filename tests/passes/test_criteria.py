@@ -111,3 +111,59 @@ def test_scoring_some_groups_reads_only_their_weights(criterion, monkeypatch):
     if criterion != "random":
         assert read and all(n.startswith("layers.0.") for n in read), read  # layer 0's groups
         assert any("embed" in n for n in everything) or criterion == "fpgm"
+
+
+def _inverted():
+    """A user criterion: the larger a unit's l1, the less important (removes the largest)."""
+    from fxprune.importance import Criterion, unit_scores
+
+    class InvertedL1(Criterion):
+        name = "inverted_l1"
+
+        def score(self, graph, groups, stats=None, seed=0):
+            return {u: -s for u, s in unit_scores(graph, "l1", groups=groups).items()}
+
+    return InvertedL1
+
+
+def test_a_user_criterion_works_by_instance_and_by_registered_name(monkeypatch):
+    from fxprune import importance as imp
+
+    m, x = _model()
+    kw = {"channels": 0.25, "ignore": ["c"], "layer_ratios": {"b": 0.0}}
+    cls = _inverted()
+    res = fxprune.compile(m, x, importance=cls(), **kw)
+    kept = res.plan.passes[0]["kept"]["a"]
+    l1 = fxprune.compile(m, x, importance="l1", **kw).plan.passes[0]["kept"]["a"]
+    gone, gone_l1 = set(range(8)) - set(kept), set(range(8)) - set(l1)
+    assert len(gone) == len(gone_l1) == 2 and not gone & gone_l1  # the largest, not the smallest
+    assert (
+        res.plan.config["importance"] == "inverted_l1" and fxprune.verify.equivalence(m, res, x).ok
+    )
+    monkeypatch.setitem(imp.REGISTRY, "inverted_l1", cls())
+    again = fxprune.compile(m, x, importance="inverted_l1", **kw)
+    assert again.plan.passes[0]["kept"]["a"] == kept
+    with pytest.raises(fxprune.errors.ConfigError, match="inverted_l1"):  # the list names it
+        fxprune.compile(m, x, importance="no_such", **kw)
+
+
+def test_the_decorator_registers_and_a_data_criterion_gets_its_statistics(monkeypatch):
+    from fxprune import importance as imp
+
+    seen = []
+    monkeypatch.setattr(imp, "REGISTRY", dict(imp.REGISTRY))
+
+    @imp.criterion("loud")
+    class Loud(imp.Criterion):
+        needs = "activation"
+
+        def score(self, graph, groups, stats=None, seed=0):
+            seen.append(stats.activation.shape)
+            return imp.REGISTRY["activation"].score(graph, groups, stats, seed)
+
+    m, x = _model()
+    res = fxprune.compile(m, x, channels=0.25, importance="loud", ignore=["c"])
+    act = fxprune.compile(m, x, channels=0.25, importance="activation", ignore=["c"])
+    assert seen and res.plan.passes[0]["kept"] == act.plan.passes[0]["kept"]
+    with pytest.raises(fxprune.errors.ConfigError, match="Criterion subclass"):
+        imp.criterion("bad")(object)

@@ -123,3 +123,50 @@ def test_batch_one_example_still_serves_other_batches():
     assert (out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]).shape[0] == 5
     rep = fxprune.verify.latency(m, res, ids, batch_sizes=[1, 3], repeats=2, warmup=0)
     assert [r.batch for r in rep.rows] == [1, 3] and max(r.parity for r in rep.rows) < 1e-4
+
+
+def test_a_user_backend_times_through_the_registry(pruned, monkeypatch):
+    """A backend registered with @fxprune.verify.backend is timed like a built-in: its runner
+    prepares once, runs warm-up + timed + parity calls, its notes reach the report, and a
+    backend whose outputs are wrong shows it in the parity column (the check can fail)."""
+    import importlib
+
+    lat = importlib.import_module("fxprune.verify.latency")  # the module, not the function
+    monkeypatch.setattr(lat, "REGISTRY", dict(lat.REGISTRY))
+    calls = {"dense": 0, "pruned": 0}
+
+    class Runner:
+        def __init__(self, module, tag, scale):
+            self.module, self.tag, self.scale = module, tag, scale
+            self.notes = [f"{tag}: counted"]
+
+        def prepare(self, args):
+            return args
+
+        def run(self, prepared):
+            calls[self.tag] += 1
+            with torch.inference_mode():
+                return self.module(*prepared) * self.scale
+
+    @fxprune.verify.backend("counting")
+    class Counting(fxprune.verify.Backend):
+        scale = 1.0
+
+        def runner(self, module, args, ctx):
+            assert ctx.threads >= 1 and ctx.max_batch in (1, 3) and ctx.workdir.is_dir()
+            return Runner(module, ctx.tag, self.scale)
+
+    m, x, res = pruned
+    rep = fxprune.verify.latency(m, res, x, backend="counting", batch_sizes=(1, 3), repeats=4)
+    assert rep.backend == "counting" and [r.batch for r in rep.rows] == [1, 3]
+    assert calls == {"dense": 2 * (5 + 4), "pruned": 2 * (5 + 4 + 1)}  # + one parity call
+    assert "pruned: counted" in rep.notes and max(r.parity for r in rep.rows) < 1e-5
+
+    @fxprune.verify.backend("wrong")
+    class Wrong(Counting):
+        scale = 1.5  # computes something else
+
+    bad = fxprune.verify.latency(m, res, x, backend="wrong", batch_sizes=(1,), repeats=2)
+    assert bad.rows[0].parity == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(ConfigError, match="counting"):  # the error lists registered names
+        fxprune.verify.latency(m, res, x, backend="nope")

@@ -1,0 +1,81 @@
+"""One capture for every entry point: ``capture(model, args, ...)`` -> :class:`Traced`.
+
+``compile``, ``iterative_prune`` and ``sensitivity`` all capture the model this way (streaming
+captures a block once and retargets it). The rules, in one place:
+
+* ``mode="auto"`` traces with torch.fx, or with torch.export when a layer is parametrized (fx
+  keeps a parametrized layer opaque; export computes its weight);
+* when the caller prunes heads (``heads=True``) and fx stopped at an attention it cannot see into
+  (``nn.MultiheadAttention`` as a leaf, torchvision's ``fx.wrap``-ed
+  ``shifted_window_attention``), the model is captured again with torch.export, which
+  decomposes attention into ops whose heads the graph follows; ``leaf_modules`` and
+  ``dynamic_shapes`` carry over, and an explicit ``mode`` is never overridden;
+* a Hugging Face ``config.use_cache`` is off during the capture (torch.export cannot carry a
+  ``DynamicCache``; a KV cache is no part of the computation to prune) and back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from fxprune.graph.rules import find_rule
+from fxprune.graph.trace import Traced, trace
+
+__all__ = ["capture", "hidden_attention", "without_cache"]
+
+
+def hidden_attention(gm: fx.GraphModule) -> list[str]:
+    """Nodes where torch.fx stopped at an attention it cannot see into (``nn.MultiheadAttention``
+    is a leaf module; torchvision's ``shifted_window_attention`` is an ``fx.wrap`` function)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.MultiheadAttention) and find_rule(gm, node) is None:
+                out.append(node.target)
+        elif node.op == "call_function" and find_rule(gm, node) is None:
+            if "attention" in getattr(node.target, "__name__", "").lower():
+                out.append(node.name)
+    return out
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module):
+    """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
+    user's setting back afterwards: the module tree and its saved config keep the KV cache."""
+    cfg = getattr(model, "config", None)
+    was = getattr(cfg, "use_cache", None)
+    if was:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if was:
+            cfg.use_cache = was
+
+
+def capture(
+    model: nn.Module,
+    args: tuple,
+    *,
+    mode: str = "auto",
+    leaf_modules: Sequence[str | type] = (),
+    dynamic_shapes=None,
+    heads: bool = False,
+) -> Traced:
+    """Capture ``model`` on ``args`` (a tuple of positional inputs) for pruning; see the module
+    docstring for how ``mode="auto"`` chooses. ``heads``: the caller will prune attention heads,
+    so an attention fx cannot see into sends the capture to torch.export."""
+    if mode == "auto" and any(parametrize.is_parametrized(m) for m in model.modules()):
+        mode = "export"
+    kw = {"leaf_modules": leaf_modules, "dynamic_shapes": dynamic_shapes}
+    with without_cache(model):
+        traced = trace(model, args, mode=mode, **kw)
+        if heads and mode == "auto" and traced.mode == "fx" and hidden_attention(traced.gm):
+            traced = trace(model, args, mode="export", **kw)
+    return traced

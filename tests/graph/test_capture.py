@@ -1,0 +1,79 @@
+"""``fxprune.graph.capture``: the one capture compile, iterative_prune and sensitivity share."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.graph import capture, hidden_attention
+
+
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_hidden_attention_sends_a_heads_capture_to_export_and_only_then():
+    model, x = MHA().eval(), torch.randn(2, 5, 16)
+    plain = capture(model, (x,))
+    assert plain.mode == "fx" and hidden_attention(plain.gm) == ["attn"]
+    assert capture(model, (x,), heads=True).mode == "export"
+    assert capture(model, (x,), mode="fx", heads=True).mode == "fx"  # explicit mode is kept
+
+
+def test_a_parametrized_layer_is_captured_by_export():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    nn.utils.parametrizations.weight_norm(model[0])
+    assert capture(model, (torch.randn(2, 4),)).mode == "export"
+
+
+def test_use_cache_is_off_for_the_capture_and_back_after():
+    from tests.transformer_models import build
+
+    model, (ids,), _ = build("llama")
+    model.config.use_cache = True
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.config.use_cache))
+    try:
+        capture(model, (ids,), mode="export")
+    finally:
+        hook.remove()
+    assert seen == [False] and model.config.use_cache is True
+
+
+def test_compile_iterative_and_sensitivity_capture_through_it():
+    """No entry point traces on its own: each calls ``capture`` (a copy of the fx-then-export
+    rule drifted before: two dropped ``leaf_modules`` and overrode an explicit ``mode``)."""
+    root = pathlib.Path(fxprune.__file__).parent
+    for name in ("api.py", "iterative.py", "sensitivity.py"):
+        calls = [
+            n.func.id if isinstance(n.func, ast.Name) else n.func.attr
+            for n in ast.walk(ast.parse((root / name).read_text()))
+            if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))
+        ]
+        assert "trace" not in calls or name == "api.py", name  # api: the train-mode re-trace
+        assert any(c in ("capture", "graph_capture") for c in calls), name
+
+
+@pytest.mark.parametrize("mode", ["auto", "fx"])
+def test_iterative_heads_on_a_hidden_attention(mode):
+    """iterative_prune used to override an explicit mode="fx"; now only "auto" moves to export
+    (and fx, which cannot see the heads, says so: it used to return the model unpruned)."""
+    torch.manual_seed(0)
+    model, x = MHA().eval(), torch.randn(2, 5, 16)
+    if mode == "auto":
+        out = fxprune.iterative_prune(model, x, heads=0.5, steps=2)
+        assert out.steps[-1].result.plan.mode == "export"
+    else:
+        with pytest.raises(fxprune.errors.NothingToPruneError, match="cannot see into attn"):
+            fxprune.iterative_prune(model, x, heads=0.5, steps=2, mode="fx")

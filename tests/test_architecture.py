@@ -1,0 +1,96 @@
+"""The package's shape, enforced: imports only go down the layers below, and no module imports
+another module's private name (a public seam exists for each one that is needed)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import fxprune
+
+ROOT = pathlib.Path(fxprune.__file__).parent
+
+# Lowest first. A module may import its own layer and those below, never one above.
+LAYERS = [
+    ["fxprune.errors", "fxprune._util", "fxprune.hf", "fxprune.models", "fxprune.modelstate"],
+    ["fxprune.graph"],
+    ["fxprune.stats", "fxprune.importance", "fxprune.calibration"],
+    ["fxprune.passes"],
+    ["fxprune.exporters"],
+    ["fxprune.verify"],
+    ["fxprune.materialize", "fxprune.materialize_timm", "fxprune.materialize_torch"],
+    ["fxprune.plan"],
+    ["fxprune.api"],
+    ["fxprune.iterative", "fxprune.sensitivity", "fxprune.estimator", "fxprune.streaming"],
+    ["fxprune.report"],
+    ["fxprune.cli", "fxprune.cli_args", "fxprune.cli_stream", "fxprune"],
+]
+LEVEL = {m: i for i, group in enumerate(LAYERS) for m in group}
+
+
+def _unit(module: str) -> str:
+    """The layer unit a module belongs to: a subpackage as a whole, else the module."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def _modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        yield name, path
+
+
+def _imports(path: pathlib.Path):
+    """(imported module, names, line) for every fxprune import, function-local ones included."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fxprune"):
+            yield node.module, [a.name for a in node.names], node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fxprune"):
+                    yield a.name, [], node.lineno
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(name) for name, _ in _modules()}
+    assert units <= set(LEVEL), f"modules without a layer in LAYERS: {sorted(units - set(LEVEL))}"
+
+
+def test_imports_only_go_down():
+    upward = []
+    for name, path in _modules():
+        here = LEVEL[_unit(name)]
+        for target, names, line in _imports(path):
+            # `from fxprune import x`: the module x, or the package itself for a name it exports
+            targets = (
+                [f"{target}.{n}" for n in names] if target == "fxprune" and names else [target]
+            )
+            for t in targets:
+                unit = _unit(t) if _unit(t) in LEVEL else "fxprune"
+                if LEVEL[unit] > here:
+                    upward.append(f"{name}:{line} imports {t} (layer {LEVEL[unit]} > {here})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_private_name_crosses_a_module():
+    private = []
+    for name, path in _modules():
+        for target, names, line in _imports(path):
+            for n in names:
+                if n.startswith("_") and target != name:
+                    private.append(f"{name}:{line} imports {target}.{n}")
+    assert not private, "\n".join(private)
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path):
+    """The checks above are not vacuous: an upward import and a private name are seen."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from fxprune.api import compile\nfrom fxprune.calibration import _loss\n"
+        "def f():\n    import fxprune\n"
+    )
+    found = list(_imports(bad))
+    assert ("fxprune.api", ["compile"], 1) in found and ("fxprune", [], 4) in found
+    assert any(n.startswith("_") for _, names, _ in found for n in names)
+    assert LEVEL[_unit("fxprune.api")] > LEVEL[_unit("fxprune.graph.trace")]
