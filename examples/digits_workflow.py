@@ -87,6 +87,6 @@ print(f"fine-tuned: {acc(pruned):.2f} % (dense {acc(dense):.2f} %)")
 
 # 4. export (checked, ORT parity, 2:4 audit) and 5. measure on ONNX Runtime
 with tempfile.TemporaryDirectory() as tmp:
-    print(result.export(Path(tmp) / "digits.onnx", xtr[:2]).summary())
+    print(result.export(Path(tmp) / "digits.onnx", xtr[:2]).table())
 lat = fxprune.verify.latency(dense, result, xtr[:2], batch_sizes=(64,), repeats=20)
 print(lat.table())

@@ -7,6 +7,7 @@
 """
 
 from fxprune import errors, verify
+from fxprune._util import Report
 from fxprune.api import apply_plan, compile, load
 from fxprune.estimator import estimate
 from fxprune.iterative import iterative_prune
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileResult",
     "Plan",
+    "Report",
     "apply_plan",
     "compile",
     "errors",

@@ -45,3 +45,45 @@ def progress_bar(enabled: bool, total: int, desc: str):
     import sys
 
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+
+def jsonable(v):
+    """``v`` with every value JSON can hold: paths as strings, numpy / torch scalars and arrays
+    as numbers and lists, tuples and sets as lists, dataclasses as dicts."""
+    import dataclasses
+    from pathlib import PurePath
+
+    import numpy as np
+
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return sorted(jsonable(x) for x in v)
+    if isinstance(v, PurePath):
+        return str(v)
+    if isinstance(v, (np.generic, torch.Tensor, np.ndarray)):
+        return v.tolist()
+    return v
+
+
+class Report:
+    """The one protocol of every result, report and estimate fxprune returns: ``table()`` (text
+    for a terminal, markdown tables), ``to_dict()`` (only JSON values) and ``to_json()``.
+
+    A dataclass report gets ``to_dict`` from its fields; it overrides it to leave out what JSON
+    cannot hold (a model) or to add derived values."""
+
+    def table(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return jsonable(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent)

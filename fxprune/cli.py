@@ -300,7 +300,7 @@ def _prune(a, log: _Log) -> int:
                 "transformers' from_pretrained, without fxprune)"
             )
         if exported:
-            print(exported.summary())
+            print(exported.table())
     _report(a, result=res, equivalence=rep)
     return 0 if rep.ok else 1
 
@@ -323,7 +323,7 @@ def _export(a, log: _Log) -> int:
         print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
     else:
         print(f"equivalence check: {rep}")
-        print(out.summary())
+        print(out.table())
     return 0
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune._util import eval_mode
+from fxprune._util import Report, eval_mode, jsonable
 from fxprune.calibration import take_batches
 from fxprune.errors import ConfigError, NothingToPruneError
 
@@ -72,7 +72,7 @@ class Step:
 
 
 @dataclass
-class IterativeResult:
+class IterativeResult(Report):
     module: torch.nn.Module
     steps: list[Step] = field(default_factory=list)
     baseline: float | None = None
@@ -132,6 +132,18 @@ class IterativeResult:
                 f"{'exact' if s.equivalent else 'FAILED'} | {m} | {s.revived} |"
             )
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The dense counts and each step's numbers (each step's plan under ``combined()``)."""
+        keys = ("index", "ratios", "equivalent", "params", "macs", "metric", "revived", "seconds")
+        return jsonable(
+            {
+                "baseline": self.baseline,
+                "params": self.params,
+                "macs": self.macs,
+                "steps": [{k: getattr(s, k) for k in keys} for s in self.steps],
+            }
+        )
 
 
 def _configs(kw: dict):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune._util import Report, jsonable
 from fxprune.errors import CheckpointError, PlanError
 
 PLAN_VERSION = 1
@@ -114,7 +115,7 @@ class LayerRow:
 
 
 @dataclass
-class Summary:
+class Summary(Report):
     """Parameters and MACs before / after, per layer and in total."""
 
     layers: list[LayerRow]
@@ -325,7 +326,7 @@ def _num(n: int) -> str:
 
 
 @dataclass
-class CompileResult:
+class CompileResult(Report):
     """What ``fxprune.compile`` returns.
 
     Attributes:
@@ -355,6 +356,31 @@ class CompileResult:
     config: object = None
     model: object = None
     model_note: str = ""
+
+    def table(self, top: int | None = 20) -> str:
+        """The summary table, then what was kept by a barrier and the module-tree note."""
+        lines = [self.summary.table(top)]
+        if self.barriers:
+            lines.append(
+                f"\n{len(self.barriers)} barrier(s) kept channels (fxprune inspect lists them)"
+            )
+        if self.model_note:
+            lines.append(f"\nresult.model is the graph module: {self.model_note}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The plan, the summary and how the result came out (no tensors, no model)."""
+        return jsonable(
+            {
+                "plan": self.plan.to_dict(),
+                "summary": self.summary.to_dict(),
+                "barriers": self.barriers,
+                "approximate": self.approximate,
+                "seconds": self.seconds,
+                "materialized": self.materialized,
+                "model_note": self.model_note,
+            }
+        )
 
     @property
     def materialized(self) -> bool:

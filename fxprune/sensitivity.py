@@ -9,14 +9,14 @@ metric sees is exactly the pruned model a full run would produce for that group.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
+from fxprune._util import Report
 from fxprune.calibration import take_batches
 from fxprune.errors import ConfigError, NothingToPruneError
 
@@ -39,7 +39,7 @@ class SensitivityRow:
 
 
 @dataclass
-class SensitivityReport:
+class SensitivityReport(Report):
     """``rows`` per (group, ratio); ``table()``, ``plot(path)``, ``most_sensitive()`` and
     ``ratios_for_target(...)``."""
 
@@ -195,9 +195,6 @@ class SensitivityReport:
                 r = steps[g][i]
                 out.setdefault(KINDS[r.kind], {})[r.layer] = r.ratio
         return out
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 def sensitivity(

@@ -34,12 +34,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from fxprune._util import Report
 from fxprune.errors import (
     CheckpointError,
     ConfigError,
@@ -204,7 +205,7 @@ class LayerReport:
 
 
 @dataclass
-class StreamResult:
+class StreamResult(Report):
     """What :func:`stream` did: the folder, the counts before and after, one row per block,
     the time, the bytes read and written, and the process's peak resident memory."""
 
@@ -235,11 +236,6 @@ class StreamResult:
                 f"(worst max_rel_err {max(errs):.2e})"
             )
         return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
 
 
 def peak_rss_bytes() -> int:

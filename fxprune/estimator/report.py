@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from fxprune._util import Report
 from fxprune.estimator.costs import RooflineRow
 
 
@@ -23,7 +23,7 @@ class Scenario:
 
 
 @dataclass
-class EstimateReport:
+class EstimateReport(Report):
     """What :func:`estimate` priced; ``table()`` for people, ``to_json()`` for machines."""
 
     model: str
@@ -130,12 +130,6 @@ class EstimateReport:
             out.append("")
             out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
 
 def fmt_count(v: float) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import eval_mode
+from fxprune._util import Report, eval_mode
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter
 from fxprune.exporters.audit import AuditRow, audit_nm
@@ -38,7 +38,7 @@ STALE_AFTER_S = 3600  # a staging folder without a live owner this old is left f
 
 
 @dataclass
-class OnnxReport:
+class OnnxReport(Report):
     """What an ONNX export wrote and checked."""
 
     path: Path
@@ -49,7 +49,10 @@ class OnnxReport:
     audit: list[AuditRow] = field(default_factory=list)
     external_data: bool = False
 
-    def summary(self) -> str:
+    def summary(self) -> str:  # the name before the report protocol
+        return self.table()
+
+    def table(self) -> str:
         nm = [r for r in self.audit if r.expected]
         lines = [
             f"wrote {self.path} (opset {self.opset}, dynamic batch: {self.dynamic_batch}, "

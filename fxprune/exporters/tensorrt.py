@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fxprune._util import Report
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter
 
@@ -109,7 +110,7 @@ def trtexec_command(
 
 
 @dataclass
-class TensorRTReport:
+class TensorRTReport(Report):
     engine: Path
     onnx: Path
     command: str
@@ -118,7 +119,10 @@ class TensorRTReport:
     layers: list[LayerRow] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
+    def summary(self) -> str:  # the name before the report protocol
+        return self.table()
+
+    def table(self) -> str:
         lines = [
             f"wrote {self.engine} from {self.onnx}",
             f"equivalent: {self.command}",

@@ -12,14 +12,13 @@ fixed (``threads``; ONNX Runtime intra-op threads and ``torch.set_num_threads``)
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import eval_mode, progress_bar
+from fxprune._util import Report, eval_mode, progress_bar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
@@ -52,7 +51,7 @@ class LatencyRow:
 
 
 @dataclass
-class LatencyReport:
+class LatencyReport(Report):
     """What :func:`latency` measured; ``table()`` for people, ``to_json()`` for machines."""
 
     backend: str
@@ -82,9 +81,6 @@ class LatencyReport:
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
     def slower(self) -> bool:
         """True when the pruned model was slower than the dense one at any batch size."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import eval_mode
+from fxprune._util import Report, eval_mode
 from fxprune.errors import ConfigError, PassError
 from fxprune.graph.trace import as_args
 from fxprune.verify.inputs import cast, cast_module, input_sets
@@ -24,7 +24,7 @@ RTOL = 1e-4
 
 
 @dataclass
-class EquivalenceReport:
+class EquivalenceReport(Report):
     """Outcome of :func:`equivalence`.
 
     ``max_rel_err`` is the worst ``max|pruned - zeroed| / max|zeroed|`` of any one output leaf
@@ -53,6 +53,17 @@ class EquivalenceReport:
 
     def __str__(self) -> str:
         return self.message
+
+    def table(self) -> str:
+        skipped = f"; skipped: {'; '.join(self.skipped)}" if self.skipped else ""
+        return (
+            "| proof | max rel err | worst output | max abs err | pruning effect | dtype | inputs |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {'ok' if self.ok else 'FAILED'} | {self.max_rel_err:.2e} "
+            f"(tol {self.tolerance:.0e}) | {self.worst_output or '-'} | {self.max_abs_err:.2e} "
+            f"| {self.pruning_effect:.2e} | {self.dtype} | {self.inputs_checked} |\n\n"
+            f"{self.message}{skipped}"
+        )
 
 
 def _bypass(module: torch.nn.Module, path: str) -> None:
