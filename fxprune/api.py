@@ -29,30 +29,16 @@ from fxprune.modelstate import (
     train_difference,
     training_flags,
 )
+from fxprune.passes import REGISTRY as PASSES
 from fxprune.passes import run_passes
-from fxprune.passes.blocks import Blocks, prune_blocks
-from fxprune.passes.channels import Channels, prune_channels
-from fxprune.passes.ffn import FFN, prune_ffn
-from fxprune.passes.heads import Heads, prune_heads
-from fxprune.passes.nm import NM, prune_nm
-from fxprune.passes.permute import Permute, permute_channels
+from fxprune.passes.blocks import Blocks
+from fxprune.passes.channels import Channels
+from fxprune.passes.ffn import FFN
+from fxprune.passes.heads import Heads
+from fxprune.passes.nm import NM
+from fxprune.passes.permute import Permute
 from fxprune.plan import CompileResult, Plan, Summary, read_checkpoint
 from fxprune.stats import layer_stats
-
-# How a plan entry replays: pass name -> (pass function, entry -> config)
-PASSES = {
-    "blocks": (prune_blocks, lambda e: Blocks(tuple(e["removed"]))),
-    "heads": (prune_heads, lambda e: Heads(kept=e["kept"])),
-    "ffn": (prune_ffn, lambda e: FFN(kept=e["kept"])),
-    "channels": (prune_channels, lambda e: Channels(kept=e["kept"])),
-    "permute": (permute_channels, lambda e: Permute(e["n"], e["m"], orders=e["orders"])),
-    "nm": (
-        prune_nm,
-        lambda e: NM(
-            e["n"], e["m"], layers=tuple(e["layers"]), method=e.get("method", "magnitude")
-        ),
-    ),
-}
 
 
 def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
@@ -143,7 +129,7 @@ def _run(
         with without_cache(work):
             traced = retarget(capture, work, args)
     else:
-        heads = any(fn is prune_heads for fn, _ in passes)
+        heads = any(isinstance(cfg, Heads) for cfg in passes)
         traced = graph_capture(
             work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic, heads=heads
         )
@@ -379,18 +365,16 @@ def compile(  # noqa: A001 - the public name the project promises
     passes = []
     if blocks:
         which = blocks if isinstance(blocks, int) else tuple(blocks)
-        passes.append((prune_blocks, Blocks(which, block_importance, batches)))
+        passes.append(Blocks(which, block_importance, batches))
     if heads or h_ratios:
-        passes.append(
-            (prune_heads, Heads(heads, min_heads=min_heads, layer_ratios=h_ratios, **shared))
-        )
+        passes.append(Heads(heads, min_heads=min_heads, layer_ratios=h_ratios, **shared))
     if ffn or f_ratios:
         ffn_cfg = FFN(
             ffn, round_to=round_to, min_channels=min_channels, layer_ratios=f_ratios, **shared
         )
-        passes.append((prune_ffn, ffn_cfg))
+        passes.append(ffn_cfg)
     if channels or ratios:
-        passes.append((prune_channels, cfg))
+        passes.append(cfg)
     config = {
         "channels": channels,
         "heads": heads,
@@ -417,8 +401,8 @@ def compile(  # noqa: A001 - the public name the project promises
         raise ConfigError("sparsity_permute=True needs sparsity='N:M'")
     if nm is not None:
         if sparsity_permute:
-            passes.append((permute_channels, Permute(nm.n, nm.m, seed=seed)))
-        passes.append((prune_nm, nm))
+            passes.append(Permute(nm.n, nm.m, seed=seed))
+        passes.append(nm)
         config.update(
             sparsity=sparsity,
             sparsity_include=list(sparsity_include),
@@ -484,12 +468,12 @@ def apply_plan(
 
 
 def _replayed(i: int, entry: dict):
-    """(pass function, config) replaying plan entry ``i``; a malformed entry is a PlanError."""
+    """The config replaying plan entry ``i`` (the pass registry says how); a malformed entry is
+    a PlanError."""
     if entry["name"] not in PASSES:
         raise PlanError(f"plan pass {i} is {entry['name']!r}, not one of {sorted(PASSES)}")
-    fn, make_cfg = PASSES[entry["name"]]
     try:
-        return fn, make_cfg(entry)
+        return PASSES[entry["name"]].replay(entry)
     except KeyError as e:
         raise PlanError(f"plan pass {i} ({entry['name']}) has no {e.args[0]!r} entry") from e
     except (TypeError, ValueError) as e:  # ConfigError included: the plan holds the values

@@ -94,3 +94,18 @@ def test_the_rules_catch_what_they_forbid(tmp_path):
     assert ("fxprune.api", ["compile"], 1) in found and ("fxprune", [], 4) in found
     assert any(n.startswith("_") for _, names, _ in found for n in names)
     assert LEVEL[_unit("fxprune.api")] > LEVEL[_unit("fxprune.graph.trace")]
+
+
+def test_passes_and_their_replay_come_from_one_registry():
+    import pytest
+
+    from fxprune.errors import PassError
+    from fxprune.passes import REGISTRY, pass_of
+    from fxprune.passes.heads import Heads, prune_heads
+
+    assert set(REGISTRY) == {"blocks", "heads", "ffn", "channels", "permute", "nm"}
+    assert pass_of(Heads(0.5)) is prune_heads and REGISTRY["heads"].config is Heads
+    replayed = REGISTRY["heads"].replay({"name": "heads", "kept": {"attn": [0, 2]}})
+    assert isinstance(replayed, Heads) and replayed.kept == {"attn": [0, 2]}
+    with pytest.raises(PassError, match="no registered pass takes a int"):
+        pass_of(3)

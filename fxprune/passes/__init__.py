@@ -37,17 +37,56 @@ class PassResult:
 PassFn = Callable[..., PassResult]
 
 
+@dataclass(frozen=True)
+class PassSpec:
+    """A registered pass: its plan name, its config type, the function that applies a config,
+    and how a plan entry becomes the config that replays it exactly."""
+
+    name: str
+    config: type
+    apply: PassFn
+    replay: Callable[[dict], object]
+
+
+REGISTRY: dict[str, PassSpec] = {}
+"""Passes by plan name (``"heads"``, ``"nm"``, ...)."""
+BY_CONFIG: dict[type, PassSpec] = {}
+
+
+def register_pass(name: str, config: type, replay: Callable[[dict], object]):
+    """Decorator for a pass function ``fn(graph, cfg, args) -> PassResult``: plans record its
+    results under ``name``, ``config`` instances run it, ``replay(entry)`` rebuilds the config."""
+
+    def deco(fn: PassFn) -> PassFn:
+        spec = PassSpec(name, config, fn, replay)
+        REGISTRY[name] = spec
+        BY_CONFIG[config] = spec
+        return fn
+
+    return deco
+
+
+def pass_of(cfg) -> PassFn:
+    """The pass function a config runs (by its type, or a registered base type)."""
+    for cls in type(cfg).__mro__:
+        if cls in BY_CONFIG:
+            return BY_CONFIG[cls].apply
+    raise PassError(f"no registered pass takes a {type(cfg).__name__} config")
+
+
 def run_passes(
-    gm, passes: list[tuple[PassFn, object]], args: tuple, allow_approximate: bool = False
+    gm, passes: list, args: tuple, allow_approximate: bool = False
 ) -> tuple[DependencyGraph, list[PassResult]]:
-    """Run ``passes`` (function, config) in order on ``gm``.
+    """Run ``passes`` in order on ``gm``: each a config of a registered pass, or an explicit
+    ``(function, config)`` pair.
 
     Returns the dependency graph of the model as it came in (its barrier report is what the user
     needs to see) and each pass's result.
     """
     graph = first = build_graph(gm, allow_approximate=allow_approximate)
     results: list[PassResult] = []
-    for i, (fn, cfg) in enumerate(passes):
+    for i, item in enumerate(passes):
+        fn, cfg = item if isinstance(item, tuple) else (pass_of(item), item)
         try:
             res = fn(graph, cfg, args)
         except FxPruneError as e:
@@ -60,3 +99,7 @@ def run_passes(
         if res.changed and i + 1 < len(passes):
             graph = build_graph(gm, allow_approximate=allow_approximate)
     return first, results
+
+
+# the built-in passes register themselves on import
+from fxprune.passes import blocks, channels, ffn, heads, nm, permute  # noqa: E402, F401

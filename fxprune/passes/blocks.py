@@ -27,7 +27,7 @@ from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.shapeprop import propagate_shapes
 from fxprune.graph.trace import tensor_meta
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 
 CRITERIA = ("cosine", "l2")
 
@@ -200,6 +200,7 @@ def _resolve(cfg: Blocks, stack: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@register_pass("blocks", Blocks, lambda e: Blocks(tuple(e["removed"])))
 def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult:
     """Remove whole blocks from ``graph.gm`` (in place) and report the output deviation."""
     gm = graph.gm

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph, Group
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 from fxprune.passes.units import UnitSelection, prune_units
 
 
@@ -49,6 +49,7 @@ class Channels(UnitSelection):
         return min(len(group.units), math.ceil(self.min_channels / group.width))
 
 
+@register_pass("channels", Channels, lambda e: Channels(kept=e["kept"]))
 def prune_channels(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassResult:
     """Remove channel units from ``graph.gm`` (in place) and say which channels each layer kept."""
     return prune_units(graph, cfg, args)

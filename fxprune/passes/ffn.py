@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxprune.graph.depgraph import DependencyGraph
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 from fxprune.passes.channels import Channels
 from fxprune.passes.units import prune_units
 
@@ -23,6 +23,7 @@ class FFN(Channels):
     option = "ffn"
 
 
+@register_pass("ffn", FFN, lambda e: FFN(kept=e["kept"]))
 def prune_ffn(graph: DependencyGraph, cfg: FFN, args: tuple) -> PassResult:
     """Remove MLP hidden neurons from ``graph.gm`` (in place)."""
     return prune_units(graph, cfg, args)

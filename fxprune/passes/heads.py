@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph, Group
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 from fxprune.passes.units import UnitSelection, group_name, prune_units
 
 
@@ -81,6 +81,7 @@ def check_counts(graph: DependencyGraph, cfg: Heads) -> None:
             )
 
 
+@register_pass("heads", Heads, lambda e: Heads(kept=e["kept"]))
 def prune_heads(graph: DependencyGraph, cfg: Heads, args: tuple) -> PassResult:
     """Remove attention heads from ``graph.gm`` (in place)."""
     if cfg.kept is None:

@@ -24,7 +24,7 @@ from fxprune._util import module_matches
 from fxprune.errors import ConfigError, NothingToPruneError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -236,6 +236,11 @@ def eligibility(c: WeightedLayer, w: torch.Tensor, cfg: NM) -> str | None:
     return None
 
 
+@register_pass(
+    "nm",
+    NM,
+    lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]), method=e.get("method", "magnitude")),
+)
 def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
     gm = graph.gm

@@ -28,7 +28,7 @@ from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import set_tensor
 from fxprune.graph.shapeprop import propagate_shapes
 from fxprune.graph.weighted import weighted_layer
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,7 @@ def _apply(graph: DependencyGraph, places: dict, perm: np.ndarray) -> dict:
     return out
 
 
+@register_pass("permute", Permute, lambda e: Permute(e["n"], e["m"], orders=e["orders"]))
 def permute_channels(graph: DependencyGraph, cfg: Permute, args: tuple) -> PassResult:
     """Reorder each eligible group's channels to raise the N:M-kept magnitude (exact)."""
     eligible = _eligible_consumers(graph, cfg)
