@@ -12,6 +12,7 @@ from fxprune.api import apply_plan, compile, load
 from fxprune.estimator import estimate
 from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
+from fxprune.recipe import Recipe
 from fxprune.sensitivity import sensitivity
 from fxprune.streaming import stream
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileResult",
     "Plan",
+    "Recipe",
     "Report",
     "apply_plan",
     "compile",

@@ -87,3 +87,9 @@ class Report:
         import json
 
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def is_default(v, default) -> bool:
+    """``v`` is ``default`` or as empty as it (``[]`` for ``()``, ``0`` for ``0.0``, ``{}`` for
+    None): an option the caller left alone."""
+    return v == default or (not v and not default)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import time
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fxprune._util import is_default
 from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
@@ -38,6 +40,7 @@ from fxprune.passes.heads import Heads
 from fxprune.passes.nm import NM
 from fxprune.passes.permute import Permute
 from fxprune.plan import CompileResult, Plan, Summary, read_checkpoint
+from fxprune.recipe import Recipe
 from fxprune.stats import layer_stats
 
 
@@ -184,6 +187,7 @@ def _run(
 def compile(  # noqa: A001 - the public name the project promises
     model: nn.Module,
     example_inputs,
+    recipe: Recipe | None = None,
     *,
     channels: float = 0.0,
     heads: float | int = 0.0,
@@ -221,6 +225,11 @@ def compile(  # noqa: A001 - the public name the project promises
     Args:
         model: the dense model. It is copied and left untouched unless ``inplace=True``.
         example_inputs: a tensor or tuple of tensors with the shapes used at inference.
+        recipe: a :class:`fxprune.Recipe` (the passes and capture options as data, e.g.
+            ``fxprune.Recipe.load("r.json")``). With a recipe, only the runtime arguments
+            (``calibration``, ``calibration_batches``, ``loss_fn``, ``inplace``,
+            ``dynamic_shapes``) may be given besides; the other keywords build the same
+            recipe (``result.plan.config["recipe"]``).
         channels: fraction of each coupled group's channels to remove, in [0, 1). Attention
             heads are never removed by it; MLP neurons are, unless ``ffn`` is given.
         heads: fraction of each attention layer's heads to remove, in [0, 1), or an ``int``
@@ -308,11 +317,110 @@ def compile(  # noqa: A001 - the public name the project promises
     """
     args = as_args(example_inputs, model)
     _inputs_spec(args)
+    options = {k: v for k, v in locals().items() if k in RECIPE_OPTIONS}
+    if recipe is not None:
+        given = sorted(k for k, v in options.items() if not is_default(v, RECIPE_OPTIONS[k]))
+        if given:
+            raise ConfigError(
+                f"compile(model, x, recipe): {', '.join(given)} belong in the recipe; with a "
+                "recipe give only calibration, calibration_batches, loss_fn, inplace, "
+                "dynamic_shapes"
+            )
+        if not isinstance(recipe, Recipe):
+            raise ConfigError(f"recipe={type(recipe).__name__}: give a fxprune.Recipe")
+        config = {"uniform": recipe.uniform, "allow_approximate": recipe.allow_approximate}
+    else:
+        recipe, config = _recipe(model, **options)
+    check_recipe(model, recipe)
+    passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn)
+    with contextlib.suppress(ConfigError):  # leaf_modules given as types have no JSON form
+        config["recipe"] = recipe.to_dict()
+    return _run(
+        model,
+        args,
+        list(passes),
+        recipe.mode,
+        recipe.leaf_modules,
+        recipe.allow_approximate,
+        inplace,
+        config,
+        dynamic_shapes,
+        capture,
+    )
+
+
+# compile's keyword options a recipe holds, with their defaults (runtime ones are not here)
+RECIPE_OPTIONS = {
+    "channels": 0.0,
+    "heads": 0.0,
+    "ffn": 0.0,
+    "blocks": 0,
+    "importance": "l1",
+    "block_importance": "cosine",
+    "ignore": (),
+    "layer_ratios": None,
+    "head_ratios": None,
+    "ffn_ratios": None,
+    "round_to": None,
+    "min_channels": 1,
+    "min_heads": 1,
+    "global_ranking": False,
+    "allow_approximate": False,
+    "mode": "auto",
+    "leaf_modules": (),
+    "seed": 0,
+    "sparsity": None,
+    "sparsity_include": (),
+    "sparsity_exclude": (),
+    "sparsity_permute": False,
+    "sparsity_method": "magnitude",
+    "uniform": False,
+}
+
+
+def recipe_from_options(model: nn.Module, **options) -> tuple[Recipe, dict]:
+    """The :class:`Recipe` that ``compile``'s keyword options (any subset of
+    ``RECIPE_OPTIONS``; the rest at their defaults) describe, and the keyword view
+    ``plan.config`` keeps. ``fxprune prune --print-recipe`` prints it."""
+    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
+    if unknown:
+        raise ConfigError(f"recipe options {unknown}: not compile options a recipe holds")
+    return _recipe(model, **{**RECIPE_OPTIONS, **options})
+
+
+def _recipe(
+    model,
+    *,
+    channels,
+    heads,
+    ffn,
+    blocks,
+    importance,
+    block_importance,
+    ignore,
+    layer_ratios,
+    head_ratios,
+    ffn_ratios,
+    round_to,
+    min_channels,
+    min_heads,
+    global_ranking,
+    allow_approximate,
+    mode,
+    leaf_modules,
+    seed,
+    sparsity,
+    sparsity_include,
+    sparsity_exclude,
+    sparsity_permute,
+    sparsity_method,
+    uniform,
+) -> tuple[Recipe, dict]:
+    """The :class:`Recipe` that ``compile``'s keyword options describe, and the keyword view
+    ``plan.config`` keeps (names resolved: globs, module types and instances become names)."""
+    resolve(importance)  # an unknown criterion is named before anything else
     ignore_t = resolve_names(model, ignore, "ignore")
     ratios = tuple((layer_ratios or {}).items())
-    pruned = channels or layer_ratios or heads or head_ratios or ffn or ffn_ratios
-    measured = blocks or sparsity_method != "magnitude" or (resolve(importance).needs and pruned)
-    batches = take_batches(calibration if measured else None, calibration_batches, model)
     nm = None
     if sparsity is not None:
         resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
@@ -321,7 +429,6 @@ def compile(  # noqa: A001 - the public name the project promises
             include=tuple(sparsity_include),
             exclude=tuple(sparsity_exclude),
             method=sparsity_method,
-            calibration=batches,
         )
     if round_to is None:
         round_to = nm.m if nm is not None else 1
@@ -346,35 +453,28 @@ def compile(  # noqa: A001 - the public name the project promises
     f_ratios = tuple((ffn_ratios or {}).items())
     resolve_names(model, [k for k, _ in h_ratios], "head_ratios")
     resolve_names(model, [k for k, _ in f_ratios], "ffn_ratios")
-    shared = dict(
-        importance=importance,
-        ignore=ignore_t,
-        global_ranking=global_ranking,
-        seed=seed,
-        calibration=batches,
-        loss_fn=loss_fn if loss_fn is not None else default_loss(model),
-    )
-    cfg = Channels(
-        channels,
-        layer_ratios=ratios,
-        round_to=round_to,
-        min_channels=min_channels,
-        kinds=("channels",) if ffn or f_ratios else ("channels", "ffn"),
-        **shared,
-    )
+    shared = dict(importance=importance, ignore=ignore_t, global_ranking=global_ranking, seed=seed)
     passes = []
     if blocks:
         which = blocks if isinstance(blocks, int) else tuple(blocks)
-        passes.append(Blocks(which, block_importance, batches))
+        passes.append(Blocks(which, block_importance))
     if heads or h_ratios:
         passes.append(Heads(heads, min_heads=min_heads, layer_ratios=h_ratios, **shared))
     if ffn or f_ratios:
-        ffn_cfg = FFN(
-            ffn, round_to=round_to, min_channels=min_channels, layer_ratios=f_ratios, **shared
+        passes.append(
+            FFN(ffn, round_to=round_to, min_channels=min_channels, layer_ratios=f_ratios, **shared)
         )
-        passes.append(ffn_cfg)
     if channels or ratios:
-        passes.append(cfg)
+        passes.append(
+            Channels(
+                channels,
+                layer_ratios=ratios,
+                round_to=round_to,
+                min_channels=min_channels,
+                kinds=("channels",) if ffn or f_ratios else ("channels", "ffn"),
+                **shared,
+            )
+        )
     config = {
         "channels": channels,
         "heads": heads,
@@ -410,18 +510,59 @@ def compile(  # noqa: A001 - the public name the project promises
             sparsity_permute=sparsity_permute,
             sparsity_method=sparsity_method,
         )
-    return _run(
-        model,
-        args,
-        passes,
-        mode,
-        leaf_modules,
-        allow_approximate,
-        inplace,
-        config,
-        dynamic_shapes,
-        capture,
+    recipe = Recipe(
+        tuple(passes),
+        mode=mode,
+        leaf_modules=tuple(leaf_modules),
+        allow_approximate=allow_approximate,
+        uniform=uniform,
     )
+    return recipe, config
+
+
+def check_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """The names a recipe's passes hold exist in ``model``; uniform counts are not mixed with
+    per-layer ones."""
+    for cfg in recipe.passes:
+        resolve_names(model, getattr(cfg, "ignore", ()), "ignore")
+        resolve_names(model, [k for k, _ in getattr(cfg, "layer_ratios", ())], "layer_ratios")
+        if isinstance(cfg, NM):
+            resolve_names(model, list(cfg.include) + list(cfg.exclude), "sparsity filters")
+        if recipe.uniform and (
+            getattr(cfg, "global_ranking", False) or getattr(cfg, "layer_ratios", ())
+        ):
+            raise ConfigError(
+                "uniform=True keeps one count for every layer, but a pass sets counts per layer "
+                "(global_ranking or layer_ratios)"
+            )
+
+
+def _measures(cfg) -> bool:
+    """Whether a pass reads calibration data."""
+    if isinstance(cfg, Blocks):
+        return True
+    if isinstance(cfg, NM):
+        return cfg.method != "magnitude"
+    return bool(
+        getattr(cfg, "importance", None) is not None
+        and resolve(cfg.importance).needs
+        and (getattr(cfg, "ratio", 0) or getattr(cfg, "layer_ratios", ()))
+    )
+
+
+def with_runtime(model, recipe: Recipe, calibration, calibration_batches, loss_fn) -> tuple:
+    """The recipe's configs with the runtime data given to the passes that read it."""
+    measured = any(_measures(c) for c in recipe.passes)
+    batches = take_batches(calibration if measured else None, calibration_batches, model)
+    loss = loss_fn if loss_fn is not None else default_loss(model)
+    out = []
+    for cfg in recipe.passes:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        extra = {"calibration": batches} if "calibration" in names else {}
+        if "loss_fn" in names:
+            extra["loss_fn"] = loss
+        out.append(dataclasses.replace(cfg, **extra) if extra else cfg)
+    return tuple(out)
 
 
 def apply_plan(

@@ -124,7 +124,7 @@ def _compile(a, log: _Log):
     if getattr(a, "load", None):
         log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
-    structural = a.heads or a.ffn or a.blocks
+    structural = a.heads or a.ffn or a.blocks or getattr(a, "recipe", None)
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
     with _blame_inputs(model, x):
@@ -194,31 +194,75 @@ def _shaped(a, model, x):
     return args[0] if single else tuple(args)
 
 
+def _flag_options(a, channels: float) -> dict:
+    """The compile options the pruning flags spell (what a recipe holds)."""
+    return {
+        "channels": channels,
+        "heads": a.heads,
+        "ffn": a.ffn,
+        "blocks": _blocks(a.blocks) if a.blocks else 0,
+        "block_importance": a.block_importance,
+        "importance": a.importance,
+        "ignore": a.ignore,
+        "round_to": a.round_to,
+        "global_ranking": a.global_ranking,
+        "allow_approximate": a.allow_approximate,
+        "mode": a.mode,
+        "seed": a.seed,
+        "sparsity": a.sparsity,
+        "sparsity_exclude": a.sparsity_exclude,
+        "sparsity_permute": a.sparsity_permute,
+        "sparsity_method": a.sparsity_method,
+        "uniform": bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
+    }
+
+
 def _prune_flags(a, model, x, channels: float):
-    """``fxprune.compile`` with the pruning flags."""
+    """``fxprune.compile`` with the pruning flags, or with ``--recipe``'s recipe."""
     import fxprune
 
-    return fxprune.compile(
-        model,
-        x,
-        channels=channels,
-        heads=a.heads,
-        ffn=a.ffn,
-        blocks=_blocks(a.blocks) if a.blocks else 0,
-        block_importance=a.block_importance,
-        importance=a.importance,
-        ignore=a.ignore,
-        round_to=a.round_to,
-        global_ranking=a.global_ranking,
-        allow_approximate=a.allow_approximate,
-        mode=a.mode,
-        seed=a.seed,
-        sparsity=a.sparsity,
-        sparsity_exclude=a.sparsity_exclude,
-        sparsity_permute=a.sparsity_permute,
-        sparsity_method=a.sparsity_method,
-        uniform=bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
-    )
+    recipe = getattr(a, "recipe", None)
+    if not recipe:
+        return fxprune.compile(model, x, **_flag_options(a, channels))
+    from fxprune._util import is_default
+    from fxprune.api import RECIPE_OPTIONS
+    from fxprune.errors import ConfigError
+
+    flags = _flag_options(a, a.channels or 0.0)
+    given = [k for k, v in flags.items() if k not in ("uniform", "seed")]
+    given = [k for k in given if not is_default(flags[k], RECIPE_OPTIONS[k])]
+    if given:
+        raise ConfigError(
+            f"--recipe {recipe}: the recipe holds the pruning options; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+        )
+    r = fxprune.Recipe.load(recipe)
+    if flags["uniform"] and not r.uniform:  # --save-pretrained needs the counts a config holds
+        import dataclasses
+
+        r = dataclasses.replace(r, uniform=True)
+    return fxprune.compile(model, x, r)
+
+
+def _print_recipe(a, log: _Log) -> int:
+    """``--print-recipe``: the recipe the flags build, as JSON on stdout; nothing is pruned."""
+    import torch
+
+    from fxprune.api import recipe_from_options
+    from fxprune.errors import ConfigError
+    from fxprune.models import load_model
+
+    if is_checkpoint(a.model):
+        raise ConfigError("--print-recipe builds a recipe from the flags; a checkpoint has a plan")
+    log(f"building {a.model}")
+    torch.manual_seed(a.seed)
+    model, _ = load_model(a.model, trust=a.trust)
+    structural = a.heads or a.ffn or a.blocks
+    channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
+    recipe, _ = recipe_from_options(model, **_flag_options(a, channels))
+    log(None)
+    print(recipe.to_json())
+    return 0
 
 
 def _prove(model, res, x, log: _Log):
@@ -252,6 +296,8 @@ def _portable(spec: str) -> str:
 
 
 def _prune(a, log: _Log) -> int:
+    if getattr(a, "print_recipe", False):
+        return _print_recipe(a, log)
     if getattr(a, "stream", False):
         from fxprune.cli_stream import stream_command
 

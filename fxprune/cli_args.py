@@ -18,6 +18,8 @@ EXAMPLES = """model sources:
 examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
   fxprune prune torchvision:resnet50 --channels 0.3 --round-to 4 --sparsity 2:4 --save r50.pt
+  fxprune prune torchvision:resnet50 --channels 0.3 --ignore fc --print-recipe > r.json
+  fxprune prune torchvision:resnet50 --recipe r.json --save r50.pt
   fxprune prune hf:./llama-dir --heads 0.25 --ffn 0.25 --save-pretrained ./llama-pruned
   fxprune prune hf:./llama-7b --heads 0.25 --ffn 0.25 --stream --save-pretrained ./out
   fxprune export r50.pt -o r50.onnx
@@ -140,6 +142,11 @@ def _add_pruning(pr) -> None:
         help="reorder channels first so the N:M mask keeps more weight magnitude",
     )
     pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
+    pr.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="prune by this recipe (JSON, fxprune.Recipe) instead of the pruning flags",
+    )
 
 
 def _add_example_batch(pr) -> None:
@@ -186,6 +193,11 @@ def parser() -> argparse.ArgumentParser:
     pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
     _add_pruning(pr)
     pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the recipe the pruning flags build (JSON, for --recipe) and stop",
+    )
     pr.add_argument(
         "--save-pretrained",
         metavar="DIR",

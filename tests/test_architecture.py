@@ -19,7 +19,7 @@ LAYERS = [
     ["fxprune.exporters"],
     ["fxprune.verify"],
     ["fxprune.materialize", "fxprune.materialize_timm", "fxprune.materialize_torch"],
-    ["fxprune.plan"],
+    ["fxprune.plan", "fxprune.recipe"],
     ["fxprune.api"],
     ["fxprune.iterative", "fxprune.sensitivity", "fxprune.estimator", "fxprune.streaming"],
     ["fxprune.report"],

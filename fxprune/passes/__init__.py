@@ -101,5 +101,27 @@ def run_passes(
     return first, results
 
 
-# the built-in passes register themselves on import
+# the built-in passes register themselves on import; their configs are the public names a
+# Recipe is made of (fxprune.passes.Heads, ...)
 from fxprune.passes import blocks, channels, ffn, heads, nm, permute  # noqa: E402, F401
+from fxprune.passes.blocks import Blocks  # noqa: E402
+from fxprune.passes.channels import Channels  # noqa: E402
+from fxprune.passes.ffn import FFN  # noqa: E402
+from fxprune.passes.heads import Heads  # noqa: E402
+from fxprune.passes.nm import NM  # noqa: E402
+from fxprune.passes.permute import Permute  # noqa: E402
+
+__all__ = [
+    "FFN",
+    "NM",
+    "REGISTRY",
+    "Blocks",
+    "Channels",
+    "Heads",
+    "PassResult",
+    "PassSpec",
+    "Permute",
+    "pass_of",
+    "register_pass",
+    "run_passes",
+]
