@@ -6,6 +6,9 @@ import contextlib
 import fnmatch
 
 import torch
+import torch.nn as nn
+
+from fxprune.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -93,3 +96,32 @@ def is_default(v, default) -> bool:
     """``v`` is ``default`` or as empty as it (``[]`` for ``()``, ``0`` for ``0.0``, ``{}`` for
     None): an option the caller left alone."""
     return v == default or (not v and not default)
+
+
+def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
+    """Expand names / globs / module types to module names; unknown entries are an error."""
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for p in patterns:
+        if isinstance(p, type):
+            hit = [n for n, m in model.named_modules() if n and isinstance(m, p)]
+            if not hit:
+                raise ConfigError(f"{what}: no module of type {p.__name__} in the model")
+            out += hit
+        elif isinstance(p, nn.Module):
+            hit = [n for n, m in model.named_modules() if m is p]
+            if not hit:
+                raise ConfigError(f"{what}: the given {type(p).__name__} is not part of the model")
+            out += hit
+        elif isinstance(p, str):
+            hit = [n for n in names if n == p or fnmatch.fnmatchcase(n, p)]
+            if not hit:
+                close = [n for n in names if p.split(".")[-1] in n][:3]
+                raise ConfigError(
+                    f"{what}: {p!r} matches no module name"
+                    + (f" (did you mean {close}?)" if close else "")
+                )
+            out.append(p)
+        else:
+            raise ConfigError(f"{what}: entries must be names, module types or modules, got {p!r}")
+    return tuple(out)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import fnmatch
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,14 +12,13 @@ import torch
 import torch.nn as nn
 
 from fxprune._util import is_default
-from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
 from fxprune.graph import trace
 from fxprune.graph.capture import capture as graph_capture
 from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import as_args, dims_spec, retarget
 from fxprune.hf import pruned_config
-from fxprune.importance import Criterion, name_of, resolve
+from fxprune.importance import Criterion
 from fxprune.materialize import check_uniform, module_tree
 from fxprune.modelstate import (
     check_hooks,
@@ -33,44 +30,16 @@ from fxprune.modelstate import (
 )
 from fxprune.passes import REGISTRY as PASSES
 from fxprune.passes import run_passes
-from fxprune.passes.blocks import Blocks
-from fxprune.passes.channels import Channels
-from fxprune.passes.ffn import FFN
 from fxprune.passes.heads import Heads
-from fxprune.passes.nm import NM
-from fxprune.passes.permute import Permute
 from fxprune.plan import CompileResult, Plan, Summary, read_checkpoint
-from fxprune.recipe import Recipe
+from fxprune.recipe import (
+    RECIPE_OPTIONS,
+    Recipe,
+    check_recipe,
+    from_options,
+    with_runtime,
+)
 from fxprune.stats import layer_stats
-
-
-def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
-    """Expand names / globs / module types to module names; unknown entries are an error."""
-    names = [n for n, _ in model.named_modules() if n]
-    out: list[str] = []
-    for p in patterns:
-        if isinstance(p, type):
-            hit = [n for n, m in model.named_modules() if n and isinstance(m, p)]
-            if not hit:
-                raise ConfigError(f"{what}: no module of type {p.__name__} in the model")
-            out += hit
-        elif isinstance(p, nn.Module):
-            hit = [n for n, m in model.named_modules() if m is p]
-            if not hit:
-                raise ConfigError(f"{what}: the given {type(p).__name__} is not part of the model")
-            out += hit
-        elif isinstance(p, str):
-            hit = [n for n in names if n == p or fnmatch.fnmatchcase(n, p)]
-            if not hit:
-                close = [n for n in names if p.split(".")[-1] in n][:3]
-                raise ConfigError(
-                    f"{what}: {p!r} matches no module name"
-                    + (f" (did you mean {close}?)" if close else "")
-                )
-            out.append(p)
-        else:
-            raise ConfigError(f"{what}: entries must be names, module types or modules, got {p!r}")
-    return tuple(out)
 
 
 def _inputs_spec(args: tuple) -> list[dict]:
@@ -330,7 +299,7 @@ def compile(  # noqa: A001 - the public name the project promises
             raise ConfigError(f"recipe={type(recipe).__name__}: give a fxprune.Recipe")
         config = {"uniform": recipe.uniform, "allow_approximate": recipe.allow_approximate}
     else:
-        recipe, config = _recipe(model, **options)
+        recipe, config = from_options(model, **options)
     check_recipe(model, recipe)
     passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn)
     with contextlib.suppress(ConfigError):  # leaf_modules given as types have no JSON form
@@ -347,222 +316,6 @@ def compile(  # noqa: A001 - the public name the project promises
         dynamic_shapes,
         capture,
     )
-
-
-# compile's keyword options a recipe holds, with their defaults (runtime ones are not here)
-RECIPE_OPTIONS = {
-    "channels": 0.0,
-    "heads": 0.0,
-    "ffn": 0.0,
-    "blocks": 0,
-    "importance": "l1",
-    "block_importance": "cosine",
-    "ignore": (),
-    "layer_ratios": None,
-    "head_ratios": None,
-    "ffn_ratios": None,
-    "round_to": None,
-    "min_channels": 1,
-    "min_heads": 1,
-    "global_ranking": False,
-    "allow_approximate": False,
-    "mode": "auto",
-    "leaf_modules": (),
-    "seed": 0,
-    "sparsity": None,
-    "sparsity_include": (),
-    "sparsity_exclude": (),
-    "sparsity_permute": False,
-    "sparsity_method": "magnitude",
-    "uniform": False,
-}
-
-
-def recipe_from_options(model: nn.Module, **options) -> tuple[Recipe, dict]:
-    """The :class:`Recipe` that ``compile``'s keyword options (any subset of
-    ``RECIPE_OPTIONS``; the rest at their defaults) describe, and the keyword view
-    ``plan.config`` keeps. ``fxprune prune --print-recipe`` prints it."""
-    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
-    if unknown:
-        raise ConfigError(f"recipe options {unknown}: not compile options a recipe holds")
-    return _recipe(model, **{**RECIPE_OPTIONS, **options})
-
-
-def _recipe(
-    model,
-    *,
-    channels,
-    heads,
-    ffn,
-    blocks,
-    importance,
-    block_importance,
-    ignore,
-    layer_ratios,
-    head_ratios,
-    ffn_ratios,
-    round_to,
-    min_channels,
-    min_heads,
-    global_ranking,
-    allow_approximate,
-    mode,
-    leaf_modules,
-    seed,
-    sparsity,
-    sparsity_include,
-    sparsity_exclude,
-    sparsity_permute,
-    sparsity_method,
-    uniform,
-) -> tuple[Recipe, dict]:
-    """The :class:`Recipe` that ``compile``'s keyword options describe, and the keyword view
-    ``plan.config`` keeps (names resolved: globs, module types and instances become names)."""
-    resolve(importance)  # an unknown criterion is named before anything else
-    ignore_t = resolve_names(model, ignore, "ignore")
-    ratios = tuple((layer_ratios or {}).items())
-    nm = None
-    if sparsity is not None:
-        resolve_names(model, list(sparsity_include) + list(sparsity_exclude), "sparsity filters")
-        nm = NM.parse(
-            sparsity,
-            include=tuple(sparsity_include),
-            exclude=tuple(sparsity_exclude),
-            method=sparsity_method,
-        )
-    if round_to is None:
-        round_to = nm.m if nm is not None else 1
-    if uniform:
-        per_layer = [
-            n
-            for n, v in (
-                ("global_ranking", global_ranking),
-                ("layer_ratios", layer_ratios),
-                ("head_ratios", head_ratios),
-                ("ffn_ratios", ffn_ratios),
-            )
-            if v
-        ]
-        if per_layer:
-            raise ConfigError(
-                f"uniform=True keeps one count for every layer, but {', '.join(per_layer)} "
-                "sets counts per layer"
-            )
-    resolve_names(model, [k for k, _ in ratios], "layer_ratios")
-    h_ratios = tuple((head_ratios or {}).items())
-    f_ratios = tuple((ffn_ratios or {}).items())
-    resolve_names(model, [k for k, _ in h_ratios], "head_ratios")
-    resolve_names(model, [k for k, _ in f_ratios], "ffn_ratios")
-    shared = dict(importance=importance, ignore=ignore_t, global_ranking=global_ranking, seed=seed)
-    passes = []
-    if blocks:
-        which = blocks if isinstance(blocks, int) else tuple(blocks)
-        passes.append(Blocks(which, block_importance))
-    if heads or h_ratios:
-        passes.append(Heads(heads, min_heads=min_heads, layer_ratios=h_ratios, **shared))
-    if ffn or f_ratios:
-        passes.append(
-            FFN(ffn, round_to=round_to, min_channels=min_channels, layer_ratios=f_ratios, **shared)
-        )
-    if channels or ratios:
-        passes.append(
-            Channels(
-                channels,
-                layer_ratios=ratios,
-                round_to=round_to,
-                min_channels=min_channels,
-                kinds=("channels",) if ffn or f_ratios else ("channels", "ffn"),
-                **shared,
-            )
-        )
-    config = {
-        "channels": channels,
-        "heads": heads,
-        "ffn": ffn,
-        "blocks": blocks if isinstance(blocks, int) else list(blocks),
-        "block_importance": block_importance,
-        "min_heads": min_heads,
-        "importance": name_of(importance),
-        "ignore": list(ignore_t),
-        "layer_ratios": dict(ratios),
-        "head_ratios": dict(h_ratios),
-        "ffn_ratios": dict(f_ratios),
-        "round_to": round_to,
-        "min_channels": min_channels,
-        "global_ranking": global_ranking,
-        "allow_approximate": allow_approximate,
-        "seed": seed,
-    }
-    if uniform:
-        config["uniform"] = True
-    if sparsity_method != "magnitude" and nm is None:
-        raise ConfigError(f"sparsity_method={sparsity_method!r} needs sparsity='N:M' (e.g. '2:4')")
-    if sparsity_permute and nm is None:
-        raise ConfigError("sparsity_permute=True needs sparsity='N:M'")
-    if nm is not None:
-        if sparsity_permute:
-            passes.append(Permute(nm.n, nm.m, seed=seed))
-        passes.append(nm)
-        config.update(
-            sparsity=sparsity,
-            sparsity_include=list(sparsity_include),
-            sparsity_exclude=list(sparsity_exclude),
-            sparsity_permute=sparsity_permute,
-            sparsity_method=sparsity_method,
-        )
-    recipe = Recipe(
-        tuple(passes),
-        mode=mode,
-        leaf_modules=tuple(leaf_modules),
-        allow_approximate=allow_approximate,
-        uniform=uniform,
-    )
-    return recipe, config
-
-
-def check_recipe(model: nn.Module, recipe: Recipe) -> None:
-    """The names a recipe's passes hold exist in ``model``; uniform counts are not mixed with
-    per-layer ones."""
-    for cfg in recipe.passes:
-        resolve_names(model, getattr(cfg, "ignore", ()), "ignore")
-        resolve_names(model, [k for k, _ in getattr(cfg, "layer_ratios", ())], "layer_ratios")
-        if isinstance(cfg, NM):
-            resolve_names(model, list(cfg.include) + list(cfg.exclude), "sparsity filters")
-        if recipe.uniform and (
-            getattr(cfg, "global_ranking", False) or getattr(cfg, "layer_ratios", ())
-        ):
-            raise ConfigError(
-                "uniform=True keeps one count for every layer, but a pass sets counts per layer "
-                "(global_ranking or layer_ratios)"
-            )
-
-
-def _measures(cfg) -> bool:
-    """Whether a pass reads calibration data."""
-    if isinstance(cfg, Blocks):
-        return True
-    if isinstance(cfg, NM):
-        return cfg.method != "magnitude"
-    return bool(
-        getattr(cfg, "importance", None) is not None
-        and resolve(cfg.importance).needs
-        and (getattr(cfg, "ratio", 0) or getattr(cfg, "layer_ratios", ()))
-    )
-
-
-def with_runtime(model, recipe: Recipe, calibration, calibration_batches, loss_fn) -> tuple:
-    """The recipe's configs with the runtime data given to the passes that read it."""
-    measured = any(_measures(c) for c in recipe.passes)
-    batches = take_batches(calibration if measured else None, calibration_batches, model)
-    loss = loss_fn if loss_fn is not None else default_loss(model)
-    out = []
-    for cfg in recipe.passes:
-        names = {f.name for f in dataclasses.fields(cfg)}
-        extra = {"calibration": batches} if "calibration" in names else {}
-        if "loss_fn" in names:
-            extra["loss_fn"] = loss
-        out.append(dataclasses.replace(cfg, **extra) if extra else cfg)
-    return tuple(out)
 
 
 def apply_plan(

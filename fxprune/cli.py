@@ -225,8 +225,8 @@ def _prune_flags(a, model, x, channels: float):
     if not recipe:
         return fxprune.compile(model, x, **_flag_options(a, channels))
     from fxprune._util import is_default
-    from fxprune.api import RECIPE_OPTIONS
     from fxprune.errors import ConfigError
+    from fxprune.recipe import RECIPE_OPTIONS
 
     flags = _flag_options(a, a.channels or 0.0)
     given = [k for k, v in flags.items() if k not in ("uniform", "seed")]
@@ -248,9 +248,9 @@ def _print_recipe(a, log: _Log) -> int:
     """``--print-recipe``: the recipe the flags build, as JSON on stdout; nothing is pruned."""
     import torch
 
-    from fxprune.api import recipe_from_options
     from fxprune.errors import ConfigError
     from fxprune.models import load_model
+    from fxprune.recipe import from_options
 
     if is_checkpoint(a.model):
         raise ConfigError("--print-recipe builds a recipe from the flags; a checkpoint has a plan")
@@ -259,7 +259,7 @@ def _print_recipe(a, log: _Log) -> int:
     model, _ = load_model(a.model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
-    recipe, _ = recipe_from_options(model, **_flag_options(a, channels))
+    recipe, _ = from_options(model, **_flag_options(a, channels))
     log(None)
     print(recipe.to_json())
     return 0

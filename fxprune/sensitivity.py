@@ -243,8 +243,8 @@ def sensitivity(
         >>> print(rep.table()); rep.most_sensitive()[:3]
         >>> fxprune.compile(model, x, **rep.ratios_for_target(0.5))
     """
+    from fxprune._util import resolve_names
     from fxprune.api import compile as fx_compile
-    from fxprune.api import resolve_names
     from fxprune.graph import build_graph, capture
     from fxprune.graph.trace import as_args
     from fxprune.passes.units import channel_holders, group_name

@@ -236,17 +236,9 @@ def eligibility(c: WeightedLayer, w: torch.Tensor, cfg: NM) -> str | None:
     return None
 
 
-@register_pass(
-    "nm",
-    NM,
-    lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]), method=e.get("method", "magnitude")),
-)
-def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
-    """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
-    gm = graph.gm
-    eligible, ineligible, masks, updated = [], {}, {}, {}
-    kept_mag = total_mag = 0.0
-    chosen: list[tuple[WeightedLayer, torch.Tensor]] = []
+def _chosen(gm, cfg: NM) -> tuple[list[tuple[WeightedLayer, torch.Tensor]], dict[str, str]]:
+    """The weights the pass masks, and why each other Linear / Conv weight is not masked."""
+    chosen, ineligible = [], {}
     for c in candidates(gm):
         w = gm.get_parameter(c.param)
         if cfg.layers is not None:
@@ -257,17 +249,48 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
             reason = eligibility(c, w, cfg)
         if reason:
             ineligible[c.layer] = reason
-            continue
-        chosen.append((c, w))
+        else:
+            chosen.append((c, w))
     if not chosen and cfg.layers is None:  # asked for N:M, and not one weight can carry it
         why = "; ".join(f"{k}: {v}" for k, v in list(ineligible.items())[:5])
         raise NothingToPruneError(
             f"sparsity='{cfg.n}:{cfg.m}' masks nothing: no Linear / Conv weight is eligible"
             + (f" ({why})" if why else " (the model has none the N:M pass knows)")
         )
-    data = cfg.method != "magnitude" and cfg.layers is None
-    fallback: dict[str, str] = {}
-    if data:
+    return chosen, ineligible
+
+
+def _mask_one(c: WeightedLayer, w: torch.Tensor, cfg: NM, acc, updated: dict):
+    """Mask one weight in place: (mask, L1 before, L1 after). SparseGPT also updates the kept
+    weights (into ``updated``); Wanda ranks by its activation-scaled score."""
+    if acc is not None and cfg.method == "sparsegpt" and c.param in acc.hess:
+        from fxprune.passes.nm_data import sparsegpt
+
+        before = float(w.abs().sum())
+        new, mask = sparsegpt(w, c, acc.hess[c.param], acc.count[c.param], cfg.n, cfg.m)
+        after = float((w.abs() * mask).sum())
+        w.copy_(new * mask)
+        updated[c.param] = w.detach().clone()
+        return mask, before, after
+    score = None
+    if acc is not None and c.param in acc.sq:
+        from fxprune.passes.nm_data import wanda_scores
+
+        score = wanda_scores(w, c, acc.sq[c.param])
+    return apply_nm(w, cfg.n, cfg.m, c.reduce_dim, score)
+
+
+@register_pass(
+    "nm",
+    NM,
+    lambda e: NM(e["n"], e["m"], layers=tuple(e["layers"]), method=e.get("method", "magnitude")),
+)
+def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
+    """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
+    gm = graph.gm
+    chosen, ineligible = _chosen(gm, cfg)
+    acc, fallback = None, {}
+    if cfg.method != "magnitude" and cfg.layers is None:  # data-driven: calibrate first
         from fxprune.calibration import as_batches
         from fxprune.passes.nm_data import calibrate
 
@@ -277,26 +300,13 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
             as_batches(cfg.calibration, args),
             hessian=cfg.method == "sparsegpt",
         )
+    eligible, masks, updated = [], {}, {}
+    kept_mag = total_mag = 0.0
     with torch.no_grad():
         for c, w in chosen:
-            if data and cfg.method == "sparsegpt" and c.param in acc.hess:
-                from fxprune.passes.nm_data import sparsegpt
-
-                total_mag += float(w.abs().sum())
-                new, mask = sparsegpt(w, c, acc.hess[c.param], acc.count[c.param], cfg.n, cfg.m)
-                kept_mag += float((w.abs() * mask).sum())
-                w.copy_(new * mask)
-                updated[c.param] = w.detach().clone()
-            else:
-                score = None
-                if data and c.param in acc.sq:
-                    from fxprune.passes.nm_data import wanda_scores
-
-                    score = wanda_scores(w, c, acc.sq[c.param])
-                mask, before, after = apply_nm(w, cfg.n, cfg.m, c.reduce_dim, score)
-                total_mag += before
-                kept_mag += after
-            masks[c.param] = mask
+            masks[c.param], before, after = _mask_one(c, w, cfg, acc, updated)
+            total_mag += before
+            kept_mag += after
             eligible.append(c.param)
     if cfg.layers is not None and set(cfg.layers) - set(eligible):
         from fxprune.errors import PlanError
@@ -311,7 +321,7 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
         "ineligible": ineligible,
         "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
     }
-    if data:  # layers the data-driven method could not serve, and what they got instead
+    if acc is not None:  # layers the data-driven method could not serve, and what they got
         missing = [c.param for c, _ in chosen if c.param not in acc.sq]
         no_input = dict.fromkeys(missing, "no input captured: magnitude used")
         if cfg.method == "sparsegpt" and fallback:
