@@ -24,6 +24,7 @@ efficiency (real kernels reach 50-80 % of the roof) cancels; what does not cance
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -155,6 +156,88 @@ def estimate(
         raise ConfigError(f"sparsity={sparsity!r}: give an unstructured sparsity in [0, 1)")
     if nm is not None and str(nm) != "2:4":
         raise ConfigError(f"nm={nm!r}: only '2:4' has hardware support to price")
+    hws = _profiles(hardware)
+    if dtype is not None and dtype not in BYTES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(BYTES)}")
+    batches = list(batch_sizes or (1, 8))
+    if any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
+    args = as_args(example_inputs, model)
+    gm = trace(model, args, mode=mode, leaf_modules=leaf_modules).gm
+    costs = layer_costs(gm, exclude, fused)
+    ctx = _Ctx(
+        costs,
+        _weights(costs),
+        sum(p.numel() for p in model.parameters()),
+        _gemm_flops(costs),
+        hws,
+        {h.name: dtype or ("fp16" if h.kind == "gpu" else "fp32") for h in hws},
+        batches,
+        _batch_of(args),
+        tuple(exclude),
+    )
+    scen = [_dense_scenario(ctx)]
+    if sparsity is not None:
+        scen.append(_unstructured_scenario(ctx, float(sparsity)))
+    if nm is not None:
+        scen.append(_nm_scenario(ctx))
+    if structured is not None:
+        scen.append(
+            _structured(
+                model,
+                fused,
+                args,
+                structured,
+                costs,
+                hws,
+                ctx.dtypes,
+                batches,
+                ctx.b0,
+                mode,
+                leaf_modules,
+                prune_kwargs,
+            )
+        )
+    roof = {
+        hw.name: {b: roofline_rows(costs, hw, ctx.dtypes[hw.name], b / ctx.b0) for b in batches}
+        for hw in hws
+    }
+    return EstimateReport(
+        type(model).__name__,
+        ctx.b0,
+        batches,
+        [h.name for h in hws],
+        ctx.dtypes,
+        scen,
+        roof,
+        _notes(hws, fused),
+        ridges={h.name: h.ridge(ctx.dtypes[h.name]) for h in hws},
+    )
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every scenario's pricing reads: the traced costs and the profiles asked for."""
+
+    costs: list
+    weights: dict
+    P: int  # every parameter of the model
+    gflops: float  # FLOPs of one call at the example batch
+    hws: list
+    dtypes: dict
+    batches: list
+    b0: int
+    exclude: tuple
+
+    @property
+    def W(self) -> int:  # parameters in conv / linear weights (prunable)
+        return sum(c.weight for c in self.weights.values())
+
+    def speedups(self, total_ms) -> dict:
+        return _speedups(self.costs, total_ms, self.hws, self.dtypes, self.batches, self.b0)
+
+
+def _profiles(hardware) -> list[Hardware]:
     hws = []
     for h in hardware:
         if isinstance(h, Hardware):
@@ -163,22 +246,10 @@ def estimate(
             hws.append(HARDWARE[h])
         else:
             raise ConfigError(f"hardware {h!r}: choose from {sorted(HARDWARE)} or pass a Hardware")
-    if dtype is not None and dtype not in BYTES:
-        raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(BYTES)}")
-    dtypes = {h.name: dtype or ("fp16" if h.kind == "gpu" else "fp32") for h in hws}
-    batches = list(batch_sizes or (1, 8))
-    if any(not isinstance(b, int) or b < 1 for b in batches):
-        raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
-    args = as_args(example_inputs, model)
-    b0 = _batch_of(args)
-    gm = trace(model, args, mode=mode, leaf_modules=leaf_modules).gm
-    costs = layer_costs(gm, exclude, fused)
-    weights = _weights(costs)
-    P = sum(p.numel() for p in model.parameters())
-    W = sum(c.weight for c in weights.values())
-    other = P - W
-    gflops = _gemm_flops(costs)
-    scen: list[Scenario] = []
+    return hws
+
+
+def _notes(hws, fused: bool) -> list[str]:
     notes = [
         "times are per-layer roofline bounds, max(FLOPs / peak, bytes / bandwidth); speedups "
         "are ratios of their sums, so kernel efficiency mostly cancels",
@@ -191,188 +262,143 @@ def estimate(
             else "no op is fused"
         ),
     ]
-    notes += [f"{h.name}: {h.source}" for h in hws]
+    return notes + [f"{h.name}: {h.source}" for h in hws]
 
-    dense = Scenario("dense", P, {"dense": _bytes_all(P)}, gflops, gflops)
-    dense.speedup = {h.name: {b: 1.0 for b in batches} for h in hws}
+
+def _dense_scenario(ctx: _Ctx) -> Scenario:
+    P, W = ctx.P, ctx.W
+    dense = Scenario("dense", P, {"dense": _bytes_all(P)}, ctx.gflops, ctx.gflops)
+    dense.speedup = {h.name: {b: 1.0 for b in ctx.batches} for h in ctx.hws}
     dense.formulas.append(
-        f"P = {fmt_count(P)} parameters, of which {fmt_count(W)} in {len(weights)} conv/linear weights "
-        f"(prunable) and {fmt_count(other)} others (biases, norms, embeddings)"
+        f"P = {fmt_count(P)} parameters, of which {fmt_count(W)} in {len(ctx.weights)} "
+        f"conv/linear weights (prunable) and {fmt_count(P - W)} others (biases, norms, "
+        "embeddings)"
     )
     dense.formulas.append(
         "bytes = P x bytes per value = "
         + ", ".join(f"{fmt_count(P)} x {b} = {fmt_mb(P * b)} ({d})" for d, b in BYTES.items())
     )
-    dense.formulas.append(f"FLOPs = 2 x MACs = {gflops / 1e9:.3f} GFLOPs per batch of {b0}")
-    scen.append(dense)
+    dense.formulas.append(f"FLOPs = 2 x MACs = {ctx.gflops / 1e9:.3f} GFLOPs per batch of {ctx.b0}")
+    return dense
 
-    if sparsity is not None:
-        s = float(sparsity)
-        excl = {k for k in weights if any(module_matches(k, p) for p in exclude)}
-        sparse_w = {k: c for k, c in weights.items() if k not in excl}
-        dense_rest = other + sum(c.weight for k, c in weights.items() if k in excl)
-        kept = sum(round(c.weight * (1 - s)) for c in sparse_w.values())
-        csr = {
-            d: dense_rest * BYTES[d] + sum(csr_bytes(c, s, d) for c in sparse_w.values())
-            for d in BYTES
-        }
-        bm = {
-            d: dense_rest * BYTES[d] + sum(bitmask_bytes(c, s, d) for c in sparse_w.values())
-            for d in BYTES
-        }
-        wflops = sum(c.flops for c in costs if c.weight and c.name not in excl)
-        sc = Scenario(
-            f"unstructured {s:.0%}",
-            dense_rest + kept,
-            {"CSR": csr, "bitmask": bm},
-            gflops,
-            gflops - wflops * s,
-        )
-        sc.speedup = _speedups(
-            costs,
-            lambda hw, d, k: sum(
-                dense_time_ms(c, hw, d, k)
-                if c.name in excl
-                else unstructured_time_ms(c, hw, d, k, s)
-                for c in costs
-            ),
-            hws,
-            dtypes,
-            batches,
-            b0,
-        )
-        big = max(sparse_w.values(), key=lambda c: c.weight, default=None)
-        Ws = W - (dense_rest - other)
-        sc.formulas.append(
-            f"remaining = P x (1 - s) = {fmt_count(Ws)} x (1 - {s:g}) = {fmt_count(Ws * (1 - s))} "
-            f"(+ {fmt_count(dense_rest)} not pruned) = {fmt_count(dense_rest + kept)} parameters"
-        )
-        if big is not None:
-            nnz = round(big.weight * (1 - s))
-            sc.formulas.append(
-                f"CSR bytes = nnz x (value + 4-byte column index) + (rows + 1) x 4, e.g. "
-                f"{big.name} fp16: {fmt_count(nnz)} x (2 + 4) + ({big.out_features} + 1) x 4 = "
-                f"{fmt_count(csr_bytes(big, s, 'fp16'))} vs dense {fmt_count(big.weight * 2)}"
-            )
-            sc.formulas.append(
-                f"bitmask bytes = nnz x value + positions / 8, e.g. {big.name} fp16: "
-                f"{fmt_count(nnz)} x 2 + {fmt_count(big.weight)} / 8 = {fmt_count(bitmask_bytes(big, s, 'fp16'))}"
-            )
-        for hw in hws:
-            if hw.unstructured_threshold is None:
-                why = "stock runtimes run dense kernels over the zeros: speedup 1.00x"
-            elif s < hw.unstructured_threshold:
-                why = (
-                    f"s = {s:g} < {hw.unstructured_threshold:g}: dense kernels run over the "
-                    "zeros (scattered zeros cannot be skipped by tensor cores): speedup 1.00x"
-                )
-            else:
-                why = (
-                    f"s = {s:g} >= {hw.unstructured_threshold:g}: per layer the faster of dense "
-                    f"and a CSR kernel on CUDA cores ({hw.cuda_tflops:g} TFLOP/s, CSR bytes): "
-                    + ", ".join(f"batch {b} {sc.speedup[hw.name][b]:.2f}x" for b in batches)
-                )
-            sc.formulas.append(f"{hw.name}: {why}")
-        scen.append(sc)
 
-    if nm is not None:
-        elig = {k: c for k, c in weights.items() if c.nm_reason is None}
-        E = sum(c.weight for c in elig.values())
-        by = {d: (P - E) * BYTES[d] + E * BYTES[d] * nm_bytes_ratio(d) for d in BYTES}
-        eflops = sum(c.flops for c in costs if c.weight and c.nm_reason is None)
-        sc = Scenario(
-            "2:4",
-            P - E // 2,
-            {"compressed": by},
-            gflops - eflops / 2,
-            gflops - eflops / 2,
-        )
-        sc.speedup = _speedups(
-            costs,
-            lambda hw, d, k: sum(nm_time_ms(c, hw, d, k) for c in costs),
-            hws,
-            dtypes,
-            batches,
-            b0,
-        )
-        inel = {k: c.nm_reason for k, c in weights.items() if c.nm_reason is not None}
-        sc.formulas.append(
-            f"eligible weights E = {fmt_count(E)} in {len(elig)} of {len(weights)} layers"
-            + (
-                f" (not: {', '.join(f'{k}: {v}' for k, v in list(inel.items())[:3])}"
-                + (f" and {len(inel) - 3} more" if len(inel) > 3 else "")
-                + ")"
-                if inel
-                else ""
-            )
-        )
-        sc.formulas.append(
-            f"remaining = P - E / 2 = {fmt_count(P)} - {fmt_count(E // 2)} = {fmt_count(P - E // 2)}"
-        )
-        sc.formulas.append(
-            f"bytes of an eligible weight = dense x (1/2 + 1/2 x {NM_META_BITS} bits / value "
-            f"bits) = dense x {nm_bytes_ratio('fp16'):.4f} (fp16), "
-            f"{nm_bytes_ratio('int8'):.4f} (int8), {nm_bytes_ratio('fp32'):.4f} (fp32)"
-        )
-        for hw in hws:
-            d = dtypes[hw.name]
-            if not hw.sparse_24:
-                sc.formulas.append(f"{hw.name}: no 2:4 sparse math: speedup 1.00x")
-                continue
-            parts = []
-            for b in batches:
-                k = b / b0
-                t_all = sum(dense_time_ms(c, hw, d, k) for c in costs)
-                t_e = sum(
-                    dense_time_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None
-                )
-                t_es = sum(
-                    nm_time_ms(c, hw, d, k) for c in costs if c.weight and c.nm_reason is None
-                )
-                f = t_e / t_all if t_all else 0.0
-                keff = t_e / t_es if t_es else 1.0
-                parts.append(
-                    f"batch {b}: f = {t_e:.4f} / {t_all:.4f} ms = {f:.3f}, k_eff = {keff:.2f}, "
-                    f"S = 1 / ((1 - {f:.3f}) + {f:.3f} / {keff:.2f}) = {sc.speedup[hw.name][b]:.2f}x"
-                )
-            sc.formulas.append(
-                f"{hw.name} (sparse factor {hw.sparse_factor:g}, GEMMs with >= "
-                f"{hw.sparse_min_rows} rows): " + "; ".join(parts)
-            )
-        scen.append(sc)
-
-    if structured is not None:
-        scen.append(
-            _structured(
-                model,
-                fused,
-                args,
-                structured,
-                costs,
-                hws,
-                dtypes,
-                batches,
-                b0,
-                mode,
-                leaf_modules,
-                prune_kwargs,
-            )
-        )
-
-    roof = {
-        hw.name: {b: roofline_rows(costs, hw, dtypes[hw.name], b / b0) for b in batches}
-        for hw in hws
+def _unstructured_scenario(ctx: _Ctx, s: float) -> Scenario:
+    costs, weights, other = ctx.costs, ctx.weights, ctx.P - ctx.W
+    excl = {k for k in weights if any(module_matches(k, p) for p in ctx.exclude)}
+    sparse_w = {k: c for k, c in weights.items() if k not in excl}
+    dense_rest = other + sum(c.weight for k, c in weights.items() if k in excl)
+    kept = sum(round(c.weight * (1 - s)) for c in sparse_w.values())
+    csr = {
+        d: dense_rest * BYTES[d] + sum(csr_bytes(c, s, d) for c in sparse_w.values()) for d in BYTES
     }
-    return EstimateReport(
-        type(model).__name__,
-        b0,
-        batches,
-        [h.name for h in hws],
-        dtypes,
-        scen,
-        roof,
-        notes,
-        ridges={h.name: h.ridge(dtypes[h.name]) for h in hws},
+    bm = {
+        d: dense_rest * BYTES[d] + sum(bitmask_bytes(c, s, d) for c in sparse_w.values())
+        for d in BYTES
+    }
+    wflops = sum(c.flops for c in costs if c.weight and c.name not in excl)
+    sc = Scenario(
+        f"unstructured {s:.0%}",
+        dense_rest + kept,
+        {"CSR": csr, "bitmask": bm},
+        ctx.gflops,
+        ctx.gflops - wflops * s,
+    )
+    sc.speedup = ctx.speedups(
+        lambda hw, d, k: sum(
+            dense_time_ms(c, hw, d, k) if c.name in excl else unstructured_time_ms(c, hw, d, k, s)
+            for c in costs
+        )
+    )
+    big = max(sparse_w.values(), key=lambda c: c.weight, default=None)
+    Ws = ctx.W - (dense_rest - other)
+    sc.formulas.append(
+        f"remaining = P x (1 - s) = {fmt_count(Ws)} x (1 - {s:g}) = {fmt_count(Ws * (1 - s))} "
+        f"(+ {fmt_count(dense_rest)} not pruned) = {fmt_count(dense_rest + kept)} parameters"
+    )
+    if big is not None:
+        nnz = round(big.weight * (1 - s))
+        sc.formulas.append(
+            f"CSR bytes = nnz x (value + 4-byte column index) + (rows + 1) x 4, e.g. "
+            f"{big.name} fp16: {fmt_count(nnz)} x (2 + 4) + ({big.out_features} + 1) x 4 = "
+            f"{fmt_count(csr_bytes(big, s, 'fp16'))} vs dense {fmt_count(big.weight * 2)}"
+        )
+        sc.formulas.append(
+            f"bitmask bytes = nnz x value + positions / 8, e.g. {big.name} fp16: "
+            f"{fmt_count(nnz)} x 2 + {fmt_count(big.weight)} / 8 = "
+            f"{fmt_count(bitmask_bytes(big, s, 'fp16'))}"
+        )
+    for hw in ctx.hws:
+        if hw.unstructured_threshold is None:
+            why = "stock runtimes run dense kernels over the zeros: speedup 1.00x"
+        elif s < hw.unstructured_threshold:
+            why = (
+                f"s = {s:g} < {hw.unstructured_threshold:g}: dense kernels run over the "
+                "zeros (scattered zeros cannot be skipped by tensor cores): speedup 1.00x"
+            )
+        else:
+            why = (
+                f"s = {s:g} >= {hw.unstructured_threshold:g}: per layer the faster of dense "
+                f"and a CSR kernel on CUDA cores ({hw.cuda_tflops:g} TFLOP/s, CSR bytes): "
+                + ", ".join(f"batch {b} {sc.speedup[hw.name][b]:.2f}x" for b in ctx.batches)
+            )
+        sc.formulas.append(f"{hw.name}: {why}")
+    return sc
+
+
+def _nm_scenario(ctx: _Ctx) -> Scenario:
+    costs, weights, P = ctx.costs, ctx.weights, ctx.P
+    elig = {k: c for k, c in weights.items() if c.nm_reason is None}
+    E = sum(c.weight for c in elig.values())
+    by = {d: (P - E) * BYTES[d] + E * BYTES[d] * nm_bytes_ratio(d) for d in BYTES}
+    eflops = sum(c.flops for c in costs if c.weight and c.nm_reason is None)
+    sc = Scenario(
+        "2:4", P - E // 2, {"compressed": by}, ctx.gflops - eflops / 2, ctx.gflops - eflops / 2
+    )
+    sc.speedup = ctx.speedups(lambda hw, d, k: sum(nm_time_ms(c, hw, d, k) for c in costs))
+    inel = {k: c.nm_reason for k, c in weights.items() if c.nm_reason is not None}
+    sc.formulas.append(
+        f"eligible weights E = {fmt_count(E)} in {len(elig)} of {len(weights)} layers"
+        + (
+            f" (not: {', '.join(f'{k}: {v}' for k, v in list(inel.items())[:3])}"
+            + (f" and {len(inel) - 3} more" if len(inel) > 3 else "")
+            + ")"
+            if inel
+            else ""
+        )
+    )
+    sc.formulas.append(
+        f"remaining = P - E / 2 = {fmt_count(P)} - {fmt_count(E // 2)} = {fmt_count(P - E // 2)}"
+    )
+    sc.formulas.append(
+        f"bytes of an eligible weight = dense x (1/2 + 1/2 x {NM_META_BITS} bits / value "
+        f"bits) = dense x {nm_bytes_ratio('fp16'):.4f} (fp16), "
+        f"{nm_bytes_ratio('int8'):.4f} (int8), {nm_bytes_ratio('fp32'):.4f} (fp32)"
+    )
+    for hw in ctx.hws:
+        sc.formulas.append(_nm_formula(ctx, hw, sc))
+    return sc
+
+
+def _nm_formula(ctx: _Ctx, hw: Hardware, sc: Scenario) -> str:
+    """Amdahl's law per batch: the eligible GEMMs' share of the time and their sparse speedup."""
+    if not hw.sparse_24:
+        return f"{hw.name}: no 2:4 sparse math: speedup 1.00x"
+    d, parts = ctx.dtypes[hw.name], []
+    elig = [c for c in ctx.costs if c.weight and c.nm_reason is None]
+    for b in ctx.batches:
+        k = b / ctx.b0
+        t_all = sum(dense_time_ms(c, hw, d, k) for c in ctx.costs)
+        t_e = sum(dense_time_ms(c, hw, d, k) for c in elig)
+        t_es = sum(nm_time_ms(c, hw, d, k) for c in elig)
+        f = t_e / t_all if t_all else 0.0
+        keff = t_e / t_es if t_es else 1.0
+        parts.append(
+            f"batch {b}: f = {t_e:.4f} / {t_all:.4f} ms = {f:.3f}, k_eff = {keff:.2f}, "
+            f"S = 1 / ((1 - {f:.3f}) + {f:.3f} / {keff:.2f}) = {sc.speedup[hw.name][b]:.2f}x"
+        )
+    return (
+        f"{hw.name} (sparse factor {hw.sparse_factor:g}, GEMMs with >= "
+        f"{hw.sparse_min_rows} rows): " + "; ".join(parts)
     )
 
 
