@@ -88,7 +88,7 @@ def render(
     command: str | None = None,
     top: int = 40,
 ) -> str:
-    """The report page as a string; every section is optional."""
+    """The report page as a string; every section is optional (one renderer per section)."""
     s = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
@@ -96,8 +96,21 @@ def render(
         f"<p class='sub'>fxprune report, {datetime.datetime.now():%Y-%m-%d %H:%M}"
         + (f" &middot; <code>{_e(command)}</code>" if command else "")
         + "</p>",
-        "<div class='cards'>",
     ]
+    s += _cards(result, equivalence, latency)
+    if result is not None:
+        s += _pruning_section(result, top)
+    if latency is not None:
+        s += _latency_section(latency)
+    if estimate is not None:
+        s += _estimate_section(estimate)
+    s.append("</body></html>")
+    return "".join(s)
+
+
+def _cards(result, equivalence, latency) -> list[str]:
+    """The before / after, proof and speedup cards at the top."""
+    s = ["<div class='cards'>"]
     if result is not None:
         sm = result.summary
         s.append(
@@ -119,127 +132,134 @@ def render(
             f"<b>{r.speedup:.2f}x</b>efficiency {r.efficiency:.2f}</div>"
         )
     s.append("</div>")
+    return s
 
-    if result is not None:
-        groups = []
-        for p in result.passes:
-            for name, (total, kept) in p.details.get("units", {}).items():
-                groups.append((f"{p.name}: {name}", float(total), float(kept)))
-        if groups:
-            s.append("<h2>Kept channels / heads / neurons per group</h2>")
-            s.append(_legend("before", "kept"))
-            s.append(bar_chart(groups[:top]))
-            if len(groups) > top:
-                s.append(f"<p class='sub'>... and {len(groups) - top} more groups</p>")
-        layers = sorted(result.summary.layers, key=lambda r: -r.macs_before)
-        s.append("<h2>FLOPs per layer (2 x MACs, per example batch)</h2>")
-        s.append(_legend("dense", "pruned"))
-        s.append(
-            bar_chart(
-                [
-                    (r.layer, 2.0 * r.macs_before, 2.0 * r.macs_after)
-                    for r in layers[:top]
-                    if r.macs_before
-                ]
-            )
+
+def _pruning_section(result, top: int) -> list[str]:
+    """Kept units per group, FLOPs and weight bytes per layer, the barriers."""
+    s = []
+    groups = []
+    for p in result.passes:
+        for name, (total, kept) in p.details.get("units", {}).items():
+            groups.append((f"{p.name}: {name}", float(total), float(kept)))
+    if groups:
+        s.append("<h2>Kept channels / heads / neurons per group</h2>")
+        s.append(_legend("before", "kept"))
+        s.append(bar_chart(groups[:top]))
+        if len(groups) > top:
+            s.append(f"<p class='sub'>... and {len(groups) - top} more groups</p>")
+    layers = sorted(result.summary.layers, key=lambda r: -r.macs_before)
+    s.append("<h2>FLOPs per layer (2 x MACs, per example batch)</h2>")
+    s.append(_legend("dense", "pruned"))
+    s.append(
+        bar_chart(
+            [
+                (r.layer, 2.0 * r.macs_before, 2.0 * r.macs_after)
+                for r in layers[:top]
+                if r.macs_before
+            ]
         )
-        s.append("<h2>Weight bytes per layer (fp32)</h2>")
-        s.append(_legend("dense", "pruned"))
-        by_p = [r for r in sorted(layers, key=lambda r: -r.params_before)[:top] if r.params_before]
-        s.append(
-            bar_chart([(r.layer, 4.0 * r.params_before, 4.0 * r.params_after) for r in by_p], "B")
-        )
-        if result.barriers:
-            s.append("<h2>What kept channels (barriers)</h2>")
-            s.append(
-                _table(
-                    ["node", "op", "reason", "layers"],
-                    [
-                        [b["node"], b["op"], b["reason"], ", ".join(b["layers"][:4])]
-                        for b in result.barriers[:30]
-                    ],
-                )
-            )
-    if latency is not None:
-        s.append(f"<h2>Latency, {_e(latency.backend)} ({latency.threads} threads)</h2>")
-        s.append(
-            f"<p class='sub'>{latency.warmup} warm-up + {latency.repeats} timed calls per model "
-            f"and batch, dense and pruned interleaved; {_e(latency.machine)}</p>"
-        )
-        if latency.notes:
-            s.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in latency.notes) + "</ul>")
-        s.append(_legend("dense ms", "pruned ms"))
-        s.append(
-            bar_chart([(f"batch {r.batch}", r.dense_ms, r.pruned_ms) for r in latency.rows], " ms")
-        )
+    )
+    s.append("<h2>Weight bytes per layer (fp32)</h2>")
+    s.append(_legend("dense", "pruned"))
+    by_p = [r for r in sorted(layers, key=lambda r: -r.params_before)[:top] if r.params_before]
+    s.append(bar_chart([(r.layer, 4.0 * r.params_before, 4.0 * r.params_after) for r in by_p], "B"))
+    if result.barriers:
+        s.append("<h2>What kept channels (barriers)</h2>")
         s.append(
             _table(
-                ["batch", "dense ms [p10-p90]", "pruned ms [p10-p90]", "speedup", "MAC ratio"]
-                + ["efficiency", "parity", "verdict"],
+                ["node", "op", "reason", "layers"],
                 [
-                    [
-                        r.batch,
-                        f"{r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}]",
-                        f"{r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}]",
-                        f"{r.speedup:.2f}x",
-                        f"{r.mac_ratio:.3f}",
-                        f"{r.efficiency:.2f}",
-                        f"{r.parity:.1e}",
-                        r.verdict,
-                    ]
-                    for r in latency.rows
+                    [b["node"], b["op"], b["reason"], ", ".join(b["layers"][:4])]
+                    for b in result.barriers[:30]
                 ],
             )
         )
-    if estimate is not None:
-        s.append("<h2>Estimate: unstructured vs 2:4 vs structured</h2>")
-        cols = [(h, b) for h in estimate.hardware for b in estimate.batch_sizes]
-        rows = []
-        for sc in estimate.scenarios:
-            if sc.skipped:
-                rows.append([sc.name, f"skipped: {sc.skipped}"] + [""] * (2 + len(cols)))
-                continue
-            for fmt, by in sc.bytes.items():
-                rows.append(
-                    [
-                        sc.name if fmt == "dense" else f"{sc.name} ({fmt})",
-                        f"{sc.params:,}",
-                        f"{by['fp16'] / 1e6:.2f} MB",
-                        f"{sc.flops / 1e9:.2f}",
-                    ]
-                    + [f"{sc.speedup[h][b]:.2f}x" for h, b in cols]
-                )
-        head = ["scenario", "params", "fp16 bytes", "GFLOPs run"]
-        s.append(_table(head + [f"{h} b{b}" for h, b in cols], rows))
-        if estimate.comparisons:
-            s.append("<h3>Estimated vs measured speedup</h3>")
-            s.append(
-                _table(
-                    ["scenario", "hardware profile", "backend", "batch", "estimated", "measured"]
-                    + ["measured / estimated"],
-                    [
-                        [
-                            c["scenario"],
-                            c["hardware"],
-                            c["backend"],
-                            c["batch"],
-                            f"{c['estimated']:.2f}x",
-                            f"{c['measured']:.2f}x",
-                            f"{c['measured_over_estimated']:.2f}",
-                        ]
-                        for c in estimate.comparisons
-                    ],
-                )
+    return s
+
+
+def _latency_section(latency) -> list[str]:
+    s = [
+        f"<h2>Latency, {_e(latency.backend)} ({latency.threads} threads)</h2>",
+        f"<p class='sub'>{latency.warmup} warm-up + {latency.repeats} timed calls per model "
+        f"and batch, dense and pruned interleaved; {_e(latency.machine)}</p>",
+    ]
+    if latency.notes:
+        s.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in latency.notes) + "</ul>")
+    s.append(_legend("dense ms", "pruned ms"))
+    s.append(
+        bar_chart([(f"batch {r.batch}", r.dense_ms, r.pruned_ms) for r in latency.rows], " ms")
+    )
+    s.append(
+        _table(
+            ["batch", "dense ms [p10-p90]", "pruned ms [p10-p90]", "speedup", "MAC ratio"]
+            + ["efficiency", "parity", "verdict"],
+            [
+                [
+                    r.batch,
+                    f"{r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}]",
+                    f"{r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}]",
+                    f"{r.speedup:.2f}x",
+                    f"{r.mac_ratio:.3f}",
+                    f"{r.efficiency:.2f}",
+                    f"{r.parity:.1e}",
+                    r.verdict,
+                ]
+                for r in latency.rows
+            ],
+        )
+    )
+    return s
+
+
+def _estimate_section(estimate) -> list[str]:
+    s = ["<h2>Estimate: unstructured vs 2:4 vs structured</h2>"]
+    cols = [(h, b) for h in estimate.hardware for b in estimate.batch_sizes]
+    rows = []
+    for sc in estimate.scenarios:
+        if sc.skipped:
+            rows.append([sc.name, f"skipped: {sc.skipped}"] + [""] * (2 + len(cols)))
+            continue
+        for fmt, by in sc.bytes.items():
+            rows.append(
+                [
+                    sc.name if fmt == "dense" else f"{sc.name} ({fmt})",
+                    f"{sc.params:,}",
+                    f"{by['fp16'] / 1e6:.2f} MB",
+                    f"{sc.flops / 1e9:.2f}",
+                ]
+                + [f"{sc.speedup[h][b]:.2f}x" for h, b in cols]
             )
-        s.append("<h3>Formulas, with this model's numbers</h3><pre>")
-        for sc in estimate.scenarios:
-            for f in sc.formulas:
-                s.append(_e(f"{sc.name}: {f}") + "\n")
-        for n in estimate.notes:
-            s.append(_e(f"note: {n}") + "\n")
-        s.append("</pre>")
-    s.append("</body></html>")
-    return "".join(s)
+    head = ["scenario", "params", "fp16 bytes", "GFLOPs run"]
+    s.append(_table(head + [f"{h} b{b}" for h, b in cols], rows))
+    if estimate.comparisons:
+        s.append("<h3>Estimated vs measured speedup</h3>")
+        s.append(
+            _table(
+                ["scenario", "hardware profile", "backend", "batch", "estimated", "measured"]
+                + ["measured / estimated"],
+                [
+                    [
+                        c["scenario"],
+                        c["hardware"],
+                        c["backend"],
+                        c["batch"],
+                        f"{c['estimated']:.2f}x",
+                        f"{c['measured']:.2f}x",
+                        f"{c['measured_over_estimated']:.2f}",
+                    ]
+                    for c in estimate.comparisons
+                ],
+            )
+        )
+    s.append("<h3>Formulas, with this model's numbers</h3><pre>")
+    for sc in estimate.scenarios:
+        for f in sc.formulas:
+            s.append(_e(f"{sc.name}: {f}") + "\n")
+    for n in estimate.notes:
+        s.append(_e(f"note: {n}") + "\n")
+    s.append("</pre>")
+    return s
 
 
 def write(path: str | Path, title: str, **sections) -> Path:
