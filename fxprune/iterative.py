@@ -193,12 +193,51 @@ def iterative_prune(
         An :class:`IterativeResult`: ``module`` (the final model) and one :class:`Step` per
         step (ratios, params, MACs, proof, metric).
     """
-    from fxprune.api import compile as fx_compile
-    from fxprune.graph import build_graph, capture, hidden_attention
+    from fxprune.graph import build_graph, capture
     from fxprune.graph.trace import as_args
     from fxprune.stats import layer_stats
-    from fxprune.verify import equivalence
 
+    targets = _targets(channels, heads, ffn, steps, schedule, compile_kwargs)
+    args = as_args(example_inputs, model)
+    if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
+        compile_kwargs["calibration"] = take_batches(
+            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches"), model
+        )
+    mode = compile_kwargs.get("mode", "auto")
+    leaves = compile_kwargs.get("leaf_modules", ())
+    traced = capture(model, args, mode=mode, leaf_modules=leaves, heads="heads" in targets)
+    allow = compile_kwargs.get("allow_approximate", False)
+    original = _original_groups(build_graph(traced.gm, allow), traced, targets)
+    stats0 = layer_stats(traced.gm)
+    out = IterativeResult(
+        model,
+        params=sum(p.numel() for p in model.parameters()),
+        macs=sum(v["macs"] for v in stats0.values()),
+    )
+    if evaluate is not None:
+        with torch.no_grad(), eval_mode(model):  # each submodule's own flag comes back after
+            out.baseline = float(evaluate(model))
+    step_mode = traced.mode  # every step captures the way the dense model had to be captured
+    pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to", "mode")}
+    pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below
+    pass_kw["mode"] = step_mode
+    cfgs = _configs(compile_kwargs)
+    current = model
+    for k in range(1, steps + 1):
+        t0 = time.perf_counter()
+        ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
+        cur = capture(current, args, mode=step_mode, leaf_modules=leaves)
+        rel = _step_ratios(build_graph(cur.gm, allow), original, cfgs, ratios, k, step_mode)
+        step = _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate)
+        step.seconds = time.perf_counter() - t0
+        out.steps.append(step)
+        current = step.result.module
+    out.module = current
+    return out
+
+
+def _targets(channels, heads, ffn, steps, schedule, compile_kwargs) -> dict[str, float]:
+    """The kinds to prune and their final fractions, the arguments checked."""
     targets = {k: v for k, v in (("channels", channels), ("heads", heads), ("ffn", ffn)) if v}
     if not targets:
         raise ConfigError("give a target: channels=, heads= or ffn= (fractions in (0, 1))")
@@ -211,20 +250,14 @@ def iterative_prune(
     for k in ("layer_ratios", "head_ratios", "ffn_ratios", "global_ranking", "inplace"):
         if compile_kwargs.get(k):
             raise ConfigError(f"{k}= is not supported by iterative_prune (per-step ratios)")
-    args = as_args(example_inputs, model)
-    if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
-        compile_kwargs["calibration"] = take_batches(
-            compile_kwargs["calibration"], compile_kwargs.get("calibration_batches"), model
-        )
-    mode = compile_kwargs.get("mode", "auto")
-    leaves = compile_kwargs.get("leaf_modules", ())
-    traced = capture(model, args, mode=mode, leaf_modules=leaves, heads="heads" in targets)
-    allow = compile_kwargs.get("allow_approximate", False)
-    step_mode = traced.mode  # every step captures the way the dense model had to be captured
-    graph = build_graph(traced.gm, allow)
-    cfgs = _configs(compile_kwargs)
-    ignore = compile_kwargs.get("ignore", ())
-    # the groups to schedule, by the layer that names them, with their original size
+    return targets
+
+
+def _original_groups(graph, traced, targets) -> dict:
+    """The groups to schedule, by the layer that names them, with their original size; a kind
+    asked for that the graph has none of is an error naming why (not a silent no-op)."""
+    from fxprune.graph import hidden_attention
+
     kind_of = {"channels": "channels", "ffn": "ffn" if "ffn" in targets else "channels"}
     kind_of["heads"] = "heads"
     original = {}
@@ -233,7 +266,7 @@ def iterative_prune(
         if k in targets and len(g.units):
             original[g.layers(graph)[0]] = (k, g)
     missing = [k for k, r in targets.items() if r and all(k != v[0] for v in original.values())]
-    if missing:  # the request would be a silent no-op: say why instead
+    if missing:
         k = missing[0]
         hidden = hidden_attention(traced.gm) if k == "heads" else []
         raise NothingToPruneError(
@@ -246,70 +279,59 @@ def iterative_prune(
                 else ""
             )
         )
-    arg_of = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
-    stats0 = layer_stats(traced.gm)
-    out = IterativeResult(
-        model,
-        params=sum(p.numel() for p in model.parameters()),
-        macs=sum(v["macs"] for v in stats0.values()),
-    )
-    if evaluate is not None:
-        with torch.no_grad(), eval_mode(model):  # each submodule's own flag comes back after
-            out.baseline = float(evaluate(model))
-    current = model
-    pass_kw = {k: v for k, v in compile_kwargs.items() if k not in ("round_to", "mode")}
-    pass_kw["round_to"] = 1  # alignment is already in the kept counts computed below
-    pass_kw["mode"] = step_mode
-    for k in range(1, steps + 1):
-        t0 = time.perf_counter()
-        ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
-        cur = capture(current, args, mode=step_mode, leaf_modules=leaves)
-        cur_graph = build_graph(cur.gm, allow)
-        by_layer = {g.layers(cur_graph)[0]: g for g in cur_graph.groups}
-        rel: dict[str, dict[str, float]] = {}
-        for layer, (kind, g0) in original.items():
-            keep = cfgs[kind].units_to_keep(g0, ratios[kind])
-            g = by_layer.get(layer)
-            if g is None:
-                raise ConfigError(
-                    f"iterative_prune step {k}: the {kind} group of layer {layer!r} is not in "
-                    f"the graph of the previous step's model (captured with {step_mode})"
-                )
-            if keep >= len(g.units):
-                continue
+    return original
+
+
+_ARG_OF = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
+
+
+def _step_ratios(graph, original, cfgs, ratios, k: int, step_mode: str) -> dict:
+    """Per-layer ratios that take the current model to step k's kept counts (counted against
+    the original groups, so rounding never drifts)."""
+    by_layer = {g.layers(graph)[0]: g for g in graph.groups}
+    rel: dict[str, dict[str, float]] = {}
+    for layer, (kind, g0) in original.items():
+        keep = cfgs[kind].units_to_keep(g0, ratios[kind])
+        g = by_layer.get(layer)
+        if g is None:
+            raise ConfigError(
+                f"iterative_prune step {k}: the {kind} group of layer {layer!r} is not in "
+                f"the graph of the previous step's model (captured with {step_mode})"
+            )
+        if keep < len(g.units):
             n = len(g.units)
-            rel.setdefault(arg_of[kind], {})[layer] = (n - keep) / n
-        res = fx_compile(
-            current,
-            args,
-            ignore=ignore,
-            **rel,
-            **{k2: v for k2, v in pass_kw.items() if k2 != "ignore"},
-        )
-        ok = equivalence(current, res, args).ok
-        step = Step(
-            k,
-            ratios,
-            res,
-            ok,
-            sum(p.numel() for p in res.module.parameters()),
-            res.summary.macs_after,
-        )
-        if finetune is not None:
-            finetune(res.module, step)
-            res.module.eval()
-        if step.masks:
-            with torch.no_grad():
-                for name, mask in step.masks.items():
-                    p = res.module.get_parameter(name)
-                    step.revived += int(((p != 0) & ~mask.to(p.device)).sum())
-                    p.mul_(mask.to(p.device))
-        if evaluate is not None:
-            res.module.eval()  # measured like the dense baseline
-            with torch.no_grad():
-                step.metric = float(evaluate(res.module))
-        step.seconds = time.perf_counter() - t0
-        out.steps.append(step)
-        current = res.module
-    out.module = current
-    return out
+            rel.setdefault(_ARG_OF[kind], {})[layer] = (n - keep) / n
+    return rel
+
+
+def _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate) -> Step:
+    """Prune, prove, fine-tune (masks re-applied: a revived N:M weight is zeroed and counted)
+    and evaluate one step."""
+    from fxprune.api import compile as fx_compile
+    from fxprune.verify import equivalence
+
+    ignore = pass_kw.get("ignore", ())
+    res = fx_compile(
+        current,
+        args,
+        ignore=ignore,
+        **rel,
+        **{k2: v for k2, v in pass_kw.items() if k2 != "ignore"},
+    )
+    ok = equivalence(current, res, args).ok
+    params = sum(p.numel() for p in res.module.parameters())
+    step = Step(k, ratios, res, ok, params, res.summary.macs_after)
+    if finetune is not None:
+        finetune(res.module, step)
+        res.module.eval()
+    if step.masks:
+        with torch.no_grad():
+            for name, mask in step.masks.items():
+                p = res.module.get_parameter(name)
+                step.revived += int(((p != 0) & ~mask.to(p.device)).sum())
+                p.mul_(mask.to(p.device))
+    if evaluate is not None:
+        res.module.eval()  # measured like the dense baseline
+        with torch.no_grad():
+            step.metric = float(evaluate(res.module))
+    return step
