@@ -243,11 +243,9 @@ def sensitivity(
         >>> print(rep.table()); rep.most_sensitive()[:3]
         >>> fxprune.compile(model, x, **rep.ratios_for_target(0.5))
     """
-    from fxprune._util import resolve_names
-    from fxprune.api import compile as fx_compile
+    from fxprune._util import eval_mode, progress_bar, resolve_names
     from fxprune.graph import build_graph, capture
     from fxprune.graph.trace import as_args
-    from fxprune.passes.units import channel_holders, group_name
     from fxprune.stats import layer_stats
 
     if not ratios or any(not (isinstance(r, (int, float)) and 0 < r < 1) for r in ratios):
@@ -277,9 +275,6 @@ def sensitivity(
         heads="heads" in kinds,
     )
     graph = build_graph(traced.gm, compile_kwargs.get("allow_approximate", False))
-    holders = channel_holders(graph) if ignore else {}
-    from fxprune._util import eval_mode, module_matches
-
     stats = layer_stats(traced.gm)
     with torch.no_grad(), eval_mode(model):  # each submodule's own flag comes back after
         base = float(evaluate_fn(model))
@@ -290,7 +285,40 @@ def sensitivity(
         macs=sum(v["macs"] for v in stats.values()),
         params=sum(p.numel() for p in model.parameters()),
     )
-    dense_ms: list[float] = []
+    todo = _groups_to_measure(graph, kinds, ignore, groups)
+    measure = _Measure(
+        model,
+        args,
+        evaluate_fn,
+        base,
+        higher_is_better,
+        recalibrate,
+        compile_kwargs,
+        latency_backend,
+        latency_batch,
+        latency_repeats,
+    )
+    bar = progress_bar(progress, len(todo) * len(ratios), "sensitivity")
+    for g in todo:
+        for r in ratios:
+            bar.update()
+            row = measure(graph, g, float(r))
+            if row is not None:
+                rep.rows.append(row)
+    bar.close()
+    if measure.dense_ms:
+        rep.latency_ms = sum(measure.dense_ms) / len(measure.dense_ms)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _groups_to_measure(graph, kinds, ignore, groups) -> list:
+    """The groups of the kinds asked for, less those an ignored module holds or ``groups``
+    leaves out."""
+    from fxprune._util import module_matches
+    from fxprune.passes.units import channel_holders
+
+    holders = channel_holders(graph) if ignore else {}
     todo = []
     for g in graph.groups:
         if g.kind not in kinds or not len(g.units):
@@ -301,67 +329,76 @@ def sensitivity(
         if groups is not None and not any(la in groups for la in layers):
             continue
         todo.append(g)
-    from fxprune._util import progress_bar
+    return todo
 
-    bar = progress_bar(progress, len(todo) * len(ratios), "sensitivity")
-    for g in todo:
+
+@dataclass
+class _Measure:
+    """One group pruned alone at one ratio: compiled, (BN recalibrated,) evaluated, timed."""
+
+    model: torch.nn.Module
+    args: tuple
+    evaluate_fn: Callable
+    base: float
+    higher_is_better: bool
+    recalibrate: list | None
+    compile_kwargs: dict
+    latency_backend: str | None
+    latency_batch: int
+    latency_repeats: int
+    dense_ms: list = field(default_factory=list)
+
+    def __call__(self, graph, g, r: float) -> SensitivityRow | None:
+        from fxprune.api import compile as fx_compile
+        from fxprune.passes.units import group_name
+
         layers = g.layers(graph)
-        name = group_name(graph, g)
-        for r in ratios:
-            bar.update()
-            try:
-                res = fx_compile(
-                    model, args, **{KINDS[g.kind]: {layers[0]: float(r)}}, **compile_kwargs
-                )
-            except NothingToPruneError:
-                continue  # the ratio rounds to zero units of this group: nothing to measure
-            removed = sum(
-                n
-                for p in res.passes
-                for gname, (tot, kept) in p.details.get("units", {}).items()
-                for n in [tot - kept]
+        try:
+            res = fx_compile(
+                self.model, self.args, **{KINDS[g.kind]: {layers[0]: r}}, **self.compile_kwargs
             )
-            if not removed:
-                continue
-            if recalibrate is not None:
-                from fxprune.calibration import recalibrate_bn
+        except NothingToPruneError:
+            return None  # the ratio rounds to zero units of this group: nothing to measure
+        removed = sum(
+            tot - kept for p in res.passes for tot, kept in p.details.get("units", {}).values()
+        )
+        if not removed:
+            return None
+        if self.recalibrate is not None:
+            from fxprune.calibration import recalibrate_bn
 
-                recalibrate_bn(res.module, recalibrate)
-            res.module.eval()  # measured like the dense baseline
-            with torch.no_grad():
-                m = float(evaluate_fn(res.module))
-            drop = (base - m) if higher_is_better else (m - base)
-            ms_saved = None
-            if latency_backend is not None:
-                from fxprune.verify import latency
+            recalibrate_bn(res.module, self.recalibrate)
+        res.module.eval()  # measured like the dense baseline
+        with torch.no_grad():
+            m = float(self.evaluate_fn(res.module))
+        drop = (self.base - m) if self.higher_is_better else (m - self.base)
+        sm = res.summary
+        return SensitivityRow(
+            group_name(graph, g),
+            layers[0],
+            g.kind,
+            len(g.units),
+            r,
+            removed,
+            m,
+            drop,
+            sm.macs_before - sm.macs_after,
+            sm.params_before - sm.params_after,
+            self._ms_saved(res),
+        )
 
-                lat = latency(
-                    model,
-                    res,
-                    args,
-                    backend=latency_backend,
-                    batch_sizes=(latency_batch,),
-                    repeats=latency_repeats,
-                ).rows[0]
-                ms_saved = lat.dense_ms - lat.pruned_ms
-                dense_ms.append(lat.dense_ms)
-            rep.rows.append(
-                SensitivityRow(
-                    name,
-                    layers[0],
-                    g.kind,
-                    len(g.units),
-                    float(r),
-                    removed,
-                    m,
-                    drop,
-                    res.summary.macs_before - res.summary.macs_after,
-                    res.summary.params_before - res.summary.params_after,
-                    ms_saved,
-                )
-            )
-    bar.close()
-    if dense_ms:
-        rep.latency_ms = sum(dense_ms) / len(dense_ms)
-    rep.seconds = time.perf_counter() - t0
-    return rep
+    def _ms_saved(self, res) -> float | None:
+        if self.latency_backend is None:
+            return None
+        from fxprune.verify import latency
+
+        lat = latency(
+            self.model,
+            res,
+            self.args,
+            backend=self.latency_backend,
+            batch_sizes=(self.latency_batch,),
+            repeats=self.latency_repeats,
+        ).rows[0]
+        self.dense_ms.append(lat.dense_ms)
+        return lat.dense_ms - lat.pruned_ms
