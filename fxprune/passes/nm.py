@@ -55,10 +55,9 @@ class NM:
     def __post_init__(self):
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ConfigError(f"sparsity {self.n}:{self.m}: need integers 0 < N < M (e.g. '2:4')")
-        from fxprune.passes.nm_data import METHODS
+        from fxprune.passes.nm_methods import resolve
 
-        if self.method not in METHODS:
-            raise ConfigError(f"sparsity_method={self.method!r}: choose one of {METHODS}")
+        resolve(self.method)  # a ConfigError naming the registered methods
 
     @classmethod
     def parse(cls, spec: str, **kw) -> NM:
@@ -260,26 +259,6 @@ def _chosen(gm, cfg: NM) -> tuple[list[tuple[WeightedLayer, torch.Tensor]], dict
     return chosen, ineligible
 
 
-def _mask_one(c: WeightedLayer, w: torch.Tensor, cfg: NM, acc, updated: dict):
-    """Mask one weight in place: (mask, L1 before, L1 after). SparseGPT also updates the kept
-    weights (into ``updated``); Wanda ranks by its activation-scaled score."""
-    if acc is not None and cfg.method == "sparsegpt" and c.param in acc.hess:
-        from fxprune.passes.nm_data import sparsegpt
-
-        before = float(w.abs().sum())
-        new, mask = sparsegpt(w, c, acc.hess[c.param], acc.count[c.param], cfg.n, cfg.m)
-        after = float((w.abs() * mask).sum())
-        w.copy_(new * mask)
-        updated[c.param] = w.detach().clone()
-        return mask, before, after
-    score = None
-    if acc is not None and c.param in acc.sq:
-        from fxprune.passes.nm_data import wanda_scores
-
-        score = wanda_scores(w, c, acc.sq[c.param])
-    return apply_nm(w, cfg.n, cfg.m, c.reduce_dim, score)
-
-
 @register_pass(
     "nm",
     NM,
@@ -287,10 +266,13 @@ def _mask_one(c: WeightedLayer, w: torch.Tensor, cfg: NM, acc, updated: dict):
 )
 def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     """Apply N:M masks in place to every eligible weight; report the ineligible ones and why."""
+    from fxprune.passes.nm_methods import resolve
+
     gm = graph.gm
+    method = resolve(cfg.method)
     chosen, ineligible = _chosen(gm, cfg)
     acc, fallback = None, {}
-    if cfg.method != "magnitude" and cfg.layers is None:  # data-driven: calibrate first
+    if method.data and cfg.layers is None:  # data-driven: calibrate first (replay: magnitude)
         from fxprune.calibration import as_batches
         from fxprune.passes.nm_data import calibrate
 
@@ -298,13 +280,13 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
             gm,
             {c.param: c for c, _ in chosen},
             as_batches(cfg.calibration, args),
-            hessian=cfg.method == "sparsegpt",
+            hessian=method.hessian,
         )
     eligible, masks, updated = [], {}, {}
     kept_mag = total_mag = 0.0
     with torch.no_grad():
         for c, w in chosen:
-            masks[c.param], before, after = _mask_one(c, w, cfg, acc, updated)
+            masks[c.param], before, after = method.mask(w, c, cfg.n, cfg.m, acc, updated)
             total_mag += before
             kept_mag += after
             eligible.append(c.param)
@@ -324,7 +306,7 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     if acc is not None:  # layers the data-driven method could not serve, and what they got
         missing = [c.param for c, _ in chosen if c.param not in acc.sq]
         no_input = dict.fromkeys(missing, "no input captured: magnitude used")
-        if cfg.method == "sparsegpt" and fallback:
+        if method.hessian and fallback:
             details["wanda_fallback"] = {k: v for k, v in fallback.items() if k in acc.sq}
         if no_input:
             details["magnitude_fallback"] = no_input

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
 
 def _input_node(node: fx.Node, wl: WeightedLayer) -> fx.Node | None:
     idx = 1 if wl.reduce_dim == 0 else 0  # addmm(bias, x, W) reads x second

@@ -120,3 +120,14 @@ def test_data_driven_plans_replay_only_with_their_weights(tmp_path):
     assert all(torch.equal(again.nm_masks[k], v) for k, v in res.nm_masks.items())
     with pytest.raises(ConfigError, match="needs sparsity"):
         fxprune.compile(m, x[:8], sparsity_method="wanda")
+
+
+def test_the_methods_are_one_registry_the_cli_offers():
+    from fxprune.cli_args import parser
+    from fxprune.passes.nm_methods import REGISTRY, NMMethod
+
+    assert list(REGISTRY) == ["magnitude", "wanda", "sparsegpt"]
+    assert all(isinstance(m, NMMethod) for m in REGISTRY.values())
+    prune = parser()._subparsers._group_actions[0].choices["prune"]
+    (action,) = [a for a in prune._actions if "--sparsity-method" in a.option_strings]
+    assert tuple(action.choices) == tuple(REGISTRY)
