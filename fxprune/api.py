@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 
 from fxprune._util import is_default
-from fxprune.errors import CheckpointError, ConfigError, FxPruneError, PlanError
-from fxprune.graph import trace
+from fxprune.errors import CheckpointError, ConfigError, PlanError
 from fxprune.graph.capture import capture as graph_capture
 from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import as_args, dims_spec, retarget
@@ -25,7 +24,7 @@ from fxprune.modelstate import (
     commit_inplace,
     guard_training,
     restore_training,
-    train_difference,
+    train_refused,
     training_flags,
 )
 from fxprune.passes import REGISTRY as PASSES
@@ -42,7 +41,8 @@ from fxprune.recipe import (
 from fxprune.stats import layer_stats
 
 
-def _inputs_spec(args: tuple) -> list[dict]:
+def inputs_spec(args: tuple) -> list[dict]:
+    """The example inputs as a plan records them: shape and dtype, or ``{"none": True}``."""
     spec = []
     for a in args:
         if (
@@ -54,28 +54,6 @@ def _inputs_spec(args: tuple) -> list[dict]:
             raise ConfigError(f"example_inputs must be tensors (or None), got {type(a).__name__}")
         spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
     return spec
-
-
-def _train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
-    """Why the eval-mode capture would not train like the model, or None when it would."""
-    if traced.mode != "fx":
-        return "it was captured by torch.export in eval mode"
-    try:
-        with _all_training(work):
-            again = trace(work, args, mode="fx", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
-    except FxPruneError as e:  # Inception's train-only aux head fails on small inputs
-        return f"its forward does not trace in train mode ({str(e)[:200]})"
-    return train_difference(traced.gm, again.gm)
-
-
-@contextlib.contextmanager
-def _all_training(module: nn.Module):
-    flags = training_flags(module)
-    module.train()
-    try:
-        yield module
-    finally:
-        restore_training(module, flags)
 
 
 def _run(
@@ -105,7 +83,7 @@ def _run(
         traced = graph_capture(
             work, args, mode=mode, leaf_modules=leaf_modules, dynamic_shapes=dynamic, heads=heads
         )
-    train_refused = _train_refused(work, args, traced, leaf_modules, dynamic)
+    refused = train_refused(work, args, traced, leaf_modules, dynamic)
     gm = traced.gm
     before = layer_stats(gm)
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
@@ -114,8 +92,8 @@ def _run(
         check_uniform(results)
     after = layer_stats(gm)
     restore_training(gm, flags)  # fx: gm's layers are the copy's; each keeps the user's flag
-    if train_refused:
-        guard_training(gm, train_refused)
+    if refused:
+        guard_training(gm, refused)
         if not inplace:
             nn.Module.train(gm, False)  # it cannot train: say so rather than look like it does
     hf_config, notes = pruned_config(model, results)
@@ -132,7 +110,7 @@ def _run(
         tree = model
     plan = Plan(
         traced.mode,
-        _inputs_spec(args),
+        inputs_spec(args),
         config,
         [r.plan for r in results if r.plan],
     )
@@ -285,7 +263,7 @@ def compile(  # noqa: A001 - the public name the project promises
         True
     """
     args = as_args(example_inputs, model)
-    _inputs_spec(args)
+    inputs_spec(args)
     options = {k: v for k, v in locals().items() if k in RECIPE_OPTIONS}
     if recipe is not None:
         given = sorted(k for k, v in options.items() if not is_default(v, RECIPE_OPTIONS[k]))

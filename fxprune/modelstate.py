@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import TrainModeError, UnsupportedModelError
+from fxprune.errors import FxPruneError, TrainModeError, UnsupportedModelError
+from fxprune.graph.trace import trace
 
 HOOKS = {
     "_forward_pre_hooks": "forward pre-hook",
@@ -119,3 +121,25 @@ __all__ = [
     "train_difference",
     "training_flags",
 ]
+
+
+def train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
+    """Why the eval-mode capture would not train like the model, or None when it would."""
+    if traced.mode != "fx":
+        return "it was captured by torch.export in eval mode"
+    try:
+        with all_training(work):
+            again = trace(work, args, mode="fx", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
+    except FxPruneError as e:  # Inception's train-only aux head fails on small inputs
+        return f"its forward does not trace in train mode ({str(e)[:200]})"
+    return train_difference(traced.gm, again.gm)
+
+
+@contextlib.contextmanager
+def all_training(module: nn.Module):
+    flags = training_flags(module)
+    module.train()
+    try:
+        yield module
+    finally:
+        restore_training(module, flags)
