@@ -125,3 +125,25 @@ def resolve_names(model: nn.Module, patterns, what: str) -> tuple[str, ...]:
         else:
             raise ConfigError(f"{what}: entries must be names, module types or modules, got {p!r}")
     return tuple(out)
+
+
+def registrar(module: str, attr: str, base: type, what: str):
+    """``@what("name")``: a class decorator registering an instance of a ``base`` subclass as
+    ``name`` in the dict ``attr`` of ``module``, looked up when a class registers (so a dict a
+    test swaps in receives it). Sets the class's ``name``."""
+    import sys
+
+    def register(name: str):
+        def deco(cls):
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ConfigError(
+                    f"@{what}({name!r}) decorates a {base.__name__} subclass, not {cls!r}"
+                )
+            cls.name = name
+            getattr(sys.modules[module], attr)[name] = cls()
+            return cls
+
+        return deco
+
+    register.__doc__ = f"Class decorator: register a :class:`{base.__name__}` subclass by name."
+    return register

@@ -29,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fxprune._util import registrar
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph, Group
 
@@ -63,17 +64,8 @@ REGISTRY: dict[str, Criterion] = {}
 """Criteria by name, in registration order (the built-ins below first)."""
 
 
-def criterion(name: str):
-    """Class decorator: register a :class:`Criterion` subclass under ``name``."""
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
-            raise ConfigError(f"@criterion({name!r}) decorates a Criterion subclass, not {cls!r}")
-        cls.name = name
-        REGISTRY[name] = cls()
-        return cls
-
-    return deco
+criterion = registrar(__name__, "REGISTRY", Criterion, "criterion")
+"""``@criterion("name")``: register a :class:`Criterion` subclass under ``name``."""
 
 
 def resolve(importance) -> Criterion:

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from fxprune._util import registrar
 from fxprune.errors import ConfigError
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
@@ -37,17 +38,8 @@ class NMMethod:
 REGISTRY: dict[str, NMMethod] = {}
 
 
-def nm_method(name: str):
-    """Class decorator: register an :class:`NMMethod` subclass under ``name``."""
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, NMMethod)):
-            raise ConfigError(f"@nm_method({name!r}) decorates an NMMethod subclass, not {cls!r}")
-        cls.name = name
-        REGISTRY[name] = cls()
-        return cls
-
-    return deco
+nm_method = registrar(__name__, "REGISTRY", NMMethod, "nm_method")
+"""``@nm_method("name")``: register an :class:`NMMethod` subclass under ``name``."""
 
 
 def resolve(name: str) -> NMMethod:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import Report, eval_mode, progress_bar
+from fxprune._util import Report, eval_mode, progress_bar, registrar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
@@ -155,17 +155,8 @@ REGISTRY: dict[str, Backend] = {}
 """Latency backends by name, in registration order (the built-ins below first)."""
 
 
-def backend(name: str):
-    """Class decorator: register a :class:`Backend` subclass under ``name``."""
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Backend)):
-            raise ConfigError(f"@backend({name!r}) decorates a Backend subclass, not {cls!r}")
-        cls.name = name
-        REGISTRY[name] = cls()
-        return cls
-
-    return deco
+backend = registrar(__name__, "REGISTRY", Backend, "backend")
+"""``@backend("name")``: register a :class:`Backend` subclass under ``name``."""
 
 
 class _Eager:
