@@ -45,9 +45,7 @@ def inputs_spec(args: tuple) -> list[dict]:
     """The example inputs as a plan records them: shape and dtype, or ``{"none": True}``."""
     spec = []
     for a in args:
-        if (
-            a is None
-        ):  # a positional the model leaves at its default (GPT-2's cache before the mask)
+        if a is None:  # a positional the model leaves at its default (GPT-2's cache, ...)
             spec.append({"none": True})
             continue
         if not isinstance(a, torch.Tensor):
@@ -275,6 +273,8 @@ def compile(  # noqa: A001 - the public name the project promises
             )
         if not isinstance(recipe, Recipe):
             raise ConfigError(f"recipe={type(recipe).__name__}: give a fxprune.Recipe")
+        if not recipe.passes:
+            raise ConfigError("the recipe has no passes: it would prune nothing")
         config = {"uniform": recipe.uniform, "allow_approximate": recipe.allow_approximate}
     else:
         recipe, config = from_options(model, **options)

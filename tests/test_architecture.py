@@ -23,7 +23,7 @@ LAYERS = [
     ["fxprune.api"],
     ["fxprune.iterative", "fxprune.sensitivity", "fxprune.estimator", "fxprune.streaming"],
     ["fxprune.report"],
-    ["fxprune.cli", "fxprune.cli_args", "fxprune.cli_stream", "fxprune"],
+    ["fxprune.cli", "fxprune.cli_args", "fxprune.cli_inputs", "fxprune.cli_stream", "fxprune"],
 ]
 LEVEL = {m: i for i, group in enumerate(LAYERS) for m in group}
 
@@ -116,7 +116,7 @@ MAX_MODULE = 400
 # Modules still over MAX_MODULE (issue #13 splits them). A module on this list may shrink but
 # not grow; one off the list may not cross the limit. Lower an entry when you split its module.
 OVER_LIMIT = {
-    "fxprune/cli.py": 616,
+    "fxprune/cli.py": 555,
     "fxprune/streaming.py": 574,
     "fxprune/graph/shapes.py": 564,
     "fxprune/graph/rules.py": 502,
