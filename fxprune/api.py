@@ -276,9 +276,9 @@ def compile(  # noqa: A001 - the public name the project promises
         if not recipe.passes:
             raise ConfigError("the recipe has no passes: it would prune nothing")
         config = {"uniform": recipe.uniform, "allow_approximate": recipe.allow_approximate}
+        check_recipe(model, recipe)  # the keyword form resolved and checked its names already
     else:
         recipe, config = from_options(model, **options)
-    check_recipe(model, recipe)
     passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn)
     with contextlib.suppress(ConfigError):  # leaf_modules given as types have no JSON form
         config["recipe"] = recipe.to_dict()

@@ -357,16 +357,10 @@ class CompileResult(Report):
     model: object = None
     model_note: str = ""
 
-    def table(self, top: int | None = 20) -> str:
-        """The summary table, then what was kept by a barrier and the module-tree note."""
-        lines = [self.summary.table(top)]
-        if self.barriers:
-            lines.append(
-                f"\n{len(self.barriers)} barrier(s) kept channels (fxprune inspect lists them)"
-            )
-        if self.model_note:
-            lines.append(f"\nresult.model is the graph module: {self.model_note}")
-        return "\n".join(lines)
+    def table(self) -> str:
+        """:meth:`report`, and why ``model`` is the graph module when it is."""
+        note = f"\nresult.model is the graph module: {self.model_note}" if self.model_note else ""
+        return self.report() + note
 
     def to_dict(self) -> dict:
         """The plan, the summary and how the result came out (no tensors, no model)."""

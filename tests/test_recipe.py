@@ -96,6 +96,9 @@ def test_a_recipe_with_keywords_is_refused_by_name():
     recipe = fxprune.Recipe([Channels(0.5, ignore=("fc",))])
     with pytest.raises(ConfigError, match="heads, ignore belong in the recipe"):
         fxprune.compile(m, x, recipe, heads=0.5, ignore=["fc"])
+    per_layer = Channels(0.5, ignore=("fc",), layer_ratios=(("layer4", 0.25),))
+    with pytest.raises(ConfigError, match="uniform=True keeps one count"):
+        fxprune.compile(m, x, fxprune.Recipe([per_layer], uniform=True))
     with pytest.raises(ConfigError, match="no passes"):  # not a silent no-op
         fxprune.compile(m, x, fxprune.Recipe())
     with pytest.raises(ConfigError, match="ignore.*nothing"):  # names are checked on the model
