@@ -18,12 +18,30 @@ LAYERS = [
     ["fxprune.passes"],
     ["fxprune.exporters"],
     ["fxprune.verify"],
-    ["fxprune.materialize", "fxprune.materialize_timm", "fxprune.materialize_torch"],
-    ["fxprune.plan", "fxprune.recipe"],
+    [
+        "fxprune.layer_fixes",
+        "fxprune.materialize",
+        "fxprune.materialize_timm",
+        "fxprune.materialize_torch",
+    ],
+    ["fxprune.checkpoint", "fxprune.plan", "fxprune.recipe"],
     ["fxprune.api"],
-    ["fxprune.iterative", "fxprune.sensitivity", "fxprune.estimator", "fxprune.streaming"],
+    [
+        "fxprune.iterative",
+        "fxprune.sensitivity",
+        "fxprune.estimator",
+        "fxprune.streaming_io",
+        "fxprune.streaming",
+    ],
     ["fxprune.report"],
-    ["fxprune.cli", "fxprune.cli_args", "fxprune.cli_inputs", "fxprune.cli_stream", "fxprune"],
+    [
+        "fxprune.cli",
+        "fxprune.cli_args",
+        "fxprune.cli_commands",
+        "fxprune.cli_inputs",
+        "fxprune.cli_stream",
+        "fxprune",
+    ],
 ]
 LEVEL = {m: i for i, group in enumerate(LAYERS) for m in group}
 
