@@ -201,7 +201,7 @@ def compile(  # noqa: A001 - the public name the project promises
             generator is fine); default: 128.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"`` (default: the
             LM loss for Hugging Face causal / masked LMs, else the mean squared output, a proxy;
-            ``details["taylor_loss"]`` of the pass says which).
+            the pass result's ``taylor_loss`` says which).
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` of ``channels`` (first match
@@ -388,13 +388,12 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
             f"{path}: its weights do not fit this {type(model).__name__} "
             f"({'; '.join(lines)}); was it saved from another architecture?"
         ) from e
+    from fxprune.passes import NMResult
     from fxprune.passes.nm import masks_from_weights
 
     for p in res.passes:  # the saved weights carry the pattern the plan's method chose
-        if p.name == "nm" and p.masks:
-            p.masks.update(
-                masks_from_weights(res.module, list(p.masks), p.details["n"], p.details["m"])
-            )
-            if p.details.get("method") == "sparsegpt":
+        if isinstance(p, NMResult) and p.masks:
+            p.masks.update(masks_from_weights(res.module, list(p.masks), p.n, p.m))
+            if p.method == "sparsegpt":
                 p.updated = {k: res.module.get_parameter(k).detach().clone() for k in p.masks}
     return res

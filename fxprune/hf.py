@@ -55,7 +55,7 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
         if r.name == "blocks" and layers_attr:
             n_layers = n_layers - len(r.bypassed)
             setattr(new, layers_attr, n_layers)
-        units = r.details.get("units", {})
+        units = r.units
         counts = {after for _, after in units.values()}
         uniform = len(counts) == 1 and len(units) == n_layers
         if r.name == "heads" and heads_attr:

@@ -341,7 +341,7 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
 def check_uniform(results) -> None:
     """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
     for r in results:
-        units = r.details.get("units") if r.name in ("heads", "ffn") else None
+        units = r.units if r.name in ("heads", "ffn") else None
         if units and len({tuple(v) for v in units.values()}) > 1:
             seen: dict = {}
             for layer, v in units.items():

@@ -405,15 +405,16 @@ class CompileResult(Report):
         exported weights are audited for the pattern along each layer's reduction axis.
         """
         from fxprune.exporters import export
+        from fxprune.passes import NMResult
 
         if isinstance(example_inputs, dict):  # keyword inputs, in the forward's order
             from fxprune.graph.trace import as_args
 
             example_inputs = as_args(example_inputs, self.model)
         args = example_inputs if example_inputs is not None else self.plan.example_inputs()
-        nm = next((p for p in self.passes if p.name == "nm"), None)
+        nm = next((p for p in self.passes if isinstance(p, NMResult)), None)
         if nm is not None and "nm" not in options:
-            options["nm"] = (nm.details["n"], nm.details["m"])
+            options["nm"] = (nm.n, nm.m)
             options["nm_weights"] = {
                 k: self.module.get_parameter(k).detach().cpu().numpy() for k in nm.masks
             }

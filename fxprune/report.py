@@ -140,7 +140,7 @@ def _pruning_section(result, top: int) -> list[str]:
     s = []
     groups = []
     for p in result.passes:
-        for name, (total, kept) in p.details.get("units", {}).items():
+        for name, (total, kept) in p.units.items():
             groups.append((f"{p.name}: {name}", float(total), float(kept)))
     if groups:
         s.append("<h2>Kept channels / heads / neurons per group</h2>")

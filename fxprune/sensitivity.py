@@ -359,9 +359,7 @@ class _Measure:
             )
         except NothingToPruneError:
             return None  # the ratio rounds to zero units of this group: nothing to measure
-        removed = sum(
-            tot - kept for p in res.passes for tot, kept in p.details.get("units", {}).values()
-        )
+        removed = sum(tot - kept for p in res.passes for tot, kept in p.units.values())
         if not removed:
             return None
         if self.recalibrate is not None:

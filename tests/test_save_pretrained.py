@@ -224,9 +224,9 @@ def test_uniform_post_check_names_two_layers_that_differ():
 
     from fxprune.materialize import check_uniform
 
-    even = SimpleNamespace(name="heads", details={"units": {"a": [4, 2], "b": [4, 2]}})
+    even = SimpleNamespace(name="heads", units={"a": [4, 2], "b": [4, 2]})
     check_uniform([even])  # equal counts pass
-    uneven = SimpleNamespace(name="ffn", details={"units": {"a": [8, 4], "b": [6, 3]}})
+    uneven = SimpleNamespace(name="ffn", units={"a": [8, 4], "b": [6, 3]})
     with pytest.raises(
         ConfigError, match=r"ffn pass left layers with different counts \(a: 8 -> 4, b: 6 -> 3\)"
     ):

@@ -8,30 +8,125 @@ graph after every pass that changed the model and names the failing pass (and th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import ClassVar
 
 import numpy as np
 
+from fxprune._util import jsonable
 from fxprune.errors import FxPruneError, PassError
 from fxprune.graph import DependencyGraph, build_graph
+
+_EMPTY: Mapping = MappingProxyType({})
 
 
 @dataclass
 class PassResult:
-    """What a pass did."""
+    """What a pass did: the base every pass's typed result extends.
+
+    ``name``, ``changed`` and ``plan`` (what replays the pass, see :class:`fxprune.plan.Plan`)
+    are common to all. So are the *effects* that consumers read off any result (the plan, the
+    proof, the module tree, the reports): ``keeps``, ``zero``, ``masks``, ``updated``,
+    ``order``, ``bypassed``, ``approximate_groups`` and ``units``; a pass without that effect reads as empty, and its
+    subclass declares as fields only the effects it has. ``details`` is a plain-dict view of the
+    subclass's report fields (for tables and JSON).
+    """
 
     name: str
     changed: bool
-    zero: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # consumer keep masks
+    plan: dict = field(default_factory=dict)
+
+    keeps: ClassVar[Mapping] = _EMPTY  # param -> dim -> kept indices (units passes)
+    zero: ClassVar[Mapping] = _EMPTY  # consumer param -> dim -> keep mask (units passes)
+    masks: ClassVar[Mapping] = _EMPTY  # param -> bool tensor, pruned shapes (N:M)
+    updated: ClassVar[Mapping] = _EMPTY  # param -> new values, pruned shapes (SparseGPT)
+    order: ClassVar[Mapping] = _EMPTY  # param -> dim -> gather (permute)
+    bypassed: ClassVar[tuple] = ()  # module names of removed blocks (blocks)
+    approximate_groups: ClassVar[int] = 0  # groups pruned by an approximate coupling rule
+    units: ClassVar[Mapping] = _EMPTY  # group -> [units before, kept] (units passes)
+
+    @property
+    def details(self) -> dict:
+        """The subclass's report fields (not its effects) as a dict."""
+        skip = {"name", "changed", "plan", *_EFFECTS}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "changed": self.changed, **jsonable(self.details)}
+
+
+_EFFECTS = ("keeps", "zero", "masks", "updated", "order", "bypassed", "approximate_groups")
+
+
+@dataclass
+class UnitsResult(PassResult):
+    """Channels, heads or FFN neurons removed (``units``: group -> [units before, kept])."""
+
+    keeps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    zero: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     approximate_groups: int = 0
-    details: dict = field(default_factory=dict)
-    keeps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> kept
-    masks: dict = field(default_factory=dict)  # param -> bool tensor (N:M), in pruned shapes
-    plan: dict = field(default_factory=dict)  # what replays this pass (see fxprune.plan.Plan)
-    bypassed: list[str] = field(default_factory=list)  # blocks removed (module names)
-    order: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # param -> dim -> gather
-    updated: dict = field(default_factory=dict)  # param -> new values (SparseGPT), pruned shape
+    units: dict[str, list[int]] = field(default_factory=dict)
+    taylor_loss: str | None = None  # the loss a Taylor score differentiated
+
+    @property
+    def details(self) -> dict:
+        out = {"groups_pruned": len(self.units), "units": self.units}
+        if self.taylor_loss:
+            out["taylor_loss"] = self.taylor_loss
+        return out
+
+
+@dataclass
+class NMResult(PassResult):
+    """N:M masks of ``layers`` (``kept_magnitude``: the fraction of |w| the masks keep)."""
+
+    masks: dict = field(default_factory=dict)
+    updated: dict = field(default_factory=dict)
+    n: int = 2
+    m: int = 4
+    method: str = "magnitude"
+    layers: list[str] = field(default_factory=list)
+    ineligible: dict[str, str] = field(default_factory=dict)  # layer -> why it was left dense
+    kept_magnitude: float = 1.0
+    wanda_fallback: dict[str, str] = field(default_factory=dict)  # SparseGPT -> Wanda, why
+    magnitude_fallback: dict[str, str] = field(default_factory=dict)  # no input captured
+
+    @property
+    def details(self) -> dict:
+        out = super().details
+        for k in ("wanda_fallback", "magnitude_fallback"):
+            if not out[k]:
+                del out[k]
+        return out
+
+
+@dataclass
+class PermuteResult(PassResult):
+    """Channels reordered so N:M masks keep more magnitude (exact: the model is unchanged)."""
+
+    order: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    groups_permuted: int = 0
+    kept_magnitude_before: float = 1.0
+    kept_magnitude_after: float = 1.0
+    not_permuted: dict[str, str] = field(default_factory=dict)  # layer -> why
+
+
+@dataclass
+class BlocksResult(PassResult):
+    """Residual blocks bypassed (``removed``, in model order)."""
+
+    removed: list[str] = field(default_factory=list)
+    blocks_before: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    criterion: str | None = None
+    output_deviation: float = 0.0  # max |change| of the outputs / max |output|
+    not_removable: dict[str, str] = field(default_factory=dict)  # block -> why
+
+    @property
+    def bypassed(self) -> list[str]:
+        return self.removed
 
 
 PassFn = Callable[..., PassResult]
@@ -116,11 +211,15 @@ __all__ = [
     "NM",
     "REGISTRY",
     "Blocks",
+    "BlocksResult",
     "Channels",
     "Heads",
+    "NMResult",
     "PassResult",
     "PassSpec",
     "Permute",
+    "PermuteResult",
+    "UnitsResult",
     "pass_of",
     "register_pass",
     "run_passes",

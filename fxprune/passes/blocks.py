@@ -27,7 +27,7 @@ from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.shapeprop import propagate_shapes
 from fxprune.graph.trace import tensor_meta
-from fxprune.passes import PassResult, register_pass
+from fxprune.passes import BlocksResult, PassResult, register_pass
 
 CRITERIA = ("cosine", "l2")
 
@@ -240,7 +240,7 @@ def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult
                 f"least {cfg.min_blocks} must stay"
             )
     if not chosen:
-        return PassResult("blocks", changed=False)
+        return BlocksResult("blocks", changed=False)
     regions = {p: block_region(gm, p) for p in chosen}  # all checked before anything changes
     before = _outputs(gm, batches)
     for p in sorted(chosen, key=stack.index, reverse=True):
@@ -257,17 +257,14 @@ def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult
     scale = max((t.abs().max().item() for t in before if t.numel()), default=0.0)
     dev = max(((a - b).abs().max().item() for a, b in zip(after, before, strict=True)), default=0)
     removed = sorted(chosen, key=stack.index)
-    return PassResult(
+    return BlocksResult(
         "blocks",
         changed=True,
-        details={
-            "removed": removed,
-            "blocks_before": len(stack),
-            "scores": scores,
-            "criterion": cfg.criterion if scores else None,
-            "output_deviation": dev / scale if scale else float(dev),
-            "not_removable": fixed,
-        },
         plan={"name": "blocks", "removed": removed},
-        bypassed=removed,
+        removed=removed,
+        blocks_before=len(stack),
+        scores=scores,
+        criterion=cfg.criterion if scores else None,
+        output_deviation=dev / scale if scale else float(dev),
+        not_removable=fixed,
     )

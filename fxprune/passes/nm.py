@@ -24,7 +24,7 @@ from fxprune._util import module_matches
 from fxprune.errors import ConfigError, NothingToPruneError
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
-from fxprune.passes import PassResult, register_pass
+from fxprune.passes import NMResult, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -295,28 +295,26 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
 
         missing = sorted(set(cfg.layers) - set(eligible))
         raise PlanError(f"plan's N:M layers cannot be masked in this model: {missing[:5]}")
-    details = {
-        "n": cfg.n,
-        "m": cfg.m,
-        "method": cfg.method,
-        "layers": eligible,
-        "ineligible": ineligible,
-        "kept_magnitude": kept_mag / total_mag if total_mag else 1.0,
-    }
+    wanda, no_input = {}, {}
     if acc is not None:  # layers the data-driven method could not serve, and what they got
         missing = [c.param for c, _ in chosen if c.param not in acc.sq]
         no_input = dict.fromkeys(missing, "no input captured: magnitude used")
         if method.hessian and fallback:
-            details["wanda_fallback"] = {k: v for k, v in fallback.items() if k in acc.sq}
-        if no_input:
-            details["magnitude_fallback"] = no_input
-    return PassResult(
+            wanda = {k: v for k, v in fallback.items() if k in acc.sq}
+    return NMResult(
         "nm",
         changed=False,  # shapes are unchanged: the dependency graph stays valid
-        details=details,
+        plan={"name": "nm", "n": cfg.n, "m": cfg.m, "method": cfg.method, "layers": eligible},
         masks=masks,
         updated=updated,
-        plan={"name": "nm", "n": cfg.n, "m": cfg.m, "method": cfg.method, "layers": eligible},
+        n=cfg.n,
+        m=cfg.m,
+        method=cfg.method,
+        layers=eligible,
+        ineligible=ineligible,
+        kept_magnitude=kept_mag / total_mag if total_mag else 1.0,
+        wanda_fallback=wanda,
+        magnitude_fallback=no_input,
     )
 
 

@@ -28,7 +28,7 @@ from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import set_tensor
 from fxprune.graph.shapeprop import propagate_shapes
 from fxprune.graph.weighted import weighted_layer
-from fxprune.passes import PassResult, register_pass
+from fxprune.passes import PassResult, PermuteResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -219,16 +219,14 @@ def permute_channels(graph: DependencyGraph, cfg: Permute, args: tuple) -> PassR
         raise PlanError(f"plan permutes layers this model cannot permute: {missing[:5]}")
     if orders:
         propagate_shapes(graph.gm, args)
-    return PassResult(
+    return PermuteResult(
         "permute",
         changed=False,  # shapes and coupling are unchanged
-        details={
-            "groups_permuted": len(orders),
-            # fraction of the permuted groups' consumer weight magnitude an N:M mask keeps
-            "kept_magnitude_before": before / total if total else 1.0,
-            "kept_magnitude_after": after / total if total else 1.0,
-            "not_permuted": skipped,
-        },
         plan={"name": "permute", "n": cfg.n, "m": cfg.m, "orders": orders} if orders else {},
         order=gathers,
+        groups_permuted=len(orders),
+        # fraction of the permuted groups' consumer weight magnitude an N:M mask keeps
+        kept_magnitude_before=before / total if total else 1.0,
+        kept_magnitude_after=after / total if total else 1.0,
+        not_permuted=skipped,
     )

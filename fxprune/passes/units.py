@@ -19,7 +19,7 @@ from fxprune.errors import ConfigError, NothingToPruneError, PlanError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.graph.rewrite import apply_removal
 from fxprune.importance import Criterion, group_mean, resolve, unit_scores
-from fxprune.passes import PassResult
+from fxprune.passes import PassResult, UnitsResult
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         if not units and (cfg.ratio or cfg.layer_ratios):
             raise NothingToPruneError(nothing_removed(graph, cfg))
     if not units:
-        return PassResult(cfg.name, changed=False)
+        return UnitsResult(cfg.name, changed=False)
     kept = kept_by_layer(graph, units)
     removed = graph.removed_mask(units)
     zero = {}
@@ -282,14 +282,15 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
         if n
     }
     keeps = apply_removal(graph, units, args)
-    return PassResult(
+    return UnitsResult(
         cfg.name,
         changed=True,
+        plan={"name": cfg.name, "kept": kept, "units": units_per_group},
+        keeps=keeps,
         zero=zero,
         approximate_groups=approx,
-        details={"groups_pruned": len(units_per_group), "units": units_per_group, **info},
-        keeps=keeps,
-        plan={"name": cfg.name, "kept": kept, "units": units_per_group},
+        units=units_per_group,
+        taylor_loss=info.get("taylor_loss"),
     )
 
 

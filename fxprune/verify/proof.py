@@ -225,13 +225,14 @@ def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]
 def nm_violations(result) -> list[str]:
     """Every N:M-masked weight of ``result.module`` that is non-zero where its mask is zero or
     has more than N non-zeros in a group of M along its reduction axis, as a message."""
+    from fxprune.passes import NMResult
     from fxprune.passes.nm import candidates, is_nm
 
     out: list[str] = []
     for p in result.passes:
-        if not p.masks:
+        if not isinstance(p, NMResult) or not p.masks:
             continue
-        n, m = p.details.get("n"), p.details.get("m")
+        n, m = p.n, p.m
         axis = {c.param: c.reduce_dim for c in candidates(result.module)}
         for name, mask in p.masks.items():
             w = result.module.get_parameter(name).detach().cpu()
