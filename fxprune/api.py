@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from fxprune._util import is_default
+from fxprune.checkpoint import read_checkpoint
 from fxprune.errors import CheckpointError, ConfigError, PlanError
 from fxprune.graph.capture import capture as graph_capture
 from fxprune.graph.capture import without_cache
@@ -30,7 +31,7 @@ from fxprune.modelstate import (
 from fxprune.passes import REGISTRY as PASSES
 from fxprune.passes import run_passes
 from fxprune.passes.heads import Heads
-from fxprune.plan import CompileResult, Plan, Summary, read_checkpoint
+from fxprune.plan import CompileResult, Plan, Summary
 from fxprune.recipe import (
     RECIPE_OPTIONS,
     Recipe,

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import secrets
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +11,8 @@ import torch
 import torch.fx as fx
 
 from fxprune._util import Report, jsonable
-from fxprune.errors import CheckpointError, PlanError
+from fxprune.checkpoint import atomic_save, read_checkpoint  # noqa: F401 - re-exported
+from fxprune.errors import PlanError
 
 PLAN_VERSION = 1
 
@@ -228,94 +224,6 @@ def compose(passes) -> tuple[dict, dict]:
     for (name, d), m in zeros.items():
         out.setdefault(name, {})[d] = m
     return index, out
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``: a kill
-    or a full disk mid-write leaves the previous file intact, never a truncated checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open, not mkstemp: the checkpoint gets the umask's permissions, not mkstemp's 0600
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-# what torch.save's legacy (non-zip) format starts with: the pickled magic number
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
-
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """The dict :meth:`CompileResult.save` wrote: ``plan``, ``state_dict`` and maybe ``source``.
-
-    Read with ``torch.load(weights_only=True)`` unless ``trust=True``.
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, truncated or corrupt, is not an fxprune
-            checkpoint, or holds pickled code and ``trust`` is False (only that case suggests
-            trusting it).
-
-    Example:
-        >>> ckpt = read_checkpoint("r50.pt")  # doctest: +SKIP
-        >>> sorted(ckpt)  # doctest: +SKIP
-        ['plan', 'source', 'state_dict']
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if p.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
-    try:
-        ckpt = torch.load(p, weights_only=not trust, map_location="cpu")
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {_why_unreadable(p, e, trust)}"
-        ) from e
-    if not (
-        isinstance(ckpt, dict)
-        and isinstance(ckpt.get("plan"), dict)
-        and isinstance(ckpt.get("state_dict"), dict)
-    ):
-        raise CheckpointError(
-            f"{path} is a torch file but not an fxprune checkpoint (it needs 'plan' and "
-            "'state_dict'): write one with CompileResult.save or `fxprune prune --save`"
-        )
-    return ckpt
-
-
-def _why_unreadable(p: Path, e: Exception, trust: bool) -> str:
-    text = str(e)
-    # torch's weights-only refusal advises weights_only=False even for random bytes: only a
-    # well-formed torch file that names a Python global really needs trust
-    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if code and not trust and _is_torch_file(p):
-        return (
-            f"it holds pickled Python objects ({code[1]}), not only weights; pass --trust "
-            "(trust=True in Python) only if you trust where it came from"
-        )
-    if p.stat().st_size == 0:
-        return "the file is empty"
-    text = text.partition("WeightsUnpickler error:")[2] or text
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    first = first.split(". ")[0]
-    return f"not a valid checkpoint, truncated or corrupt ({type(e).__name__}: {first})"
-
-
-def _is_torch_file(p: Path) -> bool:
-    if zipfile.is_zipfile(p):
-        return True
-    with open(p, "rb") as f:
-        return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
 
 
 def _num(n: int) -> str:

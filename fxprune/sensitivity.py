@@ -18,6 +18,7 @@ import torch
 
 from fxprune._util import Report
 from fxprune.calibration import take_batches
+from fxprune.charts import line_chart
 from fxprune.errors import ConfigError, NothingToPruneError
 
 KINDS = {"channels": "layer_ratios", "heads": "head_ratios", "ffn": "ffn_ratios"}
@@ -92,44 +93,8 @@ class SensitivityReport(Report):
         """An SVG line chart of loss against ratio for the ``top`` most sensitive groups;
         written to ``path`` when given, and returned."""
         groups = self.most_sensitive()[:top]
-        w, h, left, bottom = 720, 360, 60, 40
-        drops = [r.drop for r in self.rows if r.group in groups] or [0.0]
-        lo, hi = min(0.0, min(drops)), max(drops) or 1.0
-        span = hi - lo or 1.0
-        xmax = max(self.ratios)
-
-        def xy(ratio, drop):
-            x = left + (w - left - 180) * ratio / xmax
-            y = h - bottom - (h - bottom - 20) * (drop - lo) / span
-            return f"{x:.1f},{y:.1f}"
-
-        colors = ["#2f6fdf", "#d9480f", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285"]
-        parts = [
-            f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-size='11'>",
-            f"<line x1='{left}' y1='{h - bottom}' x2='{w - 180}' y2='{h - bottom}' stroke='#888'/>",
-            f"<line x1='{left}' y1='20' x2='{left}' y2='{h - bottom}' stroke='#888'/>",
-            f"<text x='{(w - 180 + left) / 2}' y='{h - 8}' text-anchor='middle'>ratio removed"
-            "</text>",
-            f"<text x='14' y='{h / 2}' transform='rotate(-90 14 {h / 2})' text-anchor='middle'>"
-            "metric loss</text>",
-            f"<text x='{left - 4}' y='24' text-anchor='end'>{hi:.3g}</text>",
-            f"<text x='{left - 4}' y='{h - bottom}' text-anchor='end'>{lo:.3g}</text>",
-        ]
-        for ratio in self.ratios:
-            x = xy(ratio, lo).split(",")[0]
-            parts.append(
-                f"<text x='{x}' y='{h - bottom + 14}' text-anchor='middle'>{ratio:g}</text>"
-            )
-        for i, g in enumerate(groups):
-            pts = [(0.0, 0.0)] + sorted((r.ratio, r.drop) for r in self.rows if r.group == g)
-            c = colors[i % len(colors)]
-            parts.append(
-                f"<polyline fill='none' stroke='{c}' stroke-width='1.6' "
-                f"points='{' '.join(xy(a, b) for a, b in pts)}'/>"
-            )
-            parts.append(f"<text x='{w - 175}' y='{24 + 14 * i}' fill='{c}'>{g[-28:]}</text>")
-        parts.append("</svg>")
-        svg = "".join(parts)
+        series = {g: sorted((r.ratio, r.drop) for r in self.rows if r.group == g) for g in groups}
+        svg = line_chart(series, self.ratios, "ratio removed", "metric loss", start=(0.0, 0.0))
         if path is not None:
             from pathlib import Path
 

@@ -1,14 +1,13 @@
-"""Coupling rules for shape operators: reshape, permute, cat, split, indexing, matmul, shuffle.
+"""Coupling rules for shape operators: reshape, expand, permute, cat, split, roll, shuffle.
 
 Channels survive these ops but move: a concat puts them at offsets, a split takes a slice, a view
 merges them with spatial positions. Each rule moves the atom array the same way the op moves the
 data, and registers a rewrite for every constant (split sizes, slice bounds, view sizes) that
-encodes a channel count.
+encodes a channel count. Indexing and slicing rules live in ``indexing``, the rewrites of view
+sizes in ``viewsizes``; importing this module registers both.
 """
 
 from __future__ import annotations
-
-import operator
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from fxprune.graph.attention import einsum_head_dims, einsum_rule, matmul_rule, sdpa_rule
 from fxprune.graph.depgraph import Analysis, compress, varying_dims
+from fxprune.graph.indexing import aten_select_rule, aten_slice_rule, getitem_rule
 from fxprune.graph.rules import (
     align,
     arg,
@@ -26,14 +26,13 @@ from fxprune.graph.rules import (
     elementwise,
     find_rule,
     keep_along,
-    new_sizes,
     none_output,
     out_ndim,
     rule,
-    set_arg,
     unary_rule,
 )
 from fxprune.graph.trace import tensor_meta
+from fxprune.graph.viewsizes import rewrite_sizes, rewrite_unflatten
 
 aten = torch.ops.aten
 
@@ -156,106 +155,6 @@ def _splits_last_dim(node: fx.Node) -> bool:
     return isinstance(d, int) and d % t.ndim == t.ndim - 1
 
 
-def _size_args(node: fx.Node):
-    """(start index, sizes) of the size arguments of view/reshape/expand-like calls."""
-    if node.op == "call_method":
-        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-            return 1, list(node.args[1])
-        return 2, list(node.args[1:])
-    return 1, list(arg(node, 1, "shape", []) or [])
-
-
-def _scaled_size(node: fx.Node, s, old: int, new: int):
-    """A size entry for the pruned graph: an int becomes ``new``; a computed ``batch * c``
-    (MultiheadAttention's ``bsz * num_heads``) becomes a new ``batch * c'`` node with the same
-    ratio; anything else is left (the re-check then names the node if it no longer fits)."""
-    if isinstance(s, int) and s > 0:
-        return new
-    if isinstance(s, fx.Node) and s.target is operator.mul and old and new != old:
-        a, b = s.args
-        var, c = (a, b) if isinstance(b, int) else (b, a)
-        if isinstance(c, int) and (c * new) % old == 0 and isinstance(var, fx.Node):
-            with node.graph.inserting_before(node):
-                return node.graph.call_function(operator.mul, (var, c * new // old))
-    if isinstance(s, fx.Node) and new != old and _reads_a_size(s):
-        # ``reshape(B, N, C)`` with ``C = x.shape[-1]`` read off another (unpruned) tensor: a
-        # dim carrying channels has the static size the weights give it
-        return new
-    return s
-
-
-def _reads_a_size(s: fx.Node) -> bool:
-    """``x.shape[i]`` / ``x.size(i)`` / ``aten.sym_size``: a size read off a tensor."""
-    if s.op == "call_method" and s.target == "size":
-        return True
-    if s.target is operator.getitem and isinstance(s.args[0], fx.Node):
-        src = s.args[0]
-        return (src.op == "call_function" and src.target is getattr) or (
-            src.op == "call_method" and src.target == "size"
-        )
-    return s.op == "call_function" and s.target is torch.ops.aten.sym_size.int
-
-
-def _needs_rewrite(s, varies: bool) -> bool:
-    return varies and (
-        (isinstance(s, int) and s > 0)
-        or (isinstance(s, fx.Node) and (s.target is operator.mul or _reads_a_size(s)))
-    )
-
-
-def _rewrite_sizes(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
-    start, sizes = _size_args(node)
-    if len(sizes) != len(dense_shape) or not any(
-        _needs_rewrite(s, out_arr.shape[d] > 1) for d, s in enumerate(sizes)
-    ):
-        return
-
-    def fix(removed):
-        new = new_sizes(removed, out_arr, dense_shape)
-        fixed = [
-            _scaled_size(node, s, int(dense_shape[d]), new[d])
-            if _needs_rewrite(s, out_arr.shape[d] > 1)
-            else s
-            for d, s in enumerate(sizes)
-        ]
-        if start == 2:  # method form: x.view(a, b, c)
-            node.args = (node.args[0], *fixed)
-        elif node.op == "call_method":
-            node.args = (node.args[0], tuple(fixed))
-        else:
-            set_arg(
-                node,
-                1,
-                "shape",
-                list(fixed) if isinstance(arg(node, 1, "shape"), list) else tuple(fixed),
-            )
-
-    ctx.on_apply(node, fix)
-
-
-def _rewrite_unflatten(ctx: Analysis, node: fx.Node, out_arr: np.ndarray, dense_shape) -> None:
-    """``unflatten(x, dim, sizes)``: the sizes cover output dims ``dim .. dim + len(sizes)``."""
-    if node.op == "call_module":
-        return  # nn.Unflatten keeps its sizes in the module: the re-check names it if they break
-    dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
-    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
-        return
-    first = dim % (len(dense_shape) - len(sizes) + 1)  # ``dim`` counts the input's dims
-    span = range(first, first + len(sizes))
-    if not any(out_arr.shape[d] > 1 for d in span):
-        return
-
-    def fix(removed):
-        new = new_sizes(removed, out_arr, dense_shape)
-        fixed = [
-            new[d] if isinstance(s, int) and s > 0 and out_arr.shape[d] > 1 else s
-            for d, s in zip(span, sizes, strict=True)
-        ]
-        set_arg(node, 2, "sizes", type(sizes)(fixed))
-
-    ctx.on_apply(node, fix)
-
-
 # fmt: off
 @rule(
     torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, aten.view, aten.reshape,
@@ -281,11 +180,11 @@ def _reshape(ctx, node):
         "view",
         "reshape",
     ) or getattr(node.target, "overloadpacket", None) in (aten.view, aten.reshape):
-        _rewrite_sizes(ctx, node, out, tuple(o.shape))
+        rewrite_sizes(ctx, node, out, tuple(o.shape))
     elif node.target in (torch.unflatten, "unflatten") or (
         getattr(node.target, "overloadpacket", None) is aten.unflatten
     ):
-        _rewrite_unflatten(ctx, node, out, tuple(o.shape))
+        rewrite_unflatten(ctx, node, out, tuple(o.shape))
     return out
 
 
@@ -323,7 +222,7 @@ def _permute(ctx, node):
 def _expand(ctx, node):
     X, o = ctx.atoms(node.args[0]), tensor_meta(node)
     out = align(X, o.ndim)
-    _rewrite_sizes(ctx, node, out, tuple(o.shape))
+    rewrite_sizes(ctx, node, out, tuple(o.shape))
     return out
 
 
@@ -393,130 +292,6 @@ def _split(ctx, node):
     return pieces
 
 
-@rule(operator.getitem)
-def _getitem(ctx, node):
-    src, idx = node.args
-    v = ctx.values.get(src)
-    if isinstance(v, (tuple, list)):
-        return v[idx]
-    X, t = ctx.atoms(src), tensor_meta(src)
-    if X is None:
-        return none_output(node)
-    return _index(ctx, node, X, tuple(t.shape), idx)
-
-
-def _index(ctx, node, X, shape, idx):
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    tensors = [k for k, i in enumerate(idx) if tensor_meta(i) is not None]
-    full = all(k in tensors or i == slice(None) for k, i in enumerate(idx))
-    if len(tensors) == 1 and full and len(idx) <= X.ndim:
-        # ``table[:, idx]`` (LeViT / EfficientFormer attention biases), as ``aten.index``
-        return gather_atoms(ctx, X, tensors[0], tensor_meta(idx[tensors[0]]).ndim)
-    if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
-        # Advanced indexing: follow it only when no channel dim is indexed.
-        if varying_dims(X):
-            return barrier(ctx, node, "tensor indexing on a tensor with channels")
-        return none_output(node)
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    out_dims, d, rewrites = [], 0, []
-    for k, i in enumerate(idx):
-        if i is Ellipsis:
-            skip = X.ndim - n_real
-            out_dims += [(dd, slice(None)) for dd in range(d, d + skip)]
-            d += skip
-        elif i is None:
-            out_dims.append((None, None))
-        elif isinstance(i, int):
-            if X.shape[d] > 1:
-                ctx.block(X.take([i], axis=d), node, "selects one channel")
-                rewrites.append((k, d, i))
-            out_dims.append((d, i))
-            d += 1
-        elif isinstance(i, slice):
-            if X.shape[d] > 1 and i.step not in (None, 1):
-                return barrier(ctx, node, "strided slice along a channel dim")
-            if X.shape[d] > 1 and (i.start not in (None, 0) or i.stop is not None):
-                rewrites.append((k, d, i))
-            out_dims.append((d, i))
-            d += 1
-        else:
-            return barrier(ctx, node, f"index {i!r}")
-    out_dims += [(dd, slice(None)) for dd in range(d, X.ndim)]
-    pieces = []
-    for dd, i in out_dims:
-        if dd is None:
-            pieces.append(None)
-        elif X.shape[dd] == 1:
-            pieces.append(0 if isinstance(i, int) else slice(None))
-        else:
-            pieces.append(i)
-    arr = X[tuple(pieces)]
-    if rewrites:
-        ctx.positional(X)
-
-        def fix(removed):
-            new = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-            for k, dd, i in rewrites:
-                keep = keep_along(removed, X, dd)
-                before = np.concatenate([[0], np.cumsum(keep)])
-                n = shape[dd]
-                if isinstance(i, int):
-                    new[k] = int(before[i % n])
-                else:
-                    s, e, _ = i.indices(n)
-                    new[k] = slice(int(before[s]), int(before[e]), None)
-            node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0])
-
-        ctx.on_apply(node, fix)
-    return arr
-
-
-@rule(aten.slice)
-def _aten_slice(ctx, node):
-    x = node.args[0]
-    X, t = ctx.atoms(x), tensor_meta(x)
-    d = arg(node, 1, "dim", 0) % t.ndim
-    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
-    if X.shape[d] == 1:
-        return X
-    if step != 1 or isinstance(start, fx.Node) or isinstance(end, fx.Node):
-        return barrier(ctx, node, "strided or computed slice along a channel dim")
-    s, e, _ = slice(start, end).indices(t.shape[d])
-    out = X.take(range(s, e), axis=d)
-    ctx.positional(X)
-
-    def fix(removed):
-        keep = keep_along(removed, X, d)
-        before = np.concatenate([[0], np.cumsum(keep)])
-        set_arg(node, 2, "start", int(before[s]))
-        set_arg(node, 3, "end", int(before[e]))
-
-    ctx.on_apply(node, fix)
-    return out
-
-
-@rule(aten.index)
-def _aten_index(ctx, node):
-    """``x[idx]`` with one index tensor (a relative-position-bias table gathered by a buffer
-    of positions): the indexed dim's atoms are coupled into one (the gather may repeat or drop
-    any of them), the other dims keep theirs."""
-    x, indices = node.args[0], list(node.args[1])
-    X, o = ctx.atoms(x), tensor_meta(node)
-    used = [d for d, i in enumerate(indices) if i is not None]
-    if X is None or o is None or len(used) != 1:
-        return barrier(ctx, node, "tensor indexing the analysis cannot follow")
-    return gather_atoms(ctx, X, used[0], tensor_meta(indices[used[0]]).ndim)
-
-
-def gather_atoms(ctx, X: np.ndarray, d: int, k: int) -> np.ndarray:
-    """Dim ``d`` of ``X`` gathered by a ``k``-dim index tensor: its atoms are coupled into one
-    (the gather may repeat or drop any of them), the other dims keep theirs."""
-    if X.shape[d] > 1:
-        ref = X.take([0], axis=d)
-        ctx.union(X, ref)
-        X = ref
-    return X.reshape(X.shape[:d] + (1,) * k + X.shape[d + 1 :])
-
 
 @rule(torch.roll, aten.roll, "method:roll")
 def _roll(ctx, node):
@@ -528,15 +303,6 @@ def _roll(ctx, node):
         return barrier(ctx, node, "roll along a dim that carries channels")
     return X
 
-
-@rule(aten.select)
-def _aten_select(ctx, node):
-    x = node.args[0]
-    X, t = ctx.atoms(x), tensor_meta(x)
-    d = arg(node, 1, "dim") % t.ndim
-    if X.shape[d] > 1:
-        return barrier(ctx, node, "selects one channel")
-    return X.take(0, axis=d) if X.ndim else X
 
 
 # ---- channel mixing without weights -------------------------------------------------------------
@@ -558,7 +324,7 @@ def _channel_shuffle(ctx, node):
 # Rules that only move, slice or rescale values: attention detection looks through them.
 TRANSPARENT = frozenset(
     {
-        unary_rule, binary_rule, _permute, _reshape, _expand, _cat, _split, _getitem, _aten_slice,
-        _aten_select, _roll,
+        unary_rule, binary_rule, _permute, _reshape, _expand, _cat, _split, getitem_rule,
+        aten_slice_rule, aten_select_rule, _roll,
     }
 )

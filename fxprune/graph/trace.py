@@ -7,29 +7,57 @@ qualified names:
   when tracing fails, so the error can say which part to mark as a leaf. Nodes are module-level
   (``call_module`` on ``nn.Conv2d``) plus torch functions and tensor methods.
 * ``"export"``: :func:`torch.export.export` (non-strict), for models with Python control flow on
-  shapes. Nodes are ATen-level (``aten.conv2d.default`` with ``get_attr`` weights).
+  shapes. Nodes are ATen-level (``aten.conv2d.default`` with ``get_attr`` weights). That path
+  lives in ``torch_export``.
 
 Shapes come from ``shapeprop.propagate_shapes``: every node gets ``meta["val"]`` (a fake tensor)
 without touching real memory, so analysis of a large model is fast and cheap.
 
 Shapes stay dynamic where the model allows: by default the batch dim of every input and the
 sequence dim of integer 2-D inputs (token ids, attention masks), so the pruned graph serves padded,
-variable-length batches; ``dynamic_shapes=`` (torch.export's spelling) names other dims.
+variable-length batches; ``dynamic_shapes=`` (torch.export's spelling) names other dims. Example
+inputs and those dims are normalised in ``inputs`` (re-exported here).
+
+:func:`retarget` binds one capture to another module of the same structure.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from fxprune.errors import ConfigError, TraceError, UnsupportedModelError
+from fxprune.graph.inputs import (
+    as_args,
+    bind_keywords,
+    default_dynamic_dims,
+    dims_spec,
+    spec_maps,
+    widen,
+)
 from fxprune.graph.shapeprop import propagate_shapes
+from fxprune.graph.torch_export import constants_as_buffers, trace_export
+
+# the public names, with those from ``inputs`` that callers import from here (re-exported)
+__all__ = [
+    "DYNAMIC_DIMS",
+    "MODES",
+    "Traced",
+    "as_args",
+    "bind_keywords",
+    "default_dynamic_dims",
+    "dims_spec",
+    "retarget",
+    "signature",
+    "tensor_meta",
+    "trace",
+    "widen",
+]
 
 MODES = ("auto", "fx", "export")
 # ``gm.meta`` key holding ``Traced.dynamic``: the exporters read it to name the same dims dynamic
@@ -103,151 +131,6 @@ class _PathTracer(fx.Tracer):
         return out
 
 
-def as_args(example_inputs, model=None) -> tuple:
-    """Normalise ``example_inputs`` to a positional tuple: a tensor, a tuple/list of them, or a
-    dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``), which needs the
-    ``model`` whose forward signature orders them (see :func:`bind_keywords`)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, Mapping):
-        if model is None:
-            raise ConfigError("keyword example_inputs need the model: pass it as well")
-        return bind_keywords(model, example_inputs)
-    raise ConfigError(
-        "example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
-        f"{type(example_inputs).__name__}"
-    )
-
-
-def bind_keywords(model, kwargs: Mapping) -> tuple:
-    """Keyword inputs as the positional tuple the graph is captured with: in the order of
-    ``model.forward``'s parameters, a parameter left out before the last given one passed as
-    ``None`` (allowed only where that is its default, so nothing changes meaning)."""
-    sig = inspect.signature(model.forward)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params = [p for p in sig.parameters.values() if p.kind in kinds]
-    names = [p.name for p in params]
-    what = f"{type(model).__name__}.forward"
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"example_inputs: {what} has no parameter {unknown[0]!r} that can be passed by "
-            f"position (it takes {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
-        )
-    if not kwargs:
-        raise ConfigError("example_inputs: the dict of keyword inputs is empty")
-    last = max(names.index(k) for k in kwargs)
-    out = []
-    for p in params[: last + 1]:
-        if p.name in kwargs:
-            out.append(kwargs[p.name])
-        elif p.default is None:
-            out.append(None)
-        else:
-            given = next(k for k in names if k in kwargs and names.index(k) > names.index(p.name))
-            raise ConfigError(
-                f"example_inputs: {what} takes {p.name!r} before {given!r} and its default is "
-                f"{p.default!r}, not None: give {p.name!r} too (inputs are captured by position)"
-            )
-    return tuple(out)
-
-
-def default_dynamic_dims(args: tuple) -> list[list[int]]:
-    """The dims kept dynamic unless told otherwise, per input: batch and sequence length of an
-    integer 2-D input (token ids, attention mask, token type ids), else the batch only (spatial
-    dims stay static: conv output sizes and view constants depend on them)."""
-    out = []
-    for a in args:
-        if not isinstance(a, torch.Tensor) or a.ndim == 0:
-            out.append([])
-        elif a.ndim == 2 and not (a.is_floating_point() or a.is_complex()):
-            out.append([0, 1])
-        else:
-            out.append([0])
-    return out
-
-
-def dims_spec(dims: Sequence[Sequence[int]]) -> tuple:
-    """torch.export ``dynamic_shapes`` with ``Dim.AUTO`` at the listed dims of each input: the
-    spelling of the per-input dim lists a plan records (``plan.config["dynamic_shapes"]``)."""
-    return tuple({int(d): torch.export.Dim.AUTO for d in ds} if ds else None for ds in dims)
-
-
-def _is_dynamic(v) -> bool:
-    """Whether a torch.export dim spec leaves the dim free (None, an int, Dim.STATIC fix it)."""
-    if v is None or isinstance(v, int):
-        return False
-    return getattr(getattr(v, "type", None), "name", None) != "STATIC"
-
-
-def _spec_maps(dynamic_shapes, model, args: tuple) -> list[dict]:
-    """``dynamic_shapes`` as torch.export takes it (a tuple with one entry per input, or a dict
-    keyed by the forward's argument names; an entry is None, ``{dim: Dim}`` or a per-dim tuple)
-    -> per input ``{dim: Dim}`` of the free dims. None: :func:`default_dynamic_dims`."""
-    if dynamic_shapes is None:
-        return [dict(dims_spec([ds])[0] or {}) for ds in default_dynamic_dims(args)]
-    if isinstance(dynamic_shapes, Mapping):
-        names = list(inspect.signature(model.forward).parameters)[: len(args)]
-        unknown = [k for k in dynamic_shapes if k not in names]
-        if unknown:
-            raise ConfigError(
-                f"dynamic_shapes names {unknown}, which are not among the forward's first "
-                f"{len(args)} arguments {names}; key it by those names or give a tuple with one "
-                "entry per example input"
-            )
-        dynamic_shapes = [dynamic_shapes.get(n) for n in names]
-    if not isinstance(dynamic_shapes, (tuple, list)) or len(dynamic_shapes) != len(args):
-        raise ConfigError(
-            f"dynamic_shapes must have one entry per example input ({len(args)}), as "
-            f"torch.export takes it, e.g. ({{0: Dim.AUTO, 1: Dim.AUTO}},); got {dynamic_shapes!r}"
-        )
-    maps = []
-    for i, (entry, a) in enumerate(zip(dynamic_shapes, args, strict=True)):
-        ndim = a.ndim if isinstance(a, torch.Tensor) else 0
-        if isinstance(entry, (tuple, list)) and len(entry) == ndim:
-            entry = dict(enumerate(entry))
-        if not (entry is None or isinstance(entry, Mapping)):
-            raise ConfigError(
-                f"dynamic_shapes[{i}]: give None, {{dim: Dim}} or one spec per dim of the "
-                f"{ndim}-D input, got {entry!r}"
-            )
-        free = {}
-        for d, v in (entry or {}).items():
-            if not isinstance(d, int) or not -ndim <= d < ndim:
-                raise ConfigError(
-                    f"dynamic_shapes[{i}]: dim {d!r} is not a dim of a {ndim}-D input"
-                )
-            if _is_dynamic(v):
-                free[d % ndim] = v
-        maps.append(free)
-    return maps
-
-
-def widen(args: tuple, free_dims: Sequence) -> tuple:
-    """The example inputs with every free dim of size 1 repeated to 2 (``free_dims[i]``: the
-    free dims of input ``i``, a list or a ``{dim: Dim}``): torch.export specialises a dim of
-    size 1 to the constant 1 (the "0/1 specialisation"), which would bake in a batch of 1."""
-    out = []
-    for a, free in zip(args, free_dims, strict=True):
-        reps = [2 if d in free and a.shape[d] == 1 else 1 for d in range(a.ndim)] if free else []
-        out.append(a.repeat(*reps) if any(r > 1 for r in reps) else a)
-    return tuple(out)
-
-
-def _symbolic_dims(gm: fx.GraphModule, args: tuple) -> list[list[int]]:
-    """Per input, the dims whose size an export graph keeps symbolic (read off its placeholders
-    before shape propagation replaces their values with concrete ones)."""
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    out = []
-    for i, a in enumerate(args):
-        v = inputs[i].meta.get("val") if i < len(inputs) else None
-        shape = v.shape if isinstance(a, torch.Tensor) and isinstance(v, torch.Tensor) else ()
-        out.append([d for d, s in enumerate(shape) if isinstance(s, torch.SymInt)])
-    return out
-
-
 def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
     tracer = _PathTracer(leaf_modules)
     try:
@@ -257,72 +140,6 @@ def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
         e.fxprune_where = where  # type: ignore[attr-defined]
         raise
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def _export_program(model: torch.nn.Module, args: tuple, maps: list[dict], user: bool):
-    """torch.export with the free dims in ``maps``: (the unlifted module, its symbolic dims).
-
-    Defaults fall back, for a model that cannot take a symbolic length or batch, to the batch
-    only, then to static shapes; a user's ``dynamic_shapes`` follows torch.export's rules
-    (``Dim.AUTO`` may come out static, a named ``Dim`` must stay free or export fails)."""
-    tries = [maps]
-    if not user:
-        tries += [[{d: v for d, v in m.items() if d == 0} for m in maps], [{} for _ in maps]]
-    for k, m in enumerate(tries):
-        if k and m == tries[k - 1]:
-            continue
-        try:
-            while True:
-                spec = tuple(x or None for x in m) if any(m) else None
-                ep = torch.export.export(model, widen(args, m), strict=False, dynamic_shapes=spec)
-                stateful = ep.module()
-                got = _symbolic_dims(stateful, args)
-                # a dim widened from 1 to 2 that came out static has 2 baked in: drop it
-                kept = [
-                    {d: v for d, v in mi.items() if d in gi or a.shape[d] != 1}
-                    for mi, gi, a in zip(m, got, args, strict=True)
-                ]
-                if kept == m:
-                    return stateful, got
-                m = kept
-        except Exception:  # noqa: BLE001 - the model cannot take these free dims: try fewer
-            if user or k == len(tries) - 1:
-                raise
-    raise AssertionError("unreachable: the static try returns or raises")
-
-
-def _trace_export(
-    model: torch.nn.Module, args: tuple, maps: list[dict], user: bool = False
-) -> tuple[fx.GraphModule, list[list[int]]]:
-    # Free dims stay symbolic where the model allows, so view/reshape sizes stay computed from
-    # the input and the pruned graph (and its ONNX export) serves any batch and length.
-    stateful, dynamic = _export_program(model, args, maps, user)
-    # ep.module() refuses .eval()/.train(); a plain GraphModule over the same graph and
-    # submodules behaves like any module (the graph already fixed inference behaviour).
-    gm = fx.GraphModule(stateful, stateful.graph, type(model).__name__)
-    for attr in ("_in_spec", "_out_spec"):  # read by the pytree codegen of the forward
-        if hasattr(stateful, attr):
-            setattr(gm, attr, getattr(stateful, attr))
-    _constants_as_buffers(gm)
-    return gm, dynamic
-
-
-def _constants_as_buffers(gm: fx.GraphModule) -> None:
-    """Lifted tensor constants are plain attributes; make them (non-persistent) buffers so that
-    ``.to(device)`` moves them with the parameters."""
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        owner_name, _, attr = node.target.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        value = getattr(owner, attr, None)
-        if (
-            isinstance(value, torch.Tensor)
-            and attr not in owner._parameters
-            and attr not in owner._buffers
-        ):
-            delattr(owner, attr)
-            owner.register_buffer(attr, value, persistent=False)
 
 
 def trace(
@@ -361,7 +178,7 @@ def trace(
     if mode not in MODES:
         raise ConfigError(f"trace mode must be one of {MODES}, got {mode!r}")
     args = as_args(example_inputs)
-    maps = _spec_maps(dynamic_shapes, model, args)
+    maps = spec_maps(dynamic_shapes, model, args)
     fx_err = None
     if mode in ("auto", "fx"):
         try:
@@ -382,7 +199,7 @@ def trace(
                     f"Mark that submodule as a leaf (leaf_modules=['{where}']) or use mode='export'."
                 ) from e
     try:
-        gm, dynamic = _trace_export(model, args, maps, user=dynamic_shapes is not None)
+        gm, dynamic = trace_export(model, args, maps, user=dynamic_shapes is not None)
         propagate_shapes(gm, args)
         gm.meta[DYNAMIC_DIMS] = dynamic
         return Traced(gm, "export", dynamic=dynamic, signature=signature(model))
@@ -462,7 +279,7 @@ def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Tra
         owner, attr, value = _lookup(gm, t)
         delattr(owner, attr)
         owner.register_buffer(attr, value, persistent=persistent)
-    _constants_as_buffers(gm)
+    constants_as_buffers(gm)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(src, attr):
             setattr(gm, attr, getattr(src, attr))

@@ -10,7 +10,8 @@ from fxprune.verify.latency import (
     backend,
     latency,
 )
-from fxprune.verify.proof import RTOL, EquivalenceReport, equivalence, zeroed_dense
+from fxprune.verify.proof import RTOL, EquivalenceReport, equivalence
+from fxprune.verify.reference import zeroed_dense
 
 __all__ = [
     "BACKENDS",

@@ -1,0 +1,82 @@
+"""The reference a pruned model is proved against: a copy of the dense model with every
+removed channel zeroed where it is consumed, every removed block bypassed, SparseGPT's new values
+written into the kept weights and the N:M zeros placed at the kept positions."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from fxprune.errors import PassError
+
+
+def _bypass(module: torch.nn.Module, path: str) -> None:
+    """Make block ``path`` return its hidden-state input (the input with the output's shape)."""
+
+    def hook(mod, args, kwargs, out):
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        cands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        x = next((a for a in cands if a.shape == first.shape and a.dtype == first.dtype), None)
+        if x is None:
+            raise PassError(f"block {path}: no input has its output's shape to bypass it")
+        if isinstance(out, torch.Tensor):
+            return x
+        return type(out)((x, *out[1:])) if isinstance(out, tuple) else out.__class__(x, *out[1:])
+
+    module.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
+
+
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
+
+
+def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
+    """A copy of the dense model with every removed channel zeroed where it is consumed and
+    every removed block bypassed."""
+    z = copy.deepcopy(model).eval()
+    for r in result.passes:
+        for path in r.bypassed:
+            _bypass(z, path)
+    with torch.no_grad():
+        for name, dims in result.zero_spec.items():
+            p = _tensor(z, name)  # a parameter, or a buffer used as a weight (a fixed filter)
+            for d, keep in dims.items():
+                shape = [1] * p.ndim
+                shape[d] = -1
+                p.mul_(
+                    torch.as_tensor(np.asarray(keep), dtype=p.dtype, device=p.device).reshape(shape)
+                )
+        index = result.dense_index
+        for r in result.passes:  # values a reconstruction (SparseGPT) wrote into kept weights
+            for name, val in r.updated.items():
+                p = z.get_parameter(name)
+                p[_dense_where(p.shape, index.get(name, {}))] = val.to(p.device, p.dtype)
+        for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
+            p = z.get_parameter(name)
+            dense_mask = _to_dense_positions(mask.cpu(), p.shape, index.get(name, {}))
+            p.mul_(dense_mask.to(device=p.device, dtype=p.dtype))
+    return z
+
+
+def _to_dense_positions(mask: torch.Tensor, shape, index: dict[int, np.ndarray]) -> torch.Tensor:
+    """A mask over a pruned (possibly reordered) weight, scattered into the dense weight's shape
+    (ones elsewhere): ``index[d]`` is the dense index of each position along dim ``d``."""
+    full = torch.ones(shape, dtype=torch.bool)
+    full[_dense_where(shape, index)] = mask
+    return full
+
+
+def _dense_where(shape, index: dict[int, np.ndarray]) -> tuple:
+    """Advanced index selecting, in the dense weight, the positions of the pruned weight."""
+    where = []
+    for d in range(len(shape)):
+        idx = np.asarray(index[d]) if d in index else np.arange(shape[d])
+        view = [1] * len(shape)
+        view[d] = -1
+        where.append(torch.as_tensor(idx).view(view))
+    return tuple(where)
