@@ -1,5 +1,6 @@
 """The ``fxprune`` command line's arguments: every subcommand's flags, spelled once, and the
-examples ``--help`` prints. ``fxprune.cli`` runs what they ask for."""
+examples ``--help`` prints. ``fxprune.cli`` parses them and ``fxprune.cli_commands`` runs what
+they ask for."""
 
 from __future__ import annotations
 

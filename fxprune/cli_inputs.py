@@ -1,7 +1,12 @@
-"""The command line's example inputs: the source's example reshaped by ``--input-shape``,
-``--seq-len`` and ``--batch``."""
+"""The command line's inputs: the model a source names (built, or opened from a checkpoint that
+names its source), pruned by the flags, by ``--recipe`` or by ``--load``'s checkpoint, and its
+example reshaped by ``--input-shape``, ``--seq-len`` and ``--batch``."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
 
 
 def fit(t, dim: int, n: int):
@@ -64,3 +69,150 @@ def shaped(a, model, x):
     for i in tensors if batch else ():
         args[i] = fit(args[i], 0, batch)
     return args[0] if single else tuple(args)
+
+
+def _blocks(values: list[str]):
+    if len(values) == 1 and values[0].isdigit():
+        return int(values[0])  # a count
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+
+
+def is_checkpoint(spec: str) -> bool:
+    """A ``.pt`` / ``.pth`` path (a missing one too, so that it is reported as missing)."""
+    p = Path(spec)
+    return p.suffix in (".pt", ".pth") and (p.exists() or ":" not in spec)
+
+
+def portable(spec: str) -> str:
+    """The source as a checkpoint should record it: a factory file by its absolute path."""
+    kind, sep, name = spec.partition(":")
+    if sep and kind.endswith(".py"):
+        return f"{Path(kind).resolve()}:{name}"
+    if kind == "hf" and Path(name).exists():
+        return f"hf:{Path(name).resolve()}"
+    return spec
+
+
+def open_checkpoint(path: str, trust: bool):
+    """(dense model, example input, CompileResult) from a checkpoint that names its source."""
+    import torch
+
+    import fxprune
+    from fxprune.errors import CheckpointError, ConfigError
+    from fxprune.models import load_model
+    from fxprune.plan import read_checkpoint
+
+    src = read_checkpoint(path, trust).get("source")
+    if src and not (isinstance(src, dict) and isinstance(src.get("model"), str)):
+        raise CheckpointError(f"{path}: its 'source' entry is malformed: {src!r:.80}")
+    if not src:
+        raise ConfigError(
+            f"{path} does not name the model it was pruned from (saved by the Python API); "
+            f"give the dense model and the checkpoint: fxprune verify SOURCE --load {path}"
+        )
+    kind = src["model"].partition(":")[0]
+    if kind.endswith(".py") and not trust:
+        raise ConfigError(
+            f"{path} names the factory {src['model']!r}: opening it runs that Python file; "
+            "pass --trust if you trust it"
+        )
+    torch.manual_seed(src.get("seed", 0))
+    model, x = load_model(src["model"], trust=trust)
+    return model, x, fxprune.load(path, model, trust=trust)
+
+
+@contextlib.contextmanager
+def blame_inputs(model, x):
+    """A TraceError from a model whose own forward rejects the example inputs is about the
+    inputs, not about tracing: say so (with their shapes) rather than suggest leaf_modules."""
+    from fxprune.errors import TraceError
+    from fxprune.models import check_example
+
+    try:
+        yield
+    except TraceError:
+        check_example(model, x)
+        raise
+
+
+def compile_source(a, log: Callable[[str | None], None]):
+    """(dense model, example input, CompileResult) from a checkpoint, ``--load`` or the flags."""
+    import torch
+
+    import fxprune
+    from fxprune.models import load_model
+
+    if is_checkpoint(a.model):
+        log(f"opening {a.model}")
+        model, x, res = open_checkpoint(a.model, a.trust)
+        return model, shaped(a, model, x), res
+    log(f"building {a.model}")
+    torch.manual_seed(a.seed)
+    model, x = load_model(a.model, trust=a.trust)
+    if getattr(a, "save_pretrained", None) and not hasattr(model, "save_pretrained"):
+        from fxprune.errors import ConfigError
+
+        raise ConfigError(
+            f"--save-pretrained: {a.model} is a {type(model).__name__}, not a Hugging Face "
+            "model; use --save for an fxprune checkpoint"
+        )
+    x = shaped(a, model, x)
+    if getattr(a, "load", None):
+        log(f"applying {a.load}")
+        return model, x, fxprune.load(a.load, model, trust=a.trust)
+    structural = a.heads or a.ffn or a.blocks or getattr(a, "recipe", None)
+    channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
+    log("tracing and pruning")
+    with blame_inputs(model, x):
+        res = _prune_flags(a, model, x, channels)
+    return model, x, res
+
+
+def flag_options(a, channels: float) -> dict:
+    """The compile options the pruning flags spell (what a recipe holds)."""
+    return {
+        "channels": channels,
+        "heads": a.heads,
+        "ffn": a.ffn,
+        "blocks": _blocks(a.blocks) if a.blocks else 0,
+        "block_importance": a.block_importance,
+        "importance": a.importance,
+        "ignore": a.ignore,
+        "round_to": a.round_to,
+        "global_ranking": a.global_ranking,
+        "allow_approximate": a.allow_approximate,
+        "mode": a.mode,
+        "seed": a.seed,
+        "sparsity": a.sparsity,
+        "sparsity_exclude": a.sparsity_exclude,
+        "sparsity_permute": a.sparsity_permute,
+        "sparsity_method": a.sparsity_method,
+        "uniform": bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
+    }
+
+
+def _prune_flags(a, model, x, channels: float):
+    """``fxprune.compile`` with the pruning flags, or with ``--recipe``'s recipe."""
+    import fxprune
+
+    recipe = getattr(a, "recipe", None)
+    if not recipe:
+        return fxprune.compile(model, x, **flag_options(a, channels))
+    from fxprune._util import is_default
+    from fxprune.errors import ConfigError
+    from fxprune.recipe import RECIPE_OPTIONS
+
+    flags = flag_options(a, a.channels or 0.0)
+    given = [k for k, v in flags.items() if k not in ("uniform", "seed")]
+    given = [k for k in given if not is_default(flags[k], RECIPE_OPTIONS[k])]
+    if given:
+        raise ConfigError(
+            f"--recipe {recipe}: the recipe holds the pruning options; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+        )
+    r = fxprune.Recipe.load(recipe)
+    if flags["uniform"] and not r.uniform:  # --save-pretrained needs the counts a config holds
+        import dataclasses
+
+        r = dataclasses.replace(r, uniform=True)
+    return fxprune.compile(model, x, r)

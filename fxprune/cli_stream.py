@@ -1,5 +1,6 @@
 """``fxprune prune hf:DIR --stream --save-pretrained OUT``: the command line of
-:func:`fxprune.stream` (kept apart from ``cli.py``, which holds the other commands)."""
+:func:`fxprune.stream` (kept apart from ``cli_commands.py``, which holds the other
+commands)."""
 
 from __future__ import annotations
 

@@ -22,23 +22,22 @@ blocks 0..i-1 produced from the calibration tokens.
 
 The output folder opens with ``AutoModelForCausalLM.from_pretrained`` in a process that never
 imports fxprune; ``tests/test_streaming.py`` checks it equals ``compile(...).save_pretrained``.
+
+This module holds the pruning (steps 2-3, the options, the result); the checkpoint side (the
+families' layouts, the source read from its shards, the shards written, the config's counts) is
+``fxprune.streaming_io``, whose public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import json
-import resource
 import shutil
-import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from fxprune._util import Report
 from fxprune.errors import (
@@ -50,148 +49,21 @@ from fxprune.errors import (
 )
 from fxprune.hf import TOKENIZER_FILES, check_config_valid
 from fxprune.importance import name_of, resolve
-
-SHARD_BYTES = 1024**3  # output shard size: a pending shard is held in memory until written
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a decoder family keeps its parts (module paths in ``AutoModelForCausalLM``)."""
-
-    layers: str = "model.layers"  # the ModuleList of repeated blocks
-    rotary: str = "model.rotary_emb"  # the model-level rotary embedding every block reads
-    embed: str = "model.embed_tokens"
-    q: str = "self_attn.q_proj"  # in a block: what the new head counts are read from
-    k: str = "self_attn.k_proj"
-    ffn: str = "mlp.up_proj"
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def family(*model_types: str, **paths: str) -> None:
-    """Register how the decoder families ``model_types`` are laid out (see :class:`Family`)."""
-    for t in model_types:
-        FAMILIES[t] = Family(**paths)
-
-
-family("llama", "mistral", "qwen2", "qwen3")
-
-
-class Block(nn.Module):
-    """One decoder block as the model's forward calls it: rotary position embeddings from the
-    model-level rotary module, positions 0..T-1, causal attention (SDPA with no mask)."""
-
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.rotary = rotary
-
-    def forward(self, hidden_states):
-        pos = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
-        out = self.layer(
-            hidden_states,
-            attention_mask=None,
-            position_ids=pos,
-            position_embeddings=self.rotary(hidden_states, pos),
-        )
-        return out[0] if isinstance(out, tuple) else out
-
-
-class Shards:
-    """Lazy access to a folder's safetensors weights: a tensor is read when asked for, and the
-    shard is unmapped after each read, so resident memory is what the caller holds."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self.folder = folder
-        self._open = safe_open
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                self.where = dict(json.loads(index.read_text())["weight_map"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"{folder}: no safetensors weights (model.safetensors or "
-                    "model.safetensors.index.json); stream reads safetensors only (save the "
-                    "model with save_pretrained(..., safe_serialization=True))"
-                )
-            self.where = {}
-            for f in files:
-                with safe_open(f, "pt") as h:
-                    self.where.update(dict.fromkeys(h.keys(), f.name))
-        missing = sorted({f for f in self.where.values() if not (folder / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{folder}: the index names missing shard(s) {missing[:3]}")
-        self.nbytes = sum((folder / f).stat().st_size for f in set(self.where.values()))
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.where[k], []).append(k)
-        out = {}
-        for f, ks in by_file.items():
-            with self._open(self.folder / f, "pt") as h:  # unmapped when the block ends
-                for k in ks:
-                    out[k] = h.get_tensor(k)
-        return out
-
-
-class ShardWriter:
-    """Write tensors to ``model-0000i-of-0000n.safetensors`` shards of at most ``max_bytes``
-    (one shard: ``model.safetensors``) and the index ``from_pretrained`` reads."""
-
-    def __init__(self, folder: Path, max_bytes: int = SHARD_BYTES):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + n > self.max_bytes:
-            self.flush()
-        self.pending[name] = t.detach().contiguous()
-        self.pending_bytes += n
-        self.total += n
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        tmp = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.folder / tmp), metadata={"format": "pt"})
-        self.files.append((tmp, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        self.flush()
-        n = len(self.files)
-        names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        weight_map = {}
-        for (tmp, keys), name in zip(self.files, names, strict=True):
-            (self.folder / tmp).rename(self.folder / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-            (self.folder / "model.safetensors.index.json").write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n"
-            )
-        return names
+from fxprune.streaming_io import (
+    FAMILIES,  # noqa: F401 - re-exported
+    SHARD_BYTES,
+    Block,
+    Family,  # noqa: F401 - re-exported
+    Shards,  # noqa: F401 - re-exported
+    ShardWriter,
+    Source,
+    block_counts,
+    check_builds,
+    config_counts,
+    family,  # noqa: F401 - re-exported
+    peak_rss_bytes,
+    with_counts,
+)
 
 
 @dataclass
@@ -236,32 +108,6 @@ class StreamResult(Report):
                 f"(worst max_rel_err {max(errs):.2e})"
             )
         return "\n".join(lines)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _counts(cfg) -> dict:
-    heads = cfg.num_attention_heads
-    return {
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        "intermediate_size": cfg.intermediate_size,
-    }
-
-
-def _block_counts(layer: nn.Module, fam: Family, head_dim: int) -> dict:
-    q, k = layer.get_submodule(fam.q), layer.get_submodule(fam.k)
-    return {
-        "num_attention_heads": q.weight.shape[0] // head_dim,
-        "num_key_value_heads": k.weight.shape[0] // head_dim,
-        "head_dim": head_dim,
-        "intermediate_size": layer.get_submodule(fam.ffn).weight.shape[0],
-    }
 
 
 def _token_batches(calibration, limit: int, vocab: int) -> list[torch.Tensor]:
@@ -365,7 +211,7 @@ def stream(
     dst.mkdir(parents=True, exist_ok=True)
     try:
         result = StreamResult(
-            dst, _counts(run.cfg), {}, bytes_in=run.shards.nbytes, options=options
+            dst, config_counts(run.cfg), {}, bytes_in=run.shards.nbytes, options=options
         )
         writer = ShardWriter(dst, max_shard_bytes)
         shapes: dict[str, tuple] = {}
@@ -375,8 +221,8 @@ def stream(
             if not k.startswith(run.prefix):
                 writer.add(k, run.shards.load([k])[k])
         writer.close()
-        new = _with_counts(run.cfg, result.after)
-        _check_builds(new, shapes)
+        new = with_counts(run.cfg, result.after)
+        check_builds(new, shapes)
         new.save_pretrained(dst)
         for name in ("generation_config.json", *TOKENIZER_FILES):
             if (src / name).is_file():
@@ -417,70 +263,14 @@ def _check_options(src, dst, heads, ffn, sparsity, method, importance, measured,
         raise ConfigError(f"stream: {dst} exists and is not an empty folder")
 
 
-def _with_counts(cfg, counts: dict):
-    new = copy.deepcopy(cfg)
-    for k, v in counts.items():
-        setattr(new, k, v)
-    return new
-
-
-class _Stack:
-    """The source model as a meta-device skeleton over its lazy shards, and the one capture
-    of its repeated block."""
+class _Stack(Source):
+    """The source model (:class:`fxprune.streaming_io.Source`), the one capture of its
+    repeated block, and the pruning of each block."""
 
     def __init__(self, src: Path, log):
-        import transformers
-
-        self.src, self.log = src, log
-        self.shards = Shards(src)
-        cfg = transformers.AutoConfig.from_pretrained(src)
-        self.fam = FAMILIES.get(cfg.model_type)
-        if self.fam is None:
-            raise UnsupportedModelError(
-                f"stream: no decoder layout registered for model_type {cfg.model_type!r} "
-                f"(known: {sorted(FAMILIES)}); register it with fxprune.streaming.family(...) or "
-                "use fxprune.compile"
-            )
-        cfg._attn_implementation = "sdpa"  # causal with no mask; eager would need one
-        self.cfg = cfg
-        with torch.device("meta"):
-            self.skeleton = transformers.AutoModelForCausalLM.from_config(cfg)
-        self.stack = self.skeleton.get_submodule(self.fam.layers)
-        # the model-level rotary embedding, built for real (its buffers are computed, not saved)
-        self.rotary = type(self.skeleton.get_submodule(self.fam.rotary))(config=cfg)
-        self.dtype = next(self.stack[0].parameters()).dtype
-        self.prefix = self.fam.layers + "."
+        super().__init__(src)
+        self.log = log
         self.template = None
-        gen = torch.Generator().manual_seed(0)
-        self.example = (torch.randn(1, 8, cfg.hidden_size, generator=gen) * 0.02).to(self.dtype)
-
-    def embed(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The hidden states the token embedding makes of each calibration batch."""
-        path = self.fam.embed
-        embed = copy.deepcopy(self.skeleton.get_submodule(path))
-        keys = [f"{path}.{n}" for n, _ in embed.named_parameters()]
-        loaded = self.shards.load(keys)
-        embed.load_state_dict({k[len(path) + 1 :]: v for k, v in loaded.items()}, assign=True)
-        with torch.no_grad():
-            hidden = [embed(b) for b in ids]
-        self.example = hidden[0]
-        return hidden
-
-    def load_block(self, i: int) -> Block:
-        layer = copy.deepcopy(self.stack[i])  # meta: no memory until its tensors are assigned
-        pre = f"{self.prefix}{i}."
-        names = [pre + n for n in layer.state_dict()]
-        missing = [n for n in names if n not in self.shards.where]
-        if missing:
-            raise CheckpointError(f"{self.src}: block {i} lacks {missing[:3]} in its shards")
-        loaded = self.shards.load(names)
-        layer.load_state_dict({k[len(pre) :]: v for k, v in loaded.items()}, assign=True)
-        meta = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-        if meta:
-            raise UnsupportedModelError(
-                f"stream: block {i} has state the checkpoint does not hold: {meta[:3]}"
-            )
-        return Block(layer, self.rotary).eval()
 
     def capture(self, block: Block):
         """Block 0's graph, kept over meta tensors (no memory) for every block to reuse."""
@@ -525,10 +315,10 @@ class _Stack:
                 raise PassError(f"stream: pruned block {i} fails its proof: {rep.message}")
             err = rep.max_rel_err
         pruned = res.model.layer
-        counts = _block_counts(pruned, self.fam, result.before["head_dim"])
+        counts = block_counts(pruned, self.fam, result.before["head_dim"])
         if not result.after:
             result.after = counts
-            check_config_valid(_with_counts(self.cfg, counts), "stream")  # before any writing
+            check_config_valid(with_counts(self.cfg, counts), "stream")  # before any writing
         elif counts != result.after:
             raise PassError(
                 f"stream: block {i} came out with {counts}, block 0 with {result.after}; a "
@@ -555,20 +345,3 @@ class _Stack:
         del res, block, pruned, state
         gc.collect()
         return hidden
-
-
-def _check_builds(cfg, shapes: dict[str, tuple]) -> None:
-    """The pruned config builds (on the meta device) every block weight in the shape written:
-    otherwise ``from_pretrained`` would re-initialise it."""
-    import transformers
-
-    with torch.device("meta"):
-        fresh = transformers.AutoModelForCausalLM.from_config(cfg)
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    bad = [
-        f"{k} is {s}, the config builds {want.get(k)}"
-        for k, s in shapes.items()
-        if want.get(k) != s
-    ]
-    if bad:
-        raise PassError(f"stream: the pruned config does not describe the weights: {bad[0]}")

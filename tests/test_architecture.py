@@ -131,13 +131,6 @@ def test_passes_and_their_replay_come_from_one_registry():
 
 MAX_FUNCTION = 80  # lines of a function's body, its docstring not counted
 MAX_MODULE = 400
-# Modules still over MAX_MODULE (issue #13 splits them). A module on this list may shrink but
-# not grow; one off the list may not cross the limit. Lower an entry when you split its module.
-OVER_LIMIT = {
-    "fxprune/cli.py": 555,
-    "fxprune/streaming.py": 574,
-    "fxprune/verify/latency.py": 441,
-}
 
 
 def _function_lengths(tree):
@@ -163,14 +156,13 @@ def test_no_function_is_longer_than_80_lines():
     assert not long, "\n".join(long)
 
 
-def test_no_module_grows_past_its_limit():
+def test_no_module_is_longer_than_400_lines():
     over = []
     for _, path in _modules():
         rel = path.relative_to(ROOT.parent).as_posix()
         n = len(path.read_text().splitlines())
-        limit = OVER_LIMIT.get(rel, MAX_MODULE)
-        if n > limit:
-            over.append(f"{rel}: {n} lines (limit {limit})")
+        if n > MAX_MODULE:
+            over.append(f"{rel}: {n} lines (limit {MAX_MODULE})")
     assert not over, "\n".join(over)
 
 

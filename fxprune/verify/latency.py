@@ -8,6 +8,11 @@ is timed on its own; the report gives the median and p10 / p90 per model and bat
 speedup of the medians, the MAC ratio, and **efficiency = speedup x MAC ratio**: 1.0 means time
 fell exactly as much as the MAC count, 0.5 that half the removed MACs bought nothing. Threads are
 fixed (``threads``; ONNX Runtime intra-op threads and ``torch.set_num_threads``).
+
+This module holds the measurement and the backend registry (``@backend``, the built-in
+backends); the report's rows are in ``fxprune.verify.latency_report``, the CPU runners and
+:class:`RunContext` in ``fxprune.verify.latency_runners``, the GPU runners in
+``fxprune.verify.gpu``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,78 +30,13 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import Report, eval_mode, progress_bar, registrar
+from fxprune._util import eval_mode, progress_bar, registrar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
-
-@dataclass
-class LatencyRow:
-    """One batch size: milliseconds per forward (median, p10, p90) of both models and the
-    derived figures."""
-
-    batch: int
-    dense_ms: float
-    dense_p10: float
-    dense_p90: float
-    pruned_ms: float
-    pruned_p10: float
-    pruned_p90: float
-    speedup: float  # dense median / pruned median
-    mac_ratio: float  # pruned MACs / dense MACs
-    efficiency: float  # speedup x mac_ratio
-    parity: float  # max rel err of the backend's pruned output against PyTorch eager
-    verdict: str
-
-
-@dataclass
-class LatencyReport(Report):
-    """What :func:`latency` measured; ``table()`` for people, ``to_json()`` for machines."""
-
-    backend: str
-    threads: int
-    warmup: int
-    repeats: int
-    rows: list[LatencyRow] = field(default_factory=list)
-    machine: str = ""
-    notes: list[str] = field(default_factory=list)  # what each backend did (sparse layers, ...)
-
-    def table(self) -> str:
-        lines = [
-            f"backend {self.backend}, {self.threads} threads, {self.warmup} warm-up + "
-            f"{self.repeats} timed calls per model and batch, dense/pruned interleaved; "
-            f"{self.machine}",
-            "",
-            "| batch | dense ms [p10-p90] | pruned ms [p10-p90] | speedup | MAC ratio "
-            "| efficiency | parity | verdict |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in self.rows:
-            lines.append(
-                f"| {r.batch} | {r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}] "
-                f"| {r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}] "
-                f"| {r.speedup:.2f}x | {r.mac_ratio:.3f} | {r.efficiency:.2f} "
-                f"| {r.parity:.1e} | {r.verdict} |"
-            )
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def slower(self) -> bool:
-        """True when the pruned model was slower than the dense one at any batch size."""
-        return any(r.speedup < 1.0 for r in self.rows)
-
-    def min_speedup(self) -> float:
-        return min((r.speedup for r in self.rows), default=0.0)
-
-
-def verdict(speedup: float, efficiency: float) -> str:
-    if speedup < 0.97:
-        return "slower"
-    if speedup < 1.03:
-        return "no measurable change"
-    if efficiency < 0.5:
-        return "faster, but less than half of the removed MACs show up as time"
-    return "faster"
+# re-exported: fxprune.verify and callers import these from here
+from fxprune.verify.latency_report import LatencyReport, LatencyRow, verdict
+from fxprune.verify.latency_runners import EagerRunner, OrtRunner, RunContext
 
 
 def _batch(args: tuple, b: int) -> tuple:
@@ -140,39 +79,12 @@ class Backend:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """What a backend's runner may need besides the model and its example."""
-
-    threads: int
-    workdir: Path  # scratch files (ONNX, engines), removed afterwards
-    tag: str  # "dense" or "pruned": a file name stem
-    masks: dict  # the pruned model's N:M masks ({} for the dense one)
-    max_batch: int  # the largest batch that will be timed
-
-
 REGISTRY: dict[str, Backend] = {}
 """Latency backends by name, in registration order (the built-ins below first)."""
 
 
 backend = registrar(__name__, "REGISTRY", Backend, "backend")
 """``@backend("name")``: register a :class:`Backend` subclass under ``name``."""
-
-
-class _Eager:
-    """PyTorch in-process: ``fn(*args)`` under inference mode."""
-
-    notes: tuple[str, ...] = ()
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def prepare(self, args: tuple):
-        return args
-
-    def run(self, prepared):
-        with torch.inference_mode():
-            return self.fn(*prepared)
 
 
 @backend("onnxruntime")
@@ -186,33 +98,7 @@ class OnnxRuntime(Backend):
             raise MissingExtraError("onnxruntime", "onnx", "the onnxruntime backend") from e
 
     def runner(self, module, args, ctx):
-        return _OrtRunner(module, args, ctx)
-
-
-class _OrtRunner:
-    notes: tuple[str, ...] = ()
-
-    def __init__(self, module, args, ctx: RunContext):
-        import onnxruntime as ort
-
-        from fxprune.exporters.onnx import DEFAULT_OPSET, write_onnx
-
-        path = ctx.workdir / f"{ctx.tag}.onnx"
-        write_onnx(module, args, path, DEFAULT_OPSET, dynamic_batch=True)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = ctx.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.sess.get_inputs()]
-
-    def prepare(self, args: tuple):
-        tensors = [a for a in args if a is not None]  # ONNX drops None positionals
-        return {n: a.numpy() for n, a in zip(self.names, tensors, strict=False)}
-
-    def run(self, prepared):
-        return self.sess.run(None, prepared)
+        return OrtRunner(module, args, ctx)
 
 
 @backend("torch")
@@ -220,7 +106,7 @@ class Torch(Backend):
     """PyTorch eager on the CPU."""
 
     def runner(self, module, args, ctx):
-        return _Eager(module)
+        return EagerRunner(module)
 
 
 @backend("torch-compile")
@@ -228,7 +114,7 @@ class TorchCompile(Backend):
     """``torch.compile`` (inductor) on the CPU; the warm-up calls pay the compile."""
 
     def runner(self, module, args, ctx):
-        return _Eager(torch.compile(module))
+        return EagerRunner(torch.compile(module))
 
 
 @backend("torch-cuda")

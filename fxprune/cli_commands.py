@@ -1,0 +1,362 @@
+"""The command line's sub-commands, ``prune | export | verify | estimate | inspect``: each
+``(args, log) -> exit code``, listed in :data:`COMMANDS` (``prune --stream`` is
+``fxprune.cli_stream``). ``fxprune.cli`` parses the arguments and dispatches to them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from fxprune.cli_inputs import (
+    blame_inputs,
+    compile_source,
+    flag_options,
+    is_checkpoint,
+    open_checkpoint,
+    portable,
+    shaped,
+)
+
+
+class Log:
+    """Progress lines on stderr: what runs now and how long the last step took."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.t0, self.what = quiet, None, None
+
+    def __call__(self, what: str | None) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self.what is not None:
+            print(f"  {self.what}: {now - self.t0:.1f} s", file=sys.stderr)
+        if what is not None:
+            print(f"fxprune: {what} ...", file=sys.stderr, flush=True)
+        self.t0, self.what = now, what
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path):
+    """An OSError while writing ``path`` (a read-only folder, a missing one) is a one-line
+    fxprune error naming the flag and the path."""
+    from fxprune.errors import FileAccessError
+
+    try:
+        yield
+    except OSError as e:
+        raise FileAccessError(f"cannot write {flag} {path}: {e.strerror or e}") from e
+
+
+def _print_recipe(a, log: Log) -> int:
+    """``--print-recipe``: the recipe the flags build, as JSON on stdout; nothing is pruned."""
+    import torch
+
+    from fxprune.errors import ConfigError
+    from fxprune.models import load_model
+    from fxprune.recipe import from_options
+
+    if is_checkpoint(a.model):
+        raise ConfigError("--print-recipe builds a recipe from the flags; a checkpoint has a plan")
+    log(f"building {a.model}")
+    torch.manual_seed(a.seed)
+    model, _ = load_model(a.model, trust=a.trust)
+    structural = a.heads or a.ffn or a.blocks
+    channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
+    recipe, _ = from_options(model, **flag_options(a, channels))
+    log(None)
+    print(recipe.to_json())
+    return 0
+
+
+def _prove(model, res, x, log: Log):
+    import fxprune
+
+    log("proving equivalence")
+    return fxprune.verify.equivalence(model, res, x)
+
+
+def _report(a, **sections) -> None:
+    if getattr(a, "report", None):
+        from fxprune.report import write
+
+        with _writing("--report", a.report):
+            path = write(a.report, f"fxprune {a.cmd}: {a.model}", command=_argv(), **sections)
+        print(f"report: {path}", file=sys.stderr if a.json else sys.stdout)
+
+
+def _argv() -> str:
+    return "fxprune " + " ".join(sys.argv[1:])
+
+
+def _prune(a, log: Log) -> int:
+    if getattr(a, "print_recipe", False):
+        return _print_recipe(a, log)
+    if getattr(a, "stream", False):
+        from fxprune.cli_stream import stream_command
+
+        return stream_command(a, log, _writing)
+    model, x, res = compile_source(a, log)
+    rep = _prove(model, res, x, log)
+    if a.save:
+        with _writing("--save", a.save):
+            res.save(a.save, source={"model": portable(a.model), "seed": a.seed})
+    if a.save_pretrained:
+        if not rep.ok:
+            log(None)
+            print(f"equivalence check: {rep}\nnot saved: the pruned model is not exact")
+            return 1
+        log(f"writing {a.save_pretrained}")
+        with _writing("--save-pretrained", a.save_pretrained):
+            res.save_pretrained(a.save_pretrained)
+    exported = None
+    if a.export:
+        log(f"exporting {a.export}")
+        with _writing("--export", a.export):
+            exported = res.export(a.export)
+    log(None)
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "summary": res.summary.to_dict(),
+                    "plan": res.plan.to_dict(),
+                    "equivalence": vars(rep),
+                    "barriers": res.barriers,
+                    "seconds": res.seconds,
+                    "export": str(exported.path) if exported else None,
+                }
+            )
+        )
+    else:
+        print(f"{a.model}: traced with {res.plan.mode}, pruned in {res.seconds:.2f} s")
+        print(res.report())
+        print(f"\nequivalence check: {rep}")
+        if a.save:
+            print(f"saved plan + state_dict to {a.save}")
+        if a.save_pretrained:
+            print(
+                f"saved a Hugging Face folder to {a.save_pretrained} (opens with "
+                "transformers' from_pretrained, without fxprune)"
+            )
+        if exported:
+            print(exported.table())
+    _report(a, result=res, equivalence=rep)
+    return 0 if rep.ok else 1
+
+
+def _export(a, log: Log) -> int:
+    model, x, res = compile_source(a, log)
+    rep = _prove(model, res, x, log)
+    if not rep.ok:
+        log(None)
+        print(f"equivalence check: {rep}\nnot exported: the pruned model is not exact")
+        return 1
+    log(f"exporting {a.out}")
+    options = {}
+    if Path(a.out).suffix in (".engine", ".plan", ".trt"):
+        options["fp16"] = not a.fp32
+    with _writing("-o", a.out):
+        out = res.export(a.out, **options)
+    log(None)
+    if a.json:
+        print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
+    else:
+        print(f"equivalence check: {rep}")
+        print(out.table())
+    return 0
+
+
+def _plain(obj):
+    """A JSON-able view of an exporter report."""
+    from dataclasses import asdict, is_dataclass
+
+    d = asdict(obj) if is_dataclass(obj) else dict(vars(obj))
+    d.pop("log", None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _measure(a, model, res, x):
+    """The verifier's side-by-side latency, with the timing flags every command shares."""
+    import fxprune
+
+    return fxprune.verify.latency(
+        model,
+        res,
+        x,
+        backend=a.backend,
+        batch_sizes=a.batch,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        threads=a.threads,
+        progress=not a.quiet and sys.stderr.isatty(),
+    )
+
+
+def _verify(a, log: Log) -> int:
+    import fxprune
+
+    model, x, res = compile_source(a, log)
+    eq = _prove(model, res, x, log)
+    log(f"measuring latency on {a.backend}")
+    lat = _measure(a, model, res, x)
+    est = None
+    if a.report:
+        log("estimating")
+        est = fxprune.estimate(model, x, structured=res, batch_sizes=a.batch)
+        profile = _profile_for(a.backend)
+        if profile:
+            est.compare(lat, hardware=profile)
+    log(None)
+    gates = []
+    if not eq.ok:
+        gates.append("the equivalence proof failed")
+    if a.fail_if_slower and lat.slower():
+        gates.append("the pruned model is slower at some batch size")
+    if a.min_speedup is not None and lat.min_speedup() < a.min_speedup:
+        gates.append(f"speedup {lat.min_speedup():.2f}x is below --min-speedup {a.min_speedup}")
+    if a.json:
+        out = json.loads(lat.to_json())
+        out.update(equivalence=vars(eq), failed=gates, summary=res.summary.to_dict())
+        print(json.dumps(out))
+    else:
+        print(
+            f"{a.model}: MACs x{res.summary.macs_ratio:.3f}, params x{res.summary.params_ratio:.3f}"
+        )
+        print(lat.table())
+        print(f"\nequivalence check: {eq}")
+        for g in gates:
+            print(f"FAILED: {g}")
+    _report(a, result=res, equivalence=eq, latency=lat, estimate=est)
+    return 1 if gates else 0
+
+
+def _profile_for(backend: str) -> str | None:
+    """The estimator profile a measurement on ``backend`` compares with (None: no match)."""
+    if backend not in ("tensorrt", "torch-cuda"):
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((p for p in ("H100", "A100", "L4") if p in name), None)
+
+
+def _estimate(a, log: Log) -> int:
+    import fxprune
+
+    model, x, res = compile_source(a, log)
+    log("estimating")
+    est = fxprune.estimate(
+        model,
+        x,
+        sparsity=None if a.unstructured <= 0 else a.unstructured,
+        nm=None if a.nm == "none" else a.nm,
+        structured=res,
+        hardware=a.hardware,
+        batch_sizes=a.batch,
+        dtype=a.dtype,
+        exclude=a.exclude,
+    )
+    lat = None
+    if a.measure:
+        log(f"measuring the structured model on {a.backend}")
+        lat = _measure(a, model, res, x)
+        profile = a.compare_with or _profile_for(a.backend)
+        if profile:
+            est.compare(lat, hardware=profile)
+        else:
+            print(
+                "fxprune: no estimator profile matches this GPU: pass --compare-with",
+                file=sys.stderr,
+            )
+    log(None)
+    if a.json:
+        out = est.to_dict()
+        if lat is not None:
+            out["latency"] = json.loads(lat.to_json())
+        print(json.dumps(out))
+    else:
+        print(est.table(roofline_top=a.roofline_top))
+        if lat is not None:
+            print()
+            print(lat.table())
+    _report(a, result=res, latency=lat, estimate=est)
+    return 0
+
+
+def _inspect(a, log: Log) -> int:
+    import torch
+
+    from fxprune.graph import build_graph, trace
+    from fxprune.models import load_model
+    from fxprune.passes.units import group_name
+
+    if is_checkpoint(a.model):
+        _, x, res = open_checkpoint(a.model, a.trust)
+        model = res.module
+    else:
+        log(f"building {a.model}")
+        torch.manual_seed(a.seed)
+        model, x = load_model(a.model, trust=a.trust)
+    x = shaped(a, model, x)
+    log("tracing")
+    with blame_inputs(model, x):
+        traced = trace(model, x, mode=a.mode)
+    log("building the dependency graph")
+    g = build_graph(traced.gm, allow_approximate=a.allow_approximate)
+    log(None)
+    groups = []
+    for grp in g.groups:
+        free = int((~g.blocked[grp.units]).sum())
+        groups.append(
+            {
+                "id": grp.id,
+                "name": group_name(g, grp),
+                "kind": grp.kind,
+                "units": len(grp.units),
+                "prunable": free,
+                "width": grp.width,
+                "approximate": grp.approximate,
+                "layers": grp.layers(g),
+            }
+        )
+    barriers = g.barrier_report()
+    if a.json:
+        print(json.dumps({"mode": traced.mode, "groups": groups, "barriers": barriers}))
+        return 0
+    prunable = sum(1 for r in groups if r["prunable"])
+    print(
+        f"{a.model}: traced with {traced.mode}; {len(g.sources)} layers create channels; "
+        f"{len(groups)} groups ({prunable} with prunable units); {len(barriers)} barriers"
+    )
+    shown = groups if a.all else groups[: a.top]
+    print("\n| group | kind | prunable / units | width | layers |")
+    print("|---|---|---|---|---|")
+    for r in shown:
+        layers = ", ".join(r["layers"][:4]) + (
+            f" (+{len(r['layers']) - 4})" if len(r["layers"]) > 4 else ""
+        )
+        flag = " (approximate)" if r["approximate"] else ""
+        print(
+            f"| {r['name']} | {r['kind']}{flag} | {r['prunable']} / {r['units']} "
+            f"| {r['width']} | {layers} |"
+        )
+    if len(shown) < len(groups):
+        print(f"... {len(groups) - len(shown)} more groups (--all shows them)")
+    if barriers:
+        print("\nbarriers (what keeps channels, and why):")
+        for b in barriers[: (None if a.all else a.top)]:
+            layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
+            print(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
+    return 0
+
+
+COMMANDS = {
+    "prune": _prune,
+    "export": _export,
+    "verify": _verify,
+    "estimate": _estimate,
+    "inspect": _inspect,
+}
