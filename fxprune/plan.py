@@ -326,6 +326,7 @@ class CompileResult(Report):
             options["nm_weights"] = {
                 k: self.module.get_parameter(k).detach().cpu().numpy() for k in nm.masks
             }
+        options.setdefault("result", self)  # what the hand-off metadata describes
         return export(self.module, args, path, **options)
 
     def save(self, path: str | Path, source: dict | None = None) -> None:

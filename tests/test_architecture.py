@@ -14,7 +14,13 @@ ROOT = pathlib.Path(fxprune.__file__).parent
 LAYERS = [
     ["fxprune.errors", "fxprune._util", "fxprune.charts", "fxprune.hf", "fxprune.models"],
     ["fxprune.graph"],
-    ["fxprune.stats", "fxprune.importance", "fxprune.calibration", "fxprune.modelstate"],
+    [
+        "fxprune.stats",
+        "fxprune.importance",
+        "fxprune.calibration",
+        "fxprune.layer_timing",
+        "fxprune.modelstate",
+    ],
     ["fxprune.passes"],
     ["fxprune.exporters"],
     ["fxprune.verify"],
@@ -27,6 +33,7 @@ LAYERS = [
     ["fxprune.checkpoint", "fxprune.plan", "fxprune.recipe"],
     ["fxprune.api"],
     [
+        "fxprune.compile_backend",
         "fxprune.iterative",
         "fxprune.sensitivity",
         "fxprune.estimator",

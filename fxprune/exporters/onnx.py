@@ -87,6 +87,7 @@ class OnnxExporter(Exporter):
         nm: tuple[int, int] | None = None,
         nm_weights: dict | None = None,
         seed: int = 0,
+        result=None,  # the CompileResult it came from, for the hand-off metadata
     ) -> OnnxReport:
         """Export ``module`` to ``path`` and check it; see the module docstring."""
         try:

@@ -257,23 +257,32 @@ def group_name(graph: DependencyGraph, g: Group) -> str:
 def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> PassResult:
     """Remove the selected units from ``graph.gm`` (in place); say what each layer kept."""
     info: dict = {}
-    if cfg.kept is not None:  # replay: count what each group lost for the report
+    if cfg.kept is not None:  # replay
         units = units_from_kept(graph, cfg.kept)
-        gone = set(units)
-        per_group = {g.id: sum(1 for u in g.units if u in gone) for g in graph.groups}
     else:
-        units, per_group = select_units(graph, cfg, args, info)
+        units, _ = select_units(graph, cfg, args, info)
         if not units and (cfg.ratio or cfg.layer_ratios):
             raise NothingToPruneError(nothing_removed(graph, cfg))
+    res = remove_units(graph, units, args, cfg.name)
+    res.taylor_loss = info.get("taylor_loss")
+    return res
+
+
+def remove_units(graph: DependencyGraph, units: list[int], args: tuple, name: str) -> UnitsResult:
+    """Remove ``units`` (unit labels of ``graph``) from ``graph.gm`` in place, and report it as
+    pass ``name``: what each layer kept (the plan entry that replays it through
+    :func:`units_from_kept`), the consumer masks the proof zeroes, the count per group."""
     if not units:
-        return UnitsResult(cfg.name, changed=False)
+        return UnitsResult(name, changed=False)
     kept = kept_by_layer(graph, units)
     removed = graph.removed_mask(units)
     zero = {}
-    for name, dims in graph.params.items():
+    for param, dims in graph.params.items():
         for d, pd in dims.items():
             if pd.consumer and removed[pd.vec].any():
-                zero.setdefault(name, {})[d] = ~removed[pd.vec]
+                zero.setdefault(param, {})[d] = ~removed[pd.vec]
+    gone = set(units)
+    per_group = {g.id: sum(1 for u in g.units if u in gone) for g in graph.groups}
     by_id = {g.id: g for g in graph.groups}
     approx = sum(1 for gid, n in per_group.items() if n and by_id[gid].approximate)
     units_per_group = {
@@ -283,14 +292,13 @@ def prune_units(graph: DependencyGraph, cfg: UnitSelection, args: tuple) -> Pass
     }
     keeps = apply_removal(graph, units, args)
     return UnitsResult(
-        cfg.name,
+        name,
         changed=True,
-        plan={"name": cfg.name, "kept": kept, "units": units_per_group},
+        plan={"name": name, "kept": kept, "units": units_per_group},
         keeps=keeps,
         zero=zero,
         approximate_groups=approx,
         units=units_per_group,
-        taylor_loss=info.get("taylor_loss"),
     )
 
 
@@ -315,7 +323,7 @@ def nothing_removed(graph: DependencyGraph, cfg: UnitSelection) -> str:
         return (
             f"{asked} removes nothing: the traced graph has no prunable {what} group"
             + (f"; every such channel is kept by a barrier: {why}" if why else "")
-            + " (fxprune.inspect / `fxprune inspect` lists the groups and barriers)"
+            + " (`fxprune inspect SOURCE` lists the groups and barriers)"
         )
     ratios = group_ratios(graph, cfg)
     if all(r is None for r in ratios.values()):
