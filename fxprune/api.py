@@ -8,11 +8,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from fxprune._util import is_default
-from fxprune.checkpoint import read_checkpoint
+from fxprune.checkpoint import expand_state, read_checkpoint
 from fxprune.errors import CheckpointError, ConfigError, PlanError
 from fxprune.graph.capture import capture as graph_capture
 from fxprune.graph.capture import without_cache
@@ -29,9 +28,9 @@ from fxprune.modelstate import (
     training_flags,
 )
 from fxprune.passes import REGISTRY as PASSES
-from fxprune.passes import run_passes
+from fxprune.passes import check_masks_disjoint, run_passes
 from fxprune.passes.heads import Heads
-from fxprune.plan import CompileResult, Plan, Summary
+from fxprune.plan import CompileResult, Plan, Summary, inputs_spec
 from fxprune.recipe import (
     RECIPE_OPTIONS,
     Recipe,
@@ -40,19 +39,6 @@ from fxprune.recipe import (
     with_runtime,
 )
 from fxprune.stats import layer_stats
-
-
-def inputs_spec(args: tuple) -> list[dict]:
-    """The example inputs as a plan records them: shape and dtype, or ``{"none": True}``."""
-    spec = []
-    for a in args:
-        if a is None:  # a positional the model leaves at its default (GPT-2's cache, ...)
-            spec.append({"none": True})
-            continue
-        if not isinstance(a, torch.Tensor):
-            raise ConfigError(f"example_inputs must be tensors (or None), got {type(a).__name__}")
-        spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
-    return spec
 
 
 def _run(
@@ -86,6 +72,7 @@ def _run(
     gm = traced.gm
     before = layer_stats(gm)
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
+    check_masks_disjoint(results)
     barriers = graph.barrier_report()
     if config.get("uniform"):
         check_uniform(results)
@@ -162,6 +149,11 @@ def compile(  # noqa: A001 - the public name the project promises
     sparsity_exclude: Sequence[str] = (),
     sparsity_permute: bool = False,
     sparsity_method: str = "magnitude",
+    unstructured: float = 0.0,
+    unstructured_scope: str = "layer",
+    unstructured_method: str = "magnitude",
+    unstructured_include: Sequence[str] = (),
+    unstructured_exclude: Sequence[str] = (),
     dynamic_shapes=None,
     uniform: bool = False,
     capture=None,
@@ -231,6 +223,13 @@ def compile(  # noqa: A001 - the public name the project promises
         sparsity_method: how the N:M pass picks the N of every M: ``"magnitude"``,
             ``"wanda"`` (|w| x input norm on ``calibration``) or ``"sparsegpt"`` (layer-wise
             second-order reconstruction on ``calibration``; kept weights are updated).
+        unstructured: fraction of the Linear / Conv weights to zero, no shape changed (after
+            the structural passes; a weight gets this or N:M, never both). It saves storage
+            (``result.save(path, compress="bitmask")``), not time on stock kernels.
+        unstructured_scope: ``"layer"`` (that fraction of every weight) or ``"global"`` (of
+            all of them, ranked together). ``unstructured_method``: ``"magnitude"`` or
+            ``"wanda"`` (|w| x input norm on ``calibration``, per output row, layer scope).
+            ``unstructured_include`` / ``_exclude``: module names or globs.
         dynamic_shapes: the input dims the pruned module keeps free, as ``torch.export`` spells
             them (e.g. ``({0: Dim.AUTO, 1: Dim.AUTO},)``). Default: batch and sequence length of
             integer 2-D inputs (token ids, masks), the batch of the others; the plan records
@@ -322,11 +321,11 @@ def apply_plan(
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a Plan, a dict or a JSON string, got {type(plan).__name__}")
     args = as_args(example_inputs, model) if example_inputs is not None else plan.example_inputs()
-    data_nm = [e.get("method") for e in plan.passes if e["name"] == "nm"]
-    data_nm = [m for m in data_nm if m not in (None, "magnitude")]
-    if data_nm and not _weights_follow:
+    data = [e.get("method") for e in plan.passes if e["name"] in ("nm", "unstructured")]
+    data = [m for m in data if m not in (None, "magnitude")]
+    if data and not _weights_follow:
         raise PlanError(
-            f"this plan's N:M masks were chosen by {data_nm[0]!r} on calibration data and cannot "
+            f"this plan's masks were chosen by {data[0]!r} on calibration data and cannot "
             "be recomputed from the dense weights; open the checkpoint with "
             "fxprune.load(path, model), which reads the masks off the saved weights"
         )
@@ -382,19 +381,12 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
     except PlanError as e:
         raise CheckpointError(f"{path}: {e}") from e
     try:
-        res.module.load_state_dict(ckpt["state_dict"])
+        res.module.load_state_dict(expand_state(ckpt, path))
     except (RuntimeError, KeyError, TypeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3] or [str(e)]
         raise CheckpointError(
             f"{path}: its weights do not fit this {type(model).__name__} "
             f"({'; '.join(lines)}); was it saved from another architecture?"
         ) from e
-    from fxprune.passes import NMResult
-    from fxprune.passes.nm import masks_from_weights
-
-    for p in res.passes:  # the saved weights carry the pattern the plan's method chose
-        if isinstance(p, NMResult) and p.masks:
-            p.masks.update(masks_from_weights(res.module, list(p.masks), p.n, p.m))
-            if p.method == "sparsegpt":
-                p.updated = {k: res.module.get_parameter(k).detach().clone() for k in p.masks}
+    res.masks_from_weights()  # the saved weights carry the masks the plan's method chose
     return res

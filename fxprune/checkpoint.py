@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import secrets
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -101,3 +102,81 @@ def _is_torch_file(p: Path) -> bool:
         return True
     with open(p, "rb") as f:
         return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+
+
+# ---------------------------------------------------------------- compressed weights
+
+COMPRESSIONS = ("bitmask", "csr")
+"""How ``CompileResult.save(path, compress=...)`` stores zeroed weights: ``bitmask`` (the
+non-zero values plus one bit per position, ``numpy.packbits``) or ``csr`` (the weight as a 2-D
+[rows, columns] matrix in torch's CSR layout, indices stored as int32: values + a column index
+per non-zero + row pointers; the estimator prices both the same way)."""
+
+
+def compress(tensor: torch.Tensor, how: str) -> dict:
+    """One weight in the compact form ``how`` names (plain tensors only, so
+    ``torch.load(weights_only=True)`` reads it)."""
+    import numpy as np
+
+    t = tensor.detach().cpu().contiguous()
+    if how == "bitmask":
+        mask = t != 0
+        bits = np.packbits(mask.flatten().numpy())
+        return {"bitmask": torch.from_numpy(bits), "values": t[mask], "shape": list(t.shape)}
+    if how == "csr":
+        rows = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(1, -1)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = rows.to_sparse_csr()
+        return {
+            "crow": csr.crow_indices().to(torch.int32),
+            "col": csr.col_indices().to(torch.int32),
+            "values": csr.values(),
+            "shape": list(t.shape),
+        }
+    raise ValueError(f"compress={how!r}: choose one of {COMPRESSIONS}")
+
+
+def expand(entry: dict) -> torch.Tensor:
+    """The dense weight :func:`compress` stored, bit for bit."""
+    import numpy as np
+
+    shape = tuple(entry["shape"])
+    n = int(np.prod(shape)) if shape else 1
+    values = entry["values"]
+    if "bitmask" in entry:
+        bits = np.unpackbits(entry["bitmask"].numpy(), count=n).astype(bool)
+        out = torch.zeros(n, dtype=values.dtype)
+        out[torch.from_numpy(bits)] = values
+        return out.reshape(shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(  # checked: a corrupt file is an error, not a crash
+            entry["crow"].long(),
+            entry["col"].long(),
+            values,
+            (rows, n // rows),
+            check_invariants=True,
+        )
+        return csr.to_dense().reshape(shape)
+
+
+def compressed_bytes(entry: dict) -> int:
+    """Bytes of the tensors one compressed weight is stored as."""
+    return sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+
+
+def expand_state(ckpt: dict, path) -> dict:
+    """The checkpoint's full ``state_dict``: its dense tensors plus every compressed weight
+    expanded (a ``compressed`` entry that does not fit is a :class:`CheckpointError`)."""
+    state = dict(ckpt["state_dict"])
+    packed = ckpt.get("compressed") or {}
+    if not isinstance(packed, dict):
+        raise CheckpointError(f"{path}: its 'compressed' entry is not a mapping of weights")
+    for name, entry in packed.items():
+        try:
+            state[name] = expand(entry)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: compressed weight {name!r} is corrupt ({e})") from e
+    return state

@@ -10,9 +10,9 @@ At step k of n the ratio removed so far follows a schedule (``s_f`` the target):
 Every group's kept count at step k is what a one-shot ``fxprune.compile`` at ``s_k`` would keep
 from the *original* group (round_to and minimums included), so the last step lands exactly on
 the one-shot target. Each step is a real ``fxprune.compile`` of the previous step's model, proved
-equivalent to it, then handed to the user's fine-tune callback; with ``sparsity="2:4"`` the N:M
-masks of the step are re-applied after the callback and ``step.keep_masks(optimizer)`` keeps
-them fixed during it.
+equivalent to it, then handed to the user's fine-tune callback; with ``sparsity="2:4"`` or
+``unstructured=`` the step's masks are re-applied after the callback and
+``step.keep_masks(optimizer)`` keeps them fixed during it.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class IterativeResult(Report):
 
     def table(self) -> str:
         lines = [
-            "| step | ratios | params | MACs | proof | metric | revived 2:4 weights |",
+            "| step | ratios | params | MACs | proof | metric | revived masked weights |",
             "|---|---|---|---|---|---|---|",
         ]
         if self.baseline is not None:
@@ -170,6 +170,7 @@ def iterative_prune(
     channels: float = 0.0,
     heads: float = 0.0,
     ffn: float = 0.0,
+    unstructured: float = 0.0,
     finetune: Callable[[torch.nn.Module, Step], None] | None = None,
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     **compile_kwargs,
@@ -183,6 +184,8 @@ def iterative_prune(
         schedule: ``"linear"``, ``"cubic"`` or ``"exponential"`` (module docstring).
         channels, heads, ffn: target fractions removed, as in ``fxprune.compile`` (fractions
             only: a head count per layer has no schedule).
+        unstructured: target fraction of weights zeroed (``fxprune.compile(unstructured=)``);
+            each step zeroes up to its scheduled fraction, keeping the earlier zeros.
         finetune: ``finetune(module, step)`` trains ``module`` in place after each step; use
             ``step.keep_masks(optimizer)`` to keep a 2:4 pattern fixed while it trains.
         evaluate: ``evaluate(module) -> float``, recorded for the dense model and every step.
@@ -197,7 +200,7 @@ def iterative_prune(
     from fxprune.graph.trace import as_args
     from fxprune.stats import layer_stats
 
-    targets = _targets(channels, heads, ffn, steps, schedule, compile_kwargs)
+    targets = _targets(channels, heads, ffn, unstructured, steps, schedule, compile_kwargs)
     args = as_args(example_inputs, model)
     if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
         compile_kwargs["calibration"] = take_batches(
@@ -207,7 +210,8 @@ def iterative_prune(
     leaves = compile_kwargs.get("leaf_modules", ())
     traced = capture(model, args, mode=mode, leaf_modules=leaves, heads="heads" in targets)
     allow = compile_kwargs.get("allow_approximate", False)
-    original = _original_groups(build_graph(traced.gm, allow), traced, targets)
+    structural = {k: v for k, v in targets.items() if k != "unstructured"}
+    original = _original_groups(build_graph(traced.gm, allow), traced, structural)
     stats0 = layer_stats(traced.gm)
     out = IterativeResult(
         model,
@@ -228,6 +232,8 @@ def iterative_prune(
         ratios = {kind: schedule_ratio(schedule, k, steps, s) for kind, s in targets.items()}
         cur = capture(current, args, mode=step_mode, leaf_modules=leaves)
         rel = _step_ratios(build_graph(cur.gm, allow), original, cfgs, ratios, k, step_mode)
+        if "unstructured" in ratios:  # of every weight: the earlier steps' zeros rank first
+            rel["unstructured"] = ratios["unstructured"]
         step = _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate)
         step.seconds = time.perf_counter() - t0
         out.steps.append(step)
@@ -236,11 +242,16 @@ def iterative_prune(
     return out
 
 
-def _targets(channels, heads, ffn, steps, schedule, compile_kwargs) -> dict[str, float]:
+def _targets(
+    channels, heads, ffn, unstructured, steps, schedule, compile_kwargs
+) -> dict[str, float]:
     """The kinds to prune and their final fractions, the arguments checked."""
-    targets = {k: v for k, v in (("channels", channels), ("heads", heads), ("ffn", ffn)) if v}
+    given = (("channels", channels), ("heads", heads), ("ffn", ffn), ("unstructured", unstructured))
+    targets = {k: v for k, v in given if v}
     if not targets:
-        raise ConfigError("give a target: channels=, heads= or ffn= (fractions in (0, 1))")
+        raise ConfigError(
+            "give a target: channels=, heads=, ffn= or unstructured= (fractions in (0, 1))"
+        )
     for k, v in targets.items():
         if isinstance(v, bool) or not isinstance(v, float) or not 0 < v < 1:
             raise ConfigError(f"{k}={v!r}: iterative pruning needs a fraction in (0, 1)")

@@ -12,9 +12,23 @@ import torch.fx as fx
 
 from fxprune._util import Report, jsonable
 from fxprune.checkpoint import atomic_save, read_checkpoint  # noqa: F401 - re-exported
-from fxprune.errors import PlanError
+from fxprune.errors import ConfigError, PlanError
+from fxprune.summary import LayerRow, Summary  # noqa: F401 - re-exported
 
 PLAN_VERSION = 1
+
+
+def inputs_spec(args: tuple) -> list[dict]:
+    """The example inputs as a plan records them: shape and dtype, or ``{"none": True}``."""
+    spec = []
+    for a in args:
+        if a is None:  # a positional the model leaves at its default (GPT-2's cache, ...)
+            spec.append({"none": True})
+            continue
+        if not isinstance(a, torch.Tensor):
+            raise ConfigError(f"example_inputs must be tensors (or None), got {type(a).__name__}")
+        spec.append({"shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")})
+    return spec
 
 
 def _input_ok(i) -> bool:
@@ -101,91 +115,6 @@ class Plan:
         )
 
 
-@dataclass
-class LayerRow:
-    layer: str
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-
-
-@dataclass
-class Summary(Report):
-    """Parameters and MACs before / after, per layer and in total."""
-
-    layers: list[LayerRow]
-
-    @classmethod
-    def between(cls, before: dict, after: dict) -> Summary:
-        """From two ``layer_stats`` tables (``{layer: {"params", "macs"}}``): a layer missing
-        on one side (a removed block) counts 0 there."""
-        zero = {"params": 0, "macs": 0}
-        rows = []
-        for layer in sorted(set(before) | set(after)):
-            b, a = before.get(layer, zero), after.get(layer, zero)
-            rows.append(LayerRow(layer, b["params"], a["params"], b["macs"], a["macs"]))
-        return cls(rows)
-
-    @property
-    def params_before(self) -> int:
-        return sum(r.params_before for r in self.layers)
-
-    @property
-    def params_after(self) -> int:
-        return sum(r.params_after for r in self.layers)
-
-    @property
-    def macs_before(self) -> int:
-        return sum(r.macs_before for r in self.layers)
-
-    @property
-    def macs_after(self) -> int:
-        return sum(r.macs_after for r in self.layers)
-
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / max(self.params_before, 1)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / max(self.macs_before, 1)
-
-    def table(self, top: int | None = 20) -> str:
-        """A text table: the layers that changed most, then the totals."""
-        rows = [
-            r
-            for r in self.layers
-            if (r.params_before, r.macs_before) != (r.params_after, r.macs_after)
-        ]
-        rows.sort(key=lambda r: r.macs_before - r.macs_after, reverse=True)
-        shown = rows[:top] if top else rows
-        w = max([len(r.layer) for r in shown] + [5])
-        lines = [f"{'layer':<{w}}  {'params':>21}  {'MACs':>25}"]
-        for r in shown:
-            lines.append(
-                f"{r.layer:<{w}}  {_num(r.params_before):>9} -> {_num(r.params_after):>8}"
-                f"  {_num(r.macs_before):>11} -> {_num(r.macs_after):>10}"
-            )
-        if top and len(rows) > top:
-            lines.append(f"... {len(rows) - top} more layers changed")
-        lines.append(
-            f"{'total':<{w}}  {_num(self.params_before):>9} -> {_num(self.params_after):>8}"
-            f"  {_num(self.macs_before):>11} -> {_num(self.macs_after):>10}"
-        )
-        lines.append(f"{'ratio':<{w}}  {self.params_ratio:>21.3f}  {self.macs_ratio:>25.3f}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "layers": [vars(r) for r in self.layers],
-        }
-
-
 def compose(passes) -> tuple[dict, dict]:
     """Compose what the passes did to each parameter dim, each recorded in the shapes its pass
     saw (kept masks, gather orders, zeroed consumer slices), into dense-model indices:
@@ -224,13 +153,6 @@ def compose(passes) -> tuple[dict, dict]:
     for (name, d), m in zeros.items():
         out.setdefault(name, {})[d] = m
     return index, out
-
-
-def _num(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 @dataclass
@@ -329,16 +251,54 @@ class CompileResult(Report):
         options.setdefault("result", self)  # what the hand-off metadata describes
         return export(self.module, args, path, **options)
 
-    def save(self, path: str | Path, source: dict | None = None) -> None:
+    def masks_from_weights(self) -> None:
+        """Re-read every mask off the module's weights (after loading saved weights, which
+        carry the masks the plan's method chose: a data-driven one cannot be recomputed)."""
+        from fxprune.passes import NMResult, UnstructuredResult
+        from fxprune.passes.nm import masks_from_weights
+
+        for p in self.passes:
+            if isinstance(p, NMResult) and p.masks:
+                p.masks.update(masks_from_weights(self.module, list(p.masks), p.n, p.m))
+                if p.method == "sparsegpt":
+                    w = self.module.get_parameter
+                    p.updated = {k: w(k).detach().clone() for k in p.masks}
+            elif isinstance(p, UnstructuredResult):
+                p.masks.update({k: self.module.get_parameter(k) != 0 for k in p.masks})
+
+    def save(self, path: str | Path, source: dict | None = None, compress: str | None = None):
         """Save plan + state_dict (no pickled code); reload with ``fxprune.load``.
 
         ``source`` (JSON-able, e.g. ``{"model": "torchvision:resnet50", "seed": 0}``) records
         how to rebuild the dense model; the command line opens such a checkpoint directly.
+        ``compress="bitmask"`` or ``"csr"`` stores every masked weight (unstructured or N:M)
+        in that compact form (:data:`fxprune.checkpoint.COMPRESSIONS`) where it is smaller than
+        the dense tensor; ``fxprune.load`` restores them bit for bit, and ``save`` returns the
+        masked weights' bytes, ``{"dense": ..., "stored": ...}``.
         """
-        ckpt = {"plan": self.plan.to_dict(), "state_dict": self.module.state_dict()}
+        from fxprune.checkpoint import COMPRESSIONS, compressed_bytes
+        from fxprune.checkpoint import compress as pack
+
+        if compress is not None and compress not in COMPRESSIONS:
+            raise ConfigError(f"compress={compress!r}: choose one of {COMPRESSIONS}")
+        state = self.module.state_dict()
+        ckpt = {"plan": self.plan.to_dict(), "state_dict": state}
+        sizes = {"dense": 0, "stored": 0}
+        if compress is not None:
+            packed = {}
+            for name in self.nm_masks:
+                t = state[name]
+                entry, dense = pack(t, compress), t.numel() * t.element_size()
+                sizes["dense"] += dense
+                if compressed_bytes(entry) < dense:
+                    packed[name] = entry
+                sizes["stored"] += min(compressed_bytes(entry), dense)
+            ckpt["state_dict"] = {k: v for k, v in state.items() if k not in packed}
+            ckpt["compressed"] = packed
         if source is not None:
             ckpt["source"] = dict(source)
         atomic_save(ckpt, path)
+        return sizes if compress is not None else None
 
     def save_pretrained(self, path: str | Path, tokenizer_from=None, **kwargs) -> Path:
         """Write the pruned Hugging Face model as a folder ``from_pretrained`` opens without

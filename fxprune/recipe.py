@@ -1,7 +1,7 @@
 """``fxprune.Recipe``: what to prune, as data.
 
 A recipe is an ordered tuple of registered pass configs (``fxprune.passes.Blocks``, ``Heads``,
-``FFN``, ``Channels``, ``Permute``, ``NM``) plus the capture options (``mode``,
+``FFN``, ``Channels``, ``Permute``, ``NM``, ``Unstructured``) plus the capture options (``mode``,
 ``leaf_modules``, ``allow_approximate``, ``uniform``). It is validated on construction, written
 as JSON (``to_dict`` / ``save``) and read back (``from_dict`` / ``load``), versioned like the
 plan. ``fxprune.compile(model, x, recipe)`` runs it; the keyword arguments of ``compile`` are
@@ -27,11 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from fxprune._util import jsonable, resolve_names
+from fxprune._util import is_default, jsonable, resolve_names
 from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import ConfigError, FileAccessError
 from fxprune.importance import Criterion, name_of, resolve
-from fxprune.passes import BY_CONFIG, FFN, NM, REGISTRY, Blocks, Channels, Heads, Permute
+from fxprune.passes import (
+    BY_CONFIG,
+    FFN,
+    NM,
+    REGISTRY,
+    Blocks,
+    Channels,
+    Heads,
+    Permute,
+    Unstructured,
+)
 
 RUNTIME = frozenset({"calibration", "loss_fn", "kept", "layers", "orders"})
 """Config fields that are runtime data or replay-only: never part of a recipe."""
@@ -198,6 +208,11 @@ RECIPE_OPTIONS = {
     "sparsity_exclude": (),
     "sparsity_permute": False,
     "sparsity_method": "magnitude",
+    "unstructured": 0.0,
+    "unstructured_scope": "layer",
+    "unstructured_method": "magnitude",
+    "unstructured_include": (),
+    "unstructured_exclude": (),
     "uniform": False,
 }
 """``compile``'s keyword options a recipe holds, with their defaults (runtime ones are not
@@ -233,6 +248,9 @@ def from_options(model, **options) -> tuple[Recipe, dict]:
     if nm is not None:
         passes += [Permute(nm.n, nm.m, seed=o["seed"])] if o["sparsity_permute"] else []
         passes.append(nm)
+    unstructured = _unstructured(model, o)
+    if unstructured is not None:  # after N:M (a permutation would move its masks)
+        passes.append(unstructured)
     recipe = Recipe(
         tuple(passes),
         mode=o["mode"],
@@ -241,6 +259,19 @@ def from_options(model, **options) -> tuple[Recipe, dict]:
         uniform=o["uniform"],
     )
     return recipe, _keyword_view(o, ratios, nm)
+
+
+def _unstructured(model, o: dict):
+    """The unstructured config ``unstructured=`` asks for (None without it)."""
+    keys = [k for k in RECIPE_OPTIONS if k.startswith("unstructured_")]
+    if not o["unstructured"]:
+        if changed := [k for k in keys if not is_default(o[k], RECIPE_OPTIONS[k])]:
+            raise ConfigError(f"{', '.join(changed)} needs unstructured=<fraction>")
+        return None
+    inc, exc = tuple(o["unstructured_include"]), tuple(o["unstructured_exclude"])
+    resolve_names(model, list(inc) + list(exc), "unstructured filters")
+    scope, method = o["unstructured_scope"], o["unstructured_method"]
+    return Unstructured(o["unstructured"], scope, method, include=inc, exclude=exc)
 
 
 def _nm(model, o: dict):
@@ -309,6 +340,8 @@ def _keyword_view(o: dict, ratios: dict, nm) -> dict:
     if nm is not None:
         config.update({k: o[k] for k in ("sparsity", "sparsity_permute", "sparsity_method")})
         config.update({k: list(o[k]) for k in ("sparsity_include", "sparsity_exclude")})
+    if o["unstructured"]:
+        config.update({k: jsonable(o[k]) for k in RECIPE_OPTIONS if k.startswith("unstructured")})
     return config
 
 
@@ -318,7 +351,7 @@ def check_recipe(model, recipe: Recipe) -> None:
     for cfg in recipe.passes:
         resolve_names(model, getattr(cfg, "ignore", ()), "ignore")
         resolve_names(model, [k for k, _ in getattr(cfg, "layer_ratios", ())], "layer_ratios")
-        if isinstance(cfg, NM):
+        if isinstance(cfg, (NM, Unstructured)):
             resolve_names(model, list(cfg.include) + list(cfg.exclude), "sparsity filters")
         if recipe.uniform and (
             getattr(cfg, "global_ranking", False) or getattr(cfg, "layer_ratios", ())
@@ -333,7 +366,7 @@ def _measures(cfg) -> bool:
     """Whether a pass reads calibration data."""
     if isinstance(cfg, Blocks):
         return True
-    if isinstance(cfg, NM):
+    if isinstance(cfg, (NM, Unstructured)):
         return cfg.method != "magnitude"
     return bool(
         getattr(cfg, "importance", None) is not None

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from fxprune._util import jsonable
-from fxprune.errors import FxPruneError, PassError
+from fxprune.errors import ConfigError, FxPruneError, PassError
 from fxprune.graph import DependencyGraph, build_graph
 
 _EMPTY: Mapping = MappingProxyType({})
@@ -99,6 +99,27 @@ class NMResult(PassResult):
         for k in ("wanda_fallback", "magnitude_fallback"):
             if not out[k]:
                 del out[k]
+        return out
+
+
+@dataclass
+class UnstructuredResult(PassResult):
+    """Weights zeroed without a pattern (``layers``: param -> weights zeroed)."""
+
+    masks: dict = field(default_factory=dict)
+    sparsity: float = 0.0  # zeroed / eligible weights
+    scope: str = "layer"
+    method: str = "magnitude"
+    layers: dict[str, int] = field(default_factory=dict)
+    ineligible: dict[str, str] = field(default_factory=dict)  # layer -> why it stayed dense
+    kept_magnitude: float = 1.0
+    magnitude_fallback: dict[str, str] = field(default_factory=dict)  # wanda: no input captured
+
+    @property
+    def details(self) -> dict:
+        out = super().details
+        if not out["magnitude_fallback"]:
+            del out["magnitude_fallback"]
         return out
 
 
@@ -196,15 +217,30 @@ def run_passes(
     return first, results
 
 
+def check_masks_disjoint(results: list[PassResult]) -> None:
+    """A weight carries one mask: an unstructured and an N:M pass may not both choose it."""
+    owner: dict[str, str] = {}
+    for r in results:
+        for name in r.masks:
+            if name in owner and owner[name] != r.name:
+                raise ConfigError(
+                    f"{name}: both the {owner[name]} and the {r.name} pass mask this weight; "
+                    "split them with sparsity_exclude / unstructured_exclude (or the passes' "
+                    "include / exclude)"
+                )
+            owner[name] = r.name
+
+
 # the built-in passes register themselves on import; their configs are the public names a
 # Recipe is made of (fxprune.passes.Heads, ...)
-from fxprune.passes import blocks, channels, ffn, heads, nm, permute  # noqa: E402, F401
+from fxprune.passes import blocks, channels, ffn, heads, nm, permute, unstructured  # noqa: E402, F401
 from fxprune.passes.blocks import Blocks  # noqa: E402
 from fxprune.passes.channels import Channels  # noqa: E402
 from fxprune.passes.ffn import FFN  # noqa: E402
 from fxprune.passes.heads import Heads  # noqa: E402
 from fxprune.passes.nm import NM  # noqa: E402
 from fxprune.passes.permute import Permute  # noqa: E402
+from fxprune.passes.unstructured import Unstructured  # noqa: E402
 
 __all__ = [
     "FFN",
@@ -220,6 +256,9 @@ __all__ = [
     "Permute",
     "PermuteResult",
     "UnitsResult",
+    "Unstructured",
+    "UnstructuredResult",
+    "check_masks_disjoint",
     "pass_of",
     "register_pass",
     "run_passes",

@@ -153,23 +153,25 @@ def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]
 
 
 def nm_violations(result) -> list[str]:
-    """Every N:M-masked weight of ``result.module`` that is non-zero where its mask is zero or
-    has more than N non-zeros in a group of M along its reduction axis, as a message."""
+    """Every masked weight of ``result.module`` (N:M or unstructured) that is non-zero where
+    its mask is zero, and every N:M-masked one with more than N non-zeros in a group of M along
+    its reduction axis, as a message."""
     from fxprune.passes import NMResult
     from fxprune.passes.nm import candidates, is_nm
 
     out: list[str] = []
     for p in result.passes:
-        if not isinstance(p, NMResult) or not p.masks:
+        if not p.masks:
             continue
-        n, m = p.n, p.m
+        n, m = (p.n, p.m) if isinstance(p, NMResult) else (None, None)
+        kind = "N:M" if n else "unstructured"
         axis = {c.param: c.reduce_dim for c in candidates(result.module)}
         for name, mask in p.masks.items():
             w = result.module.get_parameter(name).detach().cpu()
             if mask.shape != w.shape:
-                out.append(f"{name}: N:M mask shape {tuple(mask.shape)} != {tuple(w.shape)}")
+                out.append(f"{name}: {kind} mask shape {tuple(mask.shape)} != {tuple(w.shape)}")
             elif stray := int(torch.where(mask.cpu().bool(), 0, w).count_nonzero()):
-                out.append(f"{name}: {stray} non-zeros where its N:M mask is zero")
+                out.append(f"{name}: {stray} non-zeros where its {kind} mask is zero")
             elif n and m and not is_nm(w, n, m, axis.get(name, 1)):
                 out.append(f"{name}: more than {n} non-zeros per {m} along dim {axis.get(name, 1)}")
     return out
@@ -343,7 +345,7 @@ def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceRe
             if native
             else ""
         )
-        broken = f"N:M pattern broken: {'; '.join(nm_bad[:5])}; " if nm_bad else ""
+        broken = f"mask broken: {'; '.join(nm_bad[:5])}; " if nm_bad else ""
         where = "" if worst == "output" else f" in output {worst}"
         msg = (
             f"{'equivalent' if ok else 'NOT equivalent'}: {broken}max_rel_err={rel:.2e}{where} "
