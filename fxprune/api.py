@@ -131,6 +131,7 @@ def compile(  # noqa: A001 - the public name the project promises
     calibration=None,
     calibration_batches: int | None = None,
     loss_fn=None,
+    train_fn=None,
     ignore: Sequence[str | type | nn.Module] = (),
     layer_ratios: Mapping[str, float] | None = None,
     head_ratios: Mapping[str, float] | None = None,
@@ -195,6 +196,8 @@ def compile(  # noqa: A001 - the public name the project promises
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"`` (default: the
             LM loss for Hugging Face causal / masked LMs, else the mean squared output, a proxy;
             the pass result's ``taylor_loss`` says which).
+        train_fn: ``train_fn(gated_module)`` for ``importance="learned"``: your training loop
+            (a few steps), run on a copy with a trainable gate per unit; units go by gate value.
         ignore: modules (names, globs, parent modules, types or module objects) whose output
             channels stay (a classifier keeps its outputs; its inputs may still shrink).
         layer_ratios: per-layer overrides ``{name or glob: ratio}`` of ``channels`` (first match
@@ -268,8 +271,8 @@ def compile(  # noqa: A001 - the public name the project promises
         if given:
             raise ConfigError(
                 f"compile(model, x, recipe): {', '.join(given)} belong in the recipe; with a "
-                "recipe give only calibration, calibration_batches, loss_fn, inplace, "
-                "dynamic_shapes"
+                "recipe give only calibration, calibration_batches, loss_fn, train_fn, "
+                "inplace, dynamic_shapes"
             )
         if not isinstance(recipe, Recipe):
             raise ConfigError(f"recipe={type(recipe).__name__}: give a fxprune.Recipe")
@@ -279,7 +282,7 @@ def compile(  # noqa: A001 - the public name the project promises
         check_recipe(model, recipe)  # the keyword form resolved and checked its names already
     else:
         recipe, config = from_options(model, **options)
-    passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn)
+    passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn, train_fn)
     with contextlib.suppress(ConfigError):  # leaf_modules given as types have no JSON form
         config["recipe"] = recipe.to_dict()
     return _run(

@@ -166,7 +166,9 @@ def _loss(out, batch: tuple, loss_fn) -> tuple[torch.Tensor, str]:
     return sum(t.float().pow(2).mean() for t in leaves), "mean squared output (proxy)"
 
 
-def collect(graph: DependencyGraph, batches: list[tuple], need: set[str], loss_fn=None) -> Stats:
+def collect(
+    graph: DependencyGraph, batches: list[tuple], need: set[str], loss_fn=None, train_fn=None
+) -> Stats:
     """Statistics ``need`` (``"activation"``, ``"taylor"``, ``"entropy"``, ``"confidence"``)."""
     gm, st = graph.gm, Stats()
     n = graph.n_atoms

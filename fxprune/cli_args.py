@@ -27,6 +27,7 @@ examples:
   fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
   fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
   fxprune inspect torchvision:mobilenet_v3_small
+  fxprune inspect r50.onnx
   fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
   fxprune prune my_model.py:build --trust --channels 0.5 --importance l2
   fxprune verify torchvision:resnet50 --channels 0.5 --round-to 8 --ignore fc --batch 1 8
@@ -104,13 +105,22 @@ def _add_source(pr) -> None:
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def _add_pruning(pr) -> None:
+def _add_pruning(pr, unstructured: bool = True) -> None:
     _add_source(pr)
+    if unstructured:  # estimate's --unstructured is the sparsity it prices, not one it applies
+        pr.add_argument(
+            "--unstructured", type=float, default=0.0, help="fraction of weights zeroed"
+        )
+        pr.add_argument("--unstructured_scope", default="layer", choices=["layer", "global"])
+        pr.add_argument(
+            "--unstructured_method", default="magnitude", choices=["magnitude", "wanda"]
+        )
+        pr.add_argument("--unstructured_exclude", nargs="*", default=[], help="kept dense")
     pr.add_argument(
         "--channels",
         type=float,
         default=None,
-        help="fraction removed per group (default 0.5, or 0 when --heads/--ffn/--blocks is given)",
+        help="fraction removed per group (default 0.5; 0 with --heads/--ffn/--blocks/--unstructured)",
     )
     pr.add_argument(
         "--heads", type=_number, default=0, help="fraction (or number) of heads per layer"
@@ -175,6 +185,23 @@ def _add_timing(pr, batch_default) -> None:
     pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
 
 
+def _add_verify(ve) -> None:
+    _add_pruning(ve)
+    _add_timing(ve, [1, 8])
+    ve.add_argument(
+        "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
+    )
+    ve.add_argument(
+        "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
+    )
+    ve.add_argument("--report", help="write a self-contained HTML report here")
+    ve.add_argument(
+        "--export",
+        help="when every check passed, export the pruned model (.onnx or .engine) with the "
+        "proof and the latency measured in its metadata",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
     p = Parser(
@@ -194,6 +221,11 @@ def parser() -> argparse.ArgumentParser:
     pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
     _add_pruning(pr)
     pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument(
+        "--compress",
+        choices=["bitmask", "csr"],
+        help="--save stores the masked (unstructured / N:M) weights compactly",
+    )
     pr.add_argument(
         "--print-recipe",
         action="store_true",
@@ -222,19 +254,10 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
     _add_example_batch(ex)
 
-    ve = add("verify", "measure pruned vs dense latency on a backend, side by side")
-    _add_pruning(ve)
-    _add_timing(ve, [1, 8])
-    ve.add_argument(
-        "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
-    )
-    ve.add_argument(
-        "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
-    )
-    ve.add_argument("--report", help="write a self-contained HTML report here")
+    _add_verify(add("verify", "measure pruned vs dense latency on a backend, side by side"))
 
     es = add("estimate", "price unstructured vs 2:4 vs structured pruning per hardware")
-    _add_pruning(es)
+    _add_pruning(es, unstructured=False)
     _add_timing(es, [1, 8])
     es.add_argument("--unstructured", type=float, default=0.9, help="sparsity s (0: skip)")
     es.add_argument("--nm", default="2:4", help="'2:4' or 'none'")
@@ -248,7 +271,11 @@ def parser() -> argparse.ArgumentParser:
     es.add_argument("--compare_with", help="profile the measurement is compared to")
     es.add_argument("--report", help="write a self-contained HTML report here")
 
-    ins = add("inspect", "show the dependency groups and the barriers that keep channels")
+    ins = add(
+        "inspect",
+        "show the dependency groups and the barriers that keep channels; for FILE.onnx, the "
+        "hand-off metadata fxprune wrote into it (exit 1: its plan was changed)",
+    )
     _add_source(ins)
     ins.add_argument("--allow_approximate", action="store_true")
     ins.add_argument("--top", type=int, default=30, help="groups and barriers shown")

@@ -1,6 +1,10 @@
 """The command line's sub-commands, ``prune | export | verify | estimate | inspect``: each
 ``(args, log) -> exit code``, listed in :data:`COMMANDS` (``prune --stream`` is
-``fxprune.cli_stream``). ``fxprune.cli`` parses the arguments and dispatches to them."""
+``fxprune.cli_stream``). ``fxprune.cli`` parses the arguments and dispatches to them.
+
+Every export records what the command knows in the file's hand-off metadata
+(``fxprune.exporters.metadata``): the plan and what was removed, the equivalence proof, and for
+``verify --export`` the latency measured; ``inspect FILE.onnx`` reads it back."""
 
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def _print_recipe(a, log: Log) -> int:
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, _ = load_model(a.model, trust=a.trust)
-    structural = a.heads or a.ffn or a.blocks
+    structural = a.heads or a.ffn or a.blocks or getattr(a, "unstructured", 0)
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     recipe, _ = from_options(model, **flag_options(a, channels))
     log(None)
@@ -98,11 +102,19 @@ def _prune(a, log: Log) -> int:
         from fxprune.cli_stream import stream_command
 
         return stream_command(a, log, _writing)
+    if getattr(a, "compress", None) and not a.save:
+        from fxprune.errors import ConfigError
+
+        raise ConfigError(f"--compress {a.compress} needs --save FILE (what it compresses)")
     model, x, res = compile_source(a, log)
     rep = _prove(model, res, x, log)
     if a.save:
         with _writing("--save", a.save):
-            res.save(a.save, source={"model": portable(a.model), "seed": a.seed})
+            source = {"model": portable(a.model), "seed": a.seed}
+            sizes = res.save(a.save, source=source, compress=getattr(a, "compress", None))
+        if sizes:
+            mb = {k: f"{v / 1e6:.1f} MB" for k, v in sizes.items()}
+            log(f"--compress {a.compress}: masked weights {mb['dense']} -> {mb['stored']}")
     if a.save_pretrained:
         if not rep.ok:
             log(None)
@@ -115,7 +127,7 @@ def _prune(a, log: Log) -> int:
     if a.export:
         log(f"exporting {a.export}")
         with _writing("--export", a.export):
-            exported = res.export(a.export)
+            exported = res.export(a.export, equivalence=rep)
     log(None)
     if a.json:
         print(
@@ -159,7 +171,7 @@ def _export(a, log: Log) -> int:
     if Path(a.out).suffix in (".engine", ".plan", ".trt"):
         options["fp16"] = not a.fp32
     with _writing("-o", a.out):
-        out = res.export(a.out, **options)
+        out = res.export(a.out, equivalence=rep, **options)
     log(None)
     if a.json:
         print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
@@ -209,7 +221,6 @@ def _verify(a, log: Log) -> int:
         profile = _profile_for(a.backend)
         if profile:
             est.compare(lat, hardware=profile)
-    log(None)
     gates = []
     if not eq.ok:
         gates.append("the equivalence proof failed")
@@ -217,9 +228,16 @@ def _verify(a, log: Log) -> int:
         gates.append("the pruned model is slower at some batch size")
     if a.min_speedup is not None and lat.min_speedup() < a.min_speedup:
         gates.append(f"speedup {lat.min_speedup():.2f}x is below --min-speedup {a.min_speedup}")
+    exported = None
+    if a.export and not gates:  # the file lands only when every check passed
+        log(f"exporting {a.export}")
+        with _writing("--export", a.export):
+            exported = res.export(a.export, equivalence=eq, latency=lat)
+    log(None)
     if a.json:
         out = json.loads(lat.to_json())
         out.update(equivalence=vars(eq), failed=gates, summary=res.summary.to_dict())
+        out["export"] = str(exported.path) if exported else None
         print(json.dumps(out))
     else:
         print(
@@ -229,6 +247,10 @@ def _verify(a, log: Log) -> int:
         print(f"\nequivalence check: {eq}")
         for g in gates:
             print(f"FAILED: {g}")
+        if exported:
+            print(exported.table())
+        elif a.export:
+            print(f"not exported: {a.export} (a check failed)")
     _report(a, result=res, equivalence=eq, latency=lat, estimate=est)
     return 1 if gates else 0
 
@@ -286,6 +308,15 @@ def _estimate(a, log: Log) -> int:
     return 0
 
 
+def _inspect_onnx(a) -> int:
+    """``inspect FILE.onnx``: the hand-off metadata; exit 1 when the plan's digest fails."""
+    from fxprune.exporters.metadata import describe, read_metadata
+
+    meta = read_metadata(a.model)
+    print(json.dumps(meta) if a.json else describe(meta, a.model))
+    return 1 if meta.get("digest_ok") is False else 0
+
+
 def _inspect(a, log: Log) -> int:
     import torch
 
@@ -293,6 +324,8 @@ def _inspect(a, log: Log) -> int:
     from fxprune.models import load_model
     from fxprune.passes.units import group_name
 
+    if Path(a.model).suffix == ".onnx":
+        return _inspect_onnx(a)
     if is_checkpoint(a.model):
         _, x, res = open_checkpoint(a.model, a.trust)
         model = res.module

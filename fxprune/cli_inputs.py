@@ -161,11 +161,20 @@ def compile_source(a, log: Callable[[str | None], None]):
         log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks or getattr(a, "recipe", None)
+    structural = structural or getattr(a, "unstructured", 0)  # another target: no default
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
     with blame_inputs(model, x):
         res = _prune_flags(a, model, x, channels)
     return model, x, res
+
+
+def _unstructured_flags(a) -> dict:
+    """``--unstructured*`` (not on ``estimate``, whose ``--unstructured`` is a priced sparsity)."""
+    if not hasattr(a, "unstructured_scope"):
+        return {}
+    keys = ("unstructured", "unstructured_scope", "unstructured_method", "unstructured_exclude")
+    return {k: getattr(a, k) for k in keys}
 
 
 def flag_options(a, channels: float) -> dict:
@@ -187,6 +196,7 @@ def flag_options(a, channels: float) -> dict:
         "sparsity_exclude": a.sparsity_exclude,
         "sparsity_permute": a.sparsity_permute,
         "sparsity_method": a.sparsity_method,
+        **_unstructured_flags(a),
         "uniform": bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
     }
 

@@ -43,7 +43,7 @@ from fxprune.passes import (
     Unstructured,
 )
 
-RUNTIME = frozenset({"calibration", "loss_fn", "kept", "layers", "orders"})
+RUNTIME = frozenset({"calibration", "loss_fn", "train_fn", "kept", "layers", "orders"})
 """Config fields that are runtime data or replay-only: never part of a recipe."""
 
 MODES = ("auto", "fx", "export")
@@ -375,7 +375,9 @@ def _measures(cfg) -> bool:
     )
 
 
-def with_runtime(model, recipe: Recipe, calibration, calibration_batches, loss_fn) -> tuple:
+def with_runtime(
+    model, recipe: Recipe, calibration, calibration_batches, loss_fn, train_fn=None
+) -> tuple:
     """The recipe's configs with the runtime data given to the passes that read it."""
     measured = any(_measures(c) for c in recipe.passes)
     batches = take_batches(calibration if measured else None, calibration_batches, model)
@@ -386,5 +388,7 @@ def with_runtime(model, recipe: Recipe, calibration, calibration_batches, loss_f
         extra = {"calibration": batches} if "calibration" in names else {}
         if "loss_fn" in names:
             extra["loss_fn"] = loss
+        if "train_fn" in names and train_fn is not None:
+            extra["train_fn"] = train_fn
         out.append(dataclasses.replace(cfg, **extra) if extra else cfg)
     return tuple(out)

@@ -18,6 +18,7 @@ LAYERS = [
         "fxprune.stats",
         "fxprune.importance",
         "fxprune.calibration",
+        "fxprune.gates",
         "fxprune.layer_timing",
         "fxprune.modelstate",
     ],

@@ -1,5 +1,5 @@
-"""Exporters behind one interface: ONNX (``exporters.onnx``) and a TensorRT engine
-(``exporters.tensorrt``).
+"""Exporters behind one interface: ONNX (``exporters.onnx``, which writes the hand-off metadata
+of ``exporters.metadata`` into the file) and a TensorRT engine (``exporters.tensorrt``).
 
 An exporter declares what it needs as class attributes and registers itself; ``export`` picks one
 by the output file's suffix. Optional packages are imported inside ``export`` and a missing one

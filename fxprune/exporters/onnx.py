@@ -8,6 +8,11 @@ leaves its staging folder behind; the next export to the same destination remove
 pid in its name no longer runs on this machine (a folder of an older fxprune, without a pid, or
 any folder on Windows, where the pid is not probed: when untouched for ``STALE_AFTER_S``).
 
+Before the checks run, the staged file gets the hand-off metadata (``fxprune.exporters.metadata``:
+the fxprune version, and with the ``result`` / ``equivalence`` / ``latency`` given, the plan and
+its sha256, what each pass removed, the proof, the N:M audit and the latency per batch), so
+``onnx.checker`` and ONNX Runtime check the very file that lands.
+
 ONNX Runtime parity fails on a NaN/Inf in either runtime's output: a non-finite PyTorch output
 proves nothing, and a non-finite ONNX Runtime output where PyTorch is finite is a mismatch.
 """
@@ -31,10 +36,12 @@ from fxprune._util import Report, eval_mode
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter
 from fxprune.exporters.audit import AuditRow, audit_nm
+from fxprune.exporters.metadata import build_metadata, write_metadata
 from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
 
 DEFAULT_OPSET = 18  # the torch.onnx dynamo exporter's well-tested range; ORT runs it everywhere
 STALE_AFTER_S = 3600  # a staging folder without a live owner this old is left from a killed export
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
 
 
 @dataclass
@@ -48,6 +55,7 @@ class OnnxReport(Report):
     ort_max_rel_err: float
     audit: list[AuditRow] = field(default_factory=list)
     external_data: bool = False
+    metadata: list[str] = field(default_factory=list)  # the metadata_props keys written
 
     def summary(self) -> str:  # the name before the report protocol
         return self.table()
@@ -60,6 +68,10 @@ class OnnxReport(Report):
             f"onnx.checker: ok; ONNX Runtime parity: max abs err {self.ort_max_abs_err:.2e}, "
             f"max rel err {self.ort_max_rel_err:.2e}",
         ]
+        if self.metadata:
+            lines.append(
+                f"hand-off metadata: {', '.join(self.metadata)} (fxprune inspect {self.path.name})"
+            )
         if self.audit:
             lines.append(
                 f"sparsity audit: {len(nm)} weights masked by fxprune keep the pattern; "
@@ -88,8 +100,12 @@ class OnnxExporter(Exporter):
         nm_weights: dict | None = None,
         seed: int = 0,
         result=None,  # the CompileResult it came from, for the hand-off metadata
+        equivalence=None,  # fxprune.verify.equivalence's report, recorded in the metadata
+        latency=None,  # fxprune.verify.latency's report, recorded in the metadata
     ) -> OnnxReport:
-        """Export ``module`` to ``path`` and check it; see the module docstring."""
+        """Export ``module`` to ``path`` and check it; see the module docstring (and
+        ``fxprune.exporters.metadata`` for what ``result``, ``equivalence`` and ``latency``
+        add to the file)."""
         try:
             import onnx
             import onnxruntime as ort
@@ -107,15 +123,20 @@ class OnnxExporter(Exporter):
         try:
             staged = tmp / path.name
             external = write_onnx(module, args, staged, opset, dynamic_batch)
+            rows = []
+            if nm:  # the audit reads the weights: load them (external data too)
+                model = onnx.load(str(staged), load_external_data=True)
+                rows = audit_nm(model, *nm, expected=nm_weights)
+                del model
+            props = build_metadata(result, equivalence, latency, nm=nm, audit=rows)
+            write_metadata(staged, props)
             onnx.checker.check_model(str(staged), full_check=True)
-            model = onnx.load(str(staged), load_external_data=True)
             abs_err, rel_err = _parity(module, args, staged, ort, dynamic_batch, rtol, atol, seed)
-            rows = audit_nm(model, *nm, expected=nm_weights) if nm else []
             for f in tmp.iterdir():  # all checks passed: move into place
                 os.replace(f, path.parent / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return OnnxReport(path, opset, dynamic_batch, abs_err, rel_err, rows, external)
+        return OnnxReport(path, opset, dynamic_batch, abs_err, rel_err, rows, external, list(props))
 
 
 def remove_stale_staging(path: Path) -> list[Path]:
@@ -192,7 +213,7 @@ def write_onnx(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool)
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    external = size > 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
+    external = size > EXTERNAL_DATA_BYTES
     prog.save(str(dest), external_data=external)
     if any(a is None for a in args) and any(free) and not external:
         _name_axes_in_file(dest, args, free)

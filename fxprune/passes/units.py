@@ -38,6 +38,8 @@ class UnitSelection:
         kept: replay mode: ``{layer: kept output indices}`` from a saved plan.
         calibration: batches for data-driven importance (default: the example inputs).
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``importance="taylor"``.
+        train_fn: ``train_fn(gated_module)``, the user's training loop, for
+            ``importance="learned"`` (soft gates per unit, read after it returns).
     """
 
     ratio: float = 0.0
@@ -49,6 +51,7 @@ class UnitSelection:
     kept: dict | None = field(default=None, compare=False, hash=False)
     calibration: tuple | None = field(default=None, compare=False, hash=False)
     loss_fn: object = field(default=None, compare=False, hash=False)
+    train_fn: object = field(default=None, compare=False, hash=False)
 
     name = "units"  # the pass name in plans and reports
     kinds: tuple[str, ...] = ()  # Group.kind values this pass prunes
@@ -124,7 +127,7 @@ def select_units(
     crit = resolve(cfg.importance)
     if crit.needs:
         batches = as_batches(cfg.calibration, args)
-        stats = collect(graph, batches, {crit.needs}, cfg.loss_fn)
+        stats = collect(graph, batches, {crit.needs}, cfg.loss_fn, train_fn=cfg.train_fn)
         if stats.loss and info is not None:
             info["taylor_loss"] = stats.loss
     removed: list[int] = []

@@ -197,3 +197,19 @@ def test_bad_options_are_named(resnet, kw, match):
     model, x = resnet
     with pytest.raises(ConfigError, match=match):
         fxprune.compile(model, x, **kw)
+
+
+def test_the_command_line_prunes_and_compresses(tmp_path, capsys):
+    from fxprune.cli import main
+
+    common = ["prune", "torchvision:resnet18", "--input-shape", "1", "3", "64", "64"]
+    small, dense = tmp_path / "s.pt", tmp_path / "d.pt"
+    flags = ["--unstructured", "0.8", "--unstructured-exclude", "fc"]
+    assert main([*common, *flags, "--save", str(small), "--compress", "bitmask", "--quiet"]) == 0
+    assert main([*common, *flags, "--save", str(dense), "--quiet"]) == 0
+    assert small.stat().st_size < 0.3 * dense.stat().st_size
+    res = fxprune.load(small, tv.models.resnet18())
+    assert [p.name for p in res.passes] == ["unstructured"]  # no channel pruning by default
+    assert "fc.weight" not in res.passes[0].layers
+    assert main([*common, "--compress", "csr"]) == 2
+    assert "--compress csr needs --save" in capsys.readouterr().err
