@@ -104,7 +104,7 @@ def bytes_table(model, x) -> None:
                 model, x, sparsity=s, nm=None, structured=None, hardware=("cpu",), batch_sizes=(1,)
             )
             sc = next(c for c in est.scenarios if c.name.startswith("unstructured"))
-            masked = sum(res.module.get_parameter(k).numel() for k in res.nm_masks)
+            masked = sum(res.module.get_parameter(k).numel() for k in res.masks)
             rest = 4 * (params - masked)
             pred = {k: (sc.bytes[k]["fp32"] - rest) / 1e6 for k in ("bitmask", "CSR")}
             print(

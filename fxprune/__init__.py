@@ -4,11 +4,13 @@
 >>> result = fxprune.compile(model, example_inputs, channels=0.5)
 >>> fxprune.verify.equivalence(model, result, example_inputs).ok
 >>> print(fxprune.estimate(model, example_inputs, sparsity=0.9).table())
+>>> torch.compile(model, backend=fxprune.backend(result.plan))  # prune inside torch.compile
 """
 
 from fxprune import errors, verify
 from fxprune._util import Report
 from fxprune.api import apply_plan, compile, load
+from fxprune.compile_backend import backend
 from fxprune.estimator import estimate
 from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
@@ -24,6 +26,7 @@ __all__ = [
     "Recipe",
     "Report",
     "apply_plan",
+    "backend",
     "compile",
     "errors",
     "estimate",

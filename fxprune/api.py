@@ -136,7 +136,8 @@ def compile(  # noqa: A001 - the public name the project promises
     layer_ratios: Mapping[str, float] | None = None,
     head_ratios: Mapping[str, float] | None = None,
     ffn_ratios: Mapping[str, float] | None = None,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
+    round_backend: str = "torch",
     min_channels: int = 1,
     min_heads: int = 1,
     global_ranking: bool = False,
@@ -205,7 +206,9 @@ def compile(  # noqa: A001 - the public name the project promises
         head_ratios: the same for ``heads`` (name a q/k/v projection of the attention layer);
             given alone it prunes only the named layers.
         ffn_ratios: the same for ``ffn`` (name the MLP's first Linear).
-        round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores).
+        round_to: kept channels per group are a multiple of this (8/16/64 for tensor cores), or
+            ``"auto"``: the plain count or the next multiple of 8 / 16 / 32, whichever the
+            group's layers run fastest at on ``round_backend`` (``"torch"``, ``"onnxruntime"``).
             Default: 1, or M when ``sparsity="N:M"`` is set, so pruned layers stay N:M-eligible.
         min_channels: never keep fewer channels than this in a group.
         min_heads: never keep fewer heads than this in an attention layer.

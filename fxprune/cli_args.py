@@ -59,6 +59,16 @@ class HelpFormatter(argparse.RawTextHelpFormatter):
         return super()._format_action_invocation(hidden)
 
 
+def _round_to(s: str):
+    """``--round-to 8`` or ``--round-to auto``."""
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: an integer or 'auto'") from None
+
+
 def _number(s: str):
     """``"2"`` -> 2 (a count), ``"0.25"`` -> 0.25 (a fraction)."""
     return int(s) if s.isdigit() else float(s)
@@ -136,7 +146,14 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence",
     )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
-    pr.add_argument("--round-to", type=int, default=None, help="default 1, or M with --sparsity")
+    pr.add_argument(
+        "--round-to",
+        type=_round_to,
+        default=None,
+        help="an integer (default 1, M with --sparsity)"
+        " or auto: the count the layers run fastest at on --round-backend",
+    )
+    pr.add_argument("--round-backend", default="torch", choices=["torch", "onnxruntime"])
     pr.add_argument("--global_ranking", action="store_true")
     pr.add_argument("--allow_approximate", action="store_true")
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
@@ -193,6 +210,12 @@ def _add_verify(ve) -> None:
     )
     ve.add_argument(
         "--min-speedup", dest="min_speedup", type=float, default=None, help="exit 1 below this"
+    )
+    ve.add_argument(
+        "--fail-if-noisy",
+        dest="fail_if_noisy",
+        action="store_true",
+        help="exit 1 when the timing was noisy (other processes' CPU use, spread between rounds)",
     )
     ve.add_argument("--report", help="write a self-contained HTML report here")
     ve.add_argument(

@@ -22,6 +22,7 @@ from fxprune.cli_inputs import (
     open_checkpoint,
     portable,
     shaped,
+    unstructured_flags,
 )
 
 
@@ -67,7 +68,7 @@ def _print_recipe(a, log: Log) -> int:
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, _ = load_model(a.model, trust=a.trust)
-    structural = a.heads or a.ffn or a.blocks or getattr(a, "unstructured", 0)
+    structural = a.heads or a.ffn or a.blocks or unstructured_flags(a).get("unstructured")
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     recipe, _ = from_options(model, **flag_options(a, channels))
     log(None)
@@ -111,7 +112,8 @@ def _prune(a, log: Log) -> int:
     if a.save:
         with _writing("--save", a.save):
             source = {"model": portable(a.model), "seed": a.seed}
-            sizes = res.save(a.save, source=source, compress=getattr(a, "compress", None))
+            packed = {"compress": a.compress} if getattr(a, "compress", None) else {}
+            sizes = res.save(a.save, source=source, **packed)
         if sizes:
             mb = {k: f"{v / 1e6:.1f} MB" for k, v in sizes.items()}
             log(f"--compress {a.compress}: masked weights {mb['dense']} -> {mb['stored']}")
@@ -226,6 +228,9 @@ def _verify(a, log: Log) -> int:
         gates.append("the equivalence proof failed")
     if a.fail_if_slower and lat.slower():
         gates.append("the pruned model is slower at some batch size")
+    if a.fail_if_noisy and lat.noisy:
+        why = lat.noise or [n for r in lat.rows for n in r.noise]
+        gates.append("the timing was noisy: " + "; ".join(why))
     if a.min_speedup is not None and lat.min_speedup() < a.min_speedup:
         gates.append(f"speedup {lat.min_speedup():.2f}x is below --min-speedup {a.min_speedup}")
     exported = None

@@ -161,7 +161,7 @@ def compile_source(a, log: Callable[[str | None], None]):
         log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
     structural = a.heads or a.ffn or a.blocks or getattr(a, "recipe", None)
-    structural = structural or getattr(a, "unstructured", 0)  # another target: no default
+    structural = structural or unstructured_flags(a).get("unstructured")  # a target too
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
     with blame_inputs(model, x):
@@ -169,7 +169,7 @@ def compile_source(a, log: Callable[[str | None], None]):
     return model, x, res
 
 
-def _unstructured_flags(a) -> dict:
+def unstructured_flags(a) -> dict:
     """``--unstructured*`` (not on ``estimate``, whose ``--unstructured`` is a priced sparsity)."""
     if not hasattr(a, "unstructured_scope"):
         return {}
@@ -188,6 +188,7 @@ def flag_options(a, channels: float) -> dict:
         "importance": a.importance,
         "ignore": a.ignore,
         "round_to": a.round_to,
+        "round_backend": a.round_backend,
         "global_ranking": a.global_ranking,
         "allow_approximate": a.allow_approximate,
         "mode": a.mode,
@@ -196,7 +197,7 @@ def flag_options(a, channels: float) -> dict:
         "sparsity_exclude": a.sparsity_exclude,
         "sparsity_permute": a.sparsity_permute,
         "sparsity_method": a.sparsity_method,
-        **_unstructured_flags(a),
+        **unstructured_flags(a),
         "uniform": bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
     }
 

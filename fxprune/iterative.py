@@ -63,7 +63,7 @@ class Step:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        return self.result.nm_masks
+        return self.result.masks
 
     def keep_masks(self, optimizer):
         from fxprune.passes.nm import keep_masks
@@ -152,6 +152,11 @@ def _configs(kw: dict):
     from fxprune.passes.heads import Heads
 
     round_to = kw.get("round_to")
+    if round_to == "auto":
+        raise ConfigError(
+            "round_to='auto' is not supported by iterative_prune: the steps' counts are planned "
+            "against the original groups before any layer is timed; give an integer"
+        )
     if round_to is None:
         round_to = int(str(kw["sparsity"]).split(":")[1]) if kw.get("sparsity") else 1
     mc = kw.get("min_channels", 1)

@@ -224,9 +224,15 @@ class CompileResult(Report):
         return compose(self.passes)[0]
 
     @property
-    def nm_masks(self) -> dict[str, torch.Tensor]:
-        """N:M masks by parameter name (pruned shapes); see ``fxprune.passes.nm.keep_masks``."""
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every weight mask (N:M and unstructured) by parameter name, in pruned shapes; see
+        ``fxprune.passes.nm.keep_masks``."""
         return {k: v for p in self.passes for k, v in p.masks.items()}
+
+    @property
+    def nm_masks(self) -> dict[str, torch.Tensor]:
+        """The N:M masks only (what sparse kernels can run)."""
+        return {k: v for p in self.passes if p.name == "nm" for k, v in p.masks.items()}
 
     def export(self, path: str | Path, example_inputs=None, **options):
         """Export the pruned model by file suffix (``.onnx``); checks run before the file lands.
@@ -286,7 +292,7 @@ class CompileResult(Report):
         sizes = {"dense": 0, "stored": 0}
         if compress is not None:
             packed = {}
-            for name in self.nm_masks:
+            for name in self.masks:
                 t = state[name]
                 entry, dense = pack(t, compress), t.numel() * t.element_size()
                 sizes["dense"] += dense

@@ -196,6 +196,7 @@ RECIPE_OPTIONS = {
     "head_ratios": None,
     "ffn_ratios": None,
     "round_to": None,
+    "round_backend": "torch",
     "min_channels": 1,
     "min_heads": 1,
     "global_ranking": False,
@@ -236,6 +237,8 @@ def from_options(model, **options) -> tuple[Recipe, dict]:
     nm = _nm(model, o)
     if o["round_to"] is None:
         o["round_to"] = nm.m if nm is not None else 1
+    elif o["round_to"] == "auto" and nm is not None:  # its candidates need not divide by M
+        raise ConfigError(f"round_to='auto' with sparsity: give round_to={nm.m} (or a multiple)")
     per_layer = [k for k in _PER_LAYER if o[k]]
     if o["uniform"] and per_layer:
         raise ConfigError(
@@ -304,7 +307,7 @@ def _unit_passes(o: dict, ratios: dict) -> list:
         passes.append(Blocks(which, o["block_importance"]))
     if o["heads"] or h_ratios:
         passes.append(Heads(o["heads"], min_heads=o["min_heads"], layer_ratios=h_ratios, **shared))
-    aligned = {"round_to": o["round_to"], "min_channels": o["min_channels"]}
+    aligned = {k: o[k] for k in ("round_to", "min_channels", "round_backend")}
     if o["ffn"] or f_ratios:
         passes.append(FFN(o["ffn"], layer_ratios=f_ratios, **aligned, **shared))
     if o["channels"] or ratios["layer_ratios"]:
@@ -330,6 +333,7 @@ def _keyword_view(o: dict, ratios: dict, nm) -> dict:
         "ignore": list(o["ignore"]),
         **{k: dict(v) for k, v in ratios.items()},
         "round_to": o["round_to"],
+        **({"round_backend": o["round_backend"]} if o["round_to"] == "auto" else {}),
         "min_channels": o["min_channels"],
         "global_ranking": o["global_ranking"],
         "allow_approximate": o["allow_approximate"],

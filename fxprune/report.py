@@ -1,6 +1,7 @@
 """``--report out.html``: one self-contained page (inline CSS and SVG, no scripts, nothing
 fetched) with the before/after summary, kept channels / heads / neurons per group, FLOPs and
-bytes per layer, the latency comparison and the estimate next to the measurement."""
+bytes per layer, the latency comparison (flagged when the machine was noisy while timing) and
+the estimate next to the measurement."""
 
 from __future__ import annotations
 
@@ -129,7 +130,9 @@ def _cards(result, equivalence, latency) -> list[str]:
         r = latency.rows[-1]
         s.append(
             f"<div class='card'>speedup (batch {r.batch}, {_e(latency.backend)})"
-            f"<b>{r.speedup:.2f}x</b>efficiency {r.efficiency:.2f}</div>"
+            f"<b>{r.speedup:.2f}x</b>efficiency {r.efficiency:.2f}"
+            + (" <span class='bad'>noisy</span>" if latency.noisy else "")
+            + "</div>"
         )
     s.append("</div>")
     return s
@@ -184,6 +187,11 @@ def _latency_section(latency) -> list[str]:
         f"<p class='sub'>{latency.warmup} warm-up + {latency.repeats} timed calls per model "
         f"and batch, dense and pruned interleaved; {_e(latency.machine)}</p>",
     ]
+    if latency.noisy:
+        s.append(
+            "<p class='bad'><b>Noisy run</b>: the machine was not quiet while timing, so the "
+            "speedup may not repeat; re-run on a quiet machine before trusting it.</p>"
+        )
     if latency.notes:
         s.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in latency.notes) + "</ul>")
     s.append(_legend("dense ms", "pruned ms"))
@@ -192,24 +200,30 @@ def _latency_section(latency) -> list[str]:
     )
     s.append(
         _table(
-            ["batch", "dense ms [p10-p90]", "pruned ms [p10-p90]", "speedup", "MAC ratio"]
-            + ["efficiency", "parity", "verdict"],
-            [
-                [
-                    r.batch,
-                    f"{r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}]",
-                    f"{r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}]",
-                    f"{r.speedup:.2f}x",
-                    f"{r.mac_ratio:.3f}",
-                    f"{r.efficiency:.2f}",
-                    f"{r.parity:.1e}",
-                    r.verdict,
-                ]
-                for r in latency.rows
-            ],
+            ["batch", "dense ms [p10-p90]", "pruned ms [p10-p90]", "speedup [rounds p10-p90]"]
+            + ["MAC ratio", "efficiency", "parity", "verdict", "noise"],
+            [_latency_row(r) for r in latency.rows],
         )
     )
+    s.append("<p class='sub'>" + "<br>".join(_e(n) for n in latency.noise_notes()) + "</p>")
     return s
+
+
+def _latency_row(r) -> list:
+    from fxprune.verify.latency_report import noise_cell
+
+    rounds = "" if r.speedup_p10 is None else f" [{r.speedup_p10:.2f}-{r.speedup_p90:.2f}]"
+    return [
+        r.batch,
+        f"{r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}]",
+        f"{r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}]",
+        f"{r.speedup:.2f}x{rounds}",
+        f"{r.mac_ratio:.3f}",
+        f"{r.efficiency:.2f}",
+        f"{r.parity:.1e}",
+        r.verdict,
+        noise_cell(r),
+    ]
 
 
 def _estimate_section(estimate) -> list[str]:

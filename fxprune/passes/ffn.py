@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.passes import PassResult, register_pass
-from fxprune.passes.channels import Channels
-from fxprune.passes.units import prune_units
+from fxprune.passes.channels import Channels, prune_aligned
 
 
 @dataclass(frozen=True)
@@ -26,4 +25,4 @@ class FFN(Channels):
 @register_pass("ffn", FFN, lambda e: FFN(kept=e["kept"]))
 def prune_ffn(graph: DependencyGraph, cfg: FFN, args: tuple) -> PassResult:
     """Remove MLP hidden neurons from ``graph.gm`` (in place)."""
-    return prune_units(graph, cfg, args)
+    return prune_aligned(graph, cfg, args)

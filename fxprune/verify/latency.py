@@ -9,6 +9,11 @@ speedup of the medians, the MAC ratio, and **efficiency = speedup x MAC ratio**:
 fell exactly as much as the MAC count, 0.5 that half the removed MACs bought nothing. Threads are
 fixed (``threads``; ONNX Runtime intra-op threads and ``torch.set_num_threads``).
 
+How much to trust the numbers is measured too: other processes' CPU use during the timed
+rounds (``/proc/stat`` minus this process, in cores) and the spread of each model's per-round
+medians; a row past the thresholds of ``fxprune.verify.latency_report`` is flagged noisy, and
+so is the run (``LatencyReport.noisy``, the table's noise column and note).
+
 This module holds the measurement and the backend registry (``@backend``, the built-in
 backends); the report's rows are in ``fxprune.verify.latency_report``, the CPU runners and
 :class:`RunContext` in ``fxprune.verify.latency_runners``, the GPU runners in
@@ -35,8 +40,21 @@ from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
 # re-exported: fxprune.verify and callers import these from here
-from fxprune.verify.latency_report import LatencyReport, LatencyRow, verdict
-from fxprune.verify.latency_runners import EagerRunner, OrtRunner, RunContext
+from fxprune.verify.latency_report import (
+    MIN_WINDOW_S,
+    LatencyReport,
+    LatencyRow,
+    noise_reasons,
+    verdict,
+)
+from fxprune.verify.latency_runners import (
+    CpuMonitor,
+    EagerRunner,
+    OrtRunner,
+    RunContext,
+    cpu_source,
+    machine_cpus,
+)
 
 
 def _batch(args: tuple, b: int) -> tuple:
@@ -181,6 +199,63 @@ def _time(call: Callable[[object], object], prepared, n: int) -> list[float]:
     return out
 
 
+def _rounds(runners: dict, ready: dict, repeats: int, bar) -> dict[str, list[list[float]]]:
+    """``repeats`` timed calls per model in about ten rounds of alternating order (dense first,
+    then pruned first, ...): the samples of each round, per model."""
+    per_round = max(1, repeats // 10)
+    out: dict[str, list[list[float]]] = {"dense": [], "pruned": []}
+    for k in range(-(-repeats // per_round)):
+        order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
+        for name in order:
+            out[name].append(_time(runners[name].run, ready[name], per_round))
+            bar.update(per_round)
+    return out
+
+
+def _spread(values: list[float]) -> float:
+    """(p90 - p10) / median of ``values`` (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    lo, hi = np.percentile(values, [10, 90])
+    med = statistics.median(values)
+    return float(hi - lo) / med if med else 0.0
+
+
+def _row(b: int, rounds: dict, mac_ratio: float, parity: float, other, secs: float) -> LatencyRow:
+    """One batch size's row from its per-round samples (noise is judged later, by _judge)."""
+    flat = {k: [x for r in v for x in r] for k, v in rounds.items()}
+    d, p = _stats(flat["dense"]), _stats(flat["pruned"])
+    speedup = d[0] / p[0] if p[0] else float("inf")
+    eff = speedup * mac_ratio
+    med = {k: [statistics.median(r) for r in v] for k, v in rounds.items()}
+    per_round = [a / z for a, z in zip(med["dense"], med["pruned"], strict=True) if z]
+    lo, hi = np.percentile(per_round, [10, 90]) if per_round else (speedup, speedup)
+    row = LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
+    row.speedup_p10, row.speedup_p90 = float(lo), float(hi)
+    row.round_spread = max(_spread(med["dense"]), _spread(med["pruned"]))
+    row.other_cpu, row.timed_s = other, secs
+    return row
+
+
+def _judge(rep: LatencyReport, monitor: CpuMonitor) -> None:
+    """Flag noisy rows and the run: other processes' CPU use while timing (a row's own reading
+    when it covers ``MIN_WINDOW_S``, else the whole run's, topped up by sampling right after
+    the timing) and the spread of each row's rounds."""
+    rep.cpus, rep.cpu_source = machine_cpus(), cpu_source()
+    rep.topped_up_s = monitor.top_up(MIN_WINDOW_S)
+    rep.other_cpu, rep.timed_s = monitor.total()
+    for r in rep.rows:
+        if r.timed_s < MIN_WINDOW_S:
+            r.other_cpu = None  # a few ticks of /proc/stat: the run's reading stands for it
+        cpu, window = (
+            (r.other_cpu, r.timed_s) if r.other_cpu is not None else (rep.other_cpu, rep.timed_s)
+        )
+        r.noise = noise_reasons(cpu, r.round_spread, rep.spare_cores, window)
+        r.noisy = bool(r.noise)
+    rep.noise = noise_reasons(rep.other_cpu, None, rep.spare_cores, rep.timed_s)
+    rep.noisy = bool(rep.noise) or any(r.noisy for r in rep.rows)
+
+
 def _stats(samples: list[float]) -> tuple[float, float, float]:
     q = np.percentile(samples, [10, 90])
     return statistics.median(samples), float(q[0]), float(q[1])
@@ -237,7 +312,11 @@ def latency(
         progress: show a progress bar on stderr (needs ``tqdm``; silently off without it).
 
     Returns:
-        A :class:`LatencyReport`; each row has ``speedup``, ``mac_ratio`` and ``efficiency``.
+        A :class:`LatencyReport`; each row has ``speedup``, ``mac_ratio`` and ``efficiency``,
+        and how much to trust them: ``speedup_p10`` / ``speedup_p90`` (per-round speedups),
+        ``round_spread``, ``other_cpu`` (cores other processes used while it timed) and
+        ``noisy`` with its reasons in ``noise``; the report has the run's ``other_cpu``,
+        ``cpus`` and ``noisy``.
 
     Raises:
         ConfigError: an unknown backend or a bad count. MissingExtraError: the backend's
@@ -288,29 +367,21 @@ def latency(
             bar = progress_bar(
                 progress, len(batch_sizes) * 2 * (warmup + repeats), f"timing on {be.name}"
             )
+            monitor = CpuMonitor()
             for b in batch_sizes:
                 xb = _batch(args, b)
                 ready = {name: r.prepare(xb) for name, r in runners.items()}
-                samples = {"dense": [], "pruned": []}
                 for name, r in runners.items():
                     for _ in range(warmup):
                         r.run(ready[name])
                         bar.update()
-                per_round = max(1, repeats // 10)
-                rounds = -(-repeats // per_round)
-                for k in range(rounds):
-                    order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
-                    for name in order:
-                        samples[name] += _time(runners[name].run, ready[name], per_round)
-                        bar.update(per_round)
-                d, p = _stats(samples["dense"]), _stats(samples["pruned"])
-                speedup = d[0] / p[0] if p[0] else float("inf")
-                eff = speedup * mac_ratio
+                monitor.start()
+                rounds = _rounds(runners, ready, repeats, bar)
+                other, secs = monitor.stop()
                 parity = _parity(runners["pruned"], ready["pruned"], module, xb)
-                rep.rows.append(
-                    LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
-                )
+                rep.rows.append(_row(b, rounds, mac_ratio, parity, other, secs))
             bar.close()
+            _judge(rep, monitor)
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:

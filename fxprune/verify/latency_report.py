@@ -1,9 +1,21 @@
 """What the latency verifier reports: one :class:`LatencyRow` per batch size in a
-:class:`LatencyReport`, and the :func:`verdict` each row gets (``fxprune.verify.latency``
-measures them)."""
+:class:`LatencyReport`, the :func:`verdict` each row gets, and how much to trust it
+(:func:`noise_reasons`; ``fxprune.verify.latency`` measures them).
+
+A run is *noisy* when the machine was not quiet enough for its numbers to be repeatable:
+
+- other processes kept more than :data:`OTHER_CPU_LIMIT` (0.25) cores busy beyond the cores the
+  run leaves spare (CPUs - threads) while it timed: at 2 threads that takes an eighth of the
+  run's CPU, several times the 3 % band the verdict calls "no measurable change". Read over
+  at least :data:`MIN_WINDOW_S` seconds (``/proc/stat`` counts in 10 ms ticks);
+- or the per-round medians of either model spread by more than :data:`SPREAD_LIMIT` (10 %,
+  p90 - p10 over the median of the rounds): the machine's speed changed during the run, so
+  the speedup depends on when it was measured.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fxprune._util import Report
@@ -26,6 +38,13 @@ class LatencyRow:
     efficiency: float  # speedup x mac_ratio
     parity: float  # max rel err of the backend's pruned output against PyTorch eager
     verdict: str
+    speedup_p10: float | None = None  # p10 / p90 of the per-round speedups
+    speedup_p90: float | None = None
+    round_spread: float | None = None  # (p90 - p10) / median of per-round medians, worse model
+    other_cpu: float | None = None  # cores others kept busy while it timed (None: < MIN_WINDOW_S)
+    timed_s: float = 0.0  # wall seconds of this row's timed rounds
+    noisy: bool = False
+    noise: list[str] = field(default_factory=list)  # why it is noisy (empty: it is not)
 
 
 @dataclass
@@ -39,6 +58,18 @@ class LatencyReport(Report):
     rows: list[LatencyRow] = field(default_factory=list)
     machine: str = ""
     notes: list[str] = field(default_factory=list)  # what each backend did (sparse layers, ...)
+    cpus: int | None = None  # CPUs of the machine (what /proc/stat sums over)
+    other_cpu: float | None = None  # cores other processes kept busy, over the timed windows
+    timed_s: float = 0.0  # wall seconds the other-CPU reading covers
+    cpu_source: str = ""  # "/proc", "psutil" or "unavailable"
+    topped_up_s: float = 0.0  # of timed_s: read right after a run shorter than MIN_WINDOW_S
+    noisy: bool = False  # the run's other CPU or any row flagged
+    noise: list[str] = field(default_factory=list)  # the run's reasons
+
+    @property
+    def spare_cores(self) -> int:
+        """CPUs the run leaves to other processes (0 when it uses them all)."""
+        return max(0, (self.cpus or self.threads) - self.threads)
 
     def table(self) -> str:
         lines = [
@@ -46,19 +77,42 @@ class LatencyReport(Report):
             f"{self.repeats} timed calls per model and batch, dense/pruned interleaved; "
             f"{self.machine}",
             "",
-            "| batch | dense ms [p10-p90] | pruned ms [p10-p90] | speedup | MAC ratio "
-            "| efficiency | parity | verdict |",
-            "|---|---|---|---|---|---|---|---|",
+            "| batch | dense ms [p10-p90] | pruned ms [p10-p90] | speedup [rounds p10-p90] "
+            "| MAC ratio | efficiency | parity | verdict | noise |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             lines.append(
                 f"| {r.batch} | {r.dense_ms:.3f} [{r.dense_p10:.3f}-{r.dense_p90:.3f}] "
                 f"| {r.pruned_ms:.3f} [{r.pruned_p10:.3f}-{r.pruned_p90:.3f}] "
-                f"| {r.speedup:.2f}x | {r.mac_ratio:.3f} | {r.efficiency:.2f} "
-                f"| {r.parity:.1e} | {r.verdict} |"
+                f"| {r.speedup:.2f}x{_range(r.speedup_p10, r.speedup_p90)} "
+                f"| {r.mac_ratio:.3f} | {r.efficiency:.2f} "
+                f"| {r.parity:.1e} | {r.verdict} | {noise_cell(r)} |"
             )
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.notes + self.noise_notes()]
         return "\n".join(lines)
+
+    def noise_notes(self) -> list[str]:
+        """What the noise column means, and the verdict on this run's machine state."""
+        oc = "not measured" if self.other_cpu is None else f"{self.other_cpu:.2f} cores"
+        after = f", {self.topped_up_s:.2f} s of it just after" if self.topped_up_s else ""
+        where = f"{self.cpu_source or 'unavailable'}{after}"
+        machine = f"{self.cpus or '?'} CPUs, {self.threads} threads, {self.spare_cores} spare"
+        out = [
+            f"noise: other processes' CPU use while timing: {oc} over {self.timed_s:.2f} s "
+            f"({where}; {machine}); a row is noisy past {OTHER_CPU_LIMIT} cores beyond the "
+            f"spare ones or a {SPREAD_LIMIT:.0%} spread of its per-round medians"
+        ]
+        if self.noisy:
+            rows = [
+                f"batch {r.batch}: {n}" for r in self.rows for n in r.noise if n not in self.noise
+            ]
+            why = "; ".join(self.noise + rows)
+            out.append(
+                f"NOISY run ({why}): the speedup may not repeat; re-run on a quiet machine "
+                "(or with fewer threads) before trusting it"
+            )
+        return out
 
     def slower(self) -> bool:
         """True when the pruned model was slower than the dense one at any batch size."""
@@ -66,6 +120,50 @@ class LatencyReport(Report):
 
     def min_speedup(self) -> float:
         return min((r.speedup for r in self.rows), default=0.0)
+
+
+OTHER_CPU_LIMIT = 0.25
+"""Cores other processes may keep busy, beyond the spare ones, before a run is noisy."""
+
+SPREAD_LIMIT = 0.10
+"""Relative spread (p90 - p10 over the median) of per-round medians before a row is noisy."""
+
+MIN_WINDOW_S = 0.5
+"""Seconds an other-CPU reading must cover to be judged (``/proc/stat`` ticks are 10 ms)."""
+
+
+def noise_reasons(
+    other_cpu: float | None,
+    round_spread: float | None,
+    spare_cores: float = 0.0,
+    window_s: float = math.inf,
+) -> list[str]:
+    """Why a measurement is noisy (empty: it is clean). ``other_cpu``: cores other processes
+    kept busy while timing (None: unknown, not judged), read over ``window_s`` seconds (shorter
+    than :data:`MIN_WINDOW_S`: not judged); ``spare_cores``: CPUs the run leaves free;
+    ``round_spread``: (p90 - p10) / median of the per-round medians."""
+    out = []
+    if other_cpu is not None and window_s >= MIN_WINDOW_S:
+        if other_cpu - spare_cores > OTHER_CPU_LIMIT:
+            spare = f" beyond the {spare_cores:g} spare" if spare_cores else ""
+            out.append(f"other processes kept {other_cpu:.2f} cores busy{spare}")
+    if round_spread is not None and round_spread > SPREAD_LIMIT:
+        out.append(f"per-round medians spread {round_spread:.0%}")
+    return out
+
+
+def noise_cell(r: LatencyRow) -> str:
+    """The table's noise column: ok / NOISY, the round spread and the other-CPU reading."""
+    parts = []
+    if r.round_spread is not None:
+        parts.append(f"spread {r.round_spread:.0%}")
+    if r.other_cpu is not None:
+        parts.append(f"other CPU {r.other_cpu:.2f}")
+    return ("NOISY" if r.noisy else "ok") + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None or hi is None else f" [{lo:.2f}-{hi:.2f}]"
 
 
 def verdict(speedup: float, efficiency: float) -> str:

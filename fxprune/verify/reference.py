@@ -56,7 +56,7 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
             for name, val in r.updated.items():
                 p = z.get_parameter(name)
                 p[_dense_where(p.shape, index.get(name, {}))] = val.to(p.device, p.dtype)
-        for name, mask in result.nm_masks.items():  # N:M zeros, placed at the kept positions
+        for name, mask in result.masks.items():  # N:M / unstructured zeros, at kept positions
             p = z.get_parameter(name)
             dense_mask = _to_dense_positions(mask.cpu(), p.shape, index.get(name, {}))
             p.mul_(dense_mask.to(device=p.device, dtype=p.dtype))

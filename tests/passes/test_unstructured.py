@@ -121,7 +121,7 @@ def test_compressed_checkpoint_restores_exactly_at_the_estimated_size(resnet, ho
     est = fxprune.estimate(model, x, sparsity=0.8, nm=None, structured=None, batch_sizes=(1,))
     scenario = next(s for s in est.scenarios if s.name.startswith("unstructured"))
     params = sum(p.numel() for p in model.parameters())
-    masked = sum(want[k].numel() for k in res.nm_masks)
+    masked = sum(want[k].numel() for k in res.masks)
     predicted = scenario.bytes["CSR" if how == "csr" else "bitmask"]["fp32"] - 4 * (params - masked)
     assert sizes["dense"] == 4 * masked
     assert sizes["stored"] == pytest.approx(predicted, rel=2e-3)
@@ -159,7 +159,7 @@ def test_replay_recipe_and_iterative(resnet):
     model, x = resnet
     res = fxprune.compile(model, x, unstructured=0.6, unstructured_scope="global")
     again = fxprune.apply_plan(model, res.plan.to_json())  # magnitude replays from the plan
-    for k in res.nm_masks:
+    for k in res.masks:
         assert torch.equal(again.module.get_parameter(k), res.module.get_parameter(k))
     recipe = fxprune.Recipe.from_dict(json.loads(json.dumps(res.plan.config["recipe"])))
     assert recipe.passes == (Unstructured(0.6, "global"),)
