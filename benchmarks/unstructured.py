@@ -51,9 +51,10 @@ def _est_speedup(est, name: str | None) -> str:
 
 def latency_table(model, x, structured: tuple[str, dict], repeats: int) -> None:
     print(
-        "| model | pruning | backend | dense ms | pruned ms | speedup | MAC ratio | estimate (cpu) |"
+        "| model | pruning | backend | dense ms | pruned ms | speedup [rounds p10-p90] "
+        "| MAC ratio | estimate (cpu) | noise |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, opts, scenario in _cases(structured):
         res = fxprune.compile(model, x, **opts)
         assert fxprune.verify.equivalence(model, res, x).ok
@@ -74,15 +75,17 @@ def latency_table(model, x, structured: tuple[str, dict], repeats: int) -> None:
             r = rep.rows[0]
             print(
                 f"| {type(model).__name__} | {name} | {backend} | {r.dense_ms:.2f} | "
-                f"{r.pruned_ms:.2f} | {r.speedup:.2f}x | {r.mac_ratio:.3f} | "
-                f"{_est_speedup(est, scenario)} |",
+                f"{r.pruned_ms:.2f} | {r.speedup:.2f}x [{r.speedup_p10:.2f}-{r.speedup_p90:.2f}] "
+                f"| {r.mac_ratio:.3f} | {_est_speedup(est, scenario)} | "
+                f"{'NOISY: ' + '; '.join(r.noise) if r.noisy else 'ok'} |",
                 flush=True,
             )
 
 
 def bytes_table(model, x) -> None:
     print(
-        "\n| model | sparsity | dense .pt MB | bitmask .pt MB | CSR .pt MB | masked weights: bitmask / CSR / estimate (bitmask, CSR) MB |"
+        "\n| model | sparsity | dense .pt MB | bitmask .pt MB | CSR .pt MB "
+        "| masked weights: bitmask / CSR / estimate (bitmask, CSR) MB |"
     )
     print("|---|---|---|---|---|---|")
     params = sum(p.numel() for p in model.parameters())
