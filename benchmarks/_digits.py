@@ -103,6 +103,25 @@ def train(
     return model
 
 
+def gate_trainer(
+    x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 0.02, batch: int = 64, seed=0
+):
+    """A ``train_fn`` for ``importance="learned"``: ``steps`` Adam steps on the gates alone
+    (the model's weights stay frozen), cross-entropy on random batches of ``(x, y)``; fxprune
+    adds the gates' L1 penalty."""
+
+    def train_fn(gated):
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(gated.parameters(), lr=lr)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (batch,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(gated(x[idx]), y[idx]).backward()
+            opt.step()
+
+    return train_fn
+
+
 def trained_model(seed: int = 0, epochs: int = 30):
     """(model, data): a ResNetDigits trained from scratch with a fixed seed."""
     data = load(seed)

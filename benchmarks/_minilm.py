@@ -49,18 +49,40 @@ def batches(tok, sentences: list[str], size: int) -> list[tuple[torch.Tensor, to
     return [encode(tok, sentences[i : i + size]) for i in range(0, len(sentences), size)]
 
 
+def pooled(module, ids, mask) -> torch.Tensor:
+    """Sentence embeddings of one batch as sentence-transformers makes them: mean pooling over
+    real tokens, then L2 normalisation (differentiable)."""
+    res = module(ids, mask)
+    h = res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0]
+    m = mask.unsqueeze(-1).to(h.dtype)
+    e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
 def embed(module, batch_list) -> torch.Tensor:
-    """Sentence embeddings as sentence-transformers makes them: mean pooling over real tokens,
-    then L2 normalisation."""
-    out = []
+    """Sentence embeddings of every batch (:func:`pooled`, without gradients)."""
     with torch.no_grad():
-        for ids, mask in batch_list:
-            res = module(ids, mask)
-            h = res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0]
-            m = mask.unsqueeze(-1).to(h.dtype)
-            e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            out.append(torch.nn.functional.normalize(e, dim=-1))
-    return torch.cat(out)
+        return torch.cat([pooled(module, ids, mask) for ids, mask in batch_list])
+
+
+def distill(dense, batch_list, steps: int = 40, lr: float = 0.05, l1: float | None = None):
+    """A ``train_fn`` for ``importance="learned"``: ``steps`` Adam steps on the gates, one
+    batch of ``batch_list`` each (in turn), loss ``1 - cosine(gated embedding, dense
+    embedding)``; fxprune adds the gates' L1 penalty (``l1`` overrides its strength)."""
+    targets = [embed(dense, [b]) for b in batch_list]
+
+    def train_fn(gated):
+        if l1 is not None:
+            gated.l1 = l1
+        opt = torch.optim.Adam(gated.parameters(), lr=lr)
+        for i in range(steps):
+            (ids, mask), t = batch_list[i % len(batch_list)], targets[i % len(batch_list)]
+            opt.zero_grad()
+            loss = 1 - (pooled(gated, ids, mask) * t).sum(1).mean()
+            loss.backward()
+            opt.step()
+
+    return train_fn
 
 
 def nearest(emb: torch.Tensor) -> torch.Tensor:

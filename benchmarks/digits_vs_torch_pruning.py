@@ -1,8 +1,11 @@
 """Real data, real accuracy: a residual CNN trained from scratch on scikit-learn's `digits`,
 pruned 50 % channels by fxprune and by torch-pruning under the same criterion (L1, Taylor, FPGM)
-and ratio, then fine-tuned identically; plus fxprune 50 % channels + 2:4 with fixed masks.
+and ratio, then fine-tuned identically; plus fxprune 50 % channels + 2:4 with fixed masks, and
+fxprune's criteria torch-pruning has no counterpart of here (activation; learned: soft gates
+trained 300 Adam steps, lr 0.02, on cross-entropy over the training split, weights frozen).
 
     python benchmarks/digits_vs_torch_pruning.py [--seeds 0 1 2] [--epochs 30] [--finetune 10]
+    python benchmarks/digits_vs_torch_pruning.py --criteria l1 activation taylor learned
 
 Same split, same dense model, same fine-tuning (Adam 1e-3, cosine, 1-pixel shifts) and seed for
 both tools; the classifier's outputs are kept (fxprune ``ignore=["fc"]``, torch-pruning
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxprune  # noqa: E402
-from benchmarks._digits import accuracy, clone, train, trained_model  # noqa: E402
+from benchmarks._digits import accuracy, clone, gate_trainer, train, trained_model  # noqa: E402
 from fxprune.calibration import recalibrate_bn  # noqa: E402
 
 
@@ -40,6 +43,7 @@ def fxprune_variant(model, xtr, ytr, criterion: str, sparsity: str | None = None
         ignore=["fc"],
         calibration=[xcal],
         loss_fn=lambda out, batch: F.cross_entropy(out, ycal),
+        train_fn=gate_trainer(xtr, ytr) if criterion == "learned" else None,
         sparsity=sparsity,
     )
     assert fxprune.verify.equivalence(model, res, xtr[:2]).ok
@@ -66,6 +70,9 @@ def tp_variant(model, xtr, ytr, criterion: str):
     return m.eval()
 
 
+TP_CRITERIA = ("l1", "taylor", "fpgm")  # those torch-pruning runs under the same criterion
+
+
 def params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -75,6 +82,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
     ap.add_argument("--finetune", type=int, default=10, help="fine-tuning epochs after pruning")
+    ap.add_argument(
+        "--criteria",
+        nargs="+",
+        default=["l1", "taylor", "fpgm", "activation", "learned"],
+        help="fxprune criteria; torch-pruning runs the same for l1, taylor and fpgm",
+    )
+    ap.add_argument("--no-nm", action="store_true", help="skip the 50 %% channels + 2:4 row")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows: dict[str, dict[str, list[float]]] = {}
@@ -94,20 +108,23 @@ def main(argv=None) -> None:
         for key in ("one-shot", "recal", "fine-tuned"):
             record("dense", key, accuracy(model, xte, yte))
         sizes["dense"] = params(model)
-        for crit in ("l1", "taylor", "fpgm"):
+        for crit in a.criteria:
             res = fxprune_variant(model, xtr, ytr, crit)
             name = f"fxprune {crit}"
             one_shot(name, res.module, xtr, xte, yte)
             train(res.module, xtr, ytr, a.finetune, lr=1e-3, seed=seed)
             record(name, "fine-tuned", accuracy(res.module, xte, yte))
             sizes[name] = params(res.module)
-
+            if crit not in TP_CRITERIA:
+                continue
             m = tp_variant(model, xtr, ytr, crit)
             name = f"torch-pruning {crit}"
             one_shot(name, m, xtr, xte, yte)
             train(m, xtr, ytr, a.finetune, lr=1e-3, seed=seed)
             record(name, "fine-tuned", accuracy(m, xte, yte))
             sizes[name] = params(m)
+        if a.no_nm:
+            continue
         res = fxprune_variant(model, xtr, ytr, "l1", sparsity="2:4")
         name = "fxprune l1 + 2:4"
         one_shot(name, res.module, xtr, xte, yte)

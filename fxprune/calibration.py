@@ -6,6 +6,9 @@ Batches are given as an iterable (each batch a tensor or a tuple of tensors laid
 example inputs). Statistics are averaged over batches. Taylor needs a loss: ``loss_fn(output,
 batch) -> scalar``; without one, token-id inputs with an output holding ``logits [B, S, V]`` get
 the causal LM loss, anything else the mean squared output (a proxy the report names).
+``"learned"`` importance needs no batches but the user's ``train_fn``, which :func:`collect`
+checks and hands on (``Stats.train_fn``): the gates are trained when the criterion scores, on
+exactly the groups it scores (``fxprune.gates``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from fxprune.errors import ConfigError
+from fxprune.gates import require_train_fn
 from fxprune.graph.attention import sdpa_rule
 from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.rules import find_rule
@@ -87,6 +91,7 @@ class Stats:
     confidence: np.ndarray | None = None
     taylor: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: str = ""
+    train_fn: object = None  # "learned": the user's loop, run by fxprune.gates.learn
 
 
 class Capture(fx.Interpreter):
@@ -169,9 +174,12 @@ def _loss(out, batch: tuple, loss_fn) -> tuple[torch.Tensor, str]:
 def collect(
     graph: DependencyGraph, batches: list[tuple], need: set[str], loss_fn=None, train_fn=None
 ) -> Stats:
-    """Statistics ``need`` (``"activation"``, ``"taylor"``, ``"entropy"``, ``"confidence"``)."""
+    """Statistics ``need`` (``"activation"``, ``"taylor"``, ``"entropy"``, ``"confidence"``;
+    ``"learned"``: ``train_fn``, checked, a ConfigError naming it when missing)."""
     gm, st = graph.gm, Stats()
     n = graph.n_atoms
+    if "learned" in need:
+        st.train_fn = require_train_fn(train_fn)
     if need & {"activation", "entropy", "confidence"}:
         keep = set(graph.probes) if "activation" in need else set()
         att_nodes = {nd.name: nd for nd in gm.graph.nodes if nd.name in graph.attention}

@@ -143,7 +143,8 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
     pr.add_argument(
         "--importance",
         default="l1",
-        help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence",
+        help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence"
+        " (learned needs a train_fn: Python only)",
     )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
     pr.add_argument(

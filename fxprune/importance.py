@@ -17,6 +17,7 @@ units (see docs/design.md for why Torch-Pruning's classes are not called directl
 | ``activation`` | forward on calibration | mean abs activation of its channels where layers read them (after GELU; per head after attention) |
 | ``entropy`` | forward on calibration | heads: log(keys) - attention entropy (focused heads score high); other groups: l1 |
 | ``confidence`` | forward on calibration | heads: mean max attention probability; other groups: l1 |
+| ``learned`` | the user's ``train_fn`` (a few steps) | its gate value after training soft gates with an L1 penalty (``fxprune.gates``) |
 
 Data-driven criteria read ``fxprune.calibration.collect`` statistics of the graph being pruned.
 Each criterion is a :class:`Criterion` in ``REGISTRY``; register your own with ``@criterion``.
@@ -31,6 +32,7 @@ import torch
 
 from fxprune._util import registrar
 from fxprune.errors import ConfigError
+from fxprune.gates import learn
 from fxprune.graph.depgraph import DependencyGraph, Group
 
 
@@ -45,7 +47,8 @@ class Criterion:
         name: what plans, reports and errors call it.
         needs: the calibration statistic it reads (``"taylor"``, ``"activation"``,
             ``"entropy"`` or ``"confidence"``: :class:`fxprune.calibration.Stats` fields),
-            collected on the calibration batches before :meth:`score`; None for weight-only.
+            collected on the calibration batches before :meth:`score`; ``"learned"``: the
+            user's ``train_fn`` (``Stats.train_fn``); None for weight-only.
         scale_free: its scores compare across groups as they are (``global_ranking`` does not
             divide them by each group's mean).
     """
@@ -344,6 +347,19 @@ class Confidence(_Measured):
     """Heads: mean max attention probability."""
 
     needs = "confidence"
+
+
+@criterion("learned")
+class Learned(Criterion):
+    """Gate value of a soft gate per unit trained by the user's ``train_fn`` with an L1 penalty
+    (``fxprune.gates``): the gates of exactly the groups scored, so a heads pass gates heads only.
+    Gates of all groups share one scale (0 = removed, about 1 = kept as is): scale-free."""
+
+    needs = "learned"
+    scale_free = True
+
+    def score(self, graph, groups, stats=None, seed=0):
+        return learn(graph, groups, stats.train_fn)
 
 
 # the built-in names, as the CLI and the docs list them (registered criteria join REGISTRY)

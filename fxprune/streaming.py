@@ -249,6 +249,11 @@ def _check_options(src, dst, heads, ffn, sparsity, method, importance, measured,
         raise CheckpointError(f"{src}: no config.json (stream needs a Hugging Face model folder)")
     if not (heads or ffn or sparsity):
         raise ConfigError("stream: nothing to do (give heads=, ffn= or sparsity=)")
+    if resolve(importance).needs == "learned":
+        raise ConfigError(
+            "stream: importance='learned' trains gates with your train_fn on the whole model; a "
+            "block-by-block pass has no such loop: use fxprune.compile"
+        )
     if resolve(importance).needs == "taylor":  # resolve: a ConfigError for an unknown name
         raise ConfigError(
             f"stream: importance={name_of(importance)!r} reads gradients, and taylor needs the "
