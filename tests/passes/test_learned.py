@@ -13,26 +13,7 @@ from fxprune import gates
 from fxprune.errors import ConfigError
 from fxprune.graph import build_graph, trace
 from tests.conftest import assert_equivalent, randomize
-
-
-class Block(nn.Module):
-    """Attention (4 heads of 8) + MLP (16 neurons), traced by torch.fx."""
-
-    def __init__(self, dim=32, heads=4, hidden=16):
-        super().__init__()
-        self.h, self.d = heads, dim // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        b, s, _ = x.shape
-
-        def split(t):
-            return t.view(b, s, self.h, self.d).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
-        x = x + self.o(a.transpose(1, 2).reshape(b, s, self.h * self.d))
-        return x + self.down(F.relu(self.up(x)))
+from tests.passes.test_data_importance import Block  # attention (4 heads of 8) + MLP (16)
 
 
 class Convs(nn.Module):
