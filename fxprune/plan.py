@@ -290,6 +290,11 @@ class CompileResult(Report):
         state = self.module.state_dict()
         ckpt = {"plan": self.plan.to_dict(), "state_dict": state}
         sizes = {"dense": 0, "stored": 0}
+        if compress is not None and not self.masks:
+            raise ConfigError(
+                f"compress={compress!r}: no weight is masked (prune with unstructured= or "
+                "sparsity='2:4'); the checkpoint would be the same"
+            )
         if compress is not None:
             packed = {}
             for name in self.masks:

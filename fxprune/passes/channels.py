@@ -75,6 +75,11 @@ class Channels(UnitSelection):
         if not (isinstance(self.min_channels, int) and self.min_channels >= 1):
             raise ConfigError(f"min_channels={self.min_channels!r}: must be an integer >= 1")
         resolve_timer(self.round_backend)  # a ConfigError naming the registered timers
+        if self.round_backend != "torch" and self.round_to != "auto":
+            raise ConfigError(
+                f"round_backend={self.round_backend!r} times layers for round_to='auto' only; "
+                f"with round_to={self.round_to!r} nothing is timed"
+            )
 
     def units_to_keep(self, group: Group, ratio: float) -> int:
         """How many units of a group stay, honouring round_to and min_channels."""

@@ -259,3 +259,10 @@ def test_depthwise_groups_are_priced_through_their_conv(table):
     assert res.module.dw.groups == res.module.dw.out_channels == 24
     assert any(s.depthwise and s.out_channels == 24 for s in table["seen"])
     assert fxprune.verify.equivalence(m, res, x).ok
+
+
+def test_a_round_backend_without_auto_is_refused(model):
+    """round_backend only matters for round_to='auto': set alone it would time nothing."""
+    m, x = model
+    with pytest.raises(ConfigError, match="round_backend='onnxruntime' times layers"):
+        fxprune.compile(m, x, channels=0.5, round_to=8, round_backend="onnxruntime")

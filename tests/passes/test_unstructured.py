@@ -213,3 +213,11 @@ def test_the_command_line_prunes_and_compresses(tmp_path, capsys):
     assert "fc.weight" not in res.passes[0].layers
     assert main([*common, "--compress", "csr"]) == 2
     assert "--compress csr needs --save" in capsys.readouterr().err
+
+
+def test_compress_without_a_masked_weight_is_refused(resnet, tmp_path):
+    model, x = resnet
+    res = fxprune.compile(model, x, channels=0.25, ignore=["fc"])
+    with pytest.raises(ConfigError, match="no weight is masked"):
+        res.save(tmp_path / "c.pt", compress="bitmask")
+    assert not (tmp_path / "c.pt").exists()
