@@ -4,7 +4,7 @@
     python benchmarks/round_auto.py --repeats 6 --batch 1 --models resnet50   # a quick look
 
 Each torchvision model (random weights, nothing downloaded) is pruned at ``channels=0.5``
-(its classifier's outputs kept) three ways: ``round_to=1`` (the plain counts), ``round_to=8``
+(``--channels``; its classifier's outputs kept) three ways: ``round_to=1`` (the plain counts), ``round_to=8``
 and ``round_to="auto"`` priced on the backend it is then timed on (``round_backend`` =
 ``"torch"`` or ``"onnxruntime"``). The verifier (``fxprune.verify.latency``) times each
 pruned model against the dense one; the table gives the MAC ratio, the speedup of the
@@ -33,9 +33,9 @@ from fxprune.passes import Channels  # noqa: E402
 HEADS = {"resnet50": "fc", "mobilenet_v3_large": "classifier.3"}
 
 
-def prune(model, x, head: str, round_to, backend: str):
+def prune(model, x, head: str, round_to, backend: str, ratio: float):
     """The pruned model and the seconds ``compile`` took (for auto: mostly layer timing)."""
-    cfg = Channels(0.5, ignore=(head,), round_to=round_to, round_backend=backend)
+    cfg = Channels(ratio, ignore=(head,), round_to=round_to, round_backend=backend)
     t0 = time.perf_counter()
     res = fxprune.compile(model, x, fxprune.Recipe([cfg]))
     return res, time.perf_counter() - t0
@@ -49,7 +49,7 @@ def rows(name: str, backend: str, a) -> list[str]:
     x = torch.randn(1, 3, a.size, a.size)
     out = []
     for round_to in (1, 8, "auto"):
-        res, secs = prune(model, x, HEADS[name], round_to, backend)
+        res, secs = prune(model, x, HEADS[name], round_to, backend, a.channels)
         rep = fxprune.verify.latency(
             model,
             res,
@@ -81,13 +81,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--size", type=int, default=224, help="input height and width")
+    ap.add_argument("--channels", type=float, default=0.5, help="the channel ratio removed")
     ap.add_argument("--cache", default=None, help="a JSON file keeping layer timings")
     a = ap.parse_args()
     if a.cache:
         os.environ[CACHE_ENV] = a.cache
     threads = a.threads or os.cpu_count()
     print(
-        f"# round_to=1 / 8 / auto at channels=0.5; {platform.machine()}, {os.cpu_count()} cpus, "
+        f"# round_to=1 / 8 / auto at channels={a.channels}; {platform.machine()}, {os.cpu_count()} cpus, "
         f"{threads} threads, torch {torch.__version__}; input 1x3x{a.size}x{a.size}, "
         f"{a.warmup} warm-up + {a.repeats} timed calls per model and batch\n"
     )

@@ -37,6 +37,7 @@ from fxprune.compile_backend.dynamo import (
     state_root,
 )
 from fxprune.compile_backend.report import BackendReport, GraphReport
+from fxprune.compile_backend.sparse import compile_sparse, semi_structured
 from fxprune.errors import (
     CheckpointError,
     ConfigError,
@@ -50,13 +51,22 @@ from fxprune.passes import REGISTRY, Blocks, run_passes
 from fxprune.plan import CompileResult, Plan, Summary
 from fxprune.recipe import Recipe, check_recipe, from_options
 from fxprune.stats import layer_stats
+from fxprune.verify.semi_structured import MIN_SPEEDUP, check_mode
 
 __all__ = ["Backend", "BackendReport", "GraphReport", "backend"]
 
 NAMED = ("kept", "orders", "layers", "removed")  # plan-entry fields keyed by layer / param names
 
 
-def backend(source=None, *, compiler="inductor", trust: bool = False, **options) -> Backend:
+def backend(
+    source=None,
+    *,
+    compiler="inductor",
+    trust: bool = False,
+    semi_structured: str = "measured",
+    min_speedup: float = MIN_SPEEDUP,
+    **options,
+) -> Backend:
     """A ``torch.compile`` backend that prunes what dynamo captures, then compiles it.
 
     Args:
@@ -69,6 +79,10 @@ def backend(source=None, *, compiler="inductor", trust: bool = False, **options)
             ``torch._dynamo.lookup_backend`` (``"inductor"``, ``"aot_eager"``, ``"eager"``) or
             a backend callable (e.g. ``functools.partial(compile_fx, config_patches=...)``).
         trust: a checkpoint may hold pickled objects (see ``fxprune.load``).
+        semi_structured: on a CUDA graph, N:M-masked Linear weights become 2:4 semi-structured
+            sparse tensors where each Linear was measured at least ``min_speedup`` times faster
+            that way at the graph's shapes (``"measured"``), all eligible ones (``"all"``) or
+            none (``"off"``); each graph's report holds the decisions. CPU graphs stay dense.
         **options: ``fxprune.compile``'s recipe keywords (``channels=0.5, ignore=["fc"]``),
             only without ``source``. Names are resolved against the compiled model.
 
@@ -97,7 +111,9 @@ def backend(source=None, *, compiler="inductor", trust: bool = False, **options)
     if source is None and not options:
         raise ConfigError("fxprune.backend(): give a plan, a checkpoint, a recipe or options")
     plan, weights, recipe, what = _source(source, trust)
-    return Backend(plan, weights, recipe, options, _compiler(compiler), what)
+    b = Backend(plan, weights, recipe, options, _compiler(compiler), what)
+    b.sparse = (check_mode(semi_structured), float(min_speedup))
+    return b
 
 
 def _source(source, trust: bool):
@@ -186,6 +202,7 @@ class Backend:
     def __init__(self, plan, weights, recipe, options, compiler, what):
         self.plan, self.weights, self.recipe, self.options = plan, weights, recipe, options
         self.compiler = compiler
+        self.sparse = ("measured", MIN_SPEEDUP)  # semi_structured mode, min_speedup
         self.report = BackendReport(what)
         self._names: dict[int, tuple[str, weakref.ref]] = {}  # id(tensor) -> name in the model
         self._model = lambda: None
@@ -292,16 +309,18 @@ class Backend:
             return self.compiler(gm, example_inputs)
         before = {k: list(v.shape) for k, v in new.state_dict().items()}
         stats = layer_stats(new)
-        self._prune(new, args, whole and own, rec)
+        masks = self._prune(new, args, whole and own, rec)
         rec.shapes = {
             k: [before[k], list(v.shape)]
             for k, v in new.state_dict().items()
             if list(v.shape) != before.get(k)
         }
         rec.summary = Summary.between(stats, layer_stats(new))
+        rec.semi_structured, dense = semi_structured(new, masks, args, *self.sparse)
         for n in new.graph.nodes:  # fake values of fxprune's own fake mode stay out of inductor
             n.meta.pop("val", None)
-        inner = self.compiler(new, [example_inputs[i] for i in keep])
+        inputs = [example_inputs[i] for i in keep]
+        inner = compile_sparse(self.compiler, new, inputs, rec.semi_structured, dense)
         rec.seconds = time.perf_counter() - t0
 
         def run(*inputs):  # dynamo passes the dense tensors too: the graph holds pruned ones
@@ -309,8 +328,9 @@ class Backend:
 
         return run
 
-    def _prune(self, new: fx.GraphModule, args: tuple, whole: bool, rec: GraphReport) -> None:
-        """Run the plan's entries for this graph's layers, or the recipe, on ``new``."""
+    def _prune(self, new: fx.GraphModule, args: tuple, whole: bool, rec: GraphReport) -> dict:
+        """Run the plan's entries for this graph's layers, or the recipe, on ``new``; return
+        the N:M masks it set (param name -> mask)."""
         out = [] if whole else leaving(new)
         if self.plan is None:
             passes, allow = list(self.recipe.passes), self.recipe.allow_approximate
@@ -318,7 +338,7 @@ class Backend:
         else:
             passes, allow = self._replayed(new, out, rec), self.plan.config.get("allow_approximate")
         if not passes:
-            return
+            return {}
         try:
             _, results = run_passes(new, passes, args, allow_approximate=bool(allow))
         except NothingToPruneError:
@@ -330,6 +350,7 @@ class Backend:
         rec.layers = sorted({la for r in results if r.name != "nm" for la in _entry_names(r.plan)})
         if self.weights is not None:
             self._load(new)
+        return {k: m for r in results if r.name == "nm" for k, m in r.masks.items()}
 
     def _replayed(self, new: fx.GraphModule, out: list[str], rec: GraphReport) -> list:
         """The configs replaying the plan's entries restricted to this graph's layers; a layer

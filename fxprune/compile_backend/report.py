@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fxprune._util import Report
 from fxprune.plan import Summary
+from fxprune.verify.semi_structured import SwapPlan
 
 
 @dataclass
@@ -25,6 +26,7 @@ class GraphReport:
     summary: Summary | None = None
     kept_at_break: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    semi_structured: SwapPlan | None = None  # the 2:4 sparse-tensor decisions (N:M graphs)
 
     @property
     def params_before(self) -> int:
@@ -35,8 +37,10 @@ class GraphReport:
         return self.summary.params_after if self.summary else 0
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "summary"}
+        out = {k: v for k, v in vars(self).items() if k not in ("summary", "semi_structured")}
         out["summary"] = self.summary.to_dict() if self.summary else None
+        plan = self.semi_structured
+        out["semi_structured"] = plan.to_dict() if plan else None
         return out
 
 
@@ -69,6 +73,9 @@ class BackendReport(Report):
             p = f"{s.params_before:,} -> {s.params_after:,}" if s else "-"
             m = f"{s.macs_before:,} -> {s.macs_after:,}" if s else "-"
             lines.append(f"| {g.compile_id} | {g.frame} | {g.ends} | {len(g.layers)} | {p} | {m} |")
+        lines += [
+            f"\n{g.semi_structured.note(g.compile_id)}" for g in self.graphs if g.semi_structured
+        ]
         if self.missing:
             more = " ..." if len(self.missing) > 8 else ""
             lines.append(f"\nnot pruned by any graph yet: {', '.join(self.missing[:8])}{more}")

@@ -12,6 +12,7 @@ from fxprune.verify.latency import (
 )
 from fxprune.verify.proof import RTOL, EquivalenceReport, equivalence
 from fxprune.verify.reference import zeroed_dense
+from fxprune.verify.semi_structured import SwapPlan, plan_semi_structured, swap_semi_structured
 
 __all__ = [
     "BACKENDS",
@@ -25,4 +26,7 @@ __all__ = [
     "equivalence",
     "latency",
     "zeroed_dense",
+    "SwapPlan",
+    "plan_semi_structured",
+    "swap_semi_structured",
 ]

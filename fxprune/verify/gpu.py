@@ -89,35 +89,37 @@ def _device_args(args: tuple, dtype: torch.dtype) -> tuple:
 
 
 class TorchCudaRunner:
-    """fp16 eager on the GPU; ``semi_structured`` turns masked Linear weights into 2:4 sparse
-    tensors (the pruned model only; the dense model keeps dense weights)."""
+    """fp16 eager on the GPU. The pruned model's N:M-masked Linear weights become 2:4
+    semi-structured sparse tensors where :mod:`fxprune.verify.semi_structured` measured them
+    faster at ``args``' shapes (``mode="measured"``), all of them (``"all"``) or none
+    (``"off"``); the dense model keeps dense weights. ``swap`` is the decision per weight."""
 
-    def __init__(self, module: nn.Module, masks: dict[str, torch.Tensor] | None, tag: str):
+    def __init__(
+        self,
+        module: nn.Module,
+        masks: dict[str, torch.Tensor] | None,
+        tag: str,
+        args: tuple = (),
+        mode: str = "measured",
+        min_speedup: float | None = None,
+    ):
+        from fxprune.verify.semi_structured import (
+            MIN_SPEEDUP,
+            plan_semi_structured,
+            swap_semi_structured,
+        )
+
         require_cuda("torch-cuda")
         self.dtype = torch.float16
         self.module = copy.deepcopy(module).to("cuda", self.dtype).eval()
         self.notes: list[str] = []
+        self.swap = None
         if masks:
-            from torch.sparse import to_sparse_semi_structured
-
-            names, skipped = semi_structured_plan(self.module, masks)
-            done = []
-            for name in names:
-                owner_name, _, attr = name.rpartition(".")
-                owner = self.module.get_submodule(owner_name)
-                w = getattr(owner, attr)
-                try:
-                    sparse = to_sparse_semi_structured(w.detach())
-                except Exception as e:  # noqa: BLE001 - shape / dtype limits of the kernels
-                    skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    continue
-                owner._parameters[attr] = nn.Parameter(sparse, requires_grad=False)
-                done.append(name)
-            self.notes.append(
-                f"{tag}: {len(done)} weights as 2:4 semi-structured sparse tensors"
-                + (f"; {len(skipped)} stay dense: " if skipped else "")
-                + "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:4])
-            )
+            speed = MIN_SPEEDUP if min_speedup is None else min_speedup
+            ready = _device_args(args, self.dtype)
+            self.swap = plan_semi_structured(self.module, masks, ready, mode, speed)
+            swap_semi_structured(self.module, self.swap)
+            self.notes.append(self.swap.note(tag))
 
     def prepare(self, args: tuple):
         out = _device_args(args, self.dtype)

@@ -137,9 +137,16 @@ class TorchCompile(Backend):
 
 @backend("torch-cuda")
 class TorchCuda(Backend):
-    """PyTorch on the GPU; N:M-masked Linear weights as semi-structured sparse tensors."""
+    """PyTorch fp16 on the GPU; N:M-masked Linear weights as semi-structured sparse tensors
+    where measured faster at the largest batch's shapes (``backend=TorchCuda("all" | "off")``
+    changes that; see :mod:`fxprune.verify.semi_structured`)."""
 
     gpu = True
+
+    def __init__(self, semi_structured: str = "measured", min_speedup: float | None = None):
+        from fxprune.verify.semi_structured import check_mode
+
+        self.semi_structured, self.min_speedup = check_mode(semi_structured), min_speedup
 
     def check(self) -> None:
         from fxprune.verify.gpu import require_cuda
@@ -149,7 +156,10 @@ class TorchCuda(Backend):
     def runner(self, module, args, ctx):
         from fxprune.verify.gpu import TorchCudaRunner
 
-        return TorchCudaRunner(module, ctx.masks, ctx.tag)
+        big = _batch(args, ctx.max_batch)
+        return TorchCudaRunner(
+            module, ctx.masks, ctx.tag, big, self.semi_structured, self.min_speedup
+        )
 
 
 @backend("tensorrt")
@@ -301,7 +311,8 @@ def latency(
         example_inputs: a tensor or tuple of tensors; their rows are repeated to each batch size.
         backend: ``"onnxruntime"`` (CPU execution provider; both models exported to ONNX),
             ``"torch"`` (eager), ``"torch-compile"``, ``"torch-cuda"`` (fp16 on the GPU; the
-            pruned model's N:M-masked Linear weights become 2:4 semi-structured sparse tensors)
+            pruned model's N:M-masked Linear weights become 2:4 semi-structured sparse tensors
+            where each was measured faster at its shape)
             or ``"tensorrt"`` (an engine per model from its ONNX; the pruned one built with
             SPARSE_WEIGHTS when the N:M pass ran). GPU backends need CUDA (ConfigError if none).
         batch_sizes: batch sizes to measure.

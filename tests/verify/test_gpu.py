@@ -9,6 +9,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.verify.gpu import semi_structured_plan
+from fxprune.verify.latency import TorchCuda
 
 CUDA = torch.cuda.is_available()
 
@@ -70,6 +71,11 @@ def test_torch_cuda_measures_2_4_linear_model():
     m = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512)).eval()
     x = torch.randn(64, 512)
     res = fxprune.compile(m, x, sparsity="2:4")
-    rep = fxprune.verify.latency(m, res, x, backend="torch-cuda", batch_sizes=[64], repeats=10)
-    assert "2 weights as 2:4 semi-structured sparse tensors" in " ".join(rep.notes)
+    forced = TorchCuda("all")  # every eligible weight, unmeasured
+    rep = fxprune.verify.latency(m, res, x, backend=forced, batch_sizes=[64], repeats=10)
+    assert "2 of 2 N:M weights as 2:4 semi-structured sparse tensors" in " ".join(rep.notes)
     assert rep.rows[0].parity < 2e-2  # fp16 on the GPU against fp32 eager on the CPU
+    measured = fxprune.verify.latency(m, res, x, backend="torch-cuda", batch_sizes=[64], repeats=10)
+    note = " ".join(measured.notes)
+    assert "(those measured >= 1.05x faster than dense)" in note and "measured" in note
+    assert measured.rows[0].parity < 2e-2
