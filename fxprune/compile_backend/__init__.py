@@ -37,7 +37,7 @@ from fxprune.compile_backend.dynamo import (
     state_root,
 )
 from fxprune.compile_backend.report import BackendReport, GraphReport
-from fxprune.compile_backend.sparse import compile_sparse, semi_structured
+from fxprune.compile_backend.sparse import check_all, compile_sparse, semi_structured
 from fxprune.errors import (
     CheckpointError,
     ConfigError,
@@ -51,7 +51,7 @@ from fxprune.passes import REGISTRY, Blocks, run_passes
 from fxprune.plan import CompileResult, Plan, Summary
 from fxprune.recipe import Recipe, check_recipe, from_options
 from fxprune.stats import layer_stats
-from fxprune.verify.semi_structured import MIN_SPEEDUP, check_mode
+from fxprune.verify.semi_structured import check_options
 
 __all__ = ["Backend", "BackendReport", "GraphReport", "backend"]
 
@@ -64,7 +64,7 @@ def backend(
     compiler="inductor",
     trust: bool = False,
     semi_structured: str = "measured",
-    min_speedup: float = MIN_SPEEDUP,
+    min_speedup: float | None = None,
     **options,
 ) -> Backend:
     """A ``torch.compile`` backend that prunes what dynamo captures, then compiles it.
@@ -81,8 +81,10 @@ def backend(
         trust: a checkpoint may hold pickled objects (see ``fxprune.load``).
         semi_structured: on a CUDA graph, N:M-masked Linear weights become 2:4 semi-structured
             sparse tensors where each Linear was measured at least ``min_speedup`` times faster
-            that way at the graph's shapes (``"measured"``), all eligible ones (``"all"``) or
-            none (``"off"``); each graph's report holds the decisions. CPU graphs stay dense.
+            that way at the graph's shapes (each Linear timed alone, eager: the kernel, not what
+            inductor fuses around it; ``"measured"``), all eligible ones (``"all"``, an error
+            when none converts) or none (``"off"``); each graph's report holds the decisions.
+            CPU graphs stay dense.
         **options: ``fxprune.compile``'s recipe keywords (``channels=0.5, ignore=["fc"]``),
             only without ``source``. Names are resolved against the compiled model.
 
@@ -111,8 +113,10 @@ def backend(
     if source is None and not options:
         raise ConfigError("fxprune.backend(): give a plan, a checkpoint, a recipe or options")
     plan, weights, recipe, what = _source(source, trust)
+    check_options(semi_structured, min_speedup)
+    check_all(semi_structured, plan, recipe, options)
     b = Backend(plan, weights, recipe, options, _compiler(compiler), what)
-    b.sparse = (check_mode(semi_structured), float(min_speedup))
+    b.sparse = (semi_structured, min_speedup)
     return b
 
 
@@ -202,7 +206,7 @@ class Backend:
     def __init__(self, plan, weights, recipe, options, compiler, what):
         self.plan, self.weights, self.recipe, self.options = plan, weights, recipe, options
         self.compiler = compiler
-        self.sparse = ("measured", MIN_SPEEDUP)  # semi_structured mode, min_speedup
+        self.sparse = ("measured", None)  # semi_structured mode, min_speedup (None: default)
         self.report = BackendReport(what)
         self._names: dict[int, tuple[str, weakref.ref]] = {}  # id(tensor) -> name in the model
         self._model = lambda: None

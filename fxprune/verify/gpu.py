@@ -103,21 +103,18 @@ class TorchCudaRunner:
         mode: str = "measured",
         min_speedup: float | None = None,
     ):
-        from fxprune.verify.semi_structured import (
-            MIN_SPEEDUP,
-            plan_semi_structured,
-            swap_semi_structured,
-        )
+        from fxprune.verify.semi_structured import plan_semi_structured, swap_semi_structured
 
+        if mode == "all" and tag == "pruned" and not masks:
+            raise ConfigError("semi_structured='all': the pruned model has no N:M masks")
         require_cuda("torch-cuda")
         self.dtype = torch.float16
         self.module = copy.deepcopy(module).to("cuda", self.dtype).eval()
         self.notes: list[str] = []
         self.swap = None
         if masks:
-            speed = MIN_SPEEDUP if min_speedup is None else min_speedup
             ready = _device_args(args, self.dtype)
-            self.swap = plan_semi_structured(self.module, masks, ready, mode, speed)
+            self.swap = plan_semi_structured(self.module, masks, ready, mode, min_speedup)
             swap_semi_structured(self.module, self.swap)
             self.notes.append(self.swap.note(tag))
 

@@ -14,10 +14,9 @@ rounds (``/proc/stat`` minus this process, in cores) and the spread of each mode
 medians; a row past the thresholds of ``fxprune.verify.latency_report`` is flagged noisy, and
 so is the run (``LatencyReport.noisy``, the table's noise column and note).
 
-This module holds the measurement and the backend registry (``@backend``, the built-in
-backends); the report's rows are in ``fxprune.verify.latency_report``, the CPU runners and
-:class:`RunContext` in ``fxprune.verify.latency_runners``, the GPU runners in
-``fxprune.verify.gpu``.
+This module holds the measurement and the backend registry (``@backend``, the built-ins); the
+report's rows are in ``fxprune.verify.latency_report``, the CPU runners and :class:`RunContext`
+in ``fxprune.verify.latency_runners``, the GPU runners in ``fxprune.verify.gpu``.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ from fxprune.verify.latency_report import (
     verdict,
 )
 from fxprune.verify.latency_runners import (
+    CompiledRunner,
     CpuMonitor,
     EagerRunner,
     OrtRunner,
@@ -129,10 +129,10 @@ class Torch(Backend):
 
 @backend("torch-compile")
 class TorchCompile(Backend):
-    """``torch.compile`` (inductor) on the CPU; the warm-up calls pay the compile."""
+    """``torch.compile`` (inductor) on the CPU, compiled before timing (``CompiledRunner``)."""
 
     def runner(self, module, args, ctx):
-        return EagerRunner(torch.compile(module))
+        return CompiledRunner(module)
 
 
 @backend("torch-cuda")
@@ -144,9 +144,10 @@ class TorchCuda(Backend):
     gpu = True
 
     def __init__(self, semi_structured: str = "measured", min_speedup: float | None = None):
-        from fxprune.verify.semi_structured import check_mode
+        from fxprune.verify.semi_structured import check_options
 
-        self.semi_structured, self.min_speedup = check_mode(semi_structured), min_speedup
+        check_options(semi_structured, min_speedup)
+        self.options = (semi_structured, min_speedup)
 
     def check(self) -> None:
         from fxprune.verify.gpu import require_cuda
@@ -156,10 +157,8 @@ class TorchCuda(Backend):
     def runner(self, module, args, ctx):
         from fxprune.verify.gpu import TorchCudaRunner
 
-        big = _batch(args, ctx.max_batch)
-        return TorchCudaRunner(
-            module, ctx.masks, ctx.tag, big, self.semi_structured, self.min_speedup
-        )
+        big = _batch(args, ctx.max_batch)  # the decision is timed at the largest batch
+        return TorchCudaRunner(module, ctx.masks, ctx.tag, big, *self.options)
 
 
 @backend("tensorrt")

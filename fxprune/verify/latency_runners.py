@@ -50,6 +50,24 @@ class EagerRunner:
             return self.fn(*prepared)
 
 
+class CompiledRunner(EagerRunner):
+    """``torch.compile(module, **options)``, compiled in ``prepare`` (outside the timed region)
+    with inductor's ``compile_threads=1``: by default inductor starts a pool of compile-worker
+    processes whose start-up kept a core busy for seconds after the compile, and timings taken
+    meanwhile ran up to 3x slow (measured: ResNet-50 at 112 px, 59 ms pruned right after the
+    compile, 10 ms five seconds later)."""
+
+    def __init__(self, module, **options):
+        super().__init__(torch.compile(module, **options))
+
+    def prepare(self, args: tuple):
+        import torch._inductor.config as inductor
+
+        with inductor.patch(compile_threads=1):
+            self.run(args)  # compiles for these shapes (a new batch size may recompile)
+        return args
+
+
 class OrtRunner:
     """A model exported to ONNX, run on ONNX Runtime's CPU execution provider."""
 

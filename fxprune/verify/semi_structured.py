@@ -11,8 +11,13 @@ PyTorch's ``to_sparse_semi_structured`` runs a 2:4-masked Linear weight on spars
    ``"torch-cuda"``) and as a 2:4 sparse tensor (``"torch-cuda-2:4"``), through
    :func:`fxprune.layer_timing.time_layer` (cached per GPU, dtype and shape), and marks the
    weight for the swap only when sparse is at least ``min_speedup`` times faster;
-3. :func:`swap_semi_structured` converts the marked weights; a conversion the kernels refuse
-   is recorded in the plan and the weight stays dense.
+3. :func:`swap_semi_structured` converts the marked weights. A shape or dtype the kernels
+   refuse (cuSPARSELt takes fp16 / bf16 / int8 with sides on its tile, so fp32 models and
+   ResNet-50's 1000-wide classifier stay dense) fails the sparse timing or the conversion; the
+   plan records why and the weight stays dense.
+
+The timings are of each Linear alone in eager mode, synchronised after every call: the kernel
+choice, not what a compiler may fuse around it.
 
 The :class:`SwapPlan` says per weight what was measured and why it was or was not swapped;
 weights that cannot be semi-structured at all (convolutions, ``[in, out]`` Conv1D weights, a
@@ -40,11 +45,19 @@ MIN_SPEEDUP = 1.05  # sparse must beat dense by 5 %: a tie is not worth a second
 _LINEAR = {F.linear, torch._C._nn.linear}
 
 
-def check_mode(mode: str) -> str:
-    """``mode`` when it is one of :data:`MODES`, else a ConfigError naming them."""
+def check_options(mode: str, min_speedup: float | None) -> tuple[str, float]:
+    """``(mode, min_speedup)`` checked, the default margin filled in: a mode of :data:`MODES`,
+    a positive ``min_speedup``, given only with ``"measured"`` (the others time nothing)."""
     if mode not in MODES:
         raise ConfigError(f"semi_structured={mode!r}: choose one of {MODES}")
-    return mode
+    if min_speedup is not None and mode != "measured":
+        raise ConfigError(
+            f"min_speedup={min_speedup!r} applies to semi_structured='measured' only; "
+            f"semi_structured={mode!r} times nothing"
+        )
+    if min_speedup is not None and not min_speedup > 0:
+        raise ConfigError(f"min_speedup={min_speedup!r}: give a positive ratio")
+    return mode, MIN_SPEEDUP if min_speedup is None else float(min_speedup)
 
 
 class _CudaTimer(LayerTimer):
@@ -79,9 +92,11 @@ class CudaLinearTimer(_CudaTimer):
     """A dense fp16 Conv / Linear on the GPU (also ``round_backend="torch-cuda"``)."""
 
 
-@layer_timer("torch-cuda-2:4")
 class CudaSparseTimer(_CudaTimer):
-    """The same Linear with a 2:4 mask, its weight a semi-structured sparse tensor."""
+    """The same Linear with a 2:4 mask, its weight a semi-structured sparse tensor (not a
+    ``round_backend``: it times Linears only, so it is not registered)."""
+
+    name = "torch-cuda-2:4"
 
     def layer(self, shape: LayerShape) -> nn.Module:
         from torch.sparse import to_sparse_semi_structured
@@ -208,7 +223,7 @@ def plan_semi_structured(
     masks: dict[str, torch.Tensor],
     args: tuple,
     mode: str = "measured",
-    min_speedup: float = MIN_SPEEDUP,
+    min_speedup: float | None = None,
     dense=None,
     sparse=None,
     cache=None,
@@ -227,13 +242,11 @@ def plan_semi_structured(
         cache: a JSON file keeping the timings (see :func:`fxprune.layer_timing.time_layer`).
 
     Raises:
-        ConfigError: an unknown mode, ``min_speedup`` not positive, or (when measuring) no
-            CUDA device.
+        ConfigError: an unknown mode, ``min_speedup`` not positive or given without
+            ``"measured"``, or (when measuring) no CUDA device.
     """
-    check_mode(mode)
-    if not min_speedup > 0:
-        raise ConfigError(f"min_speedup={min_speedup!r}: give a positive ratio")
-    plan = SwapPlan(mode, float(min_speedup))
+    mode, min_speedup = check_options(mode, min_speedup)
+    plan = SwapPlan(mode, min_speedup)
     if mode == "off" or not masks:
         plan.skipped = {k: "semi_structured='off'" for k in masks} if mode == "off" else {}
         return plan
@@ -253,40 +266,55 @@ def plan_semi_structured(
         ls = LayerShape("linear", tuple(shape), int(w.shape[0]), bias=bias)
         on_gpu = cuda_timers(w.dtype)
         row.dense_ms = time_layer(ls, dense or on_gpu[0], cache=cache)
-        row.sparse_ms = time_layer(ls, sparse or on_gpu[1], cache=cache)
+        try:
+            row.sparse_ms = time_layer(ls, sparse or on_gpu[1], cache=cache)
+        except ConfigError:
+            raise  # no GPU, a bad option: the user's to fix
+        except Exception as e:  # noqa: BLE001 - the kernels' shape / dtype limits
+            row.reason = f"the 2:4 kernels refused it ({w.dtype}): {_first_line(e)}"
+            continue
         row.swap = row.speedup is not None and row.speedup >= min_speedup
         row.reason = f"measured {row.speedup:.2f}x" if row.speedup is not None else "no timing"
     return plan
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner_name, _, attr = name.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), attr
 
 
 def swap_semi_structured(module: nn.Module, plan: SwapPlan) -> list[str]:
     """Turn the weights ``plan`` marks into semi-structured sparse parameters, in place; a
     weight the kernels refuse (shape, dtype, device) stays dense, its row says why. Returns the
     names swapped."""
-    if not plan.swapped:
-        return []
     from torch.sparse import to_sparse_semi_structured
 
     done = []
     for row in plan.rows:
         if not row.swap:
             continue
-        owner_name, _, attr = row.name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        w = getattr(owner, attr)
+        owner, attr = _owner(module, row.name)
         try:
-            sparse = to_sparse_semi_structured(w.detach())
+            sparse = to_sparse_semi_structured(getattr(owner, attr).detach())
         except Exception as e:  # noqa: BLE001 - the kernels' shape / dtype / device limits
-            row.swap = False
-            row.reason = f"conversion refused: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row.swap, row.reason = False, f"conversion refused: {_first_line(e)}"
             continue
         owner._parameters[attr] = nn.Parameter(sparse, requires_grad=False)
         done.append(row.name)
+    if plan.mode == "all" and (plan.rows or plan.skipped) and not done:
+        raise ConfigError(
+            "semi_structured='all': no N:M weight could become a semi-structured sparse "
+            f"tensor: {plan.note('')[2:]}"
+        )
     return done
 
 
 def restore_dense(module: nn.Module, originals: dict[str, nn.Parameter]) -> None:
     """Put the dense parameters ``originals`` (name -> parameter, taken before the swap) back."""
     for name, p in originals.items():
-        owner_name, _, attr = name.rpartition(".")
-        (module.get_submodule(owner_name) if owner_name else module)._parameters[attr] = p
+        owner, attr = _owner(module, name)
+        owner._parameters[attr] = p

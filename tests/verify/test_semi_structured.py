@@ -14,6 +14,7 @@ import fxprune
 from fxprune.compile_backend.sparse import compile_sparse, semi_structured
 from fxprune.errors import ConfigError
 from fxprune.layer_timing import LayerTimer
+from fxprune.verify.gpu import TorchCudaRunner
 from fxprune.verify.latency import TorchCuda
 from fxprune.verify.semi_structured import (
     MIN_SPEEDUP,
@@ -84,7 +85,9 @@ def test_only_linears_measured_faster_are_swapped(pruned):
     assert not rows["small.weight"].swap and rows["small.weight"].speedup == 0.5
     assert [s.input for s in dense.calls] == [(2, 5, 8), (2, 5, 64)]  # the real call shapes
     assert "no F.linear call" in plan.skipped["proj"]
-    assert "big.weight" in plan.note("pruned") or "1 of" in plan.note("pruned")
+    note = plan.note("pruned")
+    assert note.startswith(f"pruned: 1 of {len(plan.rows) + len(plan.skipped)} N:M weights")
+    assert "small.weight (measured 0.50x)" in note and "proj (no F.linear call" in note
     table = plan.table()
     assert "| big.weight | [2, 5, 8] | 64 | 1.0000 | 0.5000 | 2.00x | yes |" in table
     assert "| small.weight |" in table and "| proj |" in table
@@ -100,6 +103,29 @@ def test_a_speedup_under_the_margin_is_not_swapped(pruned):
         res.module, res.nm_masks, (x,), min_speedup=0.5, dense=dense, sparse=sparse
     )
     assert sorted(loose.swapped) == ["big.weight", "small.weight"]
+
+
+class Refusing(Timer):
+    """A sparse timer whose kernels refuse the 16-wide Linear (as cuSPARSELt refuses fp32, or
+    a side off its tile)."""
+
+    def measure(self, shape, threads):
+        if shape.out_channels == 16:
+            raise RuntimeError("sparse_semi_structured: shape not supported\ndetails")
+        return super().measure(shape, threads)
+
+
+def test_a_shape_the_sparse_kernels_refuse_stays_dense_with_the_reason(pruned):
+    _, x, res = pruned
+    dense, sparse = Timer({64: 1.0, 16: 1.0}), Refusing({64: 0.5})
+    plan = plan_semi_structured(res.module, res.nm_masks, (x,), dense=dense, sparse=sparse)
+    rows = {r.name: r for r in plan.rows}
+    assert plan.swapped == ["big.weight"]
+    assert not rows["small.weight"].swap and rows["small.weight"].sparse_ms is None
+    assert rows["small.weight"].reason == (
+        "the 2:4 kernels refused it (torch.float32): RuntimeError: sparse_semi_structured: "
+        "shape not supported"
+    )
 
 
 def test_all_and_off_do_not_measure(pruned):
@@ -122,6 +148,15 @@ def test_bad_options_are_refused(pruned):
         TorchCuda("yes")
     with pytest.raises(ConfigError, match="semi_structured='on'"):
         fxprune.backend(res.plan, semi_structured="on")
+    for mode in ("all", "off"):  # they time nothing: a margin would be ignored
+        with pytest.raises(ConfigError, match="min_speedup=1.2 applies to"):
+            plan_semi_structured(res.module, res.nm_masks, (x,), mode, min_speedup=1.2)
+        with pytest.raises(ConfigError, match="min_speedup=1.2 applies to"):
+            TorchCuda(mode, min_speedup=1.2)
+        with pytest.raises(ConfigError, match="min_speedup=1.2 applies to"):
+            fxprune.backend(res.plan, semi_structured=mode, min_speedup=1.2)
+    with pytest.raises(ConfigError, match="min_speedup=0"):
+        fxprune.backend(res.plan, min_speedup=0)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message shown when no GPU is visible")
@@ -134,11 +169,16 @@ def test_measuring_without_a_gpu_says_so(pruned):
 @pytest.mark.skipif(CUDA, reason="the CPU refusal of the sparse kernels")
 def test_a_conversion_the_kernels_refuse_keeps_the_dense_weight(pruned):
     _, x, res = pruned
-    plan = plan_semi_structured(res.module, res.nm_masks, (x,), "all")
     before = res.module.big.weight
-    assert swap_semi_structured(res.module, plan) == []
+    measured = SwapPlan("measured", 1.05, rows=[SwapRow("big.weight", [2, 5, 8], 64, swap=True)])
+    assert swap_semi_structured(res.module, measured) == []
     assert res.module.big.weight is before
-    assert all(not r.swap and r.reason.startswith("conversion refused") for r in plan.rows)
+    assert not measured.rows[0].swap
+    assert measured.rows[0].reason.startswith("conversion refused: RuntimeError")
+    forced = plan_semi_structured(res.module, res.nm_masks, (x,), "all")
+    with pytest.raises(ConfigError, match="no N:M weight could become"):
+        swap_semi_structured(res.module, forced)  # 'all' is a request: none converted
+    assert res.module.big.weight is before
 
 
 def test_the_backend_keeps_a_cpu_graph_dense_and_says_why(pruned):
@@ -211,3 +251,20 @@ def test_on_a_gpu_the_decision_follows_the_measured_times():
     with torch.no_grad():
         torch.testing.assert_close(gm(xc), ref, rtol=2e-2, atol=2e-2)
     print(plan.table())
+
+
+def test_all_with_nothing_to_swap_is_refused(pruned):
+    """semi_structured='all' is a request: no N:M masks, or a CPU graph, is an error."""
+    m, x, res = pruned
+    structural = fxprune.compile(m, x, channels=0.25, ignore=["small"])
+    with pytest.raises(ConfigError, match="sets no N:M masks"):
+        fxprune.backend(structural.plan, semi_structured="all")
+    with pytest.raises(ConfigError, match="sets no N:M masks"):
+        fxprune.backend(semi_structured="all", channels=0.25)
+    with pytest.raises(ConfigError, match="no N:M masks"):
+        TorchCudaRunner(structural.module, {}, "pruned", (x,), "all")
+    b = fxprune.backend(res.plan, compiler="eager", semi_structured="all")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="semi-structured sparse kernels are CUDA-only"):
+        torch.compile(m, backend=b)(x)
+    torch._dynamo.reset()
