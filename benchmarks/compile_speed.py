@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fxprune  # noqa: E402
 from fxprune.verify.latency import Backend  # noqa: E402
-from fxprune.verify.latency_runners import EagerRunner  # noqa: E402
+from fxprune.verify.latency_runners import CompiledRunner  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 
 CPU_BACKENDS = ("torch", "torch-compile", "fxprune.backend", "onnxruntime")
@@ -51,10 +51,10 @@ class PlanInCompile(Backend):
 
     def runner(self, module, args, ctx):
         if ctx.tag == "dense":
-            return EagerRunner(torch.compile(module))
+            return CompiledRunner(module)
         b = fxprune.backend(self.plan)
         self.report = b.report
-        return EagerRunner(torch.compile(copy.deepcopy(self.dense), backend=b))
+        return CompiledRunner(copy.deepcopy(self.dense), backend=b)
 
 
 class CompileCuda(Backend):
@@ -64,18 +64,17 @@ class CompileCuda(Backend):
     gpu = True
 
     def runner(self, module, args, ctx):
-        fn = torch.compile(copy.deepcopy(module).cuda().eval())
-
-        class Runner(EagerRunner):
+        class Runner(CompiledRunner):
             def prepare(self, a):
-                return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in a)
+                a = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in a)
+                return super().prepare(a)
 
             def run(self, prepared):
                 out = super().run(prepared)
                 torch.cuda.synchronize()
                 return out
 
-        return Runner(fn)
+        return Runner(copy.deepcopy(module).cuda().eval())
 
 
 def resnet50(quick: bool):

@@ -35,7 +35,8 @@ HEADS = {"resnet50": "fc", "mobilenet_v3_large": "classifier.3"}
 
 def prune(model, x, head: str, round_to, backend: str, ratio: float):
     """The pruned model and the seconds ``compile`` took (for auto: mostly layer timing)."""
-    cfg = Channels(ratio, ignore=(head,), round_to=round_to, round_backend=backend)
+    timed = {"round_backend": backend} if round_to == "auto" else {}
+    cfg = Channels(ratio, ignore=(head,), round_to=round_to, **timed)
     t0 = time.perf_counter()
     res = fxprune.compile(model, x, fxprune.Recipe([cfg]))
     return res, time.perf_counter() - t0

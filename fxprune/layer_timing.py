@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune._util import registrar
-from fxprune.errors import ConfigError, MissingExtraError
+from fxprune.errors import ConfigError
 from fxprune.graph.trace import tensor_meta
 from fxprune.graph.weighted import weighted_layer
 
@@ -183,6 +183,13 @@ class LayerTimer:
     def measure(self, shape: LayerShape, threads: int) -> float:
         raise NotImplementedError
 
+    def layout_multiple(self) -> int:
+        """Conv channel counts that are not a multiple of this leave the backend's fast
+        whole-graph layout (layout changes around the layer, which one layer timed alone never
+        shows); ``round_to="auto"`` prices only multiples of it for groups with convs. 1: none.
+        """
+        return 1
+
 
 TIMERS: dict[str, LayerTimer] = {}
 """Layer timers by name (``"torch"``, ``"onnxruntime"`` and the registered ones)."""
@@ -223,80 +230,6 @@ class TorchTimer(LayerTimer):
                 return fastest_ms(m, x)
         finally:
             torch.set_num_threads(old)
-
-
-@layer_timer("onnxruntime")
-class OrtTimer(LayerTimer):
-    """A one-node ONNX graph (Conv, or MatMul + Add) on ONNX Runtime's CPU provider."""
-
-    def check(self) -> None:
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as e:  # pragma: no cover - core dependencies
-            raise MissingExtraError("onnxruntime", "onnx", "round_backend='onnxruntime'") from e
-
-    def versions(self) -> str:
-        import onnxruntime
-
-        return f"onnxruntime {onnxruntime.__version__}"
-
-    def measure(self, shape: LayerShape, threads: int) -> float:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        model = onnx_layer(shape).SerializeToString()
-        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        feed = {"x": torch.randn(shape.input).numpy()}
-        return fastest_ms(sess.run, None, feed)
-
-
-def onnx_layer(shape: LayerShape, module: nn.Module | None = None):
-    """The layer as a one-node ONNX model (input ``x``, output ``y``) with ``module``'s weights
-    (default: a freshly initialised :meth:`LayerShape.module`)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = module if module is not None else shape.module()
-    inits = [numpy_helper.from_array(m.weight.detach().numpy(), "w")]
-    names = ["x", "w"]
-    if m.bias is not None:
-        inits.append(numpy_helper.from_array(m.bias.detach().numpy(), "b"))
-    if shape.kind == "linear":
-        inits[0] = numpy_helper.from_array(m.weight.detach().t().contiguous().numpy(), "w")
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y" if m.bias is None else "xw"])]
-        if m.bias is not None:
-            nodes.append(helper.make_node("Add", ["xw", "b"], ["y"]))
-    else:
-        attrs = {"kernel_shape": list(shape.kernel), "strides": list(shape.stride)}
-        attrs.update(dilations=list(shape.dilation), group=shape.groups, pads=_pads(shape))
-        nodes = [
-            helper.make_node("Conv", names + (["b"] if m.bias is not None else []), ["y"], **attrs)
-        ]
-    with torch.no_grad():
-        y = m(torch.zeros(shape.input))
-    graph = helper.make_graph(
-        nodes,
-        "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape.input))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y.shape))],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _pads(shape: LayerShape) -> list[int]:
-    """ONNX ``pads`` (all begins, then all ends) of a conv, ``"same"`` spelled out as PyTorch
-    pads it (the odd one at the end)."""
-    if shape.padding == "valid":
-        return [0] * (2 * len(shape.kernel))
-    if shape.padding == "same":
-        total = [d * (k - 1) for d, k in zip(shape.dilation, shape.kernel, strict=True)]
-        return [t // 2 for t in total] + [t - t // 2 for t in total]
-    return list(shape.padding) * 2
 
 
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # timer -> {key: ms}
@@ -366,3 +299,23 @@ def _write(path: Path, data: dict) -> None:
         tmp.replace(path)
     except OSError:
         pass
+
+
+from fxprune.layer_timing_ort import OrtTimer, nchwc_multiple, onnx_layer  # noqa: E402
+
+__all__ = [
+    "CACHE_ENV",
+    "LayerShape",
+    "LayerTimer",
+    "OrtTimer",
+    "TIMERS",
+    "TorchTimer",
+    "clear_cache",
+    "fastest_ms",
+    "layer_shape",
+    "layer_timer",
+    "nchwc_multiple",
+    "onnx_layer",
+    "resolve_timer",
+    "time_layer",
+]

@@ -20,6 +20,7 @@ LAYERS = [
         "fxprune.calibration",
         "fxprune.gates",
         "fxprune.layer_timing",
+        "fxprune.layer_timing_ort",
         "fxprune.modelstate",
     ],
     ["fxprune.passes"],

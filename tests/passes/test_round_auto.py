@@ -266,3 +266,38 @@ def test_a_round_backend_without_auto_is_refused(model):
     m, x = model
     with pytest.raises(ConfigError, match="round_backend='onnxruntime' times layers"):
         fxprune.compile(m, x, channels=0.5, round_to=8, round_backend="onnxruntime")
+
+
+def test_a_backend_layout_multiple_keeps_conv_counts_on_it(model, monkeypatch, table):
+    """ORT keeps convs in its blocked layout only at multiples of its NCHWc step: a plain count
+    that is fastest alone (20 of 32 here) is not offered when the step is 8."""
+    m, x = model
+    table["cost"] = {20: 1.0, 24: 2.0, 32: 3.0}  # alone, the plain count wins
+    assert _kept(_auto(m, x)) == {"a": 20, "b": 20}
+    clear_cache()
+    monkeypatch.setattr(lt.TIMERS["table"], "layout_multiple", lambda: 8)
+    res = _auto(m, x)
+    assert _kept(res) == {"a": 24, "b": 24}
+    entry = res.plan.passes[0]["round_auto"]["groups"]["a"]
+    assert entry["layout_multiple"] == 8 and set(entry["ms"]) == {"24", "32"}
+    assert fxprune.verify.equivalence(m, res, x).ok
+
+
+def test_the_nchwc_probe_matches_what_ort_does_to_a_conv_chain():
+    pytest.importorskip("onnxruntime")
+    from fxprune.layer_timing import nchwc_multiple
+    from fxprune.layer_timing_ort import stays_blocked
+
+    step = nchwc_multiple()
+    assert step in (1, 2, 4, 8, 16, 32)
+    assert lt.TIMERS["onnxruntime"].layout_multiple() == step
+    assert lt.TIMERS["torch"].layout_multiple() == 1
+    if step > 1:  # on the step a conv chain stays blocked, off it it does not
+        assert stays_blocked(64 + step) and stays_blocked(96 + step)
+        assert not stays_blocked(64 + step // 2) and not stays_blocked(65)
+
+
+def test_the_sparse_cuda_timer_is_no_round_backend(model):
+    m, x = model
+    with pytest.raises(ConfigError, match="torch-cuda-2:4"):
+        fxprune.compile(m, x, Channels(0.4, round_to="auto", round_backend="torch-cuda-2:4"))

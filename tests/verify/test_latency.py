@@ -170,3 +170,30 @@ def test_a_user_backend_times_through_the_registry(pruned, monkeypatch):
     assert bad.rows[0].parity == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ConfigError, match="counting"):  # the error lists registered names
         fxprune.verify.latency(m, res, x, backend="nope")
+
+
+def test_torch_compile_runner_compiles_in_prepare_with_one_compile_thread():
+    """The compile happens in prepare (not in a timed call) with compile_threads=1, under which
+    inductor starts no worker pool (a default compile's pool kept a core busy while timing)."""
+    from fxprune.verify.latency_runners import CompiledRunner
+
+    seen = []
+
+    def counting(gm, inputs):
+        import torch._inductor.config as inductor
+
+        seen.append(inductor.compile_threads)
+        return gm.forward
+
+    import torch._inductor.config as inductor
+
+    before = inductor.compile_threads
+    torch._dynamo.reset()
+    r = CompiledRunner(nn.Linear(4, 2).eval(), backend=counting)
+    x = (torch.randn(3, 4),)
+    ready = r.prepare(x)
+    assert seen == [1] and inductor.compile_threads == before
+    r.run(ready)
+    r.run(ready)
+    assert seen == [1]  # the timed calls hit the compiled graph
+    torch._dynamo.reset()
