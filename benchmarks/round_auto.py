@@ -12,7 +12,8 @@ medians with the p10-p90 of the per-round speedups, the efficiency (speedup x MA
 noise flag, and the seconds ``compile`` took (for ``auto``, mostly its layer timing; a group
 whose plain count is already a multiple of 32 has one candidate and is not timed). A row
 flagged noisy was timed on a machine that was not quiet: compare such rows with care.
-``--cache FILE`` keeps the layer timings across runs (``FXPRUNE_LAYER_CACHE``).
+``--cache FILE`` keeps the layer timings across runs (``FXPRUNE_LAYER_CACHE``);
+``--price-batch N`` gives the example input, and so auto's layer timings, N rows (default 1).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def rows(name: str, backend: str, a) -> list[str]:
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    x = torch.randn(1, 3, a.size, a.size)
+    x = torch.randn(a.price_batch, 3, a.size, a.size)  # auto prices layers at this batch
     out = []
     for round_to in (1, 8, "auto"):
         res, secs = prune(model, x, HEADS[name], round_to, backend, a.channels)
@@ -83,6 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--size", type=int, default=224, help="input height and width")
     ap.add_argument("--channels", type=float, default=0.5, help="the channel ratio removed")
+    ap.add_argument(
+        "--price-batch", type=int, default=1, help="the example's batch (auto prices at it)"
+    )
     ap.add_argument("--cache", default=None, help="a JSON file keeping layer timings")
     a = ap.parse_args()
     if a.cache:
@@ -90,7 +94,7 @@ def main() -> None:
     threads = a.threads or os.cpu_count()
     print(
         f"# round_to=1 / 8 / auto at channels={a.channels}; {platform.machine()}, {os.cpu_count()} cpus, "
-        f"{threads} threads, torch {torch.__version__}; input 1x3x{a.size}x{a.size}, "
+        f"{threads} threads, torch {torch.__version__}; input {a.price_batch}x3x{a.size}x{a.size}, "
         f"{a.warmup} warm-up + {a.repeats} timed calls per model and batch\n"
     )
     lines = [
