@@ -39,6 +39,21 @@ def _check_outputs(a) -> None:
             raise FileAccessError(f"{flag} {path} is a file: give a folder")
 
 
+def _timing(a):
+    """``--semi-structured MODE`` as the torch-cuda latency backend of that mode (None without
+    the flag), refused before any work where nothing would use it."""
+    mode = getattr(a, "semi_structured", None)
+    if mode is None:
+        return None
+    from fxprune.errors import ConfigError
+    from fxprune.verify.latency import TorchCuda
+
+    if a.backend != "torch-cuda" or not getattr(a, "measure", True):
+        where = "without --measure" if a.backend == "torch-cuda" else f"on --backend {a.backend}"
+        raise ConfigError(f"--semi-structured {mode} applies to torch-cuda timings, not {where}")
+    return TorchCuda(mode)
+
+
 def _one_line(e: Exception) -> str:
     from fxprune.errors import FxPruneError
 
@@ -55,6 +70,7 @@ def main(argv=None) -> int:
     log = Log(a.quiet or a.json)
     try:
         _check_outputs(a)
+        a.timing = _timing(a)
         return COMMANDS[a.cmd](a, log)
     except (FxPruneError, OSError) as e:  # an fxprune error, or I/O on a path the user gave
         if a.debug:

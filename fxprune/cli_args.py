@@ -201,6 +201,14 @@ def _add_timing(pr, batch_default) -> None:
     pr.add_argument("--warmup", type=int, default=5, help="untimed calls per model and batch")
     pr.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch")
     pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+    pr.add_argument(
+        "--semi-structured",
+        dest="semi_structured",
+        choices=("measured", "all", "off"),
+        default=None,
+        help="torch-cuda: which 2:4 weights become semi-structured sparse tensors (default "
+        "measured: those whose Linear timed faster sparse; all; off)",
+    )
 
 
 def _add_verify(ve) -> None:

@@ -200,7 +200,7 @@ def _measure(a, model, res, x):
         model,
         res,
         x,
-        backend=a.backend,
+        backend=getattr(a, "timing", None) or a.backend,  # --semi-structured: a TorchCuda
         batch_sizes=a.batch,
         warmup=a.warmup,
         repeats=a.repeats,

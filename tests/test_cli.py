@@ -303,3 +303,26 @@ def test_flags_are_kebab_case_and_old_spellings_still_parse(capsys):
             p.parse_args([cmd, "--help"])
         shown = capsys.readouterr().out
         assert "--" in shown and not [w for w in shown.split() if w.startswith("--") and "_" in w]
+
+
+def test_semi_structured_flag_needs_torch_cuda_timings(net, capsys):
+    """--semi-structured chooses the torch-cuda runner's mode: on another backend, or on
+    estimate without --measure, nothing would use it, so it is refused before any work."""
+    cases = [
+        (["verify", net, "--trust", "--semi-structured", "all"], "not on --backend onnxruntime"),
+        (
+            ["estimate", net, "--trust", "--backend", "torch-cuda", "--semi-structured", "off"],
+            "not without --measure",
+        ),
+    ]
+    for argv, words in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        assert words in _one_error_line(capsys)
+    from fxprune.cli import _timing
+    from fxprune.cli_args import parser
+    from fxprune.verify.latency import TorchCuda
+
+    a = parser().parse_args(["verify", net, "--backend", "torch-cuda", "--semi-structured", "all"])
+    got = _timing(a)
+    assert isinstance(got, TorchCuda) and got.options == ("all", None)
+    assert _timing(parser().parse_args(["verify", net])) is None
