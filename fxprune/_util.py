@@ -147,3 +147,15 @@ def registrar(module: str, attr: str, base: type, what: str):
 
     register.__doc__ = f"Class decorator: register a :class:`{base.__name__}` subclass by name."
     return register
+
+
+def lookup(registry: dict, base: type, value, option: str):
+    """The registered object ``value`` names, or ``value`` itself when it is a ``base``
+    instance; anything else is a ConfigError naming ``option`` and the registered names."""
+    if isinstance(value, base):
+        return value
+    if isinstance(value, str) and value in registry:
+        return registry[value]
+    raise ConfigError(
+        f"{option}={value!r}: choose one of {tuple(registry)} or pass a {base.__name__} instance"
+    )

@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fxprune._util import registrar
+from fxprune._util import lookup, registrar
 from fxprune.errors import ConfigError
 from fxprune.gates import learn
 from fxprune.graph.depgraph import DependencyGraph, Group
@@ -73,16 +73,9 @@ criterion = registrar(__name__, "REGISTRY", Criterion, "criterion")
 
 def resolve(importance) -> Criterion:
     """The criterion ``importance`` names (a registered name) or is (an instance)."""
-    if isinstance(importance, Criterion):
-        return importance
     if isinstance(importance, type) and issubclass(importance, Criterion):
         return importance()
-    if isinstance(importance, str) and importance in REGISTRY:
-        return REGISTRY[importance]
-    raise ConfigError(
-        f"importance={importance!r}: choose one of {tuple(REGISTRY)} or pass a "
-        "fxprune.importance.Criterion instance"
-    )
+    return lookup(REGISTRY, Criterion, importance, "importance")
 
 
 def name_of(importance) -> str:

@@ -30,8 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune._util import registrar
-from fxprune.errors import ConfigError
+from fxprune._util import lookup, registrar
 from fxprune.graph.trace import tensor_meta
 from fxprune.graph.weighted import weighted_layer
 
@@ -237,11 +236,7 @@ _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # timer -> {key:
 
 def resolve_timer(name) -> LayerTimer:
     """The layer timer ``name`` names (a registered name) or is (an instance)."""
-    if isinstance(name, LayerTimer):
-        return name
-    if isinstance(name, str) and name in TIMERS:
-        return TIMERS[name]
-    raise ConfigError(f"round_backend={name!r}: choose one of {tuple(TIMERS)}")
+    return lookup(TIMERS, LayerTimer, name, "round_backend")
 
 
 def time_layer(

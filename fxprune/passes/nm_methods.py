@@ -15,8 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from fxprune._util import registrar
-from fxprune.errors import ConfigError
+from fxprune._util import lookup, registrar
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
 from fxprune.passes.nm_data import sparsegpt, wanda_scores
@@ -42,10 +41,9 @@ nm_method = registrar(__name__, "REGISTRY", NMMethod, "nm_method")
 """``@nm_method("name")``: register an :class:`NMMethod` subclass under ``name``."""
 
 
-def resolve(name: str) -> NMMethod:
-    if name not in REGISTRY:
-        raise ConfigError(f"sparsity_method={name!r}: choose one of {tuple(REGISTRY)}")
-    return REGISTRY[name]
+def resolve(name) -> NMMethod:
+    """The N:M method ``name`` names (a registered name) or is (an instance)."""
+    return lookup(REGISTRY, NMMethod, name, "sparsity_method")
 
 
 @nm_method("magnitude")

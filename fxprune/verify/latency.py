@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxprune._util import eval_mode, progress_bar, registrar
+from fxprune._util import eval_mode, lookup, progress_bar, registrar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
 
@@ -185,11 +185,7 @@ BACKENDS = tuple(REGISTRY)  # the built-in names (registered backends join REGIS
 
 def resolve(name) -> Backend:
     """The backend ``name`` names (a registered name) or is (an instance)."""
-    if isinstance(name, Backend):
-        return name
-    if isinstance(name, str) and name in REGISTRY:
-        return REGISTRY[name]
-    raise ConfigError(f"backend={name!r}: choose one of {tuple(REGISTRY)}")
+    return lookup(REGISTRY, Backend, name, "backend")
 
 
 def _macs(module, args) -> int:
