@@ -29,14 +29,6 @@ class Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.fixture(scope="module")
-def pruned():
-    torch.manual_seed(0)
-    m = Net().eval()
-    x = torch.randn(2, 3, 16, 16)
-    return m, x, fxprune.compile(m, x, channels=0.5, ignore=["fc"])
-
-
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_report_fields(pruned, backend):
     m, x, res = pruned

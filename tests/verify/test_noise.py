@@ -26,19 +26,10 @@ from fxprune.verify.latency_report import (
     noise_reasons,
 )
 from fxprune.verify.latency_runners import CpuMonitor, CpuSample, other_cores
-from tests.verify.test_latency import Net
 
 lat = importlib.import_module("fxprune.verify.latency")  # the module, not the function
 runners = importlib.import_module("fxprune.verify.latency_runners")
 HAS_PROC = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
-
-
-@pytest.fixture(scope="module")
-def pruned():
-    torch.manual_seed(0)
-    m = Net().eval()
-    x = torch.randn(2, 3, 16, 16)
-    return m, x, fxprune.compile(m, x, channels=0.5, ignore=["fc"])
 
 
 class Sleeper:
