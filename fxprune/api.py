@@ -27,17 +27,12 @@ from fxprune.modelstate import (
     train_refused,
     training_flags,
 )
+from fxprune.options import RECIPE_OPTIONS, from_options
 from fxprune.passes import REGISTRY as PASSES
 from fxprune.passes import check_masks_disjoint, run_passes
 from fxprune.passes.heads import Heads
 from fxprune.plan import CompileResult, Plan, Summary, inputs_spec
-from fxprune.recipe import (
-    RECIPE_OPTIONS,
-    Recipe,
-    check_recipe,
-    from_options,
-    with_runtime,
-)
+from fxprune.recipe import Recipe, check_recipe, with_runtime
 from fxprune.stats import layer_stats
 
 
@@ -126,7 +121,7 @@ def compile(  # noqa: A001 - the public name the project promises
     heads: float | int = 0.0,
     ffn: float = 0.0,
     blocks: int | Sequence[int | str] = 0,
-    importance: str | Criterion = "l1",
+    importance: str | Criterion = "auto",
     block_importance: str = "cosine",
     calibration=None,
     calibration_batches: int | None = None,
@@ -284,7 +279,7 @@ def compile(  # noqa: A001 - the public name the project promises
         config = {"uniform": recipe.uniform, "allow_approximate": recipe.allow_approximate}
         check_recipe(model, recipe)  # the keyword form resolved and checked its names already
     else:
-        recipe, config = from_options(model, **options)
+        recipe, config = from_options(model, data=calibration is not None, **options)
     passes = with_runtime(model, recipe, calibration, calibration_batches, loss_fn, train_fn)
     with contextlib.suppress(ConfigError):  # leaf_modules given as types have no JSON form
         config["recipe"] = recipe.to_dict()

@@ -27,25 +27,49 @@ FOLDERS = (("--save-pretrained", "save_pretrained"),)  # written as a folder
 def _check_outputs(a) -> None:
     from fxprune.errors import FileAccessError
 
+    folders = FOLDERS + ((("-o", "out"),) if getattr(a, "format", None) == "genai" else ())
     for flag, attr in OUTPUTS:
+        if (flag, attr) in folders:
+            continue
         path = getattr(a, attr, None)
         if path and Path(path).is_dir():
             raise FileAccessError(f"{flag} {path} is a directory: give a file path")
         if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
             raise FileAccessError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
-    for flag, attr in FOLDERS:
+    for flag, attr in folders:
         path = getattr(a, attr, None)
         if path and Path(path).exists() and not Path(path).is_dir():
             raise FileAccessError(f"{flag} {path} is a file: give a folder")
+    out = Path(a.out) if ("-o", "out") in folders else None
+    if out is not None and not a.overwrite and out.is_dir() and any(out.iterdir()):
+        # the exporter refuses it too, but only after the pruning
+        raise FileAccessError(f"-o {out} is a folder that is not empty: pass --overwrite")
 
 
 def _timing(a):
-    """``--semi-structured MODE`` as the torch-cuda latency backend of that mode (None without
-    the flag), refused before any work where nothing would use it."""
+    """``--semi-structured MODE`` as the torch-cuda latency backend of that mode, verify's
+    ``--precision`` / ``--tokenizer-from`` as the onnxruntime-genai backend with them (None
+    without those flags), refused before any work where nothing would use them."""
+    from fxprune.errors import ConfigError
+
+    decode = [f for f in ("prompt_len", "new_tokens") if getattr(a, f, None) is not None]
+    if decode:
+        from fxprune.verify.latency import resolve
+
+        if not resolve(a.backend).decode:
+            flags = ", ".join("--" + f.replace("_", "-") for f in decode)
+            raise ConfigError(f"{flags}: decode backends time generation, not {a.backend}")
+    genai = [f for f in ("precision", "tokenizer_from") if getattr(a, f, None)]
+    if genai and a.cmd == "verify":
+        if a.backend != "onnxruntime-genai":
+            flags = ", ".join("--" + f.replace("_", "-") for f in genai)
+            raise ConfigError(f"{flags}: options of --backend onnxruntime-genai, not {a.backend}")
+        from fxprune.verify.latency import OnnxRuntimeGenai
+
+        return OnnxRuntimeGenai(a.precision or "fp32", a.tokenizer_from)
     mode = getattr(a, "semi_structured", None)
     if mode is None:
         return None
-    from fxprune.errors import ConfigError
     from fxprune.verify.latency import TorchCuda
 
     if a.backend != "torch-cuda" or not getattr(a, "measure", True):

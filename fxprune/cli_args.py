@@ -24,6 +24,7 @@ examples:
   fxprune prune hf:./llama-dir --heads 0.25 --ffn 0.25 --save-pretrained ./llama-pruned
   fxprune prune hf:./llama-7b --heads 0.25 --ffn 0.25 --stream --save-pretrained ./out
   fxprune export r50.pt -o r50.onnx
+  fxprune export hf:./llama-dir --heads 0.25 --ffn 0.25 --format genai -o ./llama-genai
   fxprune verify r50.pt --batch 1 8 --threads 2 --fail-if-slower --report r50.html
   fxprune estimate torchvision:resnet50 --unstructured 0.9 --channels 0.5 --ignore fc --measure
   fxprune inspect torchvision:mobilenet_v3_small
@@ -31,6 +32,8 @@ examples:
   fxprune prune hf:bert --heads 0.25 --ffn 0.3 --json
   fxprune prune my_model.py:build --trust --channels 0.5 --importance l2
   fxprune verify torchvision:resnet50 --channels 0.5 --round-to 8 --ignore fc --batch 1 8
+  fxprune verify hf:./llama-dir --heads 0.25 --backend onnxruntime-genai --batch 1 \
+      --prompt-len 128 --new-tokens 64
 """
 
 
@@ -142,9 +145,9 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
     pr.add_argument("--block_importance", default="cosine", choices=["cosine", "l2"])
     pr.add_argument(
         "--importance",
-        default="l1",
-        help="l1, l2, bn_scale, fpgm, lamp, random, taylor, activation, entropy or confidence"
-        " (learned needs a train_fn: Python only)",
+        default="auto",
+        help="auto (activation with calibration data, else l1), l1, l2, bn_scale, fpgm, lamp,"
+        " random, taylor, activation, entropy or confidence (learned needs a train_fn: Python only)",
     )
     pr.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs stay")
     pr.add_argument(
@@ -184,11 +187,39 @@ def _add_example_batch(pr) -> None:
     )
 
 
+def _add_genai(pr) -> None:
+    pr.add_argument(
+        "--precision",
+        default=None,
+        help="ONNX Runtime GenAI decoder weights: fp32 (default) or int4 (fp16 does not run on "
+        "its CPU provider)",
+    )
+    pr.add_argument(
+        "--tokenizer-from",
+        metavar="DIR",
+        default=None,
+        help="ONNX Runtime GenAI: copy the tokenizer files from DIR (default: the model's folder)",
+    )
+
+
 def _add_timing(pr, batch_default) -> None:
     pr.add_argument(
         "--backend",
         default="onnxruntime",
-        help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse) or tensorrt (GPU)",
+        help="onnxruntime, torch, torch-compile, torch-cuda (GPU, 2:4 sparse), tensorrt (GPU) "
+        "or onnxruntime-genai (decode of a Hugging Face causal LM: TTFT and tokens/s)",
+    )
+    pr.add_argument(
+        "--prompt-len",
+        type=int,
+        default=None,
+        help="decode backends: prompt tokens per row (default 128)",
+    )
+    pr.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="decode backends: greedy tokens generated after the prompt (default 64)",
     )
     pr.add_argument(
         "--batch",
@@ -214,6 +245,7 @@ def _add_timing(pr, batch_default) -> None:
 def _add_verify(ve) -> None:
     _add_pruning(ve)
     _add_timing(ve, [1, 8])
+    _add_genai(ve)
     ve.add_argument(
         "--fail-if-slower", dest="fail_if_slower", action="store_true", help="exit 1 if slower"
     )
@@ -232,6 +264,44 @@ def _add_verify(ve) -> None:
         help="when every check passed, export the pruned model (.onnx or .engine) with the "
         "proof and the latency measured in its metadata",
     )
+
+
+def _add_export(ex) -> None:
+    _add_pruning(ex)
+    ex.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="model.onnx, model.engine (TensorRT), or a folder with --format genai",
+    )
+    ex.add_argument(
+        "--format",
+        default=None,
+        help="onnx, tensorrt or genai (an ONNX Runtime GenAI decoder folder with its KV cache, "
+        "checked token for token against generate); default: by the -o suffix",
+    )
+    ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
+    _add_genai(ex)
+    ex.add_argument(
+        "--overwrite", action="store_true", help="--format genai: replace a non-empty -o folder"
+    )
+    _add_example_batch(ex)
+
+
+def _add_estimate(es) -> None:
+    _add_pruning(es, unstructured=False)
+    _add_timing(es, [1, 8])
+    es.add_argument("--unstructured", type=float, default=0.9, help="sparsity s (0: skip)")
+    es.add_argument("--nm", default="2:4", help="'2:4' or 'none'")
+    es.add_argument("--hardware", nargs="+", default=["A100", "H100", "L4", "cpu"], help="profiles")
+    es.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None)
+    es.add_argument("--exclude", nargs="*", default=[], help="modules kept dense by 2:4/unstr.")
+    es.add_argument("--roofline_top", type=int, default=5, help="layers per roofline table")
+    es.add_argument(
+        "--measure", action="store_true", help="also time the structured model and compare"
+    )
+    es.add_argument("--compare_with", help="profile the measurement is compared to")
+    es.add_argument("--report", help="write a self-contained HTML report here")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -280,28 +350,17 @@ def parser() -> argparse.ArgumentParser:
     _add_example_batch(pr)
     pr.add_argument("--report", help="write a self-contained HTML report here")
 
-    ex = add("export", "prune (or open a checkpoint), prove, export ONNX or a TensorRT engine")
-    _add_pruning(ex)
-    ex.add_argument("-o", "--out", required=True, help="model.onnx, or model.engine (TensorRT)")
-    ex.add_argument("--fp32", action="store_true", help="TensorRT: build an fp32 engine")
-    _add_example_batch(ex)
+    _add_export(
+        add(
+            "export",
+            "prune (or open a checkpoint), prove, export ONNX, a TensorRT engine or an ONNX "
+            "Runtime GenAI folder",
+        )
+    )
 
     _add_verify(add("verify", "measure pruned vs dense latency on a backend, side by side"))
 
-    es = add("estimate", "price unstructured vs 2:4 vs structured pruning per hardware")
-    _add_pruning(es, unstructured=False)
-    _add_timing(es, [1, 8])
-    es.add_argument("--unstructured", type=float, default=0.9, help="sparsity s (0: skip)")
-    es.add_argument("--nm", default="2:4", help="'2:4' or 'none'")
-    es.add_argument("--hardware", nargs="+", default=["A100", "H100", "L4", "cpu"], help="profiles")
-    es.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None)
-    es.add_argument("--exclude", nargs="*", default=[], help="modules kept dense by 2:4/unstr.")
-    es.add_argument("--roofline_top", type=int, default=5, help="layers per roofline table")
-    es.add_argument(
-        "--measure", action="store_true", help="also time the structured model and compare"
-    )
-    es.add_argument("--compare_with", help="profile the measurement is compared to")
-    es.add_argument("--report", help="write a self-contained HTML report here")
+    _add_estimate(add("estimate", "price unstructured vs 2:4 vs structured pruning per hardware"))
 
     ins = add(
         "inspect",

@@ -1,6 +1,7 @@
 """The command line's sub-commands, ``prune | export | verify | estimate | inspect``: each
 ``(args, log) -> exit code``, listed in :data:`COMMANDS` (``prune --stream`` is
-``fxprune.cli_stream``). ``fxprune.cli`` parses the arguments and dispatches to them.
+``fxprune.cli_stream``, ``inspect`` is ``fxprune.cli_inspect``). ``fxprune.cli`` parses the
+arguments and dispatches to them.
 
 Every export records what the command knows in the file's hand-off metadata
 (``fxprune.exporters.metadata``): the plan and what was removed, the equivalence proof, and for
@@ -12,18 +13,16 @@ import contextlib
 import json
 import sys
 import time
-from pathlib import Path
 
 from fxprune.cli_inputs import (
-    blame_inputs,
     compile_source,
+    export_options,
     flag_options,
     is_checkpoint,
-    open_checkpoint,
     portable,
-    shaped,
     unstructured_flags,
 )
+from fxprune.cli_inspect import inspect_command
 
 
 class Log:
@@ -61,7 +60,7 @@ def _print_recipe(a, log: Log) -> int:
 
     from fxprune.errors import ConfigError
     from fxprune.models import load_model
-    from fxprune.recipe import from_options
+    from fxprune.options import from_options
 
     if is_checkpoint(a.model):
         raise ConfigError("--print-recipe builds a recipe from the flags; a checkpoint has a plan")
@@ -162,6 +161,7 @@ def _prune(a, log: Log) -> int:
 
 
 def _export(a, log: Log) -> int:
+    options = export_options(a)  # a bad --format or option fails before any work
     model, x, res = compile_source(a, log)
     rep = _prove(model, res, x, log)
     if not rep.ok:
@@ -169,9 +169,6 @@ def _export(a, log: Log) -> int:
         print(f"equivalence check: {rep}\nnot exported: the pruned model is not exact")
         return 1
     log(f"exporting {a.out}")
-    options = {}
-    if Path(a.out).suffix in (".engine", ".plan", ".trt"):
-        options["fp16"] = not a.fp32
     with _writing("-o", a.out):
         out = res.export(a.out, equivalence=rep, **options)
     log(None)
@@ -200,8 +197,10 @@ def _measure(a, model, res, x):
         model,
         res,
         x,
-        backend=getattr(a, "timing", None) or a.backend,  # --semi-structured: a TorchCuda
+        backend=getattr(a, "timing", None) or a.backend,  # --semi-structured, --precision
         batch_sizes=a.batch,
+        prompt_len=a.prompt_len,
+        new_tokens=a.new_tokens,
         warmup=a.warmup,
         repeats=a.repeats,
         threads=a.threads,
@@ -262,6 +261,8 @@ def _verify(a, log: Log) -> int:
 
 def _profile_for(backend: str) -> str | None:
     """The estimator profile a measurement on ``backend`` compares with (None: no match)."""
+    if backend == "onnxruntime-genai":
+        return None  # a decode speedup: the estimate prices one forward of the example
     if backend not in ("tensorrt", "torch-cuda"):
         return "cpu"
     import torch
@@ -295,7 +296,8 @@ def _estimate(a, log: Log) -> int:
             est.compare(lat, hardware=profile)
         else:
             print(
-                "fxprune: no estimator profile matches this GPU: pass --compare-with",
+                "fxprune: no estimator profile matches this GPU (or decode timings): pass "
+                "--compare-with",
                 file=sys.stderr,
             )
     log(None)
@@ -313,88 +315,10 @@ def _estimate(a, log: Log) -> int:
     return 0
 
 
-def _inspect_onnx(a) -> int:
-    """``inspect FILE.onnx``: the hand-off metadata; exit 1 when the plan's digest fails."""
-    from fxprune.exporters.metadata import describe, read_metadata
-
-    meta = read_metadata(a.model)
-    print(json.dumps(meta) if a.json else describe(meta, a.model))
-    return 1 if meta.get("digest_ok") is False else 0
-
-
-def _inspect(a, log: Log) -> int:
-    import torch
-
-    from fxprune.graph import build_graph, trace
-    from fxprune.models import load_model
-    from fxprune.passes.units import group_name
-
-    if Path(a.model).suffix == ".onnx":
-        return _inspect_onnx(a)
-    if is_checkpoint(a.model):
-        _, x, res = open_checkpoint(a.model, a.trust)
-        model = res.module
-    else:
-        log(f"building {a.model}")
-        torch.manual_seed(a.seed)
-        model, x = load_model(a.model, trust=a.trust)
-    x = shaped(a, model, x)
-    log("tracing")
-    with blame_inputs(model, x):
-        traced = trace(model, x, mode=a.mode)
-    log("building the dependency graph")
-    g = build_graph(traced.gm, allow_approximate=a.allow_approximate)
-    log(None)
-    groups = []
-    for grp in g.groups:
-        free = int((~g.blocked[grp.units]).sum())
-        groups.append(
-            {
-                "id": grp.id,
-                "name": group_name(g, grp),
-                "kind": grp.kind,
-                "units": len(grp.units),
-                "prunable": free,
-                "width": grp.width,
-                "approximate": grp.approximate,
-                "layers": grp.layers(g),
-            }
-        )
-    barriers = g.barrier_report()
-    if a.json:
-        print(json.dumps({"mode": traced.mode, "groups": groups, "barriers": barriers}))
-        return 0
-    prunable = sum(1 for r in groups if r["prunable"])
-    print(
-        f"{a.model}: traced with {traced.mode}; {len(g.sources)} layers create channels; "
-        f"{len(groups)} groups ({prunable} with prunable units); {len(barriers)} barriers"
-    )
-    shown = groups if a.all else groups[: a.top]
-    print("\n| group | kind | prunable / units | width | layers |")
-    print("|---|---|---|---|---|")
-    for r in shown:
-        layers = ", ".join(r["layers"][:4]) + (
-            f" (+{len(r['layers']) - 4})" if len(r["layers"]) > 4 else ""
-        )
-        flag = " (approximate)" if r["approximate"] else ""
-        print(
-            f"| {r['name']} | {r['kind']}{flag} | {r['prunable']} / {r['units']} "
-            f"| {r['width']} | {layers} |"
-        )
-    if len(shown) < len(groups):
-        print(f"... {len(groups) - len(shown)} more groups (--all shows them)")
-    if barriers:
-        print("\nbarriers (what keeps channels, and why):")
-        for b in barriers[: (None if a.all else a.top)]:
-            layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
-            print(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
-    return 0
-
-
 COMMANDS = {
     "prune": _prune,
     "export": _export,
     "verify": _verify,
     "estimate": _estimate,
-    "inspect": _inspect,
+    "inspect": inspect_command,
 }

@@ -149,12 +149,17 @@ def compile_source(a, log: Callable[[str | None], None]):
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, x = load_model(a.model, trust=a.trust)
-    if getattr(a, "save_pretrained", None) and not hasattr(model, "save_pretrained"):
+    flag = hf_folder_flag(a)
+    if flag and not hasattr(model, "save_pretrained"):
         from fxprune.errors import ConfigError
 
         raise ConfigError(
-            f"--save-pretrained: {a.model} is a {type(model).__name__}, not a Hugging Face "
-            "model; use --save for an fxprune checkpoint"
+            f"{flag}: {a.model} is a {type(model).__name__}, not a Hugging Face model; "
+            + (
+                "use --save for an fxprune checkpoint"
+                if flag == "--save-pretrained"
+                else "ONNX Runtime GenAI builds decoders from Hugging Face causal LMs"
+            )
         )
     x = shaped(a, model, x)
     if getattr(a, "load", None):
@@ -198,8 +203,44 @@ def flag_options(a, channels: float) -> dict:
         "sparsity_permute": a.sparsity_permute,
         "sparsity_method": a.sparsity_method,
         **unstructured_flags(a),
-        "uniform": bool(getattr(a, "save_pretrained", None)),  # what a HF config can hold
+        "uniform": hf_folder_flag(a) is not None,  # what a HF config can hold
     }
+
+
+def hf_folder_flag(a) -> str | None:
+    """The flag that writes the pruned model as a Hugging Face folder (so the counts must be
+    uniform and the model a Hugging Face one), or None."""
+    if getattr(a, "save_pretrained", None):
+        return "--save-pretrained"
+    if getattr(a, "format", None) == "genai":
+        return "--format genai"
+    if getattr(a, "backend", None) == "onnxruntime-genai":
+        return "--backend onnxruntime-genai"
+    return None
+
+
+def export_options(a) -> dict:
+    """The exporter options ``fxprune export``'s flags spell: ``--format``, TensorRT's
+    ``--fp32``, and genai's ``--precision`` / ``--overwrite`` / ``--tokenizer-from`` (refused
+    for another exporter)."""
+    from fxprune.errors import ConfigError
+    from fxprune.exporters import exporter_for
+
+    cls = exporter_for(a.out, a.format)
+    options = {"format": a.format} if a.format else {}
+    genai = {"precision": a.precision, "overwrite": a.overwrite or None}
+    given = {k: v for k, v in {**genai, "tokenizer_from": a.tokenizer_from}.items() if v}
+    if cls.format == "genai":
+        from fxprune.exporters.genai_build import check_precision
+
+        check_precision(a.precision or "fp32")
+        return {**options, **given}
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags}: options of --format genai, not of the {cls.format} exporter")
+    if cls.format == "tensorrt":
+        options["fp16"] = not a.fp32
+    return options
 
 
 def _prune_flags(a, model, x, channels: float):
@@ -211,7 +252,7 @@ def _prune_flags(a, model, x, channels: float):
         return fxprune.compile(model, x, **flag_options(a, channels))
     from fxprune._util import is_default
     from fxprune.errors import ConfigError
-    from fxprune.recipe import RECIPE_OPTIONS
+    from fxprune.options import RECIPE_OPTIONS
 
     flags = flag_options(a, a.channels or 0.0)
     given = [k for k, v in flags.items() if k not in ("uniform", "seed")]

@@ -186,9 +186,18 @@ def save_pretrained(result, path, tokenizer_from=None, **kwargs) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"save_pretrained: {out} is a file; give a folder")
     model.save_pretrained(str(out), **kwargs)
-    src = Path(tokenizer_from) if tokenizer_from is not None else source_folder(model)
-    if src is not None and src.resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
+    copy_tokenizer(
+        Path(tokenizer_from) if tokenizer_from is not None else source_folder(model), out
+    )
     return out
+
+
+def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` of folder ``src`` (None: nothing) into ``out``; the
+    names copied."""
+    if src is None or src.resolve() == out.resolve():
+        return []
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, out / name)
+    return copied

@@ -71,6 +71,22 @@ criterion = registrar(__name__, "REGISTRY", Criterion, "criterion")
 """``@criterion("name")``: register a :class:`Criterion` subclass under ``name``."""
 
 
+AUTO = "auto"
+"""``importance="auto"`` (the default): heads and FFN neurons ranked by ``"activation"`` when
+calibration data is given, by ``"l1"`` without; channels by ``"l1"``. Measured (docs/accuracy.md):
+on a real pretrained LM (SmolLM2-135M) L1 ranking of FFN neurons collapses the model where
+activation ranking keeps it usable, and on all-MiniLM-L6-v2 activation keeps the embeddings
+closest of the criteria that need no training loop."""
+
+
+def auto_importance(importance, kind: str, data: bool):
+    """The criterion ``importance`` means for a pass of ``kind`` (``"heads"``, ``"ffn"``,
+    ``"channels"``) given whether calibration data is there; other names are themselves."""
+    if importance != AUTO:
+        return importance
+    return "activation" if data and kind in ("heads", "ffn") else "l1"
+
+
 def resolve(importance) -> Criterion:
     """The criterion ``importance`` names (a registered name) or is (an instance)."""
     if isinstance(importance, type) and issubclass(importance, Criterion):

@@ -234,28 +234,38 @@ class CompileResult(Report):
         """The N:M masks only (what sparse kernels can run)."""
         return {k: v for p in self.passes if p.name == "nm" for k, v in p.masks.items()}
 
-    def export(self, path: str | Path, example_inputs=None, **options):
-        """Export the pruned model by file suffix (``.onnx``); checks run before the file lands.
+    def export(self, path: str | Path, example_inputs=None, format: str | None = None, **options):
+        """Export the pruned model with the exporter named ``format``, else by file suffix
+        (``.onnx``, ``.engine``); checks run before anything lands.
+
+        ``format="genai"`` writes the folder ``path``: an ONNX Runtime GenAI decoder with its
+        KV cache, built from :meth:`save_pretrained`'s folder and checked greedy token for
+        token against ``model.generate`` (options: ``precision="fp32" | "int4"``,
+        ``overwrite``, ``tokenizer_from``; see ``fxprune.exporters.genai``).
 
         ``example_inputs`` default to the shapes recorded in the plan. When the N:M pass ran, the
         exported weights are audited for the pattern along each layer's reduction axis.
+
+        Example:
+            >>> result.export("llama-genai", format="genai", precision="int4")
         """
-        from fxprune.exporters import export
+        from fxprune.exporters import exporter_for
         from fxprune.passes import NMResult
 
+        cls = exporter_for(path, format)
         if isinstance(example_inputs, dict):  # keyword inputs, in the forward's order
             from fxprune.graph.trace import as_args
 
             example_inputs = as_args(example_inputs, self.model)
         args = example_inputs if example_inputs is not None else self.plan.example_inputs()
         nm = next((p for p in self.passes if isinstance(p, NMResult)), None)
-        if nm is not None and "nm" not in options:
+        if nm is not None and cls.audits_nm and "nm" not in options:
             options["nm"] = (nm.n, nm.m)
             options["nm_weights"] = {
                 k: self.module.get_parameter(k).detach().cpu().numpy() for k in nm.masks
             }
         options.setdefault("result", self)  # what the hand-off metadata describes
-        return export(self.module, args, path, **options)
+        return cls().export(self.module, args, Path(path), **options)
 
     def masks_from_weights(self) -> None:
         """Re-read every mask off the module's weights (after loading saved weights, which

@@ -27,19 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from fxprune._util import is_default, jsonable, resolve_names
+from fxprune._util import jsonable, resolve_names
 from fxprune.calibration import default_loss, take_batches
 from fxprune.errors import ConfigError, FileAccessError
 from fxprune.importance import Criterion, name_of, resolve
 from fxprune.passes import (
     BY_CONFIG,
-    FFN,
     NM,
     REGISTRY,
     Blocks,
-    Channels,
-    Heads,
-    Permute,
     Unstructured,
 )
 
@@ -180,173 +176,6 @@ class Recipe:
         except OSError as e:
             raise FileAccessError(f"recipe {p}: cannot write it ({e.strerror or e})") from e
         return p
-
-
-# ---------------------------------------------------------------- from compile's keywords
-
-RECIPE_OPTIONS = {
-    "channels": 0.0,
-    "heads": 0.0,
-    "ffn": 0.0,
-    "blocks": 0,
-    "importance": "l1",
-    "block_importance": "cosine",
-    "ignore": (),
-    "layer_ratios": None,
-    "head_ratios": None,
-    "ffn_ratios": None,
-    "round_to": None,
-    "round_backend": "torch",
-    "min_channels": 1,
-    "min_heads": 1,
-    "global_ranking": False,
-    "allow_approximate": False,
-    "mode": "auto",
-    "leaf_modules": (),
-    "seed": 0,
-    "sparsity": None,
-    "sparsity_include": (),
-    "sparsity_exclude": (),
-    "sparsity_permute": False,
-    "sparsity_method": "magnitude",
-    "unstructured": 0.0,
-    "unstructured_scope": "layer",
-    "unstructured_method": "magnitude",
-    "unstructured_include": (),
-    "unstructured_exclude": (),
-    "uniform": False,
-}
-"""``compile``'s keyword options a recipe holds, with their defaults (runtime ones are not
-here: calibration, calibration_batches, loss_fn, inplace, dynamic_shapes)."""
-
-_PER_LAYER = ("global_ranking", "layer_ratios", "head_ratios", "ffn_ratios")
-
-
-def from_options(model, **options) -> tuple[Recipe, dict]:
-    """The :class:`Recipe` that ``compile``'s keyword options (any subset of
-    :data:`RECIPE_OPTIONS`, the rest at their defaults) describe, and the keyword view
-    ``plan.config`` keeps. Globs, module types and module instances become module names.
-    ``fxprune prune --print-recipe`` prints it."""
-    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
-    if unknown:
-        raise ConfigError(f"recipe options {unknown}: not compile options a recipe holds")
-    o = {**RECIPE_OPTIONS, **options}
-    resolve(o["importance"])  # an unknown criterion is named before anything else
-    o["ignore"] = resolve_names(model, o["ignore"], "ignore")
-    ratios = {k: tuple((o[k] or {}).items()) for k in ("layer_ratios", "head_ratios", "ffn_ratios")}
-    nm = _nm(model, o)
-    if o["round_to"] is None:
-        o["round_to"] = nm.m if nm is not None else 1
-    elif o["round_to"] == "auto" and nm is not None:  # its candidates need not divide by M
-        raise ConfigError(f"round_to='auto' with sparsity: give round_to={nm.m} (or a multiple)")
-    per_layer = [k for k in _PER_LAYER if o[k]]
-    if o["uniform"] and per_layer:
-        raise ConfigError(
-            f"uniform=True keeps one count for every layer, but {', '.join(per_layer)} sets "
-            "counts per layer"
-        )
-    for k, pairs in ratios.items():
-        resolve_names(model, [name for name, _ in pairs], k)
-    passes = _unit_passes(o, ratios)
-    if nm is not None:
-        passes += [Permute(nm.n, nm.m, seed=o["seed"])] if o["sparsity_permute"] else []
-        passes.append(nm)
-    unstructured = _unstructured(model, o)
-    if unstructured is not None:  # after N:M (a permutation would move its masks)
-        passes.append(unstructured)
-    recipe = Recipe(
-        tuple(passes),
-        mode=o["mode"],
-        leaf_modules=tuple(o["leaf_modules"]),
-        allow_approximate=o["allow_approximate"],
-        uniform=o["uniform"],
-    )
-    return recipe, _keyword_view(o, ratios, nm)
-
-
-def _unstructured(model, o: dict):
-    """The unstructured config ``unstructured=`` asks for (None without it)."""
-    keys = [k for k in RECIPE_OPTIONS if k.startswith("unstructured_")]
-    if not o["unstructured"]:
-        if changed := [k for k in keys if not is_default(o[k], RECIPE_OPTIONS[k])]:
-            raise ConfigError(f"{', '.join(changed)} needs unstructured=<fraction>")
-        return None
-    inc, exc = tuple(o["unstructured_include"]), tuple(o["unstructured_exclude"])
-    resolve_names(model, list(inc) + list(exc), "unstructured filters")
-    scope, method = o["unstructured_scope"], o["unstructured_method"]
-    return Unstructured(o["unstructured"], scope, method, include=inc, exclude=exc)
-
-
-def _nm(model, o: dict):
-    """The N:M config ``sparsity=`` asks for (None without it); its options checked."""
-    if o["sparsity"] is None:
-        if o["sparsity_method"] != "magnitude":
-            raise ConfigError(
-                f"sparsity_method={o['sparsity_method']!r} needs sparsity='N:M' (e.g. '2:4')"
-            )
-        if o["sparsity_permute"]:
-            raise ConfigError("sparsity_permute=True needs sparsity='N:M'")
-        return None
-    filters = list(o["sparsity_include"]) + list(o["sparsity_exclude"])
-    resolve_names(model, filters, "sparsity filters")
-    return NM.parse(
-        o["sparsity"],
-        include=tuple(o["sparsity_include"]),
-        exclude=tuple(o["sparsity_exclude"]),
-        method=o["sparsity_method"],
-    )
-
-
-def _unit_passes(o: dict, ratios: dict) -> list:
-    """Blocks, heads, FFN and channels, in the order they run."""
-    shared = {k: o[k] for k in ("importance", "ignore", "global_ranking", "seed")}
-    h_ratios, f_ratios = ratios["head_ratios"], ratios["ffn_ratios"]
-    passes = []
-    if o["blocks"]:
-        which = o["blocks"] if isinstance(o["blocks"], int) else tuple(o["blocks"])
-        passes.append(Blocks(which, o["block_importance"]))
-    if o["heads"] or h_ratios:
-        passes.append(Heads(o["heads"], min_heads=o["min_heads"], layer_ratios=h_ratios, **shared))
-    aligned = {k: o[k] for k in ("round_to", "min_channels", "round_backend")}
-    if o["ffn"] or f_ratios:
-        passes.append(FFN(o["ffn"], layer_ratios=f_ratios, **aligned, **shared))
-    if o["channels"] or ratios["layer_ratios"]:
-        kinds = ("channels",) if o["ffn"] or f_ratios else ("channels", "ffn")
-        passes.append(
-            Channels(
-                o["channels"], layer_ratios=ratios["layer_ratios"], kinds=kinds, **aligned, **shared
-            )
-        )
-    return passes
-
-
-def _keyword_view(o: dict, ratios: dict, nm) -> dict:
-    """``plan.config`` as the keywords spelled it (what reports and older plans read)."""
-    config = {
-        "channels": o["channels"],
-        "heads": o["heads"],
-        "ffn": o["ffn"],
-        "blocks": o["blocks"] if isinstance(o["blocks"], int) else list(o["blocks"]),
-        "block_importance": o["block_importance"],
-        "min_heads": o["min_heads"],
-        "importance": name_of(o["importance"]),
-        "ignore": list(o["ignore"]),
-        **{k: dict(v) for k, v in ratios.items()},
-        "round_to": o["round_to"],
-        **({"round_backend": o["round_backend"]} if o["round_to"] == "auto" else {}),
-        "min_channels": o["min_channels"],
-        "global_ranking": o["global_ranking"],
-        "allow_approximate": o["allow_approximate"],
-        "seed": o["seed"],
-    }
-    if o["uniform"]:
-        config["uniform"] = True
-    if nm is not None:
-        config.update({k: o[k] for k in ("sparsity", "sparsity_permute", "sparsity_method")})
-        config.update({k: list(o[k]) for k in ("sparsity_include", "sparsity_exclude")})
-    if o["unstructured"]:
-        config.update({k: jsonable(o[k]) for k in RECIPE_OPTIONS if k.startswith("unstructured")})
-    return config
 
 
 def check_recipe(model, recipe: Recipe) -> None:

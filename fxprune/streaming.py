@@ -48,7 +48,7 @@ from fxprune.errors import (
     UnsupportedModelError,
 )
 from fxprune.hf import TOKENIZER_FILES, check_config_valid
-from fxprune.importance import name_of, resolve
+from fxprune.importance import auto_importance, name_of, resolve
 from fxprune.streaming_io import (
     FAMILIES,  # noqa: F401 - re-exported
     SHARD_BYTES,
@@ -147,7 +147,7 @@ def stream(
     ffn: float = 0.0,
     sparsity: str | None = None,
     sparsity_method: str = "magnitude",
-    importance="l1",
+    importance="auto",
     calibration=None,
     calibration_batches: int = 8,
     min_heads: int = 1,
@@ -168,7 +168,8 @@ def stream(
             :func:`fxprune.compile`, applied to every block (so every block keeps the same
             counts, as a Hugging Face config holds). ``importance`` is a weight criterion
             (``"l1"``, ``"l2"``, ``"random"``) or one measured on the block's inputs
-            (``"activation"``, ``"entropy"``, ``"confidence"``).
+            (``"activation"``, ``"entropy"``, ``"confidence"``); ``"auto"`` is ``"activation"``
+            with ``calibration``, else ``"l1"`` (as in ``compile``).
         calibration: token-id batches (``[batch, seq]`` tensors, or dicts with ``input_ids``
             and an all-ones ``attention_mask``) for data-driven choices; block i sees the hidden
             states the pruned blocks before it made from them.
@@ -189,6 +190,7 @@ def stream(
     """
     t0 = time.perf_counter()
     src, dst = Path(source), Path(out)
+    importance = auto_importance(importance, "ffn", calibration is not None)
     measured = sparsity_method != "magnitude" or bool(resolve(importance).needs and (heads or ffn))
     _check_options(
         src, dst, heads, ffn, sparsity, sparsity_method, importance, measured, calibration

@@ -198,7 +198,8 @@ def test_cli_prune_and_errors(tmp_path):
 def test_import_is_lean():
     code = (
         "import sys, fxprune; bad = [m for m in ('torchvision', 'onnx', 'onnxruntime', "
-        "'tensorrt', 'transformers', 'timm', 'torch_pruning') if m in sys.modules]; "
+        "'tensorrt', 'transformers', 'timm', 'torch_pruning', 'onnxruntime_genai') "
+        "if m in sys.modules]; "
         "print(bad); assert not bad"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -32,7 +32,7 @@ LAYERS = [
         "fxprune.materialize_timm",
         "fxprune.materialize_torch",
     ],
-    ["fxprune.checkpoint", "fxprune.summary", "fxprune.plan", "fxprune.recipe"],
+    ["fxprune.checkpoint", "fxprune.summary", "fxprune.plan", "fxprune.recipe", "fxprune.options"],
     ["fxprune.api"],
     [
         "fxprune.compile_backend",
@@ -48,6 +48,7 @@ LAYERS = [
         "fxprune.cli_args",
         "fxprune.cli_commands",
         "fxprune.cli_inputs",
+        "fxprune.cli_inspect",
         "fxprune.cli_stream",
         "fxprune",
     ],

@@ -326,3 +326,74 @@ def test_semi_structured_flag_needs_torch_cuda_timings(net, capsys):
     got = _timing(a)
     assert isinstance(got, TorchCuda) and got.options == ("all", None)
     assert _timing(parser().parse_args(["verify", net])) is None
+
+
+@pytest.mark.slow
+def test_export_format_genai_writes_a_checked_folder(tmp_path, capsys):
+    """``--format genai -o DIR``: an ONNX Runtime GenAI folder whose greedy tokens were checked
+    against the pruned model's generate; ``inspect DIR`` reads its hand-off record."""
+    pytest.importorskip("onnxruntime_genai")
+    from tests.genai_models import llama_folder
+
+    src = f"hf:{llama_folder(tmp_path / 'llama')}"
+    argv = ["export", src, "--heads", "0.5", "--ffn", "0.25", "--seq-len", "16", "--format"]
+    out = tmp_path / "llama-genai"
+    assert main([*argv, "genai", "-o", str(out), "--json", "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["equivalence"]["ok"] and got["export"]["precision"] == "fp32"
+    assert got["export"]["parity"]["tokens_equal"] and (out / "genai_config.json").is_file()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "exported by fxprune" in shown and "matches the stored plan" in shown
+
+
+def test_genai_flags_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    src = "hf:no-such-folder"  # never opened: each flag is refused first
+    base = ["export", src, "--heads", "0.5"]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.onnx").write_text("")
+    full = str(tmp_path / "full")
+    cases = [
+        ([*base, "--format", "nope", "-o", "x"], "format='nope': no such exporter"),
+        ([*base, "--format", "genai", "--precision", "fp16", "-o", "x"], "'fp16': ONNX Runtime"),
+        ([*base, "--precision", "int4", "-o", "m.onnx"], "--precision: options of --format genai"),
+        ([*base, "--overwrite", "-o", "m.onnx"], "--overwrite: options of --format genai"),
+        ([*base, "--format", "genai", "-o", full], "not empty: pass --overwrite"),
+        ([*base, "--format", "genai", "-o", str(tmp_path / "afile")], "is a file: give a folder"),
+        (["verify", src, "--precision", "int4"], "options of --backend onnxruntime-genai"),
+        (["verify", src, "--new-tokens", "8", "--backend", "torch"], "--new-tokens: decode"),
+        (["verify", src, "--backend", "onnxruntime-genai", "--precision", "int8"], "'int8'"),
+    ]
+    for argv, words in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        assert words in _one_error_line(capsys), argv
+    assert not (tmp_path / "x").exists() and not Path("x").exists()
+
+
+def test_export_format_genai_refuses_a_model_that_is_not_an_llm(net, capsys):
+    argv = ["export", net, "--trust", "--format", "genai", "-o", "out", "--quiet"]
+    assert main(argv) == 2
+    assert "--format genai: net.py:build is a Net, not a Hugging Face model" in _one_error_line(
+        capsys
+    )
+    assert not Path("out").exists()
+
+
+@pytest.mark.slow
+def test_verify_times_decode_on_onnxruntime_genai(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    from tests.genai_models import llama_folder
+
+    src = f"hf:{llama_folder(tmp_path / 'llama')}"
+    argv = ["verify", src, "--heads", "0.5", "--ffn", "0.25", "--seq-len", "16"]
+    argv += ["--backend", "onnxruntime-genai", "--batch", "1", "--repeats", "4", "--warmup", "1"]
+    assert main([*argv, "--prompt-len", "16", "--new-tokens", "8", "--json", "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["mode"] == "decode" and got["new_tokens"] == 8 and got["equivalence"]["ok"]
+    (row,) = got["rows"]
+    assert row["ttft_pruned_ms"] > 0 and row["pruned_tokens_s"] > 0 and row["parity"] == 0.0
+    assert row["efficiency"] == pytest.approx(row["speedup"] * row["bytes_ratio"])
+    assert main([*argv, "--precision", "int4", "--repeats", "2", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| batch | TTFT ms dense / pruned |" in table and "int4 decoder" in table

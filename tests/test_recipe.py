@@ -63,6 +63,34 @@ def test_data_driven_passes_get_the_calibration_at_run_time():
     assert uncalibrated.plan.passes != by_recipe.plan.passes
 
 
+def test_importance_auto_ranks_heads_and_ffn_by_activation_when_data_is_given():
+    """The default ``importance="auto"``: activation for heads / FFN with calibration (what kept
+    a real LM usable, docs/accuracy.md), l1 without, l1 for channels; the recipe records the
+    criterion that ran, and it picks what the explicit name picks."""
+    model, (ids,), _ = build("llama")
+    torch.manual_seed(1)
+    batches = [torch.randint(0, 100, ids.shape) for _ in range(2)]
+
+    def used(res):
+        return {e["pass"]: e["importance"] for e in res.plan.config["recipe"]["passes"]}
+
+    auto = fxprune.compile(model, ids, heads=0.5, ffn=0.5, calibration=batches)
+    assert used(auto) == {"heads": "activation", "ffn": "activation"}
+    assert auto.plan.config["importance"] == "auto"
+    explicit = fxprune.compile(
+        model, ids, heads=0.5, ffn=0.5, importance="activation", calibration=batches
+    )
+    _same_plan(auto, explicit)
+    free = fxprune.compile(model, ids, heads=0.5, ffn=0.5)
+    assert used(free) == {"heads": "l1", "ffn": "l1"}
+    _same_plan(free, fxprune.compile(model, ids, heads=0.5, ffn=0.5, importance="l1"))
+    assert free.plan.passes != auto.plan.passes  # the data changed the choice
+    chans = fxprune.compile(model, ids, channels=0.25, calibration=batches)
+    assert set(used(chans).values()) == {"l1"}
+    kept = fxprune.compile(model, ids, ffn=0.5, importance="l2", calibration=batches)
+    assert used(kept) == {"ffn": "l2"}
+
+
 def test_save_load_and_the_errors_name_what_is_wrong(tmp_path):
     recipe = fxprune.Recipe([Channels(0.5, ignore=("fc",), round_to=4), NM(2, 4)], mode="fx")
     path = recipe.save(tmp_path / "r.json")

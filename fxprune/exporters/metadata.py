@@ -162,6 +162,8 @@ def latency_summary(lat) -> dict:
         for r in _get(lat, "rows", []) or []
     ]
     head = {k: _get(lat, k) for k in ("backend", "threads", "warmup", "repeats", "machine")}
+    if _get(lat, "mode") == "decode":  # ms per decode step; the generation timed
+        head.update({k: _get(lat, k) for k in ("mode", "prompt_len", "new_tokens")})
     if _get(lat, "noisy") is not None:  # the verifier's judgement of the machine's quiet
         head["noisy"] = bool(_get(lat, "noisy"))
     return {**head, "batches": rows}
@@ -251,6 +253,18 @@ def read_metadata(path: str | Path) -> dict:
         for p in _load(path).metadata_props
         if p.key.startswith(PREFIX)
     }
+    return decode_metadata(raw, path)
+
+
+def encode_metadata(decoded: dict) -> dict[str, str]:
+    """The stored strings (keys without the prefix) of a decoded record: what
+    :func:`decode_metadata` reads back (``digest_ok`` is a judgement, not stored)."""
+    return {k: str(v) if k in PLAIN else _dumps(v) for k, v in decoded.items() if k != "digest_ok"}
+
+
+def decode_metadata(raw: dict[str, str], path: str | Path = "") -> dict:
+    """Stored entries (key without the prefix -> string) decoded as :func:`read_metadata`
+    returns them, with ``digest_ok``; ``path`` names the source in a :class:`MetadataError`."""
     out: dict = {}
     if "plan" in raw or "plan_sha256" in raw:
         out["digest_ok"] = plan_digest(raw.get("plan", "")) == raw.get("plan_sha256")
@@ -336,7 +350,10 @@ def describe(meta: dict, path: str | Path = "") -> str:
             "",
             f"latency: {lat.get('backend')}, threads {lat.get('threads')}; {lat.get('machine')}"
             + (" (noisy: the machine was not quiet)" if lat.get("noisy") else ""),
-            "| batch | dense ms | pruned ms | speedup |",
+            "| batch | dense ms | pruned ms | speedup |"
+            if lat.get("mode") != "decode"
+            else f"| batch | dense ms / step | pruned ms / step | decode speedup "
+            f"({lat.get('prompt_len')} prompt + {lat.get('new_tokens')} new tokens) |",
             "|---|---|---|---|",
         ]
         lines += [

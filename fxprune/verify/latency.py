@@ -14,39 +14,42 @@ rounds (``/proc/stat`` minus this process, in cores) and the spread of each mode
 medians; a row past the thresholds of ``fxprune.verify.latency_report`` is flagged noisy, and
 so is the run (``LatencyReport.noisy``, the table's noise column and note).
 
-This module holds the measurement and the backend registry (``@backend``, the built-ins); the
-report's rows are in ``fxprune.verify.latency_report``, the CPU runners and :class:`RunContext`
-in ``fxprune.verify.latency_runners``, the GPU runners in ``fxprune.verify.gpu``.
+A decode backend (``onnxruntime-genai``) times generation instead: time to the first token and
+decode tokens/s, with **efficiency = decode speedup x weight-bytes ratio** (decode reads every
+weight once per token), in the same rounds and under the same noise judgement
+(``fxprune.verify.decode``).
+
+This module holds the entry point, the backend registry (``@backend``, the built-ins) and the
+noise judgement; the forward timing is ``fxprune.verify.forward``, the report's rows are in
+``fxprune.verify.latency_report``, the CPU runners and :class:`RunContext` in
+``fxprune.verify.latency_runners``, the GPU runners in ``fxprune.verify.gpu``.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from fxprune._util import eval_mode, lookup, progress_bar, registrar
 from fxprune.errors import ConfigError, MissingExtraError
 from fxprune.graph.trace import as_args
+from fxprune.verify.forward import forward_rows, repeat_batch
 
 # re-exported: fxprune.verify and callers import these from here
-from fxprune.verify.latency_report import (
+from fxprune.verify.latency_report import (  # noqa: F401
     MIN_WINDOW_S,
     LatencyReport,
     LatencyRow,
     noise_reasons,
     verdict,
 )
-from fxprune.verify.latency_runners import (
+from fxprune.verify.latency_runners import (  # noqa: F401
     CompiledRunner,
     CpuMonitor,
     EagerRunner,
@@ -55,22 +58,6 @@ from fxprune.verify.latency_runners import (
     cpu_source,
     machine_cpus,
 )
-
-
-def _batch(args: tuple, b: int) -> tuple:
-    """The example inputs with batch size ``b`` (rows repeated, or cut)."""
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.ndim:
-            reps = -(-b // a.shape[0])
-            out.append(a.repeat(reps, *([1] * (a.ndim - 1)))[:b].contiguous())
-        else:
-            out.append(a)
-    return tuple(out)
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 class Backend:
@@ -84,11 +71,13 @@ class Backend:
     ctx)`` returns an object with ``prepare(args)`` (one batch made ready, outside the timed
     region), ``run(prepared)`` (one forward; its outputs are compared with PyTorch eager for
     the parity column) and ``notes`` (what the backend did: sparse layers, ...). ``gpu``: the
-    report names the GPU.
+    report names the GPU. ``decode``: the backend times generation instead of a forward
+    (``fxprune.verify.decode``: its runner gets the dense model and the compile result).
     """
 
     name: ClassVar[str] = ""
     gpu: ClassVar[bool] = False
+    decode: ClassVar[bool] = False
 
     def check(self) -> None:
         """Raise when this backend cannot run here."""
@@ -157,7 +146,7 @@ class TorchCuda(Backend):
     def runner(self, module, args, ctx):
         from fxprune.verify.gpu import TorchCudaRunner
 
-        big = _batch(args, ctx.max_batch)  # the decision is timed at the largest batch
+        big = repeat_batch(args, ctx.max_batch)  # the decision is timed at the largest batch
         return TorchCudaRunner(module, ctx.masks, ctx.tag, big, *self.options)
 
 
@@ -180,6 +169,32 @@ class TensorRT(Backend):
         return TensorRTRunner(module, args, ctx.workdir, ctx.tag, bool(ctx.masks), ctx.max_batch)
 
 
+@backend("onnxruntime-genai")
+class OnnxRuntimeGenai(Backend):
+    """Decode on ONNX Runtime GenAI's CPU provider: both Hugging Face causal LMs built into
+    GenAI folders (KV cache; ``precision`` "fp32" or "int4"; tokenizer files from
+    ``tokenizer_from``, else the folder the model was loaded from), time to the first token and
+    decode tokens/s timed (``fxprune.verify.decode``)."""
+
+    decode = True
+
+    def __init__(self, precision: str = "fp32", tokenizer_from: str | Path | None = None):
+        from fxprune.exporters.genai_build import check_precision
+
+        check_precision(precision)
+        self.precision, self.tokenizer_from = precision, tokenizer_from
+
+    def check(self) -> None:
+        from fxprune.exporters.genai_build import import_genai
+
+        import_genai(f"the {self.name} backend")
+
+    def runner(self, model, args, ctx):
+        from fxprune.verify.decode import GenaiRunner
+
+        return GenaiRunner(model, ctx, self.precision, self.tokenizer_from)
+
+
 BACKENDS = tuple(REGISTRY)  # the built-in names (registered backends join REGISTRY)
 
 
@@ -193,53 +208,6 @@ def _macs(module, args) -> int:
     from fxprune.stats import layer_stats
 
     return sum(r["macs"] for r in layer_stats(trace(module, args).gm).values())
-
-
-def _time(call: Callable[[object], object], prepared, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call(prepared)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def _rounds(runners: dict, ready: dict, repeats: int, bar) -> dict[str, list[list[float]]]:
-    """``repeats`` timed calls per model in about ten rounds of alternating order (dense first,
-    then pruned first, ...): the samples of each round, per model."""
-    per_round = max(1, repeats // 10)
-    out: dict[str, list[list[float]]] = {"dense": [], "pruned": []}
-    for k in range(-(-repeats // per_round)):
-        order = ("dense", "pruned") if k % 2 == 0 else ("pruned", "dense")
-        for name in order:
-            out[name].append(_time(runners[name].run, ready[name], per_round))
-            bar.update(per_round)
-    return out
-
-
-def _spread(values: list[float]) -> float:
-    """(p90 - p10) / median of ``values`` (0 for fewer than two)."""
-    if len(values) < 2:
-        return 0.0
-    lo, hi = np.percentile(values, [10, 90])
-    med = statistics.median(values)
-    return float(hi - lo) / med if med else 0.0
-
-
-def _row(b: int, rounds: dict, mac_ratio: float, parity: float, other, secs: float) -> LatencyRow:
-    """One batch size's row from its per-round samples (noise is judged later, by _judge)."""
-    flat = {k: [x for r in v for x in r] for k, v in rounds.items()}
-    d, p = _stats(flat["dense"]), _stats(flat["pruned"])
-    speedup = d[0] / p[0] if p[0] else float("inf")
-    eff = speedup * mac_ratio
-    med = {k: [statistics.median(r) for r in v] for k, v in rounds.items()}
-    per_round = [a / z for a, z in zip(med["dense"], med["pruned"], strict=True) if z]
-    lo, hi = np.percentile(per_round, [10, 90]) if per_round else (speedup, speedup)
-    row = LatencyRow(b, *d, *p, speedup, mac_ratio, eff, parity, verdict(speedup, eff))
-    row.speedup_p10, row.speedup_p90 = float(lo), float(hi)
-    row.round_spread = max(_spread(med["dense"]), _spread(med["pruned"]))
-    row.other_cpu, row.timed_s = other, secs
-    return row
 
 
 def _judge(rep: LatencyReport, monitor: CpuMonitor) -> None:
@@ -261,31 +229,6 @@ def _judge(rep: LatencyReport, monitor: CpuMonitor) -> None:
     rep.noisy = bool(rep.noise) or any(r.noisy for r in rep.rows)
 
 
-def _stats(samples: list[float]) -> tuple[float, float, float]:
-    q = np.percentile(samples, [10, 90])
-    return statistics.median(samples), float(q[0]), float(q[1])
-
-
-def _numpy(t) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        return t.detach().float().cpu().numpy()
-    return np.asarray(t)
-
-
-def _parity(runner, prepared, module, args) -> float:
-    """Max relative error of the backend's output against PyTorch eager fp32 on the CPU."""
-    got = runner.run(prepared)
-    got = [_numpy(t) for t in (got if isinstance(got, list) else _tensors(got))]
-    with torch.no_grad(), eval_mode(module):
-        ref = [t.detach().double().numpy() for t in _tensors(module(*args))]
-    err = 0.0
-    for r, g in zip(ref, got, strict=False):
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        diff = float(np.abs(r - g.astype(np.float64)).max()) if r.size else 0.0
-        err = max(err, diff / scale if scale else diff)
-    return err
-
-
 def latency(
     dense: torch.nn.Module,
     pruned,
@@ -297,6 +240,8 @@ def latency(
     threads: int | None = None,
     workdir: str | Path | None = None,
     progress: bool = False,
+    prompt_len: int | None = None,
+    new_tokens: int | None = None,
 ) -> LatencyReport:
     """Time ``pruned`` against ``dense`` on ``backend``, interleaved, per batch size.
 
@@ -310,19 +255,24 @@ def latency(
             where each was measured faster at its shape)
             or ``"tensorrt"`` (an engine per model from its ONNX; the pruned one built with
             SPARSE_WEIGHTS when the N:M pass ran). GPU backends need CUDA (ConfigError if none).
+            ``"onnxruntime-genai"`` times generation of Hugging Face causal LMs instead: time to
+            the first token and decode tokens/s (``fxprune.verify.decode``).
         batch_sizes: batch sizes to measure.
-        warmup: untimed calls per model and batch before timing.
-        repeats: timed calls per model and batch (in rounds of alternating order).
+        warmup: untimed calls (generations) per model and batch before timing.
+        repeats: timed calls (generations) per model and batch (in rounds of alternating order).
         threads: intra-op threads for both models (default: all cores).
         workdir: where ONNX files go (default: a temporary folder, removed after).
         progress: show a progress bar on stderr (needs ``tqdm``; silently off without it).
+        prompt_len, new_tokens: decode backends: random prompt tokens per row (default 128)
+            and greedy tokens generated after it (default 64, at least 2).
 
     Returns:
         A :class:`LatencyReport`; each row has ``speedup``, ``mac_ratio`` and ``efficiency``,
         and how much to trust them: ``speedup_p10`` / ``speedup_p90`` (per-round speedups),
         ``round_spread``, ``other_cpu`` (cores other processes used while it timed) and
         ``noisy`` with its reasons in ``noise``; the report has the run's ``other_cpu``,
-        ``cpus`` and ``noisy``.
+        ``cpus`` and ``noisy``. Decode rows also have ``ttft_*_ms``, ``*_tokens_s`` and
+        ``bytes_ratio`` (``fxprune.verify.latency_report``).
 
     Raises:
         ConfigError: an unknown backend or a bad count. MissingExtraError: the backend's
@@ -337,6 +287,7 @@ def latency(
         raise ConfigError(f"batch_sizes={batch_sizes!r}: give positive integers")
     if repeats < 2 or warmup < 0:
         raise ConfigError(f"repeats={repeats}, warmup={warmup}: need repeats >= 2, warmup >= 0")
+    decode = _decode_settings(be, prompt_len, new_tokens)
     be.check()
     args = as_args(example_inputs, dense)
     module = getattr(pruned, "module", pruned)
@@ -356,36 +307,22 @@ def latency(
         repeats,
         machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if be.gpu else ""),
+        **decode,
     )
-    masks = getattr(pruned, "nm_masks", None) or {}
     tmp = tempfile.TemporaryDirectory(prefix="fxprune-latency-") if workdir is None else None
     wd = Path(tmp.name if tmp else workdir)
     wd.mkdir(parents=True, exist_ok=True)
     try:
         with eval_mode(dense), eval_mode(module):
-            top = max(batch_sizes)
-            runners = {
-                "dense": be.runner(dense, args, RunContext(threads, wd, "dense", {}, top)),
-                "pruned": be.runner(module, args, RunContext(threads, wd, "pruned", masks, top)),
-            }
-            for r in runners.values():
-                rep.notes += r.notes
-            bar = progress_bar(
-                progress, len(batch_sizes) * 2 * (warmup + repeats), f"timing on {be.name}"
-            )
             monitor = CpuMonitor()
-            for b in batch_sizes:
-                xb = _batch(args, b)
-                ready = {name: r.prepare(xb) for name, r in runners.items()}
-                for name, r in runners.items():
-                    for _ in range(warmup):
-                        r.run(ready[name])
-                        bar.update()
-                monitor.start()
-                rounds = _rounds(runners, ready, repeats, bar)
-                other, secs = monitor.stop()
-                parity = _parity(runners["pruned"], ready["pruned"], module, xb)
-                rep.rows.append(_row(b, rounds, mac_ratio, parity, other, secs))
+            total = len(batch_sizes) * 2 * (warmup + repeats)
+            bar = progress_bar(progress, total, f"timing on {be.name}")
+            if be.decode:
+                from fxprune.verify.decode import decode_rows
+
+                decode_rows(be, dense, pruned, rep, batch_sizes, wd, mac_ratio, monitor, bar)
+            else:
+                forward_rows(be, dense, pruned, args, rep, batch_sizes, wd, mac_ratio, monitor, bar)
             bar.close()
             _judge(rep, monitor)
     finally:
@@ -393,3 +330,21 @@ def latency(
         if tmp is not None:
             tmp.cleanup()
     return rep
+
+
+def _decode_settings(be: Backend, prompt_len, new_tokens) -> dict:
+    """The report's decode fields for a decode backend (defaults 128 / 64); prompt_len or
+    new_tokens given to a forward backend is a ConfigError."""
+    if not be.decode:
+        if prompt_len is not None or new_tokens is not None:
+            raise ConfigError(
+                f"prompt_len / new_tokens time generation: backend {be.name!r} times a forward "
+                f"(decode backends: {[n for n, b in REGISTRY.items() if b.decode]})"
+            )
+        return {}
+    prompt_len = 128 if prompt_len is None else prompt_len
+    new_tokens = 64 if new_tokens is None else new_tokens
+    for name, v, low in (("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"{name}={v!r}: give an integer >= {low}")
+    return {"mode": "decode", "prompt_len": prompt_len, "new_tokens": new_tokens}

@@ -2,6 +2,14 @@
 :class:`LatencyReport`, the :func:`verdict` each row gets, and how much to trust it
 (:func:`noise_reasons`; ``fxprune.verify.latency`` measures them).
 
+A decode backend (``onnxruntime-genai``, ``fxprune.verify.decode``) fills the same rows with
+generation timings: ``dense_ms`` / ``pruned_ms`` are milliseconds per decode step (one new token
+per batch row), ``speedup`` the decode speedup, and the decode fields are set: time to the first
+token (the prefill of ``prompt_len`` tokens), tokens per second, ``bytes_ratio`` (pruned / dense
+weight bytes) and ``efficiency = speedup x bytes_ratio`` (decode reads every weight once a step:
+it is bound by bytes, not MACs); ``parity`` is the fraction of new tokens from the first one
+that differs from the PyTorch model's greedy tokens on (0: all equal).
+
 A run is *noisy* when the machine was not quiet enough for its numbers to be repeatable:
 
 - other processes kept more than :data:`OTHER_CPU_LIMIT` (0.25) cores busy beyond the cores the
@@ -16,7 +24,10 @@ A run is *noisy* when the machine was not quiet enough for its numbers to be rep
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from fxprune._util import Report
 
@@ -45,6 +56,12 @@ class LatencyRow:
     timed_s: float = 0.0  # wall seconds of this row's timed rounds
     noisy: bool = False
     noise: list[str] = field(default_factory=list)  # why it is noisy (empty: it is not)
+    # decode backends only (None otherwise): medians over the timed generations
+    ttft_dense_ms: float | None = None  # time to the first token: prefill of prompt_len tokens
+    ttft_pruned_ms: float | None = None
+    dense_tokens_s: float | None = None  # new tokens per second over the batch, after the first
+    pruned_tokens_s: float | None = None
+    bytes_ratio: float | None = None  # pruned / dense weight bytes; efficiency = speedup x this
 
 
 @dataclass
@@ -65,6 +82,9 @@ class LatencyReport(Report):
     topped_up_s: float = 0.0  # of timed_s: read right after a run shorter than MIN_WINDOW_S
     noisy: bool = False  # the run's other CPU or any row flagged
     noise: list[str] = field(default_factory=list)  # the run's reasons
+    mode: str = "forward"  # "decode": generation timed (prompt_len, new_tokens)
+    prompt_len: int | None = None
+    new_tokens: int | None = None
 
     @property
     def spare_cores(self) -> int:
@@ -72,6 +92,8 @@ class LatencyReport(Report):
         return max(0, (self.cpus or self.threads) - self.threads)
 
     def table(self) -> str:
+        if self.mode == "decode":
+            return self._decode_table()
         lines = [
             f"backend {self.backend}, {self.threads} threads, {self.warmup} warm-up + "
             f"{self.repeats} timed calls per model and batch, dense/pruned interleaved; "
@@ -91,6 +113,27 @@ class LatencyReport(Report):
             )
         lines += [f"note: {n}" for n in self.notes + self.noise_notes()]
         return "\n".join(lines)
+
+    def _decode_table(self) -> str:
+        lines = [
+            f"backend {self.backend} (decode), {self.threads} threads, {self.warmup} warm-up + "
+            f"{self.repeats} timed generations per model and batch of {self.prompt_len} prompt "
+            f"tokens + {self.new_tokens} new tokens, dense/pruned interleaved; {self.machine}",
+            "",
+            "| batch | TTFT ms dense / pruned | decode tok/s dense / pruned "
+            "| decode speedup [rounds p10-p90] | bytes ratio | efficiency | tokens differing "
+            "| verdict | noise |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.batch} | {_num(r.ttft_dense_ms, '.2f')} / {_num(r.ttft_pruned_ms, '.2f')} "
+                f"| {_num(r.dense_tokens_s, '.1f')} / {_num(r.pruned_tokens_s, '.1f')} "
+                f"| {r.speedup:.2f}x{_range(r.speedup_p10, r.speedup_p90)} "
+                f"| {_num(r.bytes_ratio, '.3f')} | {r.efficiency:.2f} | {r.parity:.0%} "
+                f"| {r.verdict} | {noise_cell(r)} |"
+            )
+        return "\n".join(lines + [f"note: {n}" for n in self.notes + self.noise_notes()])
 
     def noise_notes(self) -> list[str]:
         """What the noise column means, and the verdict on this run's machine state."""
@@ -166,11 +209,30 @@ def _range(lo: float | None, hi: float | None) -> str:
     return "" if lo is None or hi is None else f" [{lo:.2f}-{hi:.2f}]"
 
 
-def verdict(speedup: float, efficiency: float) -> str:
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def verdict(speedup: float, efficiency: float, removed: str = "MACs") -> str:
+    """The row's verdict; ``removed`` names what ``efficiency`` weighs the speedup by."""
     if speedup < 0.97:
         return "slower"
     if speedup < 1.03:
         return "no measurable change"
     if efficiency < 0.5:
-        return "faster, but less than half of the removed MACs show up as time"
+        return f"faster, but less than half of the removed {removed} show up as time"
     return "faster"
+
+
+def spread(values: list[float]) -> float:
+    """(p90 - p10) / median of ``values`` (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    lo, hi = np.percentile(values, [10, 90])
+    med = statistics.median(values)
+    return float(hi - lo) / med if med else 0.0
+
+
+def median_p10_p90(samples: list[float]) -> tuple[float, float, float]:
+    q = np.percentile(samples, [10, 90])
+    return statistics.median(samples), float(q[0]), float(q[1])

@@ -315,3 +315,28 @@ def test_reports_are_duck_typed_and_stored_as_strict_json():
     stored = json.loads(props["fxprune.equivalence"], parse_constant=pytest.fail)  # no Infinity
     assert stored["max_rel_err"] == "inf" and stored["ok"] is False and stored["tolerance"] is None
     assert json.loads(props["fxprune.latency"])["batches"] == []
+
+
+def test_decode_latency_is_recorded_per_step_with_its_generation():
+    """A decode backend's report (``onnxruntime-genai``) times ms per decode step: the metadata
+    keeps the mode, prompt and new-token counts, and the text says per step."""
+    from fxprune.exporters.metadata import describe, latency_summary
+
+    lat = {
+        "backend": "onnxruntime-genai",
+        "threads": 2,
+        "warmup": 1,
+        "repeats": 4,
+        "machine": "x86_64",
+        "mode": "decode",
+        "prompt_len": 16,
+        "new_tokens": 8,
+        "rows": [{"batch": 1, "dense_ms": 2.0, "pruned_ms": 1.0, "speedup": 2.0}],
+    }
+    rec = latency_summary(lat)
+    assert (rec["mode"], rec["prompt_len"], rec["new_tokens"]) == ("decode", 16, 8)
+    text = describe({"version": "0", "latency": rec})
+    assert "| batch | dense ms / step | pruned ms / step | decode speedup (16 prompt" in text
+    forward = latency_summary({**lat, "mode": "forward"})
+    assert "mode" not in forward
+    assert "| batch | dense ms | pruned ms | speedup |" in describe({"latency": forward})

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.verify.latency import _batch, verdict
+from fxprune.verify.forward import repeat_batch
+from fxprune.verify.latency import verdict
 from tests.transformer_models import encoder_config
 
 
@@ -53,7 +54,7 @@ def test_module_instead_of_result_counts_macs(pruned):
 
 
 def test_batches_repeat_rows():
-    (b,) = _batch((torch.arange(2).view(2, 1),), 5)
+    (b,) = repeat_batch((torch.arange(2).view(2, 1),), 5)
     assert b.shape == (5, 1) and b[:, 0].tolist() == [0, 1, 0, 1, 0]
 
 
