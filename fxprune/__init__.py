@@ -12,6 +12,7 @@ from fxprune._util import Report
 from fxprune.api import apply_plan, compile, load
 from fxprune.compile_backend import backend
 from fxprune.estimator import estimate
+from fxprune.heal import HealReport, heal
 from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
 from fxprune.recipe import Recipe
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompileResult",
+    "HealReport",
     "Plan",
     "Recipe",
     "Report",
@@ -30,6 +32,7 @@ __all__ = [
     "compile",
     "errors",
     "estimate",
+    "heal",
     "iterative_prune",
     "load",
     "sensitivity",

@@ -54,6 +54,7 @@ class Step:
     params: int
     macs: int
     metric: float | None = None
+    heal: object = None  # the step's HealReport when iterative_prune(heal=...) healed it
     revived: int = 0  # masked weights the fine-tune made non-zero (re-zeroed afterwards)
     seconds: float = 0.0
 
@@ -178,6 +179,7 @@ def iterative_prune(
     unstructured: float = 0.0,
     finetune: Callable[[torch.nn.Module, Step], None] | None = None,
     evaluate: Callable[[torch.nn.Module], float] | None = None,
+    heal: dict | None = None,
     **compile_kwargs,
 ) -> IterativeResult:
     """Prune ``model`` to the ``channels`` / ``heads`` / ``ffn`` fractions in ``steps`` steps.
@@ -194,6 +196,10 @@ def iterative_prune(
         finetune: ``finetune(module, step)`` trains ``module`` in place after each step; use
             ``step.keep_masks(optimizer)`` to keep a 2:4 pattern fixed while it trains.
         evaluate: ``evaluate(module) -> float``, recorded for the dense model and every step.
+        heal: ``fxprune.heal`` arguments (``batches``, ``steps``, ``lr`` required; ``loss``,
+            ``temperature`` ...): after each step the step's model is distilled from the dense
+            ``model`` with the step's masks held, before ``finetune``; ``step.heal`` is the
+            :class:`fxprune.heal.HealReport`.
         **compile_kwargs: further ``fxprune.compile`` arguments (``importance``, ``ignore``,
             ``round_to``, ``sparsity="2:4"``, ``calibration`` ...), applied at every step.
 
@@ -206,6 +212,7 @@ def iterative_prune(
     from fxprune.stats import layer_stats
 
     targets = _targets(channels, heads, ffn, unstructured, steps, schedule, compile_kwargs)
+    _check_heal(heal)
     args = as_args(example_inputs, model)
     if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
         compile_kwargs["calibration"] = take_batches(
@@ -239,7 +246,8 @@ def iterative_prune(
         rel = _step_ratios(build_graph(cur.gm, allow), original, cfgs, ratios, k, step_mode)
         if "unstructured" in ratios:  # of every weight: the earlier steps' zeros rank first
             rel["unstructured"] = ratios["unstructured"]
-        step = _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate)
+        tune = (finetune, evaluate, None if heal is None else (model, heal))
+        step = _step(current, args, k, ratios, rel, pass_kw, tune)
         step.seconds = time.perf_counter() - t0
         out.steps.append(step)
         current = step.result.module
@@ -320,11 +328,31 @@ def _step_ratios(graph, original, cfgs, ratios, k: int, step_mode: str) -> dict:
     return rel
 
 
-def _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate) -> Step:
-    """Prune, prove, fine-tune (masks re-applied: a revived N:M weight is zeroed and counted)
-    and evaluate one step."""
+def _check_heal(heal) -> None:
+    if heal is None:
+        return
+    if not isinstance(heal, dict):
+        raise ConfigError(
+            f"heal=: got {type(heal).__name__}; give a dict of fxprune.heal arguments"
+        )
+    missing = [k for k in ("batches", "steps", "lr") if k not in heal]
+    if missing:
+        raise ConfigError(f"heal=: fxprune.heal needs {', '.join(missing)}")
+    for k in ("teacher", "masks", "model"):
+        if k in heal:
+            raise ConfigError(
+                f"heal={{'{k}': ...}}: iterative_prune sets it (the dense model, each step's masks)"
+            )
+
+
+def _step(current, args, k, ratios, rel, pass_kw, tune) -> Step:
+    """Prune, prove, heal / fine-tune (masks re-applied: a revived N:M weight is zeroed and
+    counted) and evaluate one step."""
     from fxprune.api import compile as fx_compile
+    from fxprune.heal import heal as heal_fn
     from fxprune.verify import equivalence
+
+    finetune, evaluate, healing = tune
 
     ignore = pass_kw.get("ignore", ())
     res = fx_compile(
@@ -337,6 +365,11 @@ def _step(current, args, k, ratios, rel, pass_kw, finetune, evaluate) -> Step:
     ok = equivalence(current, res, args).ok
     params = sum(p.numel() for p in res.module.parameters())
     step = Step(k, ratios, res, ok, params, res.summary.macs_after)
+    if healing is not None:
+        teacher, kw = healing
+        kw = dict(kw)
+        step.heal = heal_fn(res.module, teacher, kw.pop("batches"), masks=step.masks, **kw)
+        res.module.eval()
     if finetune is not None:
         finetune(res.module, step)
         res.module.eval()

@@ -36,6 +36,9 @@ LAYERS = [
     ["fxprune.api"],
     [
         "fxprune.compile_backend",
+        "fxprune.distill",
+        "fxprune.trainmasks",
+        "fxprune.heal",
         "fxprune.iterative",
         "fxprune.sensitivity",
         "fxprune.estimator",
