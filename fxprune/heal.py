@@ -23,7 +23,6 @@ next-token loss. ``heal`` is that loop, small and honest:
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -33,10 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fxprune import trainloop
 from fxprune._util import Report, jsonable
 from fxprune.distill import LOSSES, batch_loss
 from fxprune.errors import ConfigError
-from fxprune.trainmasks import find_masks, hold, is_dtensor, mask_grads, place_masks
+from fxprune.trainmasks import find_masks, hold, mask_grads, place_masks
 
 SCHEDULES = ("constant", "cosine")
 
@@ -142,22 +142,31 @@ def heal(
     """
     student, given = _student(model)
     _check(teacher, loss, steps, lr, temperature, grad_accum, schedule, warmup, eval_every)
+    _check_training(student, teacher, max_grad_norm, weight_decay, warmup, steps, eval_fn)
+    if eval_fn is None and eval_every:
+        raise ConfigError(f"eval_every={eval_every} needs eval_fn=: there is nothing to evaluate")
     held = find_masks(student, given if masks is None else masks)
-    stream = _Batches(batches)  # every refusal comes before a model is sharded
+    stream = trainloop.Batches(batches)  # every refusal comes before a model is sharded
     masked_weights = sum(int((~m).sum()) for _, m in held.values())
-    world, rank = _world()
-    sharded = _wants_shard(shard, world)
+    world, rank = trainloop.world()
+    sharded = trainloop.wants_shard(shard, world)
+    if sharded and not isinstance(model, nn.Module):
+        raise ConfigError(
+            "heal under FSDP2: give result.model (and masks=result.masks), not the CompileResult: "
+            "fully_shard replaces result.model's parameters, and result.module would keep the "
+            "unhealed tensors"
+        )
     if sharded:
-        _shard(student)
+        trainloop.shard(student)
         if teacher is not None:
-            _shard(teacher)
+            trainloop.shard(teacher)
     held = place_masks(student, held)
     rep = HealReport(student, loss, world_size=world, sharded=sharded)
     rep.masks_held, rep.masked_weights = len(held), masked_weights
     opt = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, warmup, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, trainloop.lr_lambda(schedule, warmup, steps))
     flag = student.training
     t0 = time.perf_counter()
     bar = _bar(steps, progress and rank == 0)
@@ -173,16 +182,25 @@ def heal(
         world,
         steps,
     )
+    opt.zero_grad(set_to_none=True)  # a gradient left on the model must not join step 1
     try:
         _maybe_eval(rep, eval_fn, 0)
         _set_train(student, True, rep)
         _loop(rep, run, opt, sched, held, stream, bar)
     finally:
+        if sharded and hasattr(student, "set_requires_gradient_sync"):
+            student.set_requires_gradient_sync(True)
         bar.close()
         _set_train(student, flag, None)
         rep.seconds = time.perf_counter() - t0
     if stream.epochs > 1:
         rep.notes.append(f"the batches were cycled: {stream.epochs} passes over them")
+    if not isinstance(model, nn.Module) and rep.steps:
+        # the plan says the weights were trained after pruning: its proof against the zeroed
+        # dense model no longer holds, and every checkpoint / hand-off record says so
+        model.plan.config.setdefault("healed", []).append(
+            {"loss": loss, "steps": rep.steps, "tokens": rep.tokens, "lr": lr}
+        )
     return rep
 
 
@@ -227,8 +245,8 @@ def _loop(rep, run: _Run, opt, sched, held, stream, bar) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         rep.revived += hold(held)
-        rep.history.append(_mean_over_ranks(total, run.world))
-        rep.tokens += round(_mean_over_ranks(tokens, run.world) * run.world)
+        rep.history.append(trainloop.mean_over_ranks(total, run.world))
+        rep.tokens += round(trainloop.mean_over_ranks(tokens, run.world) * run.world)
         rep.steps = step
         bar.update(1)
         bar.set_postfix(loss=f"{rep.history[-1]:.4f}")
@@ -236,6 +254,36 @@ def _loop(rep, run: _Run, opt, sched, held, stream, bar) -> None:
             _maybe_eval(rep, run.eval_fn, step)
     if run.eval_fn is not None and not run.eval_every and rep.steps:
         _maybe_eval(rep, run.eval_fn, rep.steps)
+
+
+def _check_training(student, teacher, max_grad_norm, weight_decay, warmup, steps, eval_fn):
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
+        or not max_grad_norm > 0
+    ):
+        raise ConfigError(f"max_grad_norm={max_grad_norm!r}: a number > 0, or None (no clipping)")
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or weight_decay < 0
+    ):
+        raise ConfigError(f"weight_decay={weight_decay!r}: a number >= 0")
+    if warmup >= steps:
+        raise ConfigError(
+            f"warmup={warmup} >= steps={steps}: the peak learning rate is never reached"
+        )
+    if teacher is not None:
+        if teacher is student:
+            raise ConfigError("teacher is the model being healed: give the dense model")
+        own = {p.data_ptr() for p in student.parameters()}
+        shared = [n for n, p in teacher.named_parameters() if p.data_ptr() in own]
+        if shared:
+            raise ConfigError(
+                f"teacher shares {len(shared)} parameters with the model being healed (e.g. "
+                f"{shared[0]!r}; inplace=True?): training would change the teacher; give an "
+                "unpruned copy"
+            )
 
 
 def _student(model):
@@ -271,90 +319,8 @@ def _check(teacher, loss, steps, lr, temperature, grad_accum, schedule, warmup, 
         raise ConfigError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
     if loss == "lm" and temperature != 1.0:
         raise ConfigError("temperature= only shapes the KD term; loss='lm' does not read it")
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _wants_shard(shard, world) -> bool:
-    if shard is None:
-        return world > 1
-    if shard and world == 1:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError(
-                "shard=True needs torch.distributed initialised (launch with torchrun and call "
-                "torch.distributed.init_process_group)"
-            )
-    return bool(shard)
-
-
-def _shard(model: nn.Module) -> None:
-    """FSDP2: each block of the model's repeated stack (its longest ModuleList), then the root;
-    a model whose parameters are already DTensors is left as it is."""
-    from torch.distributed.fsdp import fully_shard
-
-    if any(is_dtensor(p) for p in model.parameters()):
-        return
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if lists:
-        for block in max(lists, key=len):
-            fully_shard(block)
-    fully_shard(model)
-
-
-class _Batches:
-    """Read batches lazily; cycle a re-iterable, stop when an iterator runs out."""
-
-    def __init__(self, batches):
-        if isinstance(batches, (torch.Tensor, Mapping)):
-            raise ConfigError("batches: give a list (or iterable) of batches, not one batch")
-        self.source = batches
-        self.reiterable = iter(batches) is not batches
-        self.it = iter(batches)
-        self.epochs = 1
-        self.seen = 0
-
-    def next(self):
-        try:
-            b = next(self.it)
-        except StopIteration:
-            if not (self.reiterable and self.seen):
-                if not self.seen:
-                    raise ConfigError("batches: no batch to train on") from None
-                return None
-            self.it, self.epochs = iter(self.source), self.epochs + 1
-            b = next(self.it)
-        self.seen += 1
-        return b
-
-
-def _mean_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return float(value)
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world
-
-
-def _lr_lambda(schedule, warmup, steps):
-    def f(step):  # step = optimizer steps taken so far
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        done = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-    return f
+    if loss == "lm" and teacher is not None:
+        raise ConfigError("loss='lm' trains on the batches' own tokens: pass teacher=None")
 
 
 def _set_train(model, mode: bool, rep) -> None:

@@ -213,6 +213,8 @@ def iterative_prune(
 
     targets = _targets(channels, heads, ffn, unstructured, steps, schedule, compile_kwargs)
     _check_heal(heal)
+    if heal is not None and not isinstance(heal["batches"], (list, tuple)):
+        heal = {**heal, "batches": list(heal["batches"])}  # every step reads them: a generator once
     args = as_args(example_inputs, model)
     if compile_kwargs.get("calibration") is not None:  # every step reads it: a generator once
         compile_kwargs["calibration"] = take_batches(
@@ -338,6 +340,14 @@ def _check_heal(heal) -> None:
     missing = [k for k in ("batches", "steps", "lr") if k not in heal]
     if missing:
         raise ConfigError(f"heal=: fxprune.heal needs {', '.join(missing)}")
+    import inspect
+
+    from fxprune.heal import heal as heal_fn
+
+    known = set(inspect.signature(heal_fn).parameters) - {"model", "teacher", "masks"}
+    unknown = sorted(set(heal) - known - {"teacher", "masks", "model"})
+    if unknown:
+        raise ConfigError(f"heal=: {unknown} are not fxprune.heal arguments ({sorted(known)})")
     for k in ("teacher", "masks", "model"):
         if k in heal:
             raise ConfigError(
@@ -368,6 +378,8 @@ def _step(current, args, k, ratios, rel, pass_kw, tune) -> Step:
     if healing is not None:
         teacher, kw = healing
         kw = dict(kw)
+        if kw.get("loss") == "lm":  # the next-token loss reads no teacher
+            teacher = None
         step.heal = heal_fn(res.module, teacher, kw.pop("batches"), masks=step.masks, **kw)
         res.module.eval()
     if finetune is not None:

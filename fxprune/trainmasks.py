@@ -68,7 +68,7 @@ def mask_grads(held) -> None:
                 g = p.grad
                 if is_dtensor(g):
                     g, m = g.to_local(), m.to_local()
-                g.mul_(m)
+                g.masked_fill_(~m, 0)  # not mul_: a NaN or inf times 0 stays NaN
 
 
 def hold(held) -> int:
@@ -79,5 +79,5 @@ def hold(held) -> int:
             if is_dtensor(p):
                 p, m = p.to_local(), m.to_local()
             revived += int(((p != 0) & ~m).sum())
-            p.mul_(m)
+            p.masked_fill_(~m, 0)
     return revived

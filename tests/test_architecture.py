@@ -38,6 +38,7 @@ LAYERS = [
         "fxprune.compile_backend",
         "fxprune.distill",
         "fxprune.trainmasks",
+        "fxprune.trainloop",
         "fxprune.heal",
         "fxprune.iterative",
         "fxprune.sensitivity",

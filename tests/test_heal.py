@@ -69,6 +69,12 @@ def test_heal_lowers_kd_loss_holds_masks_and_leaves_the_teacher(pruned):
     assert not dense.training and all(p.grad is None for p in dense.parameters())
     assert not res.model.training  # the student's own flag comes back
     assert rep.tokens == 40 * 4 * 24
+    # the plan records the healing (checkpoints and hand-off records carry it); the graph
+    # module shares the healed weights
+    assert res.plan.config["healed"] == [{"loss": "kd", "steps": 40, "tokens": 3840, "lr": 3e-3}]
+    assert "healed" not in res0.plan.config
+    for k, p in res.module.named_parameters():
+        assert torch.equal(p, res.model.get_parameter(k)), k
     # the KD loss it reports is the loss of the healed model on those batches
     from fxprune.distill import batch_loss as _loss
 
@@ -118,6 +124,9 @@ def test_losses_are_what_they_say(pruned):
         mask[:, -8:] = 0
         padded, n = _loss(res0.model, dense, {"input_ids": ids, "attention_mask": mask}, "kd", 1.0)
         assert n == int(mask.sum())
+        # right padding in a causal model: the real tokens' loss is the loss of the unpadded ids
+        short, _ = _loss(res0.model, dense, ids[:, :-8], "kd", 1.0)
+        torch.testing.assert_close(padded, short, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_input_is_refused(pruned):
@@ -126,6 +135,15 @@ def test_bad_input_is_refused(pruned):
     b = _batches(2)
     cases = [
         (dict(teacher=None), "teacher"),
+        (dict(teacher=model), "teacher is the model"),
+        (dict(loss="lm"), "teacher=None"),
+        (dict(max_grad_norm=0), "max_grad_norm="),
+        (dict(max_grad_norm=-1.0), "max_grad_norm="),
+        (dict(weight_decay=-0.1), "weight_decay="),
+        (dict(warmup=2), "warmup="),
+        (dict(eval_every=1), "eval_fn"),
+        (dict(batches=5), "give a list or iterable"),
+        (dict(batches=iter([])), "no batch"),
         (dict(loss="mse"), "loss="),
         (dict(steps=0), "steps="),
         (dict(lr=0), "lr="),
@@ -145,6 +163,15 @@ def test_bad_input_is_refused(pruned):
             fxprune.heal(model, teacher, batches, **args)
     with pytest.raises(ConfigError, match="nn.Module"):
         fxprune.heal("model", dense, b, steps=1, lr=1e-3)
+
+
+def test_a_teacher_sharing_weights_with_the_student_is_refused(pruned):
+    dense, res = pruned
+    model = copy.deepcopy(res.model)
+    teacher = copy.deepcopy(dense)
+    teacher.lm_head.weight = model.lm_head.weight  # e.g. compile(..., inplace=True) on it
+    with pytest.raises(ConfigError, match="shares 1 parameters"):
+        fxprune.heal(model, teacher, _batches(2), steps=1, lr=1e-3, progress=False)
 
 
 def test_an_iterator_that_runs_out_stops_and_says_so(pruned):
@@ -191,13 +218,15 @@ def test_eval_fn_records_the_curve_and_grad_accum_matches_a_big_batch(pruned):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_a_graph_module_heals_in_eval_mode(pruned):
-    """result.module from torch.export refuses .train(): heal trains it in eval mode and says so."""
+def test_a_graph_module_heals(pruned):
+    """result.module (a GraphModule whose weights are plain parameters, no Linear modules): its
+    2:4 zeros are found and held, and its eval flag comes back."""
     dense, res0 = pruned
     res = copy.deepcopy(res0)
     rep = fxprune.heal(res.module, dense, _batches(), steps=3, lr=3e-3, progress=False)
     assert rep.steps == 3 and _masked_nonzero(res.module, res.masks) == 0
     assert rep.masks_held == len(res.masks)
+    assert not res.module.training
 
 
 _FSDP = r"""
@@ -214,7 +243,7 @@ dense = _llama()
 ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
 res = fxprune.compile(dense, ids, heads=0.5, ffn=0.25, sparsity="2:4", uniform=True)
 share = [b[rank * 4 // world:(rank + 1) * 4 // world] for b in _batches(3, batch=4)]
-rep = fxprune.heal(res, dense, share, steps=3, lr=3e-3, progress=False)
+rep = fxprune.heal(res.model, dense, share, masks=res.masks, steps=3, lr=3e-3, progress=False)
 sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in res.model.state_dict().items()}
 zeros = {k: int((sd[k] == 0).sum()) for k in res.masks}
 held = all(int((sd[k] != 0)[~m].sum()) == 0 for k, m in res.masks.items())
@@ -285,7 +314,15 @@ def test_iterative_prune_heals_between_steps():
         heal={"batches": batches, "steps": 5, "lr": 3e-3, "progress": False},
     )
     for s in out.steps:
-        assert s.heal is not None and s.heal.steps == 5 and s.revived == 0
+        assert s.heal is not None and s.heal.steps == 5 and s.heal.revived == 0
         assert s.heal.masks_held == len(s.masks)
     with pytest.raises(ConfigError, match="heal"):
         fxprune.iterative_prune(dense, ids, steps=2, ffn=0.5, heal={"steps": 5, "lr": 1e-3})
+    with pytest.raises(ConfigError, match="not fxprune.heal arguments"):
+        fxprune.iterative_prune(
+            dense,
+            ids,
+            steps=2,
+            ffn=0.5,
+            heal={"batches": batches, "steps": 5, "lr": 1e-3, "step": 1},
+        )

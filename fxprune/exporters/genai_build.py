@@ -13,8 +13,8 @@
   all of that away from the caller, and its command line is the documented interface.
 - :class:`GenaiDecoder`: a built folder opened for greedy generation, timing the first token
   (prefill) and the rest (decode); :func:`hf_greedy` is the Hugging Face side of the parity.
-- :func:`weight_bytes`: the bytes of a built decoder's initializers (what each decode step
-  reads).
+- :func:`weight_bytes`: the bytes of a built decoder's initializers (``per_step``: what each
+  decode step reads whole, the embedding table left out).
 
 fp16 is refused on the CPU execution provider: the builder lists fp16 for CUDA, DirectML and
 TensorRT-RTX only, and ONNX Runtime GenAI 0.18 fails at the second decode step of an fp16 CPU
@@ -152,16 +152,27 @@ def decoder_file(folder: Path) -> Path:
     return Path(folder) / cfg["model"]["decoder"]["filename"]
 
 
-def weight_bytes(folder: Path) -> int:
+def weight_bytes(folder: Path, per_step: bool = False) -> int:
     """Bytes of the built decoder's initializers (4-bit types packed two to a byte); the
-    external data file is not read, only the shapes."""
+    external data file is not read, only the shapes. ``per_step``: only what a decode step
+    reads whole, so a table used only by ``Gather`` (the token embedding: a step reads one row
+    of it) is left out."""
     import onnx
 
     model = onnx.load(str(decoder_file(folder)), load_external_data=False)
     nibble = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
     nibble |= {getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+    gathered = set()
+    if per_step:
+        uses: dict[str, set] = {}
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                uses.setdefault(name, set()).add((node.op_type, i))
+        gathered = {k for k, v in uses.items() if v and all(u == ("Gather", 0) for u in v)}
     total = 0
     for t in model.graph.initializer:
+        if t.name in gathered:
+            continue
         n = math.prod(t.dims)
         if t.data_type in nibble:
             total += (n + 1) // 2
@@ -241,6 +252,12 @@ def hf_greedy(model, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
         eos_token_id=eos,
         pad_token_id=pad,
     )
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        # the builder reads the weights into an fp32 decoder: compare against the same numbers
+        # (a bf16 model's greedy tokens flip on near-ties that fp32 resolves otherwise)
+        import copy
+
+        model = copy.deepcopy(model).float()
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
     with torch.no_grad(), eval_mode(model):

@@ -6,8 +6,9 @@ A decode backend (``onnxruntime-genai``, ``fxprune.verify.decode``) fills the sa
 generation timings: ``dense_ms`` / ``pruned_ms`` are milliseconds per decode step (one new token
 per batch row), ``speedup`` the decode speedup, and the decode fields are set: time to the first
 token (the prefill of ``prompt_len`` tokens), tokens per second, ``bytes_ratio`` (pruned / dense
-weight bytes) and ``efficiency = speedup x bytes_ratio`` (decode reads every weight once a step:
-it is bound by bytes, not MACs); ``parity`` is the fraction of new tokens from the first one
+bytes of the weights a decode step reads whole: every matrix, not the embedding table, of which
+it gathers a row) and ``efficiency = speedup x bytes_ratio`` (decode is bound by bytes, not
+MACs); ``parity`` is the fraction of new tokens from the first one
 that differs from the PyTorch model's greedy tokens on (0: all equal).
 
 A run is *noisy* when the machine was not quiet enough for its numbers to be repeatable:
@@ -61,7 +62,8 @@ class LatencyRow:
     ttft_pruned_ms: float | None = None
     dense_tokens_s: float | None = None  # new tokens per second over the batch, after the first
     pruned_tokens_s: float | None = None
-    bytes_ratio: float | None = None  # pruned / dense weight bytes; efficiency = speedup x this
+    bytes_ratio: float | None = None  # pruned / dense bytes a decode step reads (embedding rows
+    # gathered, not counted); efficiency = speedup x this
 
 
 @dataclass
