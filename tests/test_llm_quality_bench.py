@@ -52,25 +52,58 @@ def test_llm_quality_rows_on_random_llama(monkeypatch):
             "4",
             "--heal-steps",
             "2",
+            "--learned-steps",
+            "2",
+            "--criteria",
+            "l1",
+            "taylor",
+            "learned",
         ]
     )
+    bench = lq.tinylm_bench(model, data, args)
+    bench.prompt, bench.decode = torch.tensor([[5, 6, 7]]), lambda ids: " ".join(map(str, ids))
+    bench.stop = frozenset()  # always the full 20 tokens
     try:
-        rows = lq.measure(model, data, args, log=lambda *_: None)
+        rows = lq.measure(bench, args, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     methods = [r.method for r in rows]
     assert methods[0] == "dense"
     for nm, meth in lq.NM_ROWS:
         assert f"{nm} {meth}" in methods
-    assert "50 % unstructured" in methods
-    assert any(m.startswith("heads 25 %") and "heal" in m for m in methods)
-    assert any(m.startswith("heads 25 %") and "one shot" in m for m in methods)
+    for meth in lq.UNSTRUCTURED_ROWS:
+        assert f"50 % unstructured {meth}" in methods
+    for crit in ("l1", "taylor", "learned"):
+        label = f"heads 25 % + FFN 25 % ({crit})"
+        assert label in methods
+        assert f"{label}, + 2 heal steps" in methods
     assert any("blocks removed" in m for m in methods)
+    assert not any(m.startswith("llm-compressor") for m in methods)  # the peer: smollm2 only
     for r in rows:
-        if r.method == "50 % unstructured":
-            assert r.note.startswith("n/a")
-            continue
         assert not r.note, f"{r.method}: {r.note}"
-        assert math.isfinite(r.ppl) and r.ppl > 1, r
+        assert set(r.ppl) == {"code"}
+        assert math.isfinite(r.ppl["code"]) and r.ppl["code"] > 1, r
+        assert len(r.raw.get("token_ids", [])) == args.gen_tokens, r
+    by = {r.method: r for r in rows}
+    # the unstructured rows zero half of every Linear in the blocks, lm_head kept
+    dense_n, half = (lq.ev.n_params(model), sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.") and p.dim() == 2
+    ) // 2)  # fmt: skip
+    for meth in lq.UNSTRUCTURED_ROWS:
+        assert by[f"50 % unstructured {meth}"].raw["nonzero_params"] == dense_n - half
+    assert by["2:4 magnitude"].raw["nm_2_4_conforming"] == 1.0
+    assert by["2:4 magnitude"].raw["peak_rss_kib"] > 0
     text = lq.table(rows)
     assert text.count("\n") == len(rows) + 1
+
+
+def test_budgets_and_labels():
+    from benchmarks import llm_quality as lq
+
+    assert lq.parse_budget("1:0.25") == (1, 0.25)
+    assert lq.parse_budget("0.25:0.25") == (0.25, 0.25)
+    assert lq.budget_label(1, 0.25, 3) == "heads 1 of 3 KV groups + FFN 25 %"
+    assert lq.budget_label(0, 0.125, 3) == "FFN 12.5 %"
+    a = lq.parse_args(["--model", "smollm2"])
+    assert (a.calib_batches, a.eval_windows, a.seq, a.isolate, a.peer) == (32, 8, 512, True, True)
+    assert lq.parse_args([]).model == "tinylm"
