@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 def test_llm_quality_rows_on_random_llama(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks import _lmbench as lmbench
     from benchmarks import _tinylm as tl
     from benchmarks import llm_quality as lq
 
@@ -60,7 +61,7 @@ def test_llm_quality_rows_on_random_llama(monkeypatch):
             "learned",
         ]
     )
-    bench = lq.tinylm_bench(model, data, args)
+    bench = lmbench.tinylm_bench(model, data, args)
     bench.prompt, bench.decode = torch.tensor([[5, 6, 7]]), lambda ids: " ".join(map(str, ids))
     bench.stop = frozenset()  # always the full 20 tokens
     try:
