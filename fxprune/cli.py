@@ -56,10 +56,17 @@ def _timing(a):
     if decode:
         from fxprune.verify.latency import resolve
 
+        flags = ", ".join("--" + f.replace("_", "-") for f in decode)
         if not resolve(a.backend).decode:
-            flags = ", ".join("--" + f.replace("_", "-") for f in decode)
             raise ConfigError(f"{flags}: decode backends time generation, not {a.backend}")
+        if not getattr(a, "measure", True):
+            raise ConfigError(f"{flags}: estimate times decoding only with --measure")
+    mode = getattr(a, "semi_structured", None)
     genai = [f for f in ("precision", "tokenizer_from") if getattr(a, f, None)]
+    if mode is not None and a.backend == "onnxruntime-genai":
+        raise ConfigError(
+            f"--semi-structured {mode} applies to torch-cuda timings, not onnxruntime-genai"
+        )
     if genai and a.cmd == "verify":
         if a.backend != "onnxruntime-genai":
             flags = ", ".join("--" + f.replace("_", "-") for f in genai)
@@ -67,7 +74,6 @@ def _timing(a):
         from fxprune.verify.latency import OnnxRuntimeGenai
 
         return OnnxRuntimeGenai(a.precision or "fp32", a.tokenizer_from)
-    mode = getattr(a, "semi_structured", None)
     if mode is None:
         return None
     from fxprune.verify.latency import TorchCuda

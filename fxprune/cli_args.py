@@ -124,11 +124,22 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         pr.add_argument(
             "--unstructured", type=float, default=0.0, help="fraction of weights zeroed"
         )
-        pr.add_argument("--unstructured_scope", default="layer", choices=["layer", "global"])
         pr.add_argument(
-            "--unstructured_method", default="magnitude", choices=["magnitude", "wanda"]
+            "--unstructured-scope",
+            default="layer",
+            choices=["layer", "global"],
         )
-        pr.add_argument("--unstructured_exclude", nargs="*", default=[], help="kept dense")
+        pr.add_argument(
+            "--unstructured-method",
+            default="magnitude",
+            choices=["magnitude", "wanda"],
+        )
+        pr.add_argument(
+            "--unstructured-exclude",
+            nargs="*",
+            default=[],
+            help="kept dense",
+        )
     pr.add_argument(
         "--channels",
         type=float,
@@ -136,13 +147,17 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         help="fraction removed per group (default 0.5; 0 with --heads/--ffn/--blocks/--unstructured)",
     )
     pr.add_argument(
-        "--heads", type=_number, default=0, help="fraction (or number) of heads per layer"
+        "--heads",
+        type=_number,
+        default=0,
+        help="fraction (or number) of heads per layer, counted in key/value groups: with 2 KV heads\n"
+        "(grouped-query attention) 0.25 removes nothing, 0.5 removes one group",
     )
     pr.add_argument("--ffn", type=float, default=0.0, help="fraction of MLP neurons per layer")
     pr.add_argument(
         "--blocks", nargs="*", default=[], help="a number of blocks to remove, or their names"
     )
-    pr.add_argument("--block_importance", default="cosine", choices=["cosine", "l2"])
+    pr.add_argument("--block-importance", default="cosine", choices=["cosine", "l2"])
     pr.add_argument(
         "--importance",
         default="auto",
@@ -158,18 +173,18 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         " or auto: the count the layers run fastest at on --round-backend",
     )
     pr.add_argument("--round-backend", default="torch", choices=["torch", "onnxruntime"])
-    pr.add_argument("--global_ranking", action="store_true")
-    pr.add_argument("--allow_approximate", action="store_true")
+    pr.add_argument("--global-ranking", action="store_true")
+    pr.add_argument("--allow-approximate", action="store_true")
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
-    pr.add_argument("--sparsity_exclude", nargs="*", default=[], help="modules kept dense")
+    pr.add_argument("--sparsity-exclude", nargs="*", default=[], help="modules kept dense")
     pr.add_argument(
-        "--sparsity_method",
+        "--sparsity-method",
         default="magnitude",
         choices=["magnitude", "wanda", "sparsegpt"],
         help="how N:M picks weights (wanda / sparsegpt use the example input as calibration)",
     )
     pr.add_argument(
-        "--sparsity_permute",
+        "--sparsity-permute",
         action="store_true",
         help="reorder channels first so the N:M mask keeps more weight magnitude",
     )
@@ -296,11 +311,11 @@ def _add_estimate(es) -> None:
     es.add_argument("--hardware", nargs="+", default=["A100", "H100", "L4", "cpu"], help="profiles")
     es.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None)
     es.add_argument("--exclude", nargs="*", default=[], help="modules kept dense by 2:4/unstr.")
-    es.add_argument("--roofline_top", type=int, default=5, help="layers per roofline table")
+    es.add_argument("--roofline-top", type=int, default=5, help="layers per roofline table")
     es.add_argument(
         "--measure", action="store_true", help="also time the structured model and compare"
     )
-    es.add_argument("--compare_with", help="profile the measurement is compared to")
+    es.add_argument("--compare-with", help="profile the measurement is compared to")
     es.add_argument("--report", help="write a self-contained HTML report here")
 
 
@@ -368,7 +383,7 @@ def parser() -> argparse.ArgumentParser:
         "hand-off metadata fxprune wrote into it (exit 1: its plan was changed)",
     )
     _add_source(ins)
-    ins.add_argument("--allow_approximate", action="store_true")
+    ins.add_argument("--allow-approximate", action="store_true")
     ins.add_argument("--top", type=int, default=30, help="groups and barriers shown")
     ins.add_argument("--all", action="store_true", help="show every group and barrier")
     _add_example_batch(ins)

@@ -96,6 +96,8 @@ def _argv() -> str:
 
 
 def _prune(a, log: Log) -> int:
+    from fxprune.passes import MaskCoverage
+
     if getattr(a, "print_recipe", False):
         return _print_recipe(a, log)
     if getattr(a, "stream", False):
@@ -138,6 +140,7 @@ def _prune(a, log: Log) -> int:
                     "plan": res.plan.to_dict(),
                     "equivalence": vars(rep),
                     "barriers": res.barriers,
+                    "masked": [r.coverage() for r in res.passes if isinstance(r, MaskCoverage)],
                     "seconds": res.seconds,
                     "export": str(exported.path) if exported else None,
                 }

@@ -314,6 +314,24 @@ def test_semi_structured_flag_needs_torch_cuda_timings(net, capsys):
             ["estimate", net, "--trust", "--backend", "torch-cuda", "--semi-structured", "off"],
             "not without --measure",
         ),
+        (
+            [
+                "verify",
+                net,
+                "--trust",
+                "--backend",
+                "onnxruntime-genai",
+                "--precision",
+                "int4",
+                "--semi-structured",
+                "all",
+            ],
+            "not onnxruntime-genai",
+        ),
+        (
+            ["estimate", net, "--trust", "--backend", "onnxruntime-genai", "--prompt-len", "16"],
+            "only with --measure",
+        ),
     ]
     for argv, words in cases:
         assert main([*argv, "--quiet"]) == 2, argv

@@ -78,8 +78,33 @@ class UnitsResult(PassResult):
         return out
 
 
+class MaskCoverage:
+    """What a masking pass (N:M, unstructured) covered: ``coverage()`` says how many layers it
+    masked and why each other Linear / Conv weight stayed dense (the CLI's table, ``--json`` and
+    ``CompileResult.report()`` print it)."""
+
+    def coverage(self) -> dict:
+        return {"pass": self.name, "masked": len(self.layers), "dense": dict(self.ineligible)}
+
+
+def coverage_lines(results, top: int = 10) -> list[str]:
+    """The report's lines for every masking pass: layers masked, and the dense ones with why."""
+    lines = []
+    for r in results:
+        if not isinstance(r, MaskCoverage):
+            continue
+        c = r.coverage()
+        what = f"{r.n}:{r.m}" if isinstance(r, NMResult) else f"unstructured {r.sparsity:.0%}"
+        lines.append(
+            f"\n{what} ({r.method}): {c['masked']} layers masked, {len(c['dense'])} left dense"
+            + (f" (first {top}):" if len(c["dense"]) > top else ":" if c["dense"] else "")
+        )
+        lines += [f"  {layer}: {why}" for layer, why in list(c["dense"].items())[:top]]
+    return lines
+
+
 @dataclass
-class NMResult(PassResult):
+class NMResult(MaskCoverage, PassResult):
     """N:M masks of ``layers`` (``kept_magnitude``: the fraction of |w| the masks keep)."""
 
     masks: dict = field(default_factory=dict)
@@ -103,7 +128,7 @@ class NMResult(PassResult):
 
 
 @dataclass
-class UnstructuredResult(PassResult):
+class UnstructuredResult(MaskCoverage, PassResult):
     """Weights zeroed without a pattern (``layers``: param -> weights zeroed)."""
 
     masks: dict = field(default_factory=dict)

@@ -341,10 +341,13 @@ def nothing_removed(graph: DependencyGraph, cfg: UnitSelection) -> str:
     r = ratios[g.id]
     example = f"{group_name(graph, g)} has {len(g.units)} units"
     if len(rounded) == sum(1 for r in ratios.values() if r):
+        most = max(len(by_id[gid].units) for gid, r in ratios.items() if r)
+        kv = " (heads are counted in key/value groups: a grouped-query layer with 2 KV heads has 2 units)"
         return (
             f"{asked} removes nothing: the fraction rounds down to 0 units in every {what} group "
-            f"({example}: floor({len(g.units)} x {r}) = 0); give a larger fraction"
-            + (" or a count" if cfg.option == "heads" else "")
+            f"({example}: floor({len(g.units)} x {r}) = 0); the smallest fraction that removes "
+            f"one unit is {1 / most:.4g}"
+            + (" (or give a count: heads=1)" + kv if cfg.option == "heads" else "")
         )
     return (
         f"{asked} removes nothing: every {what} group is at its minimum ({example} and must keep "

@@ -26,6 +26,22 @@ def test_a_ratio_that_rounds_to_zero_heads_says_so():
         fxprune.compile(model, x, heads=0.1)
 
 
+def test_heads_on_two_kv_groups_name_the_smallest_ratio_and_kv_counting():
+    """A Llama with 4 query heads over 2 KV heads has 2 head units per layer: 0.25 removes
+    nothing, and the error says heads are counted in KV groups and that 0.5 is the smallest
+    fraction that removes one."""
+    pytest.importorskip("transformers")
+    model, x, _ = build("llama")
+    kv = model.config.num_key_value_heads
+    assert kv == 2, kv
+    with pytest.raises(
+        NothingToPruneError, match=r"smallest fraction that removes one unit is 0.5"
+    ) as e:
+        fxprune.compile(model, x, heads=0.25)
+    assert "key/value groups" in str(e.value)
+    fxprune.compile(model, x, heads=0.5)  # the ratio it names works
+
+
 def test_every_head_ignored_says_so():
     pytest.importorskip("transformers")
     model, x, _ = build("bert")
