@@ -260,5 +260,14 @@ UNARY = [
 
 @rule(*UNARY, "torchvision.ops.stochastic_depth.stochastic_depth")
 def unary_rule(ctx, node):
+    tensors = [
+        a
+        for a in pytree.tree_leaves((node.args, node.kwargs))
+        if isinstance(a, fx.Node) and tensor_meta(a) is not None
+    ]
+    if (
+        len(tensors) > 1
+    ):  # pow(tensor, tensor) (Bloom's ALiBi slopes), clamp(x, lo_t, hi_t): broadcast
+        return binary_rule(ctx, node)
     x = first_tensor(ctx, node)
     return ctx.atoms(x) if x is not None else none_output(node)
