@@ -1,17 +1,31 @@
 """Model sources for the command line: ``torchvision:NAME``, ``timm:NAME``,
 ``hf:CONFIG_OR_LOCAL_DIR`` and ``file.py:factory`` (saved fxprune checkpoints are opened by the
-command line itself: they name the source they were pruned from)."""
+command line itself: they name the source they were pruned from).
+
+A Hugging Face folder is read as ``from_pretrained`` reads it, with its failures typed
+(:func:`hf_config`, :func:`hf_weights`): code its ``auto_map`` names runs only with trust, as
+does a pickled ``pytorch_model.bin``, and safetensors that are not the model's weights are never
+taken for them."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fxprune.errors import ConfigError, MissingExtraError
+from fxprune.errors import CheckpointError, ConfigError, FileAccessError, MissingExtraError
+
+# the weights files ``from_pretrained`` reads, in the order it prefers them
+SAFETENSORS_WEIGHTS = ("model.safetensors.index.json", "model.safetensors")
+PICKLED_WEIGHTS = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+# what transformers raises on a config or weights it cannot read (safetensors' SafetensorError
+# is caught by name: it derives from Exception alone)
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError)
 
 # the text inputs an example is made of, by forward parameter name
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -44,47 +58,168 @@ def _hf_input(cfg, seq_len: int, model=None):
     return lead[0] if len(lead) == 1 else tuple(lead)
 
 
+def remote_code_files(raw: dict) -> list[str]:
+    """The Python files in the model folder that ``config.json``'s ``auto_map`` builds the
+    model with (``"AutoConfig": "configuration_x.XConfig"`` -> ``configuration_x.py``; an entry
+    naming another repository, ``"org/repo--module.Class"``, counts too)."""
+    amap = raw.get("auto_map")
+    if not isinstance(amap, dict):
+        return []
+    refs = [r for v in amap.values() for r in (v if isinstance(v, list) else [v])]
+    return sorted({r.rpartition(".")[0] + ".py" for r in refs if isinstance(r, str) and "." in r})
+
+
+def hf_config(file: Path, trust: bool = False, who: str = "hf", log: Callable | None = None):
+    """The config in ``file`` (a ``config.json``) as transformers reads it, its failures typed.
+
+    A config whose ``auto_map`` names code in the folder and whose ``model_type`` transformers
+    does not know needs that code: it is refused unless ``trust``, and run with it (transformers'
+    ``trust_remote_code``). Where transformers knows the ``model_type``, its own classes are
+    used without ``trust`` (as transformers does; ``log`` hears that the folder's code was not
+    run) and the folder's code with it.
+
+    Raises:
+        FileAccessError: ``file`` cannot be read.
+        CheckpointError: it is not a JSON object, names no ``model_type`` (and no code), or
+            transformers refuses it; the message names the file.
+        ConfigError: it needs the folder's code and ``trust`` is False.
+    """
+    import transformers
+
+    try:
+        raw = json.loads(file.read_text())
+    except OSError as e:
+        raise FileAccessError(f"{who}: cannot read {file}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{who}: {file} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{who}: {file} holds a JSON {type(raw).__name__}, not an object")
+    kind, code = raw.get("model_type"), remote_code_files(raw)
+    known = isinstance(kind, str) and kind in transformers.CONFIG_MAPPING
+    if code and not known and not trust:
+        raise ConfigError(
+            f"{who}: {file}'s auto_map builds the model with the folder's code "
+            f"({', '.join(code)}; model_type {kind!r} is not one transformers knows); running "
+            "it needs --trust (trust=True in Python) if you trust that code"
+        )
+    if not code and not known:
+        what = (
+            "names no model_type, so transformers cannot tell which model it describes"
+            if kind is None
+            else f"has model_type {kind!r}, which transformers {transformers.__version__} "
+            "does not know"
+        )
+        raise CheckpointError(
+            f'{who}: {file} {what}; say which family the weights are, e.g. "model_type": "llama"'
+        )
+    if code and known and log is not None:
+        how = "running that code" if trust else "transformers' own classes, not that code"
+        log(f"{who}: {file}'s auto_map names {', '.join(code)}; building with {how}")
+    remote = bool(code and trust)
+    try:  # the folder, where remote code is looked for; else the file, whatever its name
+        return transformers.AutoConfig.from_pretrained(
+            str(file.parent if remote else file), trust_remote_code=remote
+        )
+    except _READ_ERRORS as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{who}: transformers cannot read {file}: {first}") from e
+
+
+def hf_weights(folder: Path) -> tuple[str | None, list[Path]]:
+    """The weights a Hugging Face folder holds, as ``from_pretrained`` picks them:
+    ``("safetensors", [file])`` (the index, else ``model.safetensors``), ``("pickle",
+    [file])`` (``pytorch_model.bin`` or its index), or ``(None, others)``: the folder's other
+    ``*.safetensors`` and ``pytorch_model*.bin`` files, which ``from_pretrained`` does not read
+    as the model's weights (an adapter, shards without their index)."""
+    for kind, names in (("safetensors", SAFETENSORS_WEIGHTS), ("pickle", PICKLED_WEIGHTS)):
+        found = [folder / n for n in names if (folder / n).is_file()]
+        if found:
+            return kind, found[:1]
+    return None, sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
+
+
+def _load_weights(arch, folder: Path, cfg, kind: str, remote: bool, who: str):
+    """``arch.from_pretrained`` on exactly the weights :func:`hf_weights` chose (never a
+    pickle when safetensors were chosen), its failures a CheckpointError."""
+    from safetensors import SafetensorError
+
+    try:
+        return arch.from_pretrained(
+            str(folder),
+            config=cfg,
+            use_safetensors=kind == "safetensors",
+            trust_remote_code=remote,
+        )
+    except (*_READ_ERRORS, RuntimeError, SafetensorError) as e:  # size mismatch: RuntimeError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{who}: cannot load the weights in {folder}: {first}") from e
+
+
+def _model_class(transformers, cfg, remote: bool):
+    """The class the checkpoint was saved from (keeps task heads), else the base model; with
+    the folder's code trusted, the auto class its ``auto_map`` names (a model's own code)."""
+    if remote:
+        auto = [k for k in cfg.auto_map if k.startswith("AutoModel")]
+        return (
+            getattr(transformers, auto[0], transformers.AutoModel)
+            if auto
+            else transformers.AutoModel
+        )
+    return next(
+        (getattr(transformers, a) for a in (cfg.architectures or []) if hasattr(transformers, a)),
+        transformers.AutoModel,
+    )
+
+
 def load_hf(name: str, trust: bool = False, seq_len: int = 128):
     """``hf:`` source: a local model folder (its weights when present, else random weights from
     its config.json), a config.json file, or a model type (``hf:llama``: the default config of
     that family, random weights). Nothing is downloaded; ``use_cache`` stays as the config says
-    (``compile`` turns it off for the capture only)."""
+    (``compile`` turns it off for the capture only).
+
+    Raises:
+        ConfigError: the weights are a pickle, or the config needs the folder's code
+            (:func:`hf_config`), and ``trust`` is False.
+        CheckpointError: the config or the weights cannot be read, or the folder holds only
+            files that are not a model's weights (:func:`hf_weights`)."""
     try:
         import transformers
     except ImportError as e:
         raise MissingExtraError("transformers", "hf", "hf: models") from e
-    path = Path(name)
+    path, who = Path(name), f"hf:{name}"
     if path.is_dir() or path.suffix == ".json":
         folder = path if path.is_dir() else path.parent
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.exists():
-            raise ConfigError(f"hf:{name}: no config.json there")
-        cfg = transformers.AutoConfig.from_pretrained(str(cfg_file))
+            raise ConfigError(f"{who}: no config.json there")
+        cfg = hf_config(cfg_file, trust, who, log=lambda s: print(f"fxprune: {s}", file=sys.stderr))
     elif name in transformers.CONFIG_MAPPING:
         folder, cfg = None, transformers.AutoConfig.for_model(name)
     else:
         raise ConfigError(
-            f"hf:{name}: give a local model folder, a config.json, or a model type such as "
+            f"{who}: give a local model folder, a config.json, or a model type such as "
             "'bert' or 'llama' (nothing is downloaded from the hub)"
         )
-    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
-    pickles = sorted(folder.glob("pytorch_model*.bin")) if folder is not None else []
-    if not files and pickles and not trust:
+    kind, files = hf_weights(folder) if folder is not None else (None, [])
+    if kind == "pickle" and not trust:
         raise ConfigError(
-            f"hf:{name}: {pickles[0].name} is a pickle; pass --trust to load it (safetensors "
+            f"{who}: {files[0].name} is a pickle; pass --trust to load it (safetensors "
             "needs no trust)"
         )
-    # the class the checkpoint was saved from (keeps task heads), else the base model
-    arch = next(
-        (getattr(transformers, a) for a in (cfg.architectures or []) if hasattr(transformers, a)),
-        transformers.AutoModel,
-    )
-    if files or pickles:
-        model = arch.from_pretrained(str(folder), config=cfg)
-        how = f"weights from {folder} ({len(files) or len(pickles)} file(s))"
+    if kind is None and files:
+        raise CheckpointError(
+            f"{who}: {folder} holds {', '.join(f.name for f in files[:3])} but none of "
+            f"{', '.join(SAFETENSORS_WEIGHTS + PICKLED_WEIGHTS)}: not weights from_pretrained "
+            "reads; give the folder save_pretrained wrote"
+        )
+    remote = bool(trust and folder is not None and remote_code_files(cfg.to_dict()))
+    arch = _model_class(transformers, cfg, remote)
+    if kind:
+        model = _load_weights(arch, folder, cfg, kind, remote, who)
+        how = f"weights from {files[0]}"
     else:
-        auto = arch is transformers.AutoModel
-        model = transformers.AutoModel.from_config(cfg) if auto else arch(cfg)
+        auto = arch.__name__.startswith("Auto")
+        model = arch.from_config(cfg, trust_remote_code=remote) if auto else arch(cfg)
         how = "random weights (no weights in the source)"
     x = _hf_input(cfg, seq_len, model)
     params = list(inspect.signature(model.forward).parameters)
