@@ -40,9 +40,9 @@ def stream_command(a, log, writing) -> int:
         raise ConfigError(f"--stream does not take {', '.join(given)}")
     calibration = None
     if a.sparsity_method != "magnitude" or a.importance in ("activation", "entropy", "confidence"):
-        import transformers
+        from fxprune.models import hf_config
 
-        vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+        vocab = hf_config(Path(folder) / "config.json", a.trust, "stream").vocab_size
         gen = torch.Generator().manual_seed(a.seed)
         shape = (a.batch or 1, a.seq_len or 128)
         calibration = [torch.randint(0, vocab, shape, generator=gen)]
@@ -58,6 +58,7 @@ def stream_command(a, log, writing) -> int:
             importance=a.importance,
             round_to=a.round_to,
             calibration=calibration,
+            trust=a.trust,
             log=None if a.quiet else (lambda s: print(f"  {s}", file=sys.stderr)),
         )
     log(None)

@@ -5,7 +5,11 @@
 
 1. reads ``config.json`` and builds the model on the meta device (no memory), to know its
    classes and the decoder stack (:data:`FAMILIES` says where the stack, its rotary embedding
-   and its token embedding live for each ``model_type``);
+   and its token embedding live for each ``model_type``), and checks, before writing anything,
+   that every shard's header reads, that the index names the shard holding each tensor, and that
+   the config describes the shards (its layer count, every shape; a count key it leaves to a
+   default the weights contradict is named); code an ``auto_map`` names runs only with
+   ``trust=True``;
 2. captures block 0 once (torch.export) and reuses that graph for every other block
    (:func:`fxprune.graph.trace.retarget`): the blocks repeat;
 3. for each block: loads its tensors from the safetensors shards (only that block's, the shard
@@ -49,6 +53,7 @@ from fxprune.errors import (
 )
 from fxprune.hf import TOKENIZER_FILES, check_config_valid
 from fxprune.importance import auto_importance, name_of, resolve
+from fxprune.models import remote_code_files
 from fxprune.streaming_io import (
     FAMILIES,  # noqa: F401 - re-exported
     SHARD_BYTES,
@@ -154,6 +159,7 @@ def stream(
     round_to: int | None = None,
     prove: bool = True,
     max_shard_bytes: int = SHARD_BYTES,
+    trust: bool = False,
     log=None,
 ) -> StreamResult:
     """Prune the Hugging Face causal LM in folder ``source`` block by block and write the
@@ -177,14 +183,22 @@ def stream(
         prove: prove each pruned block against its dense twin with the removed parts zeroed
             (:func:`fxprune.verify.equivalence`); a block that fails stops the run.
         max_shard_bytes: size of each output safetensors shard.
+        trust: run the Python files ``config.json``'s ``auto_map`` names (transformers'
+            ``trust_remote_code``); without it a config that needs them is refused, and one
+            whose ``model_type`` transformers knows is built with transformers' own classes.
         log: ``log(str)`` for progress lines (default: silent).
 
     Returns:
         A :class:`StreamResult` (``table()`` prints it).
 
     Raises:
-        ConfigError: an option is out of range, nothing is asked for, or ``out`` is not empty.
-        CheckpointError: ``source`` has no config or no safetensors weights.
+        ConfigError: an option is out of range, nothing is asked for, ``out`` is not empty, or
+            the config needs the folder's code and ``trust`` is False.
+        CheckpointError: ``source`` has no config or no safetensors weights (the index, else
+            ``model.safetensors``), a shard is truncated or garbled, the index names a shard
+            that does not hold the tensor, or ``config.json`` does not describe the shards (its
+            layer count, a key it leaves to a default the weights contradict, a shape); all
+            before anything is written.
         UnsupportedModelError: the model type has no registered :class:`Family`.
         PassError: a pruned block fails its proof, or blocks came out with different counts.
     """
@@ -195,7 +209,7 @@ def stream(
     _check_options(
         src, dst, heads, ffn, sparsity, sparsity_method, importance, measured, calibration
     )
-    run = _Stack(src, log or (lambda s: None))
+    run = _Stack(src, log or (lambda s: None), trust)
     options = dict(
         heads=heads,
         ffn=ffn,
@@ -224,9 +238,10 @@ def stream(
                 writer.add(k, run.shards.load([k])[k])
         writer.close()
         new = with_counts(run.cfg, result.after)
-        check_builds(new, shapes)
+        check_builds(new, shapes, run.trust)
         new.save_pretrained(dst)
-        for name in ("generation_config.json", *TOKENIZER_FILES):
+        # the auto_map's code too (copied, not run), so that the config's auto_map resolves
+        for name in ("generation_config.json", *TOKENIZER_FILES, *remote_code_files(run.raw)):
             if (src / name).is_file():
                 try:
                     shutil.copy2(src / name, dst / name)
@@ -274,8 +289,8 @@ class _Stack(Source):
     """The source model (:class:`fxprune.streaming_io.Source`), the one capture of its
     repeated block, and the pruning of each block."""
 
-    def __init__(self, src: Path, log):
-        super().__init__(src)
+    def __init__(self, src: Path, log, trust: bool = False):
+        super().__init__(src, trust, log)
         self.log = log
         self.template = None
 

@@ -1,9 +1,10 @@
 """A decoder checkpoint on disk as :func:`fxprune.stream` reads and writes it: where each
 family keeps its parts (:data:`FAMILIES`), the source read lazily from its safetensors shards
-(:class:`Shards`, :class:`Source`: one block at a time over a meta-device skeleton), the output
-written in shards (:class:`ShardWriter`), the head and FFN counts its config holds (and whether
-a pruned config describes the weights written), and the memory that took
-(:func:`peak_rss_bytes`)."""
+(:class:`Shards`, :class:`Source`: one block at a time over a meta-device skeleton, every shard's
+header, the index and the config checked against each other first, with
+``fxprune.streaming_checks``), the output written in shards (:class:`ShardWriter`), the head and
+FFN counts its config holds (and whether a pruned config describes the weights written), and the
+memory that took (:func:`peak_rss_bytes`)."""
 
 from __future__ import annotations
 
@@ -68,50 +69,105 @@ class Block(nn.Module):
 
 
 class Shards:
-    """Lazy access to a folder's safetensors weights: a tensor is read when asked for, and the
-    shard is unmapped after each read, so resident memory is what the caller holds."""
+    """Lazy access to a folder's safetensors weights (the index ``from_pretrained`` reads, else
+    ``model.safetensors``; other files are not the model's): a tensor is read when asked for,
+    and the shard is unmapped after each read, so resident memory is what the caller holds.
+    Every shard's header is read up front: a truncated or garbled shard, or an index naming a
+    shard that does not hold the tensor, is refused before anything is written."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
+        from fxprune.models import hf_weights
+
         self.folder = folder
         self._open = safe_open
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
+        kind, files = hf_weights(folder)
+        if kind != "safetensors":
+            raise CheckpointError(_no_safetensors(folder, kind, files))
+        if files[0].name.endswith(".json"):
             try:
-                self.where = dict(json.loads(index.read_text())["weight_map"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+                self.where = dict(json.loads(files[0].read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{files[0]}: not a safetensors index ({e})") from e
         else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"{folder}: no safetensors weights (model.safetensors or "
-                    "model.safetensors.index.json); stream reads safetensors only (save the "
-                    "model with save_pretrained(..., safe_serialization=True))"
-                )
-            self.where = {}
-            for f in files:
-                with safe_open(f, "pt") as h:
-                    self.where.update(dict.fromkeys(h.keys(), f.name))
-        missing = sorted({f for f in self.where.values() if not (folder / f).is_file()})
+            self.where = None
+        missing = sorted({f for f in (self.where or {}).values() if not (folder / f).is_file()})
         if missing:
             raise CheckpointError(f"{folder}: the index names missing shard(s) {missing[:3]}")
-        self.nbytes = sum((folder / f).stat().st_size for f in set(self.where.values()))
+        names = sorted(set(self.where.values())) if self.where else [files[0].name]
+        self.shapes: dict[str, tuple] = {}  # every tensor each shard holds, from its header
+        held: dict[str, str] = {}
+        for f in names:
+            with self._opened(f) as h:
+                for k in h.keys():
+                    self.shapes[k] = tuple(h.get_slice(k).get_shape())
+                    held[k] = f
+        if self.where is None:
+            self.where = held
+        wrong = [(k, f) for k, f in self.where.items() if held.get(k) != f]
+        if wrong:
+            k, f = wrong[0]
+            where = f"it is in {held[k]}" if k in held else "no shard holds it"
+            raise CheckpointError(
+                f"{files[0]}: maps {k} to {f}, which does not hold it ({where}; "
+                f"{len(wrong)} entr{'y' if len(wrong) == 1 else 'ies'} wrong): the index is "
+                "not this folder's; copy the shards and their index together"
+            )
+        self.nbytes = sum((folder / f).stat().st_size for f in names)
+
+    def _opened(self, name: str):
+        """The shard ``name`` opened, its failure (a truncated or garbled file) typed."""
+        from safetensors import SafetensorError
+
+        path = self.folder / name
+        try:
+            return self._open(path, "pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                "copy it again"
+            ) from e
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k], []).append(k)
         out = {}
         for f, ks in by_file.items():
-            with self._open(self.folder / f, "pt") as h:  # unmapped when the block ends
-                for k in ks:
-                    out[k] = h.get_tensor(k)
+            with self._opened(f) as h:  # unmapped when the block ends
+                try:
+                    for k in ks:
+                        out[k] = h.get_tensor(k)
+                except (SafetensorError, OSError) as e:  # changed since it was opened
+                    raise CheckpointError(f"{self.folder / f}: cannot read {k}: {e}") from e
         return out
+
+
+def _no_safetensors(folder: Path, kind: str | None, files: list[Path]) -> str:
+    if kind == "pickle":
+        return (
+            f"{folder}: the weights are {files[0].name}, a pickle; stream reads safetensors only "
+            "(transformers' from_pretrained then save_pretrained writes them)"
+        )
+    if files:
+        names = ", ".join(f.name for f in files[:3])
+        why = (
+            "shards without their index: copy model.safetensors.index.json too"
+            if any("-of-" in f.name for f in files)
+            else "not the model's weights"
+        )
+        return f"{folder}: no model.safetensors (or model.safetensors.index.json); {names}: {why}"
+    return (
+        f"{folder}: no safetensors weights (model.safetensors or "
+        "model.safetensors.index.json); stream reads safetensors only (save the "
+        "model with save_pretrained(..., safe_serialization=True))"
+    )
 
 
 class ShardWriter:
@@ -171,14 +227,20 @@ def peak_rss_bytes() -> int:
 
 class Source:
     """The source model as a meta-device skeleton over its lazy shards: its config, its decoder
-    family, and each block (or the token embedding) loaded from the shards when asked for."""
+    family, and each block (or the token embedding) loaded from the shards when asked for.
+    ``trust`` runs the code a config's ``auto_map`` names (:func:`fxprune.models.hf_config`);
+    everything the folder holds is checked against the config before a block is pruned."""
 
-    def __init__(self, src: Path):
+    def __init__(self, src: Path, trust: bool = False, log=None):
         import transformers
 
+        from fxprune.models import hf_config, remote_code_files
+        from fxprune.streaming_checks import check_config_fits
+
         self.src = src
-        self.shards = Shards(src)
-        cfg = transformers.AutoConfig.from_pretrained(src)
+        cfg = hf_config(src / "config.json", trust, "stream", log)
+        self.raw = json.loads((src / "config.json").read_text())  # as written: which keys it gives
+        self.trust = bool(trust and remote_code_files(self.raw))  # run the folder's code
         self.fam = FAMILIES.get(cfg.model_type)
         if self.fam is None:
             raise UnsupportedModelError(
@@ -186,10 +248,14 @@ class Source:
                 f"(known: {sorted(FAMILIES)}); register it with fxprune.streaming.family(...) or "
                 "use fxprune.compile"
             )
+        self.shards = Shards(src)
         cfg._attn_implementation = "sdpa"  # causal with no mask; eager would need one
         self.cfg = cfg
         with torch.device("meta"):
-            self.skeleton = transformers.AutoModelForCausalLM.from_config(cfg)
+            self.skeleton = transformers.AutoModelForCausalLM.from_config(
+                cfg, trust_remote_code=self.trust
+            )
+        check_config_fits(src, cfg, self.raw, self.skeleton, self.fam, self.shards)
         self.stack = self.skeleton.get_submodule(self.fam.layers)
         # the model-level rotary embedding, built for real (its buffers are computed, not saved)
         self.rotary = type(self.skeleton.get_submodule(self.fam.rotary))(config=cfg)
@@ -257,13 +323,13 @@ def with_counts(cfg, counts: dict):
     return new
 
 
-def check_builds(cfg, shapes: dict[str, tuple]) -> None:
-    """The pruned config builds (on the meta device) every block weight in the shape written:
-    otherwise ``from_pretrained`` would re-initialise it."""
+def check_builds(cfg, shapes: dict[str, tuple], trust: bool = False) -> None:
+    """The pruned config builds (on the meta device; ``trust``: with the folder's code) every
+    block weight in the shape written: otherwise ``from_pretrained`` would re-initialise it."""
     import transformers
 
     with torch.device("meta"):
-        fresh = transformers.AutoModelForCausalLM.from_config(cfg)
+        fresh = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     bad = [
         f"{k} is {s}, the config builds {want.get(k)}"

@@ -43,6 +43,7 @@ LAYERS = [
         "fxprune.iterative",
         "fxprune.sensitivity",
         "fxprune.estimator",
+        "fxprune.streaming_checks",
         "fxprune.streaming_io",
         "fxprune.streaming",
     ],
