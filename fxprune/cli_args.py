@@ -95,7 +95,8 @@ def _add_source(pr) -> None:
     pr.add_argument(
         "--trust",
         action="store_true",
-        help="allow pickled code in checkpoints and running a file.py:factory source",
+        help="allow pickled code in checkpoints, a file.py:factory source, and the code an hf: "
+        "folder's config.json auto_map names (transformers' trust_remote_code)",
     )
     pr.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
     pr.add_argument(
