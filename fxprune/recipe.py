@@ -4,8 +4,11 @@ A recipe is an ordered tuple of registered pass configs (``fxprune.passes.Blocks
 ``FFN``, ``Channels``, ``Permute``, ``NM``, ``Unstructured``) plus the capture options (``mode``,
 ``leaf_modules``, ``allow_approximate``, ``uniform``). It is validated on construction, written
 as JSON (``to_dict`` / ``save``) and read back (``from_dict`` / ``load``), versioned like the
-plan. ``fxprune.compile(model, x, recipe)`` runs it; the keyword arguments of ``compile`` are
-sugar that builds the same recipe, so both take one code path.
+plan. Each field read back is checked against its config's type annotation (``json_field``):
+``"false"`` is not a boolean, ``"fc1"`` not a list of names, ``{"layer4": 0.25}`` not a list of
+pairs; the error names the pass and the field. ``fxprune.compile(model, x, recipe)`` runs it;
+the keyword arguments of ``compile`` are sugar that builds the same recipe, so both take one code
+path.
 
 What a recipe never holds is runtime data: calibration batches and ``loss_fn`` are arguments
 of ``compile``, and replay-only fields (a plan's ``kept`` indices, N:M ``layers``, permutation
@@ -22,10 +25,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Union
 
 from fxprune._util import jsonable, resolve_names
 from fxprune.calibration import default_loss, take_batches
@@ -45,11 +51,99 @@ RUNTIME = frozenset({"calibration", "loss_fn", "train_fn", "kept", "layers", "or
 MODES = ("auto", "fx", "export")
 
 
-def _tupled(v):
-    """JSON lists back to the tuples the frozen configs hold."""
-    if isinstance(v, list):
-        return tuple(_tupled(x) for x in v)
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_SCALARS |= {type(None): "null", dict: "an object"}
+_PLURAL = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
+def _spell(hint, plural: bool = False) -> str:
+    """A field's type as JSON spells it: ``a list of [a string, a number] pairs``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(s for s in (_spell(a, plural) for a in args) if s)
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{'lists' if plural else 'a list'} of {_spell(args[0], True)}"
+        if args:
+            items = f"[{', '.join(_spell(a) for a in args)}]"
+            return f"{items} {'pairs' if len(args) == 2 else 'lists'}" if plural else items
+        return "lists" if plural else "a list"
+    if hint is object:
+        return "any values" if plural else "any value"
+    return (_PLURAL if plural else _SCALARS).get(hint, "")  # a Python-only type: none
+
+
+def _kind(v) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if isinstance(v, (list, bool)):
+        return "a list" if isinstance(v, list) else "a boolean"
+    return next((name for t, name in _SCALARS.items() if type(v) is t), type(v).__name__)
+
+
+class _Misfit(Exception):
+    """A JSON value (at ``path`` inside a field) that is not of type ``hint``."""
+
+    def __init__(self, path: str, value, hint):
+        super().__init__(path)
+        self.path, self.value, self.hint = path, value, hint
+
+
+def _is_list_type(hint) -> bool:
+    return hint is tuple or typing.get_origin(hint) is tuple
+
+
+def _coerce(v, hint, path: str = ""):
+    """Parsed JSON ``v`` as the field type ``hint`` holds it (lists become the tuples the frozen
+    configs hold), else :class:`_Misfit` at the innermost item that does not fit. It descends
+    only as deep as ``hint`` does, so a deeply nested value is refused, never recursed into."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        misfits = []
+        for a in args:
+            try:
+                return _coerce(v, a, path)
+            except _Misfit as e:
+                misfits.append((a, e))
+        lists = [e for a, e in misfits if _is_list_type(a)]  # name a list's misfit item
+        raise lists[0] if isinstance(v, list) and len(lists) == 1 else _Misfit(path, v, hint)
+    if _is_list_type(hint):
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            want = [args[0] if args else object] * len(v) if isinstance(v, list) else []
+        else:
+            want = list(args)
+        if not isinstance(v, list) or len(want) != len(v):
+            raise _Misfit(path, v, hint)
+        pairs = enumerate(zip(v, want, strict=True))
+        return tuple(_coerce(x, h, f"{path}[{i}]") for i, (x, h) in pairs)
+    if hint is object or (hint is float and type(v) is int):
+        return v
+    if hint not in _SCALARS or type(v) is not hint:
+        raise _Misfit(path, v, hint)
     return v
+
+
+def json_field(value, hint, where: str):
+    """``value`` read from a recipe file as a field of type ``hint`` (a config dataclass's
+    annotation); a :class:`ConfigError` naming ``where`` (and the item inside it) when its
+    JSON type is not that one (``"false"`` is not a boolean, ``"fc1"`` is not a list of names).
+    """
+    try:
+        return _coerce(value, hint)
+    except _Misfit as e:
+        v = e.value
+        shown = json.dumps(v) if isinstance(v, (str, int, float, bool)) else ""
+        takes = _spell(e.hint)
+        if isinstance(v, dict) and _is_list_type(e.hint):
+            takes += " (write an object's entries as [key, value] pairs)"
+        raise ConfigError(
+            f"{where}{e.path} is {_kind(v)}{f' ({shown:.40})' if shown else ''}; it takes {takes}"
+        ) from None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict:
+    """Each dataclass field's type annotation, evaluated."""
+    return typing.get_type_hints(cls)
 
 
 def config_dict(cfg) -> dict:
@@ -68,7 +162,7 @@ def config_dict(cfg) -> dict:
 
 def config_from(entry: dict, where: str):
     """A recipe entry back to its pass config (the config validates itself)."""
-    if not isinstance(entry, dict) or "pass" not in entry:
+    if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
         raise ConfigError(f"recipe {where}: a pass entry is an object with a 'pass' name")
     name = entry["pass"]
     if name not in REGISTRY:
@@ -81,7 +175,14 @@ def config_from(entry: dict, where: str):
             f"recipe {where} ({name}): unknown fields {unknown}; {cls.__name__} "
             f"takes {sorted(known)}"
         )
-    return cls(**{k: _tupled(v) for k, v in entry.items() if k != "pass"})
+    hints = _field_types(cls)
+    return cls(
+        **{
+            k: json_field(v, hints[k], f"recipe {where} ({name}): {k}")
+            for k, v in entry.items()
+            if k != "pass"
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -90,13 +191,22 @@ class Recipe:
 
     passes: tuple = ()
     mode: str = "auto"
-    leaf_modules: tuple = ()
+    leaf_modules: tuple[str | type, ...] = ()
     allow_approximate: bool = False
     uniform: bool = False
 
     VERSION: ClassVar[int] = 1
+    OPTIONS: ClassVar[tuple[str, ...]] = ("mode", "leaf_modules", "allow_approximate", "uniform")
 
     def __post_init__(self):
+        for flag in ("allow_approximate", "uniform"):  # bool("false") is True
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"recipe {flag}={getattr(self, flag)!r}: give True or False")
+        if isinstance(self.leaf_modules, str):  # tuple("fc1") is ("f", "c", "1")
+            raise ConfigError(
+                f"recipe leaf_modules={self.leaf_modules!r}: give a list of module names "
+                f"([{self.leaf_modules!r}])"
+            )
         object.__setattr__(self, "passes", tuple(self.passes))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
         for i, cfg in enumerate(self.passes):
@@ -132,25 +242,19 @@ class Recipe:
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe is a JSON object, got {type(d).__name__}")
         version = d.get("version")
-        if version != cls.VERSION:
+        if type(version) is not int or version != cls.VERSION:  # true == 1 in Python
             raise ConfigError(
                 f"recipe version {version!r}: this fxprune reads version {cls.VERSION}"
             )
-        unknown = sorted(
-            set(d) - {"version", "mode", "leaf_modules", "allow_approximate", "uniform", "passes"}
-        )
+        unknown = sorted(set(d) - {"version", "passes", *cls.OPTIONS})
         if unknown:
             raise ConfigError(f"recipe: unknown keys {unknown}")
         passes = d.get("passes", [])
         if not isinstance(passes, list):
-            raise ConfigError("recipe 'passes' is a list of pass entries")
-        return cls(
-            tuple(config_from(e, f"pass {i}") for i, e in enumerate(passes)),
-            mode=d.get("mode", "auto"),
-            leaf_modules=tuple(d.get("leaf_modules", ())),
-            allow_approximate=bool(d.get("allow_approximate", False)),
-            uniform=bool(d.get("uniform", False)),
-        )
+            raise ConfigError(f"recipe passes is {_kind(passes)}; it takes a list of pass entries")
+        hints = _field_types(cls)
+        options = {k: json_field(d[k], hints[k], f"recipe {k}") for k in cls.OPTIONS if k in d}
+        return cls(tuple(config_from(e, f"pass {i}") for i, e in enumerate(passes)), **options)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -164,6 +268,11 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"recipe {p}: not JSON ({e.msg} at line {e.lineno})") from e
+        except RecursionError as e:  # the decoder recurses once per level
+            raise ConfigError(
+                f"recipe {p}: nested too deeply to read (a recipe is a few levels deep: "
+                "passes -> a pass -> layer_ratios -> a pair)"
+            ) from e
         try:
             return cls.from_dict(data)
         except ConfigError as e:

@@ -156,3 +156,81 @@ def test_cli_print_recipe_then_recipe_reproduces_the_flags_plan(tmp_path):
         text=True,
     )
     assert both.returncode == 2 and "drop --heads" in both.stderr
+
+
+def _channels(**fields) -> dict:
+    return {"version": 1, "passes": [{"pass": "channels", "ratio": 0.5, **fields}]}
+
+
+@pytest.mark.parametrize(
+    "d,match",
+    [
+        (
+            {"version": 1, "allow_approximate": "false"},
+            r"allow_approximate is a string \(\"false\"",
+        ),
+        ({"version": 1, "uniform": "no"}, r"recipe uniform is a string \(\"no\"\); it takes true"),
+        ({"version": 1, "uniform": 1}, r"uniform is an integer \(1\); it takes true or false"),
+        ({"version": 1, "leaf_modules": "fc1"}, "leaf_modules is a string.*a list of strings"),
+        ({"version": 1, "leaf_modules": [1]}, r"leaf_modules\[0\] is an integer"),
+        ({"version": 1, "mode": ["fx"]}, "mode is a list; it takes a string"),
+        ({"version": True}, "version True"),
+        ({"version": 1, "passes": {"pass": "nm"}}, "passes is an object; it takes a list"),
+        ({"version": 1, "passes": [{"pass": ["nm"]}]}, "pass 0: a pass entry is an object"),
+        (_channels(global_ranking="false"), r"pass 0 \(channels\): global_ranking is a string"),
+        (
+            _channels(layer_ratios={"layer4": 0.25}),
+            r"layer_ratios is an object; it takes a list of \[a string, a number\] pairs",
+        ),
+        (_channels(layer_ratios=[["layer4", "0.25"]]), r"layer_ratios\[0\]\[1\] is a string"),
+        (_channels(layer_ratios=[["layer4"]]), r"layer_ratios\[0\] is a list; it takes \[a str"),
+        (_channels(ignore="fc"), "ignore is a string.*a list of strings"),
+        (_channels(seed=1.5), r"seed is a number \(1.5\); it takes an integer"),
+        (_channels(round_to=8.0), "round_to is a number.*an integer or a string"),
+        (_channels(importance=3), "importance is an integer"),
+        (_channels(ratio="0.5"), r"ratio is a string \(\"0.5\"\); it takes a number"),
+        ({"version": 1, "passes": [{"pass": "blocks", "which": "2"}]}, "which is a string"),
+        ({"version": 1, "passes": [{"pass": "nm", "n": True}]}, "n is a boolean"),
+    ],
+)
+def test_a_field_of_the_wrong_json_type_is_refused_by_name(d, match):
+    """Every field is read as its config's annotation says: bool("false") would be True, a
+    string would become a list of its letters, an object would not unpack into pairs."""
+    with pytest.raises(ConfigError, match=match):
+        fxprune.Recipe.from_dict(d)
+
+
+def test_every_json_field_round_trips_as_its_type():
+    recipe = fxprune.Recipe(
+        [
+            fxprune.passes.Blocks((1, "layer3"), min_blocks=1),
+            Heads(2, layer_ratios=(("attn", 0.5),), seed=3),
+            FFN(0.25, global_ranking=True, round_to=8),
+            Channels(0.5, ignore=("fc",), round_to="auto", kinds=("channels",)),
+            NM(2, 4, exclude=("fc",), method="wanda"),
+        ],
+        mode="fx",
+        leaf_modules=("layer1",),
+        allow_approximate=True,
+        uniform=False,
+    )
+    assert fxprune.Recipe.from_dict(json.loads(recipe.to_json())) == recipe
+
+
+def test_a_deeply_nested_recipe_is_a_config_error(tmp_path):
+    deep = '{"version": 1, "passes": [{"pass": "channels", "ignore": ' + "[" * 100_000
+    (tmp_path / "deep.json").write_text(deep + "]" * 100_000 + "}]}")
+    with pytest.raises(ConfigError, match="deep.json: nested too deeply"):
+        fxprune.Recipe.load(tmp_path / "deep.json")
+    nested: list = ["fc"]
+    for _ in range(5000):  # parsed already: read only as deep as the field's type goes
+        nested = [nested]
+    with pytest.raises(ConfigError, match=r"ignore\[0\] is a list; it takes a string"):
+        fxprune.Recipe.from_dict(_channels(ignore=nested))
+
+
+def test_python_recipe_flags_are_booleans_and_leaf_modules_a_list():
+    with pytest.raises(ConfigError, match="allow_approximate='false': give True or False"):
+        fxprune.Recipe([Channels(0.5)], allow_approximate="false")
+    with pytest.raises(ConfigError, match=r"leaf_modules='fc1': give a list .*\['fc1'\]"):
+        fxprune.Recipe([Channels(0.5)], leaf_modules="fc1")
