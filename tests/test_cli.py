@@ -415,3 +415,19 @@ def test_verify_times_decode_on_onnxruntime_genai(tmp_path, capsys):
     assert main([*argv, "--precision", "int4", "--repeats", "2", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "| batch | TTFT ms dense / pruned |" in table and "int4 decoder" in table
+
+
+def test_export_to_a_path_under_a_file_or_onto_a_folder_is_one_line(net, capsys):
+    """A destination the export could not write: one line naming what is in the way, exit 2,
+    nothing written (issue #25)."""
+    Path("afile").write_text("")
+    Path("adir.onnx").mkdir()
+    cases = [
+        ("afile/m.onnx", "afile is a file, not a folder"),
+        ("afile/sub/m.onnx", "afile is a file, not a folder"),
+        ("adir.onnx", "adir.onnx is a directory"),
+    ]
+    for out, words in cases:
+        assert main(["export", net, "--trust", "-o", out, "--quiet"]) == 2, out
+        assert words in _one_error_line(capsys), out
+    assert Path("afile").read_text() == "" and list(Path("adir.onnx").iterdir()) == []

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from fxprune.errors import ExportError
+from fxprune.errors import ExportError, FileAccessError
 
 EXPORTERS: dict[str, type[Exporter]] = {}
 
@@ -63,7 +63,28 @@ def exporter_for(path: str | Path, format: str | None = None) -> type[Exporter]:
     )
 
 
+def check_target(path: str | Path, folder: bool = False) -> None:
+    """Refuse, before any work, a destination the export could not write at its end: one
+    under a file (the nearest existing folder above ``path`` is a file), a folder where a file
+    goes or (``folder=True``) a file where a folder goes.
+
+    Raises:
+        FileAccessError: naming ``path`` and what is in the way.
+    """
+    path = Path(path)
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise FileAccessError(f"cannot export to {path}: {above} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise FileAccessError(f"cannot export to {path}: it is a folder; give a file path")
+    if folder and path.exists() and not path.is_dir():
+        raise FileAccessError(f"cannot export to {path}: it is a file; give a folder")
+
+
 def export(module, example_inputs, path: str | Path, format: str | None = None, **options):
     """Export ``module`` with the exporter named ``format`` (else the one registered for
-    ``path``'s suffix); returns its report."""
-    return exporter_for(path, format)().export(module, example_inputs, Path(path), **options)
+    ``path``'s suffix); returns its report. A destination it could not write is refused first
+    (:func:`check_target`)."""
+    cls = exporter_for(path, format)
+    check_target(path, folder=not cls.suffixes)
+    return cls().export(module, example_inputs, Path(path), **options)

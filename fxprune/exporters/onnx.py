@@ -7,6 +7,8 @@ data, for models over 2 GB) is written into a hidden staging folder beside the d
 leaves its staging folder behind; the next export to the same destination removes it when the
 pid in its name no longer runs on this machine (a folder of an older fxprune, without a pid, or
 any folder on Windows, where the pid is not probed: when untouched for ``STALE_AFTER_S``).
+A destination under a file, or a folder where the file goes, is refused before any work
+(``fxprune.exporters.check_target``).
 
 Before the checks run, the staged file gets the hand-off metadata (``fxprune.exporters.metadata``:
 the fxprune version, and with the ``result`` / ``equivalence`` / ``latency`` given, the plan and
@@ -34,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune._util import Report, eval_mode
 from fxprune.errors import ExportError, MissingExtraError
-from fxprune.exporters import Exporter
+from fxprune.exporters import Exporter, check_target
 from fxprune.exporters.audit import AuditRow, audit_nm
 from fxprune.exporters.metadata import build_metadata, write_metadata
 from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
@@ -105,13 +107,19 @@ class OnnxExporter(Exporter):
     ) -> OnnxReport:
         """Export ``module`` to ``path`` and check it; see the module docstring (and
         ``fxprune.exporters.metadata`` for what ``result``, ``equivalence`` and ``latency``
-        add to the file)."""
+        add to the file).
+
+        Raises:
+            FileAccessError: ``path`` is a folder, or lies under a file (before any work).
+            ExportError: the export, the checker, the N:M audit or ONNX Runtime parity failed.
+        """
         try:
             import onnx
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - core deps
             raise MissingExtraError("onnx/onnxruntime", "onnx", "ONNX export") from e
         path = Path(path)
+        check_target(path)  # a folder there, or a file above it: refused before the work
         args = (
             tuple(example_inputs)
             if isinstance(example_inputs, (tuple, list))

@@ -14,8 +14,8 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 import fxprune
-from fxprune.errors import ExportError
-from fxprune.exporters import export, exporter_for
+from fxprune.errors import ExportError, FileAccessError
+from fxprune.exporters import check_target, export, exporter_for
 from fxprune.exporters import onnx as onnx_exp
 from fxprune.exporters.audit import audit_nm
 from tests.conftest import randomize
@@ -179,3 +179,34 @@ def test_stale_staging_folders_are_removed_by_the_next_export(tmp_path):
     export(model, torch.randn(2, 4), tmp_path / "m.onnx")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"m.onnx", recent.name, live.name, other.name}
+
+
+def test_an_unwritable_destination_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A path under a file, or a folder where the file goes: a FileAccessError naming it
+    before the export runs (it failed with FileExistsError / IsADirectoryError, the latter
+    after the whole export)."""
+    net = nn.Linear(4, 2).eval()
+    x = torch.randn(1, 4)
+    res = fxprune.compile(nn.Sequential(net, nn.ReLU(), nn.Linear(2, 2)), x, channels=0.5)
+
+    def no_export(*a, **k):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(onnx_exp, "write_onnx", no_export)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.onnx").mkdir()
+    cases = [
+        ("afile/m.onnx", "afile is a file, not a folder"),
+        ("afile/sub/m.onnx", "afile is a file, not a folder"),
+        ("adir.onnx", "adir.onnx: it is a folder; give a file path"),
+    ]
+    for name, words in cases:
+        with pytest.raises(FileAccessError, match=words):
+            res.export(tmp_path / name)
+        with pytest.raises(FileAccessError, match=words):
+            export(net, torch.randn(1, 4), tmp_path / name)
+    with pytest.raises(FileAccessError, match="afile: it is a file; give a folder"):
+        check_target(tmp_path / "afile", folder=True)
+    check_target(tmp_path / "new" / "deeper" / "m.onnx")  # folders that do not exist yet: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.onnx", "afile"]
+    assert list((tmp_path / "adir.onnx").iterdir()) == []
