@@ -321,7 +321,9 @@ class CompileResult(Report):
         atomic_save(ckpt, path)
         return sizes if compress is not None else None
 
-    def save_pretrained(self, path: str | Path, tokenizer_from=None, **kwargs) -> Path:
+    def save_pretrained(
+        self, path: str | Path, tokenizer_from=None, overwrite: bool = False, **kwargs
+    ) -> Path:
         """Write the pruned Hugging Face model as a folder ``from_pretrained`` opens without
         fxprune: config.json with the new counts (``num_attention_heads``,
         ``num_key_value_heads``, ``head_dim``, ``intermediate_size``, ``num_hidden_layers``,
@@ -329,14 +331,27 @@ class CompileResult(Report):
         transformers' own ``save_pretrained`` (``kwargs`` go to it). Tokenizer files of the
         folder the model was loaded from (or ``tokenizer_from``) are copied.
 
+        The save is atomic: the folder is staged beside ``path`` and swapped in whole, so a
+        kill leaves the old folder as it was. Over an existing folder, the files a Hugging Face
+        save owns (config.json, generation_config.json, ``model*.safetensors``,
+        ``pytorch_model*.bin`` and their ``*.index.json``) are replaced or removed, and every
+        other file there stays (see ``fxprune.hf``).
+
         Raises:
             ConfigError: not a Hugging Face model, or counts differ per layer (compile with
                 ``uniform=True``, or use :meth:`save`).
             UnsupportedModelError: ``model`` fell back to the graph module (``model_note``).
+            FileAccessError: ``path`` is the folder the model was loaded from (its dense
+                weights would be replaced) and ``overwrite`` is False.
+
+        Example:
+            >>> result.save_pretrained("llama-pruned", max_shard_size="2GB")  # doctest: +SKIP
         """
         from fxprune.hf import save_pretrained
 
-        return save_pretrained(self, path, tokenizer_from=tokenizer_from, **kwargs)
+        return save_pretrained(
+            self, path, tokenizer_from=tokenizer_from, overwrite=overwrite, **kwargs
+        )
 
     def report(self) -> str:
         lines = [self.summary.table()]

@@ -5,6 +5,8 @@ imports fxprune, equal to ``result.model`` on fresh inputs and in greedy tokens.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import ConfigError, UnsupportedModelError
+from fxprune.errors import ConfigError, FileAccessError, UnsupportedModelError
 from tests.conftest import randomize
 
 T = pytest.importorskip("transformers")
@@ -264,3 +266,158 @@ def llama_checks_head_count() -> bool:
     except Exception:  # noqa: BLE001 - whatever the validator raises
         return True
     return False
+
+
+# ---- atomic saves, the files a save owns, the folder it was loaded from ----------------------
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama loaded from a folder (with a tokenizer file), FFN pruned 25 % uniformly."""
+    src = tmp_path_factory.mktemp("llama") / "dense"
+    torch.manual_seed(0)
+    randomize(FAMILIES["llama"]()).save_pretrained(src)
+    (src / "vocab.txt").write_text("tokens\n")
+    dense = T.LlamaForCausalLM.from_pretrained(src).eval()
+    res = fxprune.compile(dense, _ids(0), ffn=0.25, uniform=True, calibration=[_ids(1)])
+    return src, res
+
+
+# where the save dies (the child's patch), over an older checkpoint
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    import transformers, transformers.modeling_utils as mu
+    import fxprune.hf as hf
+    config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+    config.intermediate_size = 96
+    model = transformers.LlamaForCausalLM(config)  # another model of the saved one's shape
+    point = sys.argv[3]
+    if point == "staged":
+        hf.carry_over = lambda old, new: os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        def save_file(tensors, filename, metadata=None):
+            if point == "half":
+                open(filename, "wb").write(b"\\x00" * 1000)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mu.safe_save_file = save_file
+    result = SimpleNamespace(model=model, module=None, plan=SimpleNamespace(config={}))
+    hf.save_pretrained(result, Path(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "half",  # half the weights written
+        pytest.param("config", marks=pytest.mark.slow),  # config.json written, no weights yet
+        pytest.param("staged", marks=pytest.mark.slow),  # all written, before the swap
+    ],
+)
+def test_a_killed_save_leaves_the_old_folder_whole(llama, tmp_path, point):
+    """kill -9 during a save over an older checkpoint: the folder keeps every old byte and
+    loads; the next save removes the staging folder the kill left."""
+    src, res = llama
+    folder = tmp_path / "ckpt"
+    res.save_pretrained(folder)
+    (folder / "notes.txt").write_text("mine\n")
+    before = _files(folder)
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(src), str(folder), point]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert _files(folder) == before
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert len(staged) == 1 and (staged[0] / "config.json").is_file()  # the kill came late
+    assert T.LlamaForCausalLM.from_pretrained(folder).config.intermediate_size == 96
+    res.save_pretrained(folder)  # the next save cleans up after the killed one
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_sharded_save_replaces_a_single_file_one_and_keeps_the_users_files(llama, tmp_path):
+    import stat
+
+    src, res = llama
+    folder = tmp_path / "out"
+    T.LlamaForCausalLM.from_pretrained(src).save_pretrained(folder)  # the older, dense save
+    (folder / "notes.txt").write_text("mine\n")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "log.txt").write_text("epoch 1\n")
+    (folder / "pytorch_model.bin").write_bytes(b"weights of an older transformers")
+    folder.chmod(0o750)
+    res.save_pretrained(folder, max_shard_size="200KB")
+    files = sorted(p.name for p in folder.iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors" not in files
+    assert "pytorch_model.bin" not in files  # a save owns its weight files, every format
+    assert (folder / "notes.txt").read_text() == "mine\n"
+    assert (folder / "runs" / "log.txt").read_text() == "epoch 1\n"
+    assert (folder / "vocab.txt").read_text() == "tokens\n"  # copied from the source folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # the folder keeps its permissions
+    back = T.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = _ids(5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, res.model(ids).logits, rtol=0, atol=0)
+    res.save_pretrained(folder)  # and back to one file: the shards and the index go
+    assert sorted(p.name for p in folder.iterdir() if "safetensors" in p.name) == [
+        "model.safetensors"
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no staging folder left
+
+
+def test_a_new_folder_gets_the_usual_permissions(llama, tmp_path):
+    import stat
+
+    _, res = llama
+    umask = os.umask(0o022)
+    try:
+        res.save_pretrained(tmp_path / "new" / "out")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new" / "out").stat().st_mode) == 0o755
+
+
+def test_saving_over_the_folder_the_model_came_from_needs_overwrite(llama, tmp_path):
+    src, res = llama
+    folder = tmp_path / "dense"
+    shutil.copytree(src, folder)
+    dense = T.LlamaForCausalLM.from_pretrained(folder).eval()
+    again = fxprune.compile(dense, _ids(0), ffn=0.25, uniform=True, calibration=[_ids(1)])
+    before = _files(folder)
+    with pytest.raises(FileAccessError, match=r"dense is the folder the model was loaded from"):
+        again.save_pretrained(folder)
+    with pytest.raises(FileAccessError, match="overwrite=True"):
+        again.save_pretrained(f"{folder}/.")  # the same folder spelled another way
+    assert _files(folder) == before
+    again.save_pretrained(folder, overwrite=True)
+    assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 96
+    assert (folder / "vocab.txt").read_text() == "tokens\n"
+    assert T.LlamaForCausalLM.from_pretrained(folder).config.intermediate_size == 96
+
+
+def test_a_mount_point_is_written_in_place_with_a_warning(llama, tmp_path, monkeypatch):
+    """A folder that is a mount point cannot be swapped: the save goes in place (saying so),
+    still replacing the files a save owns and keeping the user's."""
+    _, res = llama
+    folder = tmp_path / "mnt"
+    res.save_pretrained(folder)
+    (folder / "notes.txt").write_text("mine\n")
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(folder))
+    with pytest.warns(UserWarning, match="mnt is a mount point .* writing in place"):
+        res.save_pretrained(folder, max_shard_size="200KB")
+    files = sorted(p.name for p in folder.iterdir())
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert (folder / "notes.txt").read_text() == "mine\n" and not [f for f in files if f[0] == "."]
+    back = T.LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(5)).logits, res.model(_ids(5)).logits)
