@@ -285,8 +285,9 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     eligible, masks, updated = [], {}, {}
     kept_mag = total_mag = 0.0
     with torch.no_grad():
-        for c, w in chosen:
-            masks[c.param], before, after = method.mask(w, c, cfg.n, cfg.m, acc, updated)
+        done = method.mask_all(chosen, cfg.n, cfg.m, acc, updated)
+        for c, _ in chosen:
+            masks[c.param], before, after = done[c.param]
             total_mag += before
             kept_mag += after
             eligible.append(c.param)

@@ -18,7 +18,7 @@ import torch
 from fxprune._util import lookup, registrar
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
-from fxprune.passes.nm_data import sparsegpt, wanda_scores
+from fxprune.passes.nm_data import hessian_factor, sparsegpt, wanda_scores
 
 
 class NMMethod:
@@ -32,6 +32,10 @@ class NMMethod:
         self, w: torch.Tensor, c: WeightedLayer, n: int, m: int, acc, updated: dict
     ) -> tuple[torch.Tensor, float, float]:
         raise NotImplementedError
+
+    def mask_all(self, chosen, n: int, m: int, acc, updated: dict) -> dict:
+        """``mask`` for every (layer, weight) in ``chosen``: param -> (mask, before, after)."""
+        return {c.param: self.mask(w, c, n, m, acc, updated) for c, w in chosen}
 
 
 REGISTRY: dict[str, NMMethod] = {}
@@ -70,19 +74,46 @@ class Wanda(NMMethod):
 @nm_method("sparsegpt")
 class SparseGPT(Wanda):
     """Second-order reconstruction: the kept weights change too (into ``updated``); Wanda
-    where a layer has no Hessian (a conv it cannot unfold)."""
+    where a layer has no Hessian (a conv it cannot unfold). Linear layers that share a Hessian
+    (q / k / v, gate / up read one input) share its factorisation and are swept as one stack
+    of rows (exactly what one sweep each gives: rows are independent)."""
 
     hessian = True
 
     def mask(self, w, c, n, m, acc, updated):
-        if acc is None or c.param not in acc.hess:
-            return super().mask(w, c, n, m, acc, updated)
-        before = float(w.abs().sum())
-        new, keep = sparsegpt(w, c, acc.hess[c.param], acc.count[c.param], n, m)
-        after = float((w.abs() * keep).sum())
-        w.copy_(new * keep)
-        updated[c.param] = w.detach().clone()
-        return keep, before, after
+        return self.mask_all([(c, w)], n, m, acc, updated)[c.param]
+
+    def mask_all(self, chosen, n, m, acc, updated):
+        out, stacks = {}, {}
+        for c, w in chosen:
+            if acc is None or c.param not in acc.hess:
+                out[c.param] = Wanda.mask(self, w, c, n, m, acc, updated)
+            else:
+                stacked = c.kind == "linear" and c.reduce_dim == 1
+                key = id(acc.hess[c.param]) if stacked else c.param
+                stacks.setdefault(key, []).append((c, w))
+        for group in stacks.values():
+            c0 = group[0][0]
+            factor = hessian_factor(acc.hess[c0.param].to(group[0][1].device), acc.count[c0.param])
+            ws = [w for _, w in group]
+            big = (
+                torch.cat([w.detach().reshape(w.shape[0], -1) for w in ws])
+                if len(ws) > 1
+                else ws[0]
+            )
+            new, keep = sparsegpt(big, c0, None, 0, n, m, factor=factor)
+            for (c, w), nw, kp in zip(
+                group,
+                new.split([w.shape[0] for w in ws]),
+                keep.split([w.shape[0] for w in ws]),
+                strict=True,
+            ):
+                before = float(w.abs().sum())
+                after = float((w.abs() * kp).sum())
+                w.copy_(nw * kp)
+                updated[c.param] = w.detach().clone()
+                out[c.param] = (kp, before, after)
+        return out
 
 
 METHODS = tuple(REGISTRY)  # the built-in names

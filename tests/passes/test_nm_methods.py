@@ -131,3 +131,35 @@ def test_the_methods_are_one_registry_the_cli_offers():
     prune = parser()._subparsers._group_actions[0].choices["prune"]
     (action,) = [a for a in prune._actions if "--sparsity-method" in a.option_strings]
     assert tuple(action.choices) == tuple(REGISTRY)
+
+
+def test_sparsegpt_sweep_matches_the_textbook_loop_and_stacking_changes_nothing():
+    """The transposed, blocked sweep equals a plain column-by-column OBS loop (float64, as in the
+    paper's pseudo-code) on the same factor; layers sharing a Hessian swept as one stack of rows
+    give each layer what its own sweep gives."""
+    from fxprune.passes.nm_data import hessian_factor, sparsegpt_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 32) @ torch.randn(32, 32)
+    U, _ = hessian_factor(x.T.double() @ x.double(), 256)
+    w = torch.randn(12, 32)
+
+    ref, pruned_ref = w.double().clone(), torch.zeros(12, 32, dtype=torch.bool)
+    Ud = U.double()
+    for i in range(32):  # textbook: mask at each group start, then one column at a time
+        if i % 4 == 0:
+            score = ref[:, i : i + 4] ** 2 / torch.diag(Ud)[i : i + 4] ** 2
+            pruned_ref[:, i : i + 4].scatter_(1, score.topk(2, dim=1, largest=False).indices, True)
+        err = torch.where(pruned_ref[:, i], ref[:, i], 0.0) / Ud[i, i]
+        ref[:, i:] -= err[:, None] * Ud[i, i:][None]
+        ref[pruned_ref[:, i], i] = 0.0
+
+    got = w.clone()
+    pruned = sparsegpt_rows(got, U, 2, 4, blocksize=8)  # 4 blocks: the between-block product too
+    assert torch.equal(pruned, pruned_ref)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+    a, b = w[:5].clone(), w[5:].clone()
+    pa, pb = sparsegpt_rows(a, U, 2, 4, 8), sparsegpt_rows(b, U, 2, 4, 8)
+    assert torch.equal(torch.cat([pa, pb]), pruned)
+    torch.testing.assert_close(torch.cat([a, b]), got, rtol=1e-5, atol=1e-5)
