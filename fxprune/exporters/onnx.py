@@ -10,6 +10,10 @@ any folder on Windows, where the pid is not probed: when untouched for ``STALE_A
 A destination under a file, or a folder where the file goes, is refused before any work
 (``fxprune.exporters.check_target``).
 
+The graph's outputs are named as the forward returns them (``logits``, ``last_hidden_state``,
+``output_0``: ``fxprune.exporters.io_names``), its inputs after the forward's parameters
+(``input_ids``, ``x``).
+
 Before the checks run, the staged file gets the hand-off metadata (``fxprune.exporters.metadata``:
 the fxprune version, and with the ``result`` / ``equivalence`` / ``latency`` given, the plan and
 its sha256, what each pass removed, the proof, the N:M audit and the latency per batch), so
@@ -38,6 +42,7 @@ from fxprune._util import Report, eval_mode
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter, check_target
 from fxprune.exporters.audit import AuditRow, audit_nm
+from fxprune.exporters.io_names import name_outputs
 from fxprune.exporters.metadata import build_metadata, write_metadata
 from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
 
@@ -220,6 +225,7 @@ def write_onnx(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool)
                 f"torch.onnx.export failed: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e
+    name_outputs(prog)
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = size > EXTERNAL_DATA_BYTES
     prog.save(str(dest), external_data=external)
