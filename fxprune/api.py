@@ -356,23 +356,27 @@ def _replayed(i: int, entry: dict):
 def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResult:
     """Load a checkpoint written by ``CompileResult.save`` onto a fresh dense ``model``.
 
-    Uses ``torch.load(weights_only=True)`` unless ``trust=True``.
+    Uses ``torch.load(weights_only=True)`` unless ``trust=True``; checks every tensor and the
+    plan against the sha256 digests the save stored (a file without them loads with a warning).
+    The result is in eval mode, whatever mode ``model`` is in, as ``from_pretrained`` returns a
+    model: call ``.train()`` to fine-tune it.
 
     Args:
         path: the checkpoint file.
-        model: a dense model of the architecture the checkpoint was pruned from.
+        model: a dense model of the architecture the checkpoint was pruned from (not changed).
         trust: allow pickled Python objects in the file (only for files you trust).
 
     Returns:
-        The :class:`fxprune.plan.CompileResult` with the saved weights in ``.module``.
+        The :class:`fxprune.plan.CompileResult`, the saved weights in ``.module`` and ``.model``.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, not an fxprune checkpoint, holds pickled
-            code without ``trust``, or its plan or weights do not fit ``model`` (the message
-            names the file).
+        CheckpointError: the file is missing, corrupt, changed since it was saved (named: the
+            tensor or plan whose digest differs), not an fxprune checkpoint, holds pickled code
+            without ``trust``, or its plan or weights do not fit ``model`` (names the file).
 
     Example:
-        >>> res = fxprune.load("r50.pt", torchvision.models.resnet50())  # doctest: +SKIP
+        >>> fxprune.load("r50.pt", torchvision.models.resnet50()).module.training  # doctest: +SKIP
+        False
     """
     ckpt = read_checkpoint(path, trust)
     try:
@@ -382,7 +386,7 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
     except PlanError as e:
         raise CheckpointError(f"{path}: {e}") from e
     try:
-        res.module.load_state_dict(expand_state(ckpt, path))
+        res.module.load_state_dict(expand_state(ckpt, path, res.module.state_dict()))
     except (RuntimeError, KeyError, TypeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3] or [str(e)]
         raise CheckpointError(
@@ -390,4 +394,6 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
             f"({'; '.join(lines)}); was it saved from another architecture?"
         ) from e
     res.masks_from_weights()  # the saved weights carry the masks the plan's method chose
+    for m in (res.module, res.model) if isinstance(res.model, nn.Module) else (res.module,):
+        m.eval()
     return res

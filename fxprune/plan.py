@@ -291,8 +291,12 @@ class CompileResult(Report):
         in that compact form (:data:`fxprune.checkpoint.COMPRESSIONS`) where it is smaller than
         the dense tensor; ``fxprune.load`` restores them bit for bit, and ``save`` returns the
         masked weights' bytes, ``{"dense": ..., "stored": ...}``.
+
+        The file is written atomically and carries a sha256 digest of every tensor, compressed
+        weight, the plan and ``source``; ``fxprune.load`` checks them and names what changed
+        (see ``fxprune.checkpoint``).
         """
-        from fxprune.checkpoint import COMPRESSIONS, compressed_bytes
+        from fxprune.checkpoint import COMPRESSIONS, DIGESTS, compressed_bytes, seal
         from fxprune.checkpoint import compress as pack
 
         if compress is not None and compress not in COMPRESSIONS:
@@ -318,6 +322,7 @@ class CompileResult(Report):
             ckpt["compressed"] = packed
         if source is not None:
             ckpt["source"] = dict(source)
+        ckpt[DIGESTS] = seal(ckpt)  # fxprune.load refuses a file whose bytes changed since
         atomic_save(ckpt, path)
         return sizes if compress is not None else None
 
