@@ -13,7 +13,10 @@ from fxprune.cli_inputs import blame_inputs, is_checkpoint, open_checkpoint, sha
 
 def _inspect_handoff(a) -> int:
     """``inspect FILE.onnx`` (its metadata) or ``inspect DIR`` (a genai folder's hand-off
-    record): what fxprune did; exit 1 when the plan's digest fails."""
+    record): what fxprune did. Exit 1, with ``--json`` too, when the record cannot be trusted
+    or says a check failed (its ``failures``: a field changed, deleted or not covered by its
+    sha256, a failed proof, N:M audit or token parity); a record that cannot be read (not
+    JSON, a field of the wrong JSON type) is an fxprune error, exit 2."""
     from fxprune.exporters.metadata import describe, read_metadata
 
     if Path(a.model).is_dir():
@@ -23,7 +26,7 @@ def _inspect_handoff(a) -> int:
     else:
         meta = read_metadata(a.model)
     print(json.dumps(meta) if a.json else describe(meta, a.model))
-    return 1 if meta.get("digest_ok") is False else 0
+    return 1 if meta.get("failures") else 0
 
 
 def inspect_command(a, log) -> int:

@@ -431,3 +431,27 @@ def test_export_to_a_path_under_a_file_or_onto_a_folder_is_one_line(net, capsys)
         assert main(["export", net, "--trust", "-o", out, "--quiet"]) == 2, out
         assert words in _one_error_line(capsys), out
     assert Path("afile").read_text() == "" and list(Path("adir.onnx").iterdir()) == []
+
+
+def test_inspect_exits_alike_with_and_without_json(net, capsys):
+    """``inspect m.onnx`` and ``inspect m.onnx --json``: 0 on an intact record, 1 on an edited
+    field, 2 (one line) on a field of the wrong JSON type."""
+    import onnx
+
+    assert main(["export", net, "--trust", "-o", "m.onnx", "--quiet"]) == 0
+    capsys.readouterr()
+    for flags in ([], ["--json"]):
+        assert main(["inspect", "m.onnx", *flags]) == 0
+    model = onnx.load("m.onnx")
+    entry = next(p for p in model.metadata_props if p.key == "fxprune.equivalence")
+    eq = json.loads(entry.value)
+    entry.value = json.dumps({**eq, "max_rel_err": 1e-9})
+    onnx.save(model, "edited.onnx")
+    entry.value = json.dumps([eq])
+    onnx.save(model, "typed.onnx")
+    capsys.readouterr()
+    for flags in ([], ["--json"]):
+        assert main(["inspect", "edited.onnx", *flags]) == 1
+        assert "equivalence" in capsys.readouterr().out
+        assert main(["inspect", "typed.onnx", *flags]) == 2
+        assert "fxprune.equivalence is a JSON array, expected an object" in _one_error_line(capsys)

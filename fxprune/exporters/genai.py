@@ -19,7 +19,8 @@ the pruned Hugging Face model by ONNX Runtime GenAI's model builder and checked 
 4. the hand-off record ``fxprune_handoff.json`` beside ``genai_config.json``: the ONNX
    metadata's keys (``fxprune.exporters.metadata``: version, plan and its sha256, what each pass
    removed, the proof and the latency when given) plus ``genai`` (precision, execution
-   provider, onnxruntime-genai version, the parity check); :func:`read_handoff` reads it back;
+   provider, onnxruntime-genai version, the parity check), and ``sha256`` covering each of
+   them (``fxprune.exporters.record``); :func:`read_handoff` reads it back and checks it;
 5. the folder is renamed into place: DIR appears whole or not at all. A non-empty DIR is refused
    unless ``overwrite=True``, which renames the old folder aside first.
 """
@@ -57,6 +58,7 @@ from fxprune.exporters.metadata import (
     encode_metadata,
 )
 from fxprune.exporters.onnx import remove_stale_staging
+from fxprune.exporters.record import JUDGEMENTS
 
 HANDOFF = "fxprune_handoff.json"
 PROMPT_LEN = 12  # tokens of each parity prompt (fewer where the context is short)
@@ -233,35 +235,32 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def handoff_record(result, equivalence, latency, genai: dict) -> dict:
-    """The hand-off record: the ONNX metadata's entries for the same export, decoded (the plan
-    as an object; ``plan_sha256`` is the digest of its compact JSON, the string the ONNX
-    metadata stores), and ``genai``."""
-    props = build_metadata(result, equivalence, latency)
+    """The hand-off record: the ONNX metadata's entries for the same export and ``genai``,
+    decoded (the plan as an object), with ``sha256`` covering every field as stored in the
+    ONNX metadata (compact JSON; the plan's ``plan_sha256`` too), so :func:`read_handoff`
+    checks all of them."""
+    props = build_metadata(result, equivalence, latency, extra={"genai": genai})
     raw = {k[len(PREFIX) :]: v for k, v in props.items()}
-    record = decode_metadata(raw)
-    record.pop("digest_ok", None)  # a judgement made when reading
-    record["genai"] = genai
-    return record
+    return {k: v for k, v in decode_metadata(raw).items() if k not in JUDGEMENTS}
 
 
 def read_handoff(folder: str | Path) -> dict:
-    """A genai folder's hand-off record, decoded as ``metadata.read_metadata`` decodes an ONNX
-    file's (``digest_ok``: the plan is the one the digest was made of).
+    """A genai folder's hand-off record, decoded and judged as ``metadata.read_metadata``
+    decodes an ONNX file's: ``digest_ok`` (every field matches its sha256), ``unverified``
+    (which fields were changed, deleted or are not covered) and ``failures`` (those, and a
+    proof or token parity that the record says failed).
 
     Raises:
-        FileAccessError: the record cannot be read. MetadataError: it is not a JSON object.
+        FileAccessError: the record cannot be read. MetadataError: it is not a JSON object, or
+            a field has the wrong JSON type.
     """
     p = Path(folder) / HANDOFF
     try:
         record = json.loads(p.read_text())
     except OSError as e:
         raise FileAccessError(f"cannot read {p}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise MetadataError(f"{p} is not valid JSON: {e.msg}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetadataError(f"{p} is not valid JSON: {getattr(e, 'msg', e)}") from e
     if not isinstance(record, dict):
         raise MetadataError(f"{p} holds a {type(record).__name__}, not a JSON object")
-    genai = record.pop("genai", None)
-    out = decode_metadata(encode_metadata(record), p)
-    if genai is not None:
-        out["genai"] = genai
-    return out
+    return decode_metadata(encode_metadata(record, p), p, label="field ")

@@ -15,9 +15,10 @@ The graph's outputs are named as the forward returns them (``logits``, ``last_hi
 (``input_ids``, ``x``).
 
 Before the checks run, the staged file gets the hand-off metadata (``fxprune.exporters.metadata``:
-the fxprune version, and with the ``result`` / ``equivalence`` / ``latency`` given, the plan and
-its sha256, what each pass removed, the proof, the N:M audit and the latency per batch), so
-``onnx.checker`` and ONNX Runtime check the very file that lands.
+the fxprune version, the inputs and outputs, and with the ``result`` / ``equivalence`` /
+``latency`` given, the plan and its sha256, what each pass removed, the proof, the N:M audit and
+the latency per batch; a sha256 of every field), so ``onnx.checker`` and ONNX Runtime check the
+very file that lands.
 
 ONNX Runtime parity fails on a NaN/Inf in either runtime's output: a non-finite PyTorch output
 proves nothing, and a non-finite ONNX Runtime output where PyTorch is finite is a mismatch.
@@ -43,7 +44,7 @@ from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter, check_target
 from fxprune.exporters.audit import AuditRow, audit_nm
 from fxprune.exporters.io_names import name_outputs
-from fxprune.exporters.metadata import build_metadata, write_metadata
+from fxprune.exporters.metadata import build_metadata, graph_io, write_metadata
 from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
 
 DEFAULT_OPSET = 18  # the torch.onnx dynamo exporter's well-tested range; ORT runs it everywhere
@@ -141,7 +142,8 @@ class OnnxExporter(Exporter):
                 model = onnx.load(str(staged), load_external_data=True)
                 rows = audit_nm(model, *nm, expected=nm_weights)
                 del model
-            props = build_metadata(result, equivalence, latency, nm=nm, audit=rows)
+            io = graph_io(staged)
+            props = build_metadata(result, equivalence, latency, nm=nm, audit=rows, io=io)
             write_metadata(staged, props)
             onnx.checker.check_model(str(staged), full_check=True)
             abs_err, rel_err = _parity(module, args, staged, ort, dynamic_batch, rtol, atol, seed)

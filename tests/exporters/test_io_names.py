@@ -1,6 +1,7 @@
 """ONNX inputs and outputs carry the names the model's forward uses, not the exporter's node
-names (``linear_28``, ``tanh``): serving code binds by them. ONNX Runtime parity still holds
-(the export checks it) and a run by name gives the output of that name."""
+names (``linear_28``, ``tanh``): serving code binds by them, and the hand-off metadata records
+them. ONNX Runtime parity still holds (the export checks it) and a run by name gives the
+output of that name."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.utils import _pytree as pytree
 import fxprune
 from fxprune.exporters import export
 from fxprune.exporters.io_names import output_names
+from fxprune.exporters.metadata import read_metadata
 
 Pair = namedtuple("Pair", ["scores", "features"])
 
@@ -72,6 +74,10 @@ def test_outputs_named_as_the_forward_returns_them(tmp_path, kind, outputs):
     x, mask = torch.randn(2, 4), torch.ones(2, 8)
     rep = export(model, (x, mask), tmp_path / "m.onnx")
     assert _names(rep.path) == (["x", "mask"], outputs)
+    io = read_metadata(rep.path)["io"]
+    assert [v["name"] for v in io["inputs"]] == ["x", "mask"]
+    assert [v["name"] for v in io["outputs"]] == outputs
+    assert io["inputs"][0] == {"name": "x", "dtype": "float32", "shape": ["batch", 4]}
     _session_equals_torch(rep.path, model, {"x": x.numpy(), "mask": mask.numpy()})
     onnx.checker.check_model(str(rep.path), full_check=True)  # names unique, graph valid
 
@@ -90,6 +96,8 @@ def test_hugging_face_fields_and_parameter_names(tmp_path):
         ["input_ids", "attention_mask"],
         ["last_hidden_state", "pooler_output"],
     )
+    io = read_metadata(rep.path)["io"]
+    assert io["outputs"][1] == {"name": "pooler_output", "dtype": "float32", "shape": ["batch", 64]}
     assert rep.ort_max_rel_err < 1e-4  # parity holds under the new names
     sess = ort.InferenceSession(str(rep.path), providers=["CPUExecutionProvider"])
     (pooled,) = sess.run(
@@ -108,6 +116,9 @@ def test_a_causal_lm_exports_logits(tmp_path):
     res = fxprune.compile(llama(), (ids, torch.ones_like(ids)), ffn=0.25)
     rep = res.export(tmp_path / "llm.onnx")
     assert _names(rep.path) == (["input_ids", "attention_mask"], ["logits"])
+    assert read_metadata(rep.path)["io"]["outputs"] == [
+        {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 512]}
+    ]
 
 
 def test_output_names_fall_back_to_numbers():

@@ -108,7 +108,19 @@ def test_resnet18_fields_equal_the_result_and_the_reports(r18):
         "fxprune.removed",
         "fxprune.equivalence",
         "fxprune.latency",
+        "fxprune.io",
+        "fxprune.sha256",
     ]
+    assert meta["io"] == {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 64, 64]}],
+        "outputs": [{"name": "output_0", "dtype": "float32", "shape": ["batch", 1000]}],
+    }
+    # every other field is covered by its own sha256, the file passes every check
+    digests = json.loads(raw["fxprune.sha256"])
+    assert set(digests) == {k[len("fxprune.") :] for k in raw if k != "fxprune.sha256"}
+    for k, v in digests.items():
+        assert v == hashlib.sha256(raw["fxprune." + k].encode()).hexdigest()
+    assert meta["sha256"] == digests and meta["failures"] == [] and "unverified" not in meta
 
 
 def test_the_file_with_metadata_checks_and_runs(r18):
@@ -181,8 +193,13 @@ def test_bert_heads_ffn_2to4_removed_and_audit(tmp_path):
 def test_plain_export_writes_the_version_only(tmp_path):
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     rep = export(net, torch.randn(2, 4), tmp_path / "plain.onnx")
-    assert read_metadata(rep.path) == {"version": fxprune.__version__}
-    assert rep.metadata == ["fxprune.version"]
+    meta = read_metadata(rep.path)
+    assert meta["version"] == fxprune.__version__ and meta["digest_ok"] and not meta["failures"]
+    assert rep.metadata == ["fxprune.version", "fxprune.io", "fxprune.sha256"]
+    assert [v["name"] for v in meta["io"]["inputs"] + meta["io"]["outputs"]] == [
+        "input",  # nn.Sequential.forward(input)
+        "output_0",
+    ]
     assert "no plan: exported without a compile result" in describe(read_metadata(rep.path))
 
 
@@ -205,7 +222,7 @@ def test_external_data_stays_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", no_load)
     write_metadata(rep.path, {"fxprune.version": "9.9"})
     monkeypatch.undo()
-    assert data[0].read_bytes() == before and read_metadata(rep.path) == {"version": "9.9"}
+    assert data[0].read_bytes() == before and read_metadata(rep.path)["version"] == "9.9"
     sess = ort.InferenceSession(str(rep.path), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, res.module(x).detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -311,7 +328,12 @@ def test_cli_inspect_without_metadata_missing_and_corrupt(tmp_path, capsys):
 def test_reports_are_duck_typed_and_stored_as_strict_json():
     eq = {"ok": False, "max_rel_err": float("inf"), "dtype": "float16", "worst_output": "[1]"}
     props = build_metadata(equivalence=eq, latency={"backend": "torch", "threads": 1})
-    assert set(props) == {"fxprune.version", "fxprune.equivalence", "fxprune.latency"}
+    assert set(props) == {
+        "fxprune.version",
+        "fxprune.equivalence",
+        "fxprune.latency",
+        "fxprune.sha256",
+    }
     stored = json.loads(props["fxprune.equivalence"], parse_constant=pytest.fail)  # no Infinity
     assert stored["max_rel_err"] == "inf" and stored["ok"] is False and stored["tolerance"] is None
     assert json.loads(props["fxprune.latency"])["batches"] == []
