@@ -24,6 +24,7 @@ from fxprune.graph.rules import (
     barrier,
     binary_rule,
     elementwise,
+    elementwise_arrays,
     find_rule,
     keep_along,
     none_output,
@@ -249,6 +250,19 @@ def _cat(ctx, node):
     return out
 
 
+@rule(torch.stack, aten.stack, "method:stack")
+def _stack(ctx, node):
+    """Stacking along a new dim keeps every input's channels on its old dims: the inputs are
+    coupled position by position (GPT-J / CodeGen's rotary: ``stack((-x2, x1), -1)``)."""
+    tensors = [a for a in arg(node, 0, "tensors") if isinstance(a, fx.Node)]
+    nd = out_ndim(node)
+    d = arg(node, 1, "dim", 0) % nd
+    if len(tensors) != len(arg(node, 0, "tensors")):
+        return barrier(ctx, node, "stack of values the graph does not hold")
+    arrs = [np.expand_dims(align(ctx.atoms(a), nd - 1), d) for a in tensors]
+    return elementwise_arrays(ctx, node, arrs)
+
+
 # fmt: off
 @rule(
     torch.split, torch.chunk, torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk,
@@ -324,7 +338,7 @@ def _channel_shuffle(ctx, node):
 # Rules that only move, slice or rescale values: attention detection looks through them.
 TRANSPARENT = frozenset(
     {
-        unary_rule, binary_rule, _permute, _reshape, _expand, _cat, _split, getitem_rule,
+        unary_rule, binary_rule, _permute, _reshape, _expand, _cat, _stack, _split, getitem_rule,
         aten_slice_rule, aten_select_rule, _roll,
     }
 )
