@@ -34,16 +34,25 @@ def _check_outputs(a) -> None:
         path = getattr(a, attr, None)
         if path and Path(path).is_dir():
             raise FileAccessError(f"{flag} {path} is a directory: give a file path")
-        if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
-            raise FileAccessError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
+        _no_file_above(flag, path)
     for flag, attr in folders:
         path = getattr(a, attr, None)
         if path and Path(path).exists() and not Path(path).is_dir():
             raise FileAccessError(f"{flag} {path} is a file: give a folder")
+        _no_file_above(flag, path)
     out = Path(a.out) if ("-o", "out") in folders else None
     if out is not None and not a.overwrite and out.is_dir() and any(out.iterdir()):
         # the exporter refuses it too, but only after the pruning
         raise FileAccessError(f"-o {out} is a folder that is not empty: pass --overwrite")
+
+
+def _no_file_above(flag: str, path) -> None:
+    """A path under a file (``-o afile/sub/m.onnx``) is refused before any work."""
+    from fxprune.errors import FileAccessError
+
+    above = next((p for p in Path(path).parents if p.exists()), None) if path else None
+    if above is not None and not above.is_dir():
+        raise FileAccessError(f"{flag} {path}: {above} is a file, not a folder")
 
 
 def _timing(a):

@@ -153,6 +153,9 @@ class TensorRTExporter(Exporter):
         **onnx_options,
     ) -> TensorRTReport:
         """ONNX export (with every check of the ONNX exporter) next to ``path``, then the build."""
+        from fxprune.exporters import check_target
+
+        check_target(path)  # an engine path that is a folder fails now, not after the build
         trt = import_tensorrt()
         import torch
 
