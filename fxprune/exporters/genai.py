@@ -164,12 +164,25 @@ class GenaiExporter(Exporter):
             record = handoff_record(result, equivalence, latency, genai)
             (out / HANDOFF).write_text(json.dumps(record, indent=1) + "\n")
             size, files = weight_bytes(out), sorted(f.name for f in out.iterdir())
-            if path.exists():  # an empty folder, or overwrite: aside, then the new one in
-                os.replace(path, tmp / "old")
-            os.replace(out, path)
+            swap_in(out, path, tmp / "old")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return GenaiReport(path, precision, PROVIDER, parity, size, files)
+
+
+def swap_in(new: Path, path: Path, aside: Path) -> None:
+    """Rename the finished folder ``new`` to ``path``; an existing ``path`` (empty, or replaced
+    with overwrite) is renamed to ``aside`` first and put back if the last rename fails, so the
+    old folder is never lost."""
+    moved = path.exists()
+    if moved:
+        os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if moved:
+            os.replace(aside, path)
+        raise
 
 
 def _check_target(path: Path, overwrite: bool) -> None:

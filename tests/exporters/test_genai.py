@@ -217,3 +217,31 @@ def test_int4_is_checked_through_an_fp32_build_and_overwrites(exported, tmp_path
     ids = random_prompts(VOCAB, 1, 8, seed=3)
     tokens = GenaiDecoder(target).generate(ids, 5)[0]
     assert np.array(tokens).shape == (1, 5)
+
+
+def test_swap_in_puts_the_old_folder_back_when_the_last_rename_fails(tmp_path, monkeypatch):
+    """overwrite=True renames the old folder aside before the new one goes in; if that last
+    rename fails, the old folder is renamed back, whole (a reviewer found it could be lost)."""
+    import os
+
+    from fxprune.exporters import genai
+
+    old, new = tmp_path / "out", tmp_path / "staged"
+    old.mkdir()
+    (old / "model.onnx").write_text("old")
+    new.mkdir()
+    (new / "model.onnx").write_text("new")
+    real = os.replace
+
+    def failing(src, dst):
+        if os.fspath(src) == os.fspath(new):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(genai.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        genai.swap_in(new, old, tmp_path / "aside")
+    assert (old / "model.onnx").read_text() == "old"
+    monkeypatch.setattr(genai.os, "replace", real)
+    genai.swap_in(new, old, tmp_path / "aside")
+    assert (old / "model.onnx").read_text() == "new" and not new.exists()
