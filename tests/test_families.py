@@ -44,7 +44,7 @@ def _causal(cfg_cls, model_cls, **kw):
     return _nontrivial(model_cls(cfg_cls(**kw))), torch.randint(0, 100, (2, 8))
 
 
-ROTARY_EVERY_OTHER = {
+HEAD_LAYOUTS = {
     # rotary applied to every other pair of dims: rotate_every_two's stack((-x2, x1), -1)
     "gptj": lambda: _causal(
         transformers.GPTJConfig,
@@ -79,15 +79,28 @@ ROTARY_EVERY_OTHER = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
+    # per-head q / k RMS norms (Gemma3's q_norm / k_norm over head_dim): the aten type_as
+    # after them had no rule
+    "gemma3": lambda: _causal(
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 
-@pytest.mark.parametrize("name", sorted(ROTARY_EVERY_OTHER))
-def test_heads_with_interleaved_rotary_are_exact(name, tmp_path):
-    """``heads`` found through ``torch.stack`` (it had no coupling rule: "no prunable attention
-    heads found"); exact on the graph and on the user's class, a new batch and length run, and
+@pytest.mark.parametrize("name", sorted(HEAD_LAYOUTS))
+def test_heads_of_these_attention_layouts_are_exact(name, tmp_path):
+    """``heads`` found through ``torch.stack`` and aten ``type_as`` (neither had a coupling rule:
+    "no prunable attention heads found"); exact on the graph and on the user's class, a new batch and length run, and
     save_pretrained reloads equal or is refused by name where the config cannot hold the count."""
-    model, ids = ROTARY_EVERY_OTHER[name]()
+    model, ids = HEAD_LAYOUTS[name]()
     res, _ = assert_equivalent(
         model, ids, channels=0.0, heads=0.5, ffn=0.25, tree=True, uniform=True
     )

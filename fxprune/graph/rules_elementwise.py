@@ -245,6 +245,7 @@ UNARY = [
     "method:float",
     "method:half",
     "method:type_as",
+    aten.type_as,
     "method:detach",
     "method:clamp",
     "method:clamp_",
@@ -258,6 +259,17 @@ UNARY = [
 ]
 
 
+_BROADCASTING = {"pow", "clamp", "clamp_", "clip", "clamp_min", "clamp_max"}
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    t = getattr(t, "overloadpacket", t)
+    return str(getattr(t, "__name__", t)).split(".")[-1]
+
+
 @rule(*UNARY, "torchvision.ops.stochastic_depth.stochastic_depth")
 def unary_rule(ctx, node):
     tensors = [
@@ -265,9 +277,9 @@ def unary_rule(ctx, node):
         for a in pytree.tree_leaves((node.args, node.kwargs))
         if isinstance(a, fx.Node) and tensor_meta(a) is not None
     ]
-    if (
-        len(tensors) > 1
-    ):  # pow(tensor, tensor) (Bloom's ALiBi slopes), clamp(x, lo_t, hi_t): broadcast
+    if len(tensors) > 1 and _op_name(node) in _BROADCASTING:
+        # pow(tensor, tensor) (Bloom's ALiBi slopes), clamp(x, lo_t, hi_t): a binary op; the
+        # others (type_as, to) only read their second tensor's dtype
         return binary_rule(ctx, node)
     x = first_tensor(ctx, node)
     return ctx.atoms(x) if x is not None else none_output(node)
