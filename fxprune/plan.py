@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from fxprune.errors import ConfigError, PlanError
 from fxprune.summary import LayerRow, Summary  # noqa: F401 - re-exported
 
 PLAN_VERSION = 1
+# A plan's example inputs are rebuilt as zero tensors: a bound on what a plan may declare, so a
+# few bytes of JSON cannot ask for gigabytes (2**28 elements: a 1 GiB float32 example)
+MAX_EXAMPLE_ELEMENTS = 2**28
 
 
 def inputs_spec(args: tuple) -> list[dict]:
@@ -90,6 +94,13 @@ class Plan:
                 "plan 'inputs' must be a list of {'shape': [sizes], 'dtype': 'float32'} (or "
                 "{'none': true}), "
                 f"got {inputs!r:.80}"
+            )
+        sizes = [math.prod(i["shape"]) for i in inputs if "shape" in i]
+        if sum(sizes) > MAX_EXAMPLE_ELEMENTS:
+            raise PlanError(
+                f"plan 'inputs' declare {sum(sizes):,} elements (shapes "
+                f"{[i.get('shape') for i in inputs]!r:.80}), more than an example input needs "
+                f"(at most {MAX_EXAMPLE_ELEMENTS:,}): the plan is corrupt or was edited"
             )
         if not (isinstance(passes, list) and all(_entry_ok(e) for e in passes)):
             raise PlanError(
@@ -359,10 +370,15 @@ class CompileResult(Report):
         )
 
     def report(self) -> str:
+        """The before / after table, the barriers that kept channels, and what each N:M /
+        unstructured pass masked (layers left dense, with why)."""
+        from fxprune.passes import coverage_lines
+
         lines = [self.summary.table()]
         if self.barriers:
             lines.append(f"\n{len(self.barriers)} barriers kept channels (first 10):")
             for b in self.barriers[:10]:
                 layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
                 lines.append(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
+        lines += coverage_lines(self.passes)
         return "\n".join(lines)

@@ -305,6 +305,19 @@ def test_flags_are_kebab_case_and_old_spellings_still_parse(capsys):
         assert "--" in shown and not [w for w in shown.split() if w.startswith("--") and "_" in w]
 
 
+def test_prune_nm_says_what_it_masked_and_why_the_rest_stayed_dense(net, capsys):
+    """``prune --sparsity 2:4`` lists how many layers became 2:4 and each dense one with its
+    reason, in the table (``report()``) and in ``--json`` (the stem conv reduces over 3 input
+    channels, not a multiple of 4)."""
+    assert main(["prune", net, "--trust", "--channels", "0", "--sparsity", "2:4"]) == 0
+    out = capsys.readouterr().out
+    assert "2:4 (magnitude): 3 layers masked, 1 left dense:" in out
+    assert "  stem: reduction size 3 is not divisible by M=4" in out
+    assert main(["prune", net, "--trust", "--channels", "0", "--sparsity", "2:4", "--json"]) == 0
+    (nm,) = _json(capsys)["masked"]
+    assert nm["pass"] == "nm" and nm["masked"] == 3 and list(nm["dense"]) == ["stem"]
+
+
 def test_semi_structured_flag_needs_torch_cuda_timings(net, capsys):
     """--semi-structured chooses the torch-cuda runner's mode: on another backend, or on
     estimate without --measure, nothing would use it, so it is refused before any work."""

@@ -141,6 +141,19 @@ def test_malformed_plan(plan, words):
         fxprune.apply_plan(Net(), plan)
 
 
+def test_a_plan_declaring_a_huge_example_is_refused_before_allocating(saved, monkeypatch):
+    """A few bytes of plan JSON declaring an input of [20e6, 16] (320M elements) are refused
+    by name before any tensor is made (it drove a load to 4.5 GB; issue #25)."""
+    plan = _plan(saved)
+    plan["inputs"] = [{"shape": [20_000_000, 16], "dtype": "float32"}]
+    made = []
+    real = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: made.append(a) or real(*a, **k))
+    with pytest.raises(PlanError, match=r"declare 320,000,000 elements .* corrupt or was edited"):
+        fxprune.apply_plan(Net(), plan)
+    assert not made
+
+
 def test_plan_entry_missing_its_indices(saved):
     plan = _plan(saved)
     del plan["passes"][0]["kept"]
