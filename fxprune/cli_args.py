@@ -356,6 +356,12 @@ def parser() -> argparse.ArgumentParser:
         "(config with the new counts, safetensors, tokenizer files); implies uniform counts",
     )
     pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--save-pretrained may replace the folder the model was loaded from (refused "
+        "otherwise; any other folder is replaced atomically, keeping files a save does not own)",
+    )
+    pr.add_argument(
         "--stream",
         action="store_true",
         help="hf:DIR decoder LMs (Llama, Mistral, Qwen2/3) with --save-pretrained: prune block "

@@ -103,7 +103,16 @@ def _prune(a, log: Log) -> int:
     if getattr(a, "stream", False):
         from fxprune.cli_stream import stream_command
 
+        if getattr(a, "overwrite", False):
+            from fxprune.errors import ConfigError
+
+            raise ConfigError("--overwrite: --stream writes only into a new or empty folder")
+
         return stream_command(a, log, _writing)
+    if a.overwrite and not a.save_pretrained:
+        from fxprune.errors import ConfigError
+
+        raise ConfigError("--overwrite applies to --save-pretrained DIR, which is not given")
     if getattr(a, "compress", None) and not a.save:
         from fxprune.errors import ConfigError
 
@@ -125,7 +134,7 @@ def _prune(a, log: Log) -> int:
             return 1
         log(f"writing {a.save_pretrained}")
         with _writing("--save-pretrained", a.save_pretrained):
-            res.save_pretrained(a.save_pretrained)
+            res.save_pretrained(a.save_pretrained, overwrite=a.overwrite)
     exported = None
     if a.export:
         log(f"exporting {a.export}")

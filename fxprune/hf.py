@@ -212,7 +212,7 @@ def save_pretrained(result, path, tokenizer_from=None, overwrite: bool = False, 
     if loaded_from is not None and out.is_dir() and out.samefile(loaded_from) and not overwrite:
         raise FileAccessError(
             f"save_pretrained: {out} is the folder the model was loaded from; saving there "
-            "replaces its dense weights: save to another folder, or pass overwrite=True"
+            "replaces its dense weights: save to another folder, or pass overwrite=True (--overwrite)"
         )
     if kwargs.get("push_to_hub"):  # transformers names the repo after the folder it writes
         kwargs.setdefault("repo_id", out.name)

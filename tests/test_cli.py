@@ -231,6 +231,20 @@ def test_save_pretrained_writes_a_folder_transformers_opens(tmp_path, capsys):
     assert "is a file: give a folder" in _one_error_line(capsys)
     assert main(["prune", "torchvision:resnet18", "--save-pretrained", str(out), "--quiet"]) == 2
     assert "not a Hugging Face model" in _one_error_line(capsys)
+    # over the folder the model came from: refused without --overwrite (#25), done with it
+    dense = str(tmp_path / "dense")
+    onto_source = [*argv[:-1], dense, "--seq-len", "8", "--quiet"]
+    assert main(onto_source) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # after the source's loading lines
+    assert (
+        err[-1].startswith("fxprune: error: ") and "the folder the model was loaded from" in err[-1]
+    )
+    assert transformers.AutoConfig.from_pretrained(dense).num_key_value_heads == 2
+    assert main([*onto_source, "--overwrite"]) == 0
+    assert transformers.AutoConfig.from_pretrained(dense).num_key_value_heads == 1
+    capsys.readouterr()
+    assert main(["prune", src, "--heads", "0.5", "--overwrite", "--quiet"]) == 2
+    assert "--overwrite applies to --save-pretrained" in _one_error_line(capsys)
 
 
 def test_help_shows_real_examples(capsys):
