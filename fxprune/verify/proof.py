@@ -1,9 +1,11 @@
 """Proof that a pruned model computes what the dense model computes with the removed parts zeroed.
 
 What it checks is spelled out in docs/design.md ("Why the result is exact"): each output on its
-own scale, in float32 (float64 for a float64 model) on cast copies, on the example and on fresh
-random draws at another batch size (and sequence length), NaN/Inf as failures, and the N:M
-pattern of every masked weight.
+own scale (an all-zero one on absolute error, ``verify/leaves.py``), in float32 (float64 for a
+float64 model) on cast copies, on the example and on fresh random draws at another batch size
+(and sequence length), NaN/Inf as failures, and the N:M pattern of every masked weight. What it
+is given is checked first (``verify/pairing.py``): a model the result was not compiled from is a
+ConfigError, not a shape error from inside the reference.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils import _pytree as pytree
 
 from fxprune._util import Report, eval_mode
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, FxPruneError
 from fxprune.graph.trace import as_args
 from fxprune.verify.inputs import cast, cast_module, input_sets
+from fxprune.verify.leaves import Mismatch, judged, leaves, measure, named_leaves, what, zero_atol
+from fxprune.verify.pairing import check_pair
 from fxprune.verify.reference import zeroed_dense
 
 RTOL = 1e-4
@@ -29,9 +32,11 @@ class EquivalenceReport(Report):
 
     ``max_rel_err`` is the worst ``max|pruned - zeroed| / max|zeroed|`` of any one output leaf
     on any input (each output on its own scale, so a small output cannot hide next to a large
-    one; an all-zero output is judged on the largest output of its input); ``worst_output`` names
-    that leaf (``last_hidden_state``, ``[1]``). ``max_abs_err`` and ``reference_scale`` are the
-    largest absolute error and ``|zeroed|`` over all outputs. ``pruning_effect`` is the
+    one); an output whose reference is all zero has no scale: it is judged on absolute error
+    against its dtype's tolerance (``fxprune.verify.leaves.zero_atol``), and one beyond it counts
+    as an infinite relative error, named in the message. ``worst_output`` names the worst leaf
+    (``last_hidden_state``, ``[1]``). ``max_abs_err`` and ``reference_scale`` are the largest
+    absolute error and ``|zeroed|`` over all outputs. ``pruning_effect`` is the
     per-output measure against the dense model *without* zeroing: it shows the removed parts
     mattered, so a pass is not vacuous. ``dtype`` is what the numbers were computed in,
     ``inputs_checked`` how many input sets ran (the example and the fresh draws), ``skipped``
@@ -66,42 +71,6 @@ class EquivalenceReport(Report):
         )
 
 
-class _Mismatch(Exception):
-    """A check failed outright; ``output`` names the output leaf concerned, if any."""
-
-    def __init__(self, message: str, output: str = ""):
-        super().__init__(message)
-        self.output = output
-
-
-def _name(path) -> str:
-    """``last_hidden_state``, ``[1]``, ``logits``, ``hidden_states[2]``: a leaf's key path."""
-    out = ""
-    for k in path:
-        if isinstance(k, pytree.SequenceKey):
-            out += f"[{k.idx}]"
-        else:
-            key = k.key if isinstance(k, pytree.MappingKey) else getattr(k, "name", k)
-            out += f".{key}" if out else str(key)
-    return out or "output"
-
-
-def _named_leaves(out) -> list[tuple[str, torch.Tensor]]:
-    try:
-        flat = pytree.tree_flatten_with_path(out)[0]
-    except ValueError:  # a container registered without key paths: number the leaves
-        flat = [((pytree.SequenceKey(i),), t) for i, t in enumerate(pytree.tree_leaves(out))]
-    return [(_name(p), t) for p, t in flat if isinstance(t, torch.Tensor)]
-
-
-def _what(name: str) -> str:
-    return "output" if name == "output" else f"output {name}"
-
-
-def _leaves(out) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def _floats(module: torch.nn.Module):
     return (t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
 
@@ -116,40 +85,6 @@ def _compare_dtype(*modules: torch.nn.Module) -> torch.dtype:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _measure(ref, got, orig, where: str) -> list[tuple[str, float, float, float]]:
-    """Per output leaf of one input set: (name, max abs err, max |reference|, max |dense -
-    pruned|); raises :class:`_Mismatch` on a count, shape or finiteness mismatch."""
-    if len(ref) != len(got):
-        raise _Mismatch(f"output count differs: dense {len(ref)}, pruned {len(got)}")
-    rows = []
-    for (name, r), g, o in zip(ref, got, orig, strict=True):
-        if r.shape != g.shape:
-            raise _Mismatch(
-                f"{_what(name)} shape differs: {tuple(r.shape)} vs {tuple(g.shape)}", name
-            )
-        r, g, o = r.double(), g.double(), o.double()
-        if not torch.isfinite(r).all():
-            raise _Mismatch(
-                f"reference {_what(name)} has NaN/Inf on {where} (the zeroed dense model is not "
-                "finite): the check proves nothing",
-                name,
-            )
-        bad = int((~torch.isfinite(g)).sum())
-        if bad:
-            raise _Mismatch(
-                f"NOT equivalent: pruned {_what(name)} has {bad} NaN/Inf values on {where} "
-                "where the reference is finite",
-                name,
-            )
-        if not r.numel():
-            rows.append((name, 0.0, 0.0, 0.0))
-            continue
-        eff = float((o - g).abs().max()) if o.shape == g.shape else float("inf")
-        eff = float("inf") if eff != eff else eff  # a NaN in the dense model: removal mattered
-        rows.append((name, float((r - g).abs().max()), float(r.abs().max()), eff))
-    return rows
 
 
 def nm_violations(result) -> list[str]:
@@ -187,17 +122,20 @@ def equivalence(
     seed: int = 0,
     target: str = "module",
 ) -> EquivalenceReport:
-    """Compare ``result.module`` (or ``result.model``: ``target="model"``) with the zeroed dense ``model`` (eval, fp32 or fp64) on
-    ``example_inputs`` and on ``fresh_inputs`` random draws like them, output by output.
+    """Compare ``result.module`` (or ``result.model``: ``target="model"``) with the zeroed
+    dense ``model`` (eval, fp32 or fp64) on ``example_inputs`` and on ``fresh_inputs`` random
+    draws like them, output by output.
 
     Each output leaf (tuple item, dict or ``ModelOutput`` field) is judged on its own scale:
-    ``max|pruned - zeroed| / max|zeroed|``. Half-precision models are compared through float32
-    copies (neither ``model`` nor ``result.module`` is touched). A NaN/Inf in either output, or
-    an N:M-masked weight off its pattern, fails. Fresh draws have batch + 1 (floats with the
-    example's mean and std, integers uniform in its [min, max]); for a 2-D integer input (token
-    ids) later draws also shorten the sequence by one, and a module captured for one length
-    that rejects it is recorded in ``skipped``. A pruned module that rejects the larger batch
-    the dense model runs fails.
+    ``max|pruned - zeroed| / max|zeroed|``; a leaf whose reference is all zero, on absolute
+    error against its dtype's tolerance (:func:`fxprune.verify.leaves.zero_atol`: 1e-5 in
+    float32, 1e-7 in float64, exact for integers, scaled with ``rtol``). Half-precision models
+    are compared through float32 copies (neither ``model`` nor ``result.module`` is touched).
+    A NaN/Inf in either output, or an N:M-masked weight off its pattern, fails. Fresh draws
+    have batch + 1 (floats with the example's mean and std, integers uniform in its [min,
+    max]); for a 2-D integer input (token ids) later draws also shorten the sequence by one,
+    and a module captured for one length that rejects it is recorded in ``skipped``. A pruned
+    module that rejects the example or the larger batch the dense model runs fails.
 
     Args:
         model: the dense model ``result`` was compiled from (not modified).
@@ -215,7 +153,9 @@ def equivalence(
         zero (the check would prove nothing).
 
     Raises:
-        ConfigError: ``fresh_inputs`` is negative.
+        ConfigError: ``fresh_inputs`` is negative; ``result`` is not what ``fxprune.compile``
+            returns; ``model`` is not the dense model it was compiled from (a parameter of
+            another shape, or missing); the dense model cannot run ``example_inputs``.
 
     Example:
         >>> rep = fxprune.verify.equivalence(model, result, x)
@@ -225,6 +165,7 @@ def equivalence(
         raise ConfigError(f"fresh_inputs={fresh_inputs!r}: need an integer >= 0")
     if target not in ("module", "model"):
         raise ConfigError(f"target={target!r}: give 'module' or 'model'")
+    check_pair(model, result)
     candidate = getattr(result, target)
     dtype = _compare_dtype(model, candidate)
     native = {t.dtype for m in (model, candidate) for t in _floats(m)} - {dtype}
@@ -238,8 +179,8 @@ def equivalence(
             for label, inp, kind in input_sets(args, fresh_inputs, seed):
                 out = _run(label, inp, kind, (z, pruned, dense), skipped)
                 if out is not None:
-                    rows.append(_measure(*out, label))
-    except _Mismatch as e:
+                    rows.append(measure(*out, label))
+    except Mismatch as e:
         inf = float("inf")
         head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
@@ -264,24 +205,28 @@ def agreement(
         with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
             for label, inp, kind in input_sets(args, fresh_inputs, seed):
                 try:
-                    ref = _named_leaves(reference(*inp))
+                    ref = named_leaves(reference(*inp))
                 except Exception:  # noqa: BLE001 - a draw the reference cannot take either
                     if kind == "example":
                         raise
                     continue
                 try:
-                    got = _leaves(candidate(*inp))
+                    got = leaves(candidate(*inp))
                 except Exception as e:  # noqa: BLE001
                     return False, f"fails on {label}: {_first_line(e)}"
-                rows.append(_measure(ref, got, [t for _, t in ref], label))
-    except _Mismatch as e:
+                rows.append(measure(ref, got, [t for _, t in ref], label))
+    except Mismatch as e:
         return False, str(e).removeprefix("NOT equivalent: ")
     worst, rel = "output", 0.0
-    for name, _, _, _, r in _judged(rows):
+    zeros = {}
+    for name, err, _, _, r, tol in judged(rows, _atol(rtol)):
         if r > rel:
             rel, worst = r, name
+        if tol is not None and err > tol:
+            zeros[name] = (max(err, zeros.get(name, (0.0,))[0]), tol)
     where = "" if worst == "output" else f" in output {worst}"
-    return rel <= rtol, f"max_rel_err={rel:.2e}{where} on {len(rows)} inputs"
+    msg = f"{_off_zero(zeros)}max_rel_err={rel:.2e}{where} on {len(rows)} inputs"
+    return rel <= rtol, msg
 
 
 def _dname(dtype: torch.dtype) -> str:
@@ -293,46 +238,57 @@ def _run(label: str, inp: tuple, kind: str, models, skipped: list[str]):
     is skipped (the dense model rejects it, or the pruned one rejects another length)."""
     z, pruned, dense = models
     try:
-        ref, orig = _named_leaves(z(*inp)), _leaves(dense(*inp))
+        ref, orig = named_leaves(z(*inp)), leaves(dense(*inp))
+    except FxPruneError:
+        raise
     except Exception as e:  # noqa: BLE001 - a draw the model itself cannot take
         if kind == "example":
-            raise
+            given = ", ".join(str(tuple(a.shape)) for a in inp if isinstance(a, torch.Tensor))
+            raise ConfigError(
+                f"example_inputs ({given}): the dense model cannot run them ({_first_line(e)}); "
+                "give inputs like those fxprune.compile was given (result.plan.inputs)"
+            ) from e
         skipped.append(f"{label}: the dense model rejects it ({_first_line(e)})")
         return None
     try:
-        return ref, _leaves(pruned(*inp)), orig
+        return ref, leaves(pruned(*inp)), orig
     except Exception as e:  # noqa: BLE001
-        if kind == "example":
-            raise
         if kind == "length":
             skipped.append(
                 f"{label}: the pruned module rejects another sequence length (captured for "
                 f"one; {_first_line(e)})"
             )
             return None
-        raise _Mismatch(
+        raise Mismatch(
             f"NOT equivalent: the pruned module fails on {label}, which the dense model runs: "
             f"{_first_line(e)}"
         ) from e
 
 
-def _judged(rows):
-    """Each measured leaf as (name, abs err, its scale, dense effect, relative error); in one
-    input set an all-zero output is judged on the set's largest output."""
-    for leaves in rows:
-        top = max((s for _, _, s, _ in leaves), default=0.0)
-        for name, err, s, e in leaves:
-            s = s or top
-            yield name, err, s, e, (err / s if s else (0.0 if err == 0 else float("inf")))
+def _atol(rtol: float):
+    """The tolerance of an all-zero reference leaf, by its dtype."""
+    return lambda dtype: zero_atol(dtype, rtol, RTOL)
+
+
+def _off_zero(zeros: dict) -> str:
+    """The all-zero reference leaves the pruned output left, by name, for a message."""
+    return "".join(
+        f"{what(n)} is all zero in the reference but the pruned one reaches {e:.2e} (absolute "
+        f"tolerance {t:.0e} for its dtype); "
+        for n, (e, t) in zeros.items()
+    )
 
 
 def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceReport:
     checked = len(rows)
     abs_err = scale = eff = rel = 0.0
     worst = rows[0][0][0] if rows and rows[0] else "output"
-    for name, err, s, e, r in _judged(rows):
+    zeros = {}  # all-zero reference leaves the pruned output left: name -> (abs err, tol)
+    for name, err, s, e, r, tol in judged(rows, _atol(rtol)):
         if r > rel:
             rel, worst = r, name
+        if tol is not None and err > tol:
+            zeros[name] = (max(err, zeros.get(name, (0.0,))[0]), tol)
         eff = max(eff, e / s if s else 0.0)
         abs_err, scale = max(abs_err, err), max(scale, s)
     dt = _dname(dtype)
@@ -346,6 +302,7 @@ def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceRe
             else ""
         )
         broken = f"mask broken: {'; '.join(nm_bad[:5])}; " if nm_bad else ""
+        broken += _off_zero(zeros)
         where = "" if worst == "output" else f" in output {worst}"
         msg = (
             f"{'equivalent' if ok else 'NOT equivalent'}: {broken}max_rel_err={rel:.2e}{where} "
