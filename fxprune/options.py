@@ -2,9 +2,13 @@
 (:data:`RECIPE_OPTIONS`), ``from_options`` (keywords -> pass configs, names resolved, options
 checked against each other) and the keyword view ``plan.config`` keeps. The keywords are sugar:
 ``compile(model, x, heads=0.25)`` and ``compile(model, x, Recipe([Heads(0.25)]))`` take one path.
+Options that would do nothing are refused here, as an empty Recipe is: no option of
+:data:`PASS_OPTIONS` (nothing would be pruned), or one of a type it would be misread as.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from fxprune._util import is_default, jsonable, resolve_names
 from fxprune.errors import ConfigError
@@ -48,6 +52,10 @@ RECIPE_OPTIONS = {
 here: calibration, calibration_batches, loss_fn, inplace, dynamic_shapes)."""
 
 _PER_LAYER = ("global_ranking", "layer_ratios", "head_ratios", "ffn_ratios")
+_RATIOS = ("layer_ratios", "head_ratios", "ffn_ratios")
+
+PASS_OPTIONS = ("channels", "heads", "ffn", "blocks", "sparsity", "unstructured", *_RATIOS)
+"""The options that select a pass; without one, ``compile`` would prune nothing."""
 
 
 def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
@@ -55,16 +63,23 @@ def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
     :data:`RECIPE_OPTIONS`, the rest at their defaults) describe, and the keyword view
     ``plan.config`` keeps. Globs, module types and module instances become module names.
     ``data``: calibration batches are given (``importance="auto"`` reads it).
-    ``fxprune prune --print-recipe`` prints it."""
+    ``fxprune prune --print-recipe`` prints it.
+
+    Raises:
+        ConfigError: an unknown option; a flag that is not a bool, one string where a list of
+            names goes, per-layer ratios that are not a mapping; no option that selects a pass
+            (:data:`PASS_OPTIONS`); an option out of range or naming nothing in ``model``.
+    """
     unknown = sorted(set(options) - set(RECIPE_OPTIONS))
     if unknown:
         raise ConfigError(f"recipe options {unknown}: not compile options a recipe holds")
+    _check_types(options)
     o = {**RECIPE_OPTIONS, **options}
     o["data"] = bool(data)
     if o["importance"] != AUTO:
         resolve(o["importance"])  # an unknown criterion is named before anything else
     o["ignore"] = resolve_names(model, o["ignore"], "ignore")
-    ratios = {k: tuple((o[k] or {}).items()) for k in ("layer_ratios", "head_ratios", "ffn_ratios")}
+    ratios = {k: tuple((o[k] or {}).items()) for k in _RATIOS}
     nm = _nm(model, o)
     if o["round_to"] is None:
         o["round_to"] = nm.m if nm is not None else 1
@@ -85,6 +100,11 @@ def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
     unstructured = _unstructured(model, o)
     if unstructured is not None:  # after N:M (a permutation would move its masks)
         passes.append(unstructured)
+    if not passes:  # an empty Recipe is refused too: a result that pruned nothing misleads
+        raise ConfigError(
+            "no pass selected, so compile would prune nothing: give one of "
+            f"{', '.join(k + '=' for k in PASS_OPTIONS)} (or a Recipe)"
+        )
     recipe = Recipe(
         tuple(passes),
         mode=o["mode"],
@@ -93,6 +113,20 @@ def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
         uniform=o["uniform"],
     )
     return recipe, _keyword_view(o, ratios, nm)
+
+
+def _check_types(options: dict) -> None:
+    """Each option of the type its default has, where a wrong one would be misread: a flag is a
+    bool (``bool("false")`` is True), a list of names is not one string (``tuple("fc1")`` is
+    ``("f", "c", "1")``), per-layer ratios are a mapping."""
+    for k, v in options.items():
+        default = RECIPE_OPTIONS[k]
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{k}={v!r:.60}: give True or False")
+        if isinstance(default, tuple) and isinstance(v, str):
+            raise ConfigError(f"{k}={v!r}: give a list of names ([{v!r}])")
+        if k in _RATIOS and v is not None and not isinstance(v, Mapping):
+            raise ConfigError(f"{k}={v!r:.60}: give a dict {{module name or glob: ratio}}")
 
 
 def _unstructured(model, o: dict):

@@ -317,10 +317,34 @@ def _measures(cfg) -> bool:
     )
 
 
+def _check_train_fn(recipe: Recipe) -> None:
+    """Some pass ranks by a criterion that trains with ``train_fn`` (``importance="learned"``)."""
+    ranked = {
+        BY_CONFIG[type(c)].name: name_of(c.importance)
+        for c in recipe.passes
+        if getattr(c, "importance", None) is not None
+    }
+    uses = [
+        c
+        for c in recipe.passes
+        if "train_fn" in {f.name for f in dataclasses.fields(c)}
+        and resolve(c.importance).needs == "learned"
+    ]
+    if not uses:
+        by = ", ".join(f"{k}: {v}" for k, v in ranked.items()) or "no pass ranks by importance"
+        raise ConfigError(
+            f"train_fn is given but no pass reads it ({by}): only importance='learned' trains "
+            "with it; set importance='learned' or drop train_fn"
+        )
+
+
 def with_runtime(
     model, recipe: Recipe, calibration, calibration_batches, loss_fn, train_fn=None
 ) -> tuple:
-    """The recipe's configs with the runtime data given to the passes that read it."""
+    """The recipe's configs with the runtime data given to the passes that read it; a
+    ``train_fn`` no pass reads is refused (it would be ignored without a word)."""
+    if train_fn is not None:
+        _check_train_fn(recipe)
     measured = any(_measures(c) for c in recipe.passes)
     batches = take_batches(calibration if measured else None, calibration_batches, model)
     loss = loss_fn if loss_fn is not None else default_loss(model)
