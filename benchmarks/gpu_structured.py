@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _gpu_timing import capture_graph  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.graph.capture import capture  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 
 
@@ -134,7 +135,7 @@ def main() -> int:
             torch.backends.cudnn.allow_tf32 = True
             # "traced" is the same capture without pruning: pruned vs traced isolates what
             # pruning buys from what the capture (fx / torch.export graph) changes by itself.
-            traced = fxprune.compile(model, x).module.eval()
+            traced = capture(copy.deepcopy(model).eval(), x).gm.eval()  # compile's capture
             dense = copy.deepcopy(model).eval()
             pruned = res.module.eval()
             fmt = torch.channels_last if cnn else torch.contiguous_format

@@ -9,13 +9,14 @@
 
 from fxprune import errors, verify
 from fxprune._util import Report
-from fxprune.api import apply_plan, compile, load
+from fxprune.api import compile
 from fxprune.compile_backend import backend
 from fxprune.estimator import estimate
 from fxprune.heal import HealReport, heal
 from fxprune.iterative import iterative_prune
 from fxprune.plan import CompileResult, Plan
 from fxprune.recipe import Recipe
+from fxprune.replay import apply_plan, load
 from fxprune.sensitivity import sensitivity
 from fxprune.streaming import stream
 

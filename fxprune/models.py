@@ -309,3 +309,39 @@ def check_example(model: torch.nn.Module, example) -> None:
             f"{type(model).__name__} rejected the example inputs (shape {shapes}): its forward "
             f"raised {type(e).__name__}: {first}"
         ) from e
+
+
+def default_example(model: torch.nn.Module) -> tuple[object, str]:
+    """An example input for ``compile(model)`` called without one, from what the model says it
+    takes: a Hugging Face model's config (random token ids of its vocabulary with an all-ones
+    attention mask, batch 1 x 16, or pixels of its image size), a timm model's
+    ``pretrained_cfg["input_size"]``, a torchvision classifier's 3 x 224 x 224 (299 for
+    Inception v3). Returns the input and a sentence saying what it is.
+
+    Raises:
+        ConfigError: the model does not say what it takes; the message names what to give.
+    """
+    cfg = getattr(model, "config", None)
+    if "transformers" in sys.modules and hasattr(cfg, "model_type") and hasattr(cfg, "to_dict"):
+        x = _hf_input(cfg, 16, model)
+        params = list(inspect.signature(model.forward).parameters)
+        what = " + ".join(params[: len(x)]) if isinstance(x, tuple) else params[0]
+        shape = list((x[0] if isinstance(x, tuple) else x).shape)
+        pixels = isinstance(x, torch.Tensor) and x.is_floating_point()
+        kind = "random pixels" if pixels else "random token ids"
+        return x, f"{what} {shape} made from its {type(cfg).__name__} ({kind})"
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size is not None:  # timm
+        return torch.randn(
+            1, *size
+        ), f"random pixels [1, {', '.join(map(str, size))}] from pretrained_cfg"
+    mod = type(model).__module__
+    if mod.startswith("torchvision.models.") and mod.count(".") == 2:  # the classifiers
+        side = 299 if type(model).__name__ == "Inception3" else 224
+        return torch.randn(1, 3, side, side), f"random pixels [1, 3, {side}, {side}] (torchvision)"
+    raise ConfigError(
+        f"compile({type(model).__name__}) needs example_inputs: a tensor (or a tuple / dict of "
+        "them) shaped as the model's forward takes, e.g. fxprune.compile(model, "
+        "torch.randn(1, 3, 224, 224), ...); only Hugging Face, timm and torchvision classifiers "
+        "say what they take"
+    )

@@ -197,11 +197,14 @@ class CompileResult(Report):
     config: object = None
     model: object = None
     model_note: str = ""
+    example_note: str = ""
 
     def table(self) -> str:
-        """:meth:`report`, and why ``model`` is the graph module when it is."""
+        """:meth:`report`, why ``model`` is the graph module when it is, and what the example
+        input was when compile made it."""
         note = f"\nresult.model is the graph module: {self.model_note}" if self.model_note else ""
-        return self.report() + note
+        made = f"\n{self.example_note}" if self.example_note else ""
+        return self.report() + note + made
 
     def to_dict(self) -> dict:
         """The plan, the summary and how the result came out (no tensors, no model)."""

@@ -34,6 +34,7 @@ LAYERS = [
     ],
     ["fxprune.checkpoint", "fxprune.summary", "fxprune.plan", "fxprune.recipe", "fxprune.options"],
     ["fxprune.api"],
+    ["fxprune.replay"],
     [
         "fxprune.compile_backend",
         "fxprune.distill",
