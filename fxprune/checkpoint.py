@@ -12,7 +12,7 @@ it allocates anything.
 
 A save killed mid-write leaves its ``.<name>.<pid>.<random>.tmp`` file; the next save to the
 same path removes it once that pid no longer runs or the file is untouched for
-``fxprune.hf.STALE_AFTER_S``.
+``fxprune.atomic.STALE_AFTER_S``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from fxprune.atomic import remove_stale_beside
 from fxprune.errors import CheckpointError
-from fxprune.hf import remove_stale_beside
 
 
 def atomic_save(obj, path: str | Path) -> None:

@@ -12,7 +12,14 @@ ROOT = pathlib.Path(fxprune.__file__).parent
 
 # Lowest first. A module may import its own layer and those below, never one above.
 LAYERS = [
-    ["fxprune.errors", "fxprune._util", "fxprune.charts", "fxprune.hf", "fxprune.models"],
+    [
+        "fxprune.errors",
+        "fxprune._util",
+        "fxprune.atomic",
+        "fxprune.charts",
+        "fxprune.hf",
+        "fxprune.models",
+    ],
     ["fxprune.graph"],
     [
         "fxprune.stats",

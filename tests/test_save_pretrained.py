@@ -298,13 +298,13 @@ KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from types import SimpleNamespace
     import transformers, transformers.modeling_utils as mu
-    import fxprune.hf as hf
+    import fxprune.atomic as atomic, fxprune.hf as hf
     config = transformers.AutoConfig.from_pretrained(sys.argv[1])
     config.intermediate_size = 96
     model = transformers.LlamaForCausalLM(config)  # another model of the saved one's shape
     point = sys.argv[3]
     if point == "staged":
-        hf.carry_over = lambda old, new: os.kill(os.getpid(), signal.SIGKILL)
+        atomic.carry_over = lambda old, new, owned: os.kill(os.getpid(), signal.SIGKILL)
     else:
         def save_file(tensors, filename, metadata=None):
             if point == "half":

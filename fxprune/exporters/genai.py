@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxprune._util import Report
+from fxprune.atomic import swap_in
 from fxprune.errors import ConfigError, ExportError, FileAccessError
 from fxprune.exporters import Exporter
 from fxprune.exporters.genai_build import (
@@ -168,21 +169,6 @@ class GenaiExporter(Exporter):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return GenaiReport(path, precision, PROVIDER, parity, size, files)
-
-
-def swap_in(new: Path, path: Path, aside: Path) -> None:
-    """Rename the finished folder ``new`` to ``path``; an existing ``path`` (empty, or replaced
-    with overwrite) is renamed to ``aside`` first and put back if the last rename fails, so the
-    old folder is never lost."""
-    moved = path.exists()
-    if moved:
-        os.replace(path, aside)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        if moved:
-            os.replace(aside, path)
-        raise
 
 
 def _check_target(path: Path, overwrite: bool) -> None:

@@ -6,7 +6,8 @@ data, for models over 2 GB) is written into a hidden staging folder beside the d
 (``.<name>.<pid>.<random>``), checked there, then moved into place. An export that was killed
 leaves its staging folder behind; the next export to the same destination removes it when the
 pid in its name no longer runs on this machine (a folder of an older fxprune, without a pid, or
-any folder on Windows, where the pid is not probed: when untouched for ``STALE_AFTER_S``).
+any folder on Windows, where the pid is not probed: when untouched for
+``fxprune.atomic.STALE_AFTER_S``; the rule all of fxprune's writers share, ``atomic.is_stale``).
 A destination under a file, or a folder where the file goes, is refused before any work
 (``fxprune.exporters.check_target``).
 
@@ -30,7 +31,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxprune._util import Report, eval_mode
+from fxprune.atomic import is_stale
 from fxprune.errors import ExportError, MissingExtraError
 from fxprune.exporters import Exporter, check_target
 from fxprune.exporters.audit import AuditRow, audit_nm
@@ -48,7 +49,6 @@ from fxprune.exporters.metadata import build_metadata, graph_io, write_metadata
 from fxprune.graph.trace import DYNAMIC_DIMS, default_dynamic_dims, widen
 
 DEFAULT_OPSET = 18  # the torch.onnx dynamo exporter's well-tested range; ORT runs it everywhere
-STALE_AFTER_S = 3600  # a staging folder without a live owner this old is left from a killed export
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph
 
 
@@ -164,30 +164,10 @@ def remove_stale_staging(path: Path) -> list[Path]:
         found = pattern.fullmatch(d.name)
         if not found or not d.is_dir():
             continue
-        pid = int(found.group(1)) if found.group(1) and os.name == "posix" else None
-        if pid is not None:
-            stale = not _running(pid)
-        else:
-            try:
-                stale = time.time() - d.stat().st_mtime > STALE_AFTER_S
-            except OSError:  # removed meanwhile by its owner
-                continue
-        if stale:
+        if is_stale(d, int(found.group(1)) if found.group(1) else None):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another export of this process (a thread) owns it
-    try:
-        os.kill(pid, 0)  # signal 0 only probes (POSIX)
-    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
-        return False
-    except OSError:  # EPERM: it runs, under another user
-        return True
-    return True
 
 
 def write_onnx(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool) -> bool:

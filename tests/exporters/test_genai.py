@@ -224,7 +224,7 @@ def test_swap_in_puts_the_old_folder_back_when_the_last_rename_fails(tmp_path, m
     rename fails, the old folder is renamed back, whole (a reviewer found it could be lost)."""
     import os
 
-    from fxprune.exporters import genai
+    from fxprune import atomic
 
     old, new = tmp_path / "out", tmp_path / "staged"
     old.mkdir()
@@ -238,10 +238,11 @@ def test_swap_in_puts_the_old_folder_back_when_the_last_rename_fails(tmp_path, m
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(genai.os, "replace", failing)
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # the two-rename path
     with pytest.raises(OSError, match="disk full"):
-        genai.swap_in(new, old, tmp_path / "aside")
+        atomic.swap_in(new, old, tmp_path / "aside")
     assert (old / "model.onnx").read_text() == "old"
-    monkeypatch.setattr(genai.os, "replace", real)
-    genai.swap_in(new, old, tmp_path / "aside")
+    monkeypatch.setattr(atomic.os, "replace", real)
+    atomic.swap_in(new, old, tmp_path / "aside")
     assert (old / "model.onnx").read_text() == "new" and not new.exists()

@@ -14,6 +14,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 import fxprune
+from fxprune import atomic
 from fxprune.errors import ExportError, FileAccessError
 from fxprune.exporters import check_target, export, exporter_for
 from fxprune.exporters import onnx as onnx_exp
@@ -166,15 +167,15 @@ def test_stale_staging_folders_are_removed_by_the_next_export(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs
     dead = tmp_path / f".m.onnx.{gone.pid}.abcd_123"  # a killed export of this target
-    old = tmp_path / ".m.onnx.old_fxpr"  # an older fxprune's name (no pid), 2 hours old
+    old = tmp_path / ".m.onnx.old_fxpr"  # an older fxprune's name (no pid), long untouched
     recent = tmp_path / ".m.onnx.new_fxpr"  # the same, but recent: maybe still being written
     live = tmp_path / f".m.onnx.{os.getpid()}.live_123"  # owned by a running export
     other = tmp_path / f".other.onnx.{gone.pid}.abcd_123"  # another target's: not ours to clean
     for d in (dead, old, recent, live, other):
         d.mkdir()
         (d / "m.onnx").write_bytes(b"partial")
-    two_hours_ago = time.time() - 2 * onnx_exp.STALE_AFTER_S
-    os.utime(old, (two_hours_ago, two_hours_ago))
+    long_ago = time.time() - 2 * atomic.STALE_AFTER_S
+    os.utime(old, (long_ago, long_ago))
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     export(model, torch.randn(2, 4), tmp_path / "m.onnx")
     left = {p.name for p in tmp_path.iterdir()}
