@@ -11,7 +11,8 @@ and a Hugging Face folder cannot hold them (``save_pretrained`` refuses them).
 else copies) and swaps the two with one ``renameat2(RENAME_EXCHANGE)`` on Linux (elsewhere two
 renames, the old folder aside as ``.<name>.<pid>.<random>.old`` in between), so a kill leaves the
 old folder whole. The next save to it removes a staging folder whose pid no longer runs or that
-is untouched for :data:`STALE_AFTER_S`. A mount point is written in place, with a warning.
+is untouched for ``fxprune.atomic.STALE_AFTER_S`` (fxprune/atomic.py does the writing). A mount
+point is written in place, with a warning.
 
 Over an existing folder a save replaces or removes the files a Hugging Face save owns
 (:data:`OWNED`: ``config.json``, ``generation_config.json``, ``model.safetensors``,
