@@ -117,3 +117,27 @@ def test_heads_of_these_attention_layouts_are_exact(name, tmp_path):
     back = type(model).from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(new).logits, res.model(new).logits)
+
+
+def test_olmo2_heads_are_refused_naming_its_norm_and_pruned_approximately_on_request():
+    """OLMo2's q_norm / k_norm normalise over all heads at once: removing a head changes their
+    statistics, so the refusal names the norm; allow_approximate=True prunes (the norm's gain
+    sliced with its heads) and the proof reports the deviation as expected, not as exact."""
+    model, ids = _causal(
+        transformers.Olmo2Config, transformers.Olmo2ForCausalLM, vocab_size=100, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    with pytest.raises(fxprune.errors.ConfigError) as e:
+        fxprune.compile(model, ids, heads=0.5)
+    msg = str(e.value)
+    assert "self_attn.q_norm (Olmo2RMSNorm)" in msg and "allow_approximate=True" in msg
+    res = fxprune.compile(model, ids, heads=0.5, allow_approximate=True)
+    attn = res.model.model.layers[0].self_attn
+    assert res.approximate and type(res.model) is type(model)
+    assert attn.q_proj.out_features == 32 and attn.q_norm.weight.shape == (32,)
+    assert attn.k_norm.weight.shape == (16,)
+    rep = fxprune.verify.equivalence(model, res, ids)
+    assert not rep.ok and rep.approximate and "approximate groups were pruned" in rep.message
+    assert 0 < rep.max_rel_err < 1
+    with torch.no_grad():
+        res.model(torch.randint(0, 100, (3, 5)))

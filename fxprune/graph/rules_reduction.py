@@ -98,6 +98,21 @@ def _along_dim(ctx, node):
     return X
 
 
+def _is_mean(node) -> bool:
+    t = node.target
+    name = t if isinstance(t, str) else str(getattr(getattr(t, "overloadpacket", t), "__name__", t))
+    return name.split(".")[-1] == "mean"
+
+
+def _owner(node) -> str:
+    """`` in <module> (its class)`` from the capture's module stack, where it has one."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return ""
+    path, cls = stack[-1]
+    return f" in {path} ({str(getattr(cls, '__name__', cls)).split('.')[-1]})"
+
+
 def _is_softmax(ctx, node) -> bool:
     if node.op == "call_module":
         return isinstance(ctx.modules[node.target], nn.Softmax)
@@ -131,8 +146,13 @@ def _reduce(ctx, node):
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(d % X.ndim for d in dims) if X.ndim else []
     if any(X.shape[d] > 1 for d in dims):
-        ctx.block(X, node, "reduces over a dim that carries channels")
-        X = np.full(X.shape, NONE)
+        if _is_mean(node) and dims == [X.ndim - 1]:
+            # a norm written out (RMSNorm: x * rsqrt(mean(x^2))): OLMo2's q_norm / k_norm span
+            # every head, so removing one changes the statistics: approximate, not exact
+            ctx.approximate(X, node, f"a norm's mean over the channel dim{_owner(node)}: inexact")
+        else:
+            ctx.block(X, node, "reduces over a dim that carries channels")
+        X = np.full(X.shape, NONE)  # the statistic carries no channel
     out = X
     for d in reversed(dims):
         out = out.take([0], axis=d)

@@ -92,6 +92,7 @@ def prune_heads(graph: DependencyGraph, cfg: Heads, args: tuple) -> PassResult:
 
 
 ATTENTION_WORDS = ("attention", "matmul", "bmm", "einsum", "softmax", "MultiheadAttention")
+QKV_WORDS = ("q_proj", "k_proj", "v_proj", "qkv", "query", "key", "value", "c_attn")
 
 
 def no_heads_message(graph: DependencyGraph, cfg: Heads) -> str:
@@ -100,6 +101,17 @@ def no_heads_message(graph: DependencyGraph, cfg: Heads) -> str:
         for b in graph.barrier_report()
         if any(w.lower() in b["op"].lower() for w in ATTENTION_WORDS)
     ]
+    inexact = [
+        f"{b['node']} ({b['reason']})"
+        for b in graph.barrier_report()
+        if b["approximate"] and all(any(w in ly for w in QKV_WORDS) for ly in b["layers"])
+    ]
+    if inexact:  # heads exist, only a norm of the q / k projections spans them all
+        return (
+            f"heads={cfg.ratio!r}: removing a head is not exact in this model: "
+            + "; ".join(inexact[:3])
+            + "; allow_approximate=True prunes them and reports the measured output deviation"
+        )
     msg = f"heads={cfg.ratio!r}: no prunable attention heads found in the traced graph"
     if seen:
         msg += "; attention ops that kept their channels: " + "; ".join(seen[:5])
