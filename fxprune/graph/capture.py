@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from fxprune.graph.canonical import linear_from_matmul
 from fxprune.graph.rules import find_rule
 from fxprune.graph.trace import Traced, trace
 
@@ -78,4 +79,5 @@ def capture(
         traced = trace(model, args, mode=mode, **kw)
         if heads and mode == "auto" and traced.mode == "fx" and hidden_attention(traced.gm):
             traced = trace(model, args, mode="export", **kw)
+    linear_from_matmul(traced.gm)  # x @ W.T as the Linear it is (Falcon)
     return traced

@@ -77,3 +77,27 @@ def test_iterative_heads_on_a_hidden_attention(mode):
     else:
         with pytest.raises(fxprune.errors.NothingToPruneError, match="cannot see into attn"):
             fxprune.iterative_prune(model, x, heads=0.5, steps=2, mode="fx")
+
+
+class _MatmulMLP(torch.nn.Module):
+    """Layers written as ``x @ W.T`` / ``x @ W.t()``, no nn.Linear in sight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(16, 8))
+        self.w2 = torch.nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.T) @ self.w2.t()
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_matmul_with_a_transposed_parameter_is_a_linear_layer(mode):
+    import fxprune
+
+    torch.manual_seed(0)
+    m, x = _MatmulMLP().eval(), torch.randn(3, 8)
+    res = fxprune.compile(m, x, channels=0.5, mode=mode)
+    assert res.module.get_parameter("w1").shape == (8, 8)  # its 16 outputs halved
+    assert res.module.get_parameter("w2").shape == (4, 8)  # and the consumer's inputs
+    assert fxprune.verify.equivalence(m, res, x).ok
