@@ -155,6 +155,7 @@ def compile(  # noqa: A001 - the public name the project promises
     unstructured_exclude: Sequence[str] = (),
     dynamic_shapes=None,
     uniform: bool = False,
+    heads_round: str | None = None,
     capture=None,
 ) -> CompileResult:
     """Prune ``model`` structurally and return the smaller model with its plan and summary.
@@ -246,7 +247,12 @@ def compile(  # noqa: A001 - the public name the project promises
             MLP the same width, as a Hugging Face config can hold (``save_pretrained``); the
             units each layer loses are still chosen by importance in that layer. Refuses
             options that set counts per layer and fails, before touching anything, when the
-            counts come out unequal.
+            counts come out unequal, or when the Hugging Face config class would refuse the
+            head count (LlamaConfig: hidden_size a multiple of the heads), naming the counts it
+            accepts.
+        heads_round: ``"config"``: with ``uniform=True``, round a head count the config class
+            refuses to the nearest one it accepts (``plan.config["heads_round"]`` and the
+            report say so).
         capture: a :class:`fxprune.graph.Traced` of a module with the same structure as
             ``model`` (another block of a repeated stack, from :func:`fxprune.graph.trace`):
             its graph is reused over ``model``'s tensors instead of capturing again

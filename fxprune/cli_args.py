@@ -154,6 +154,13 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         help="fraction (or number) of heads per layer, counted in key/value groups: with 2 KV heads\n"
         "(grouped-query attention) 0.25 removes nothing, 0.5 removes one group",
     )
+    pr.add_argument(
+        "--heads-round",
+        choices=["config"],
+        default=None,
+        help="with --save-pretrained: round a head count the Hugging Face config class refuses\n"
+        "(LlamaConfig: hidden_size a multiple of the heads) to the nearest it accepts",
+    )
     pr.add_argument("--ffn", type=float, default=0.0, help="fraction of MLP neurons per layer")
     pr.add_argument(
         "--blocks", nargs="*", default=[], help="a number of blocks to remove, or their names"

@@ -204,6 +204,7 @@ def flag_options(a, channels: float) -> dict:
         "sparsity_method": a.sparsity_method,
         **unstructured_flags(a),
         "uniform": hf_folder_flag(a) is not None,  # what a HF config can hold
+        "heads_round": getattr(a, "heads_round", None),
     }
 
 

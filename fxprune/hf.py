@@ -130,6 +130,31 @@ def check_config_valid(cfg, what: str = "save_pretrained") -> None:
         raise ConfigError(f"{what}: {type(cfg).__name__} refuses {why}") from e
 
 
+def accepted_head_units(cfg) -> tuple[int, int, list[int]] | None:
+    """(key/value units, query heads per unit, the unit counts ``type(cfg)``'s own validation
+    accepts) for a config with ``num_attention_heads``; None without one. Asked of the config
+    class itself (copies with each count, validated), so the day transformers accepts more
+    counts, fxprune does too."""
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1 or getattr(cfg, "validate", None) is None:
+        return None
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads % kv:
+        return None
+    ok = []
+    for k in range(1, kv + 1):
+        c = copy.deepcopy(cfg)
+        c.num_attention_heads = k * (heads // kv)
+        if getattr(cfg, "num_key_value_heads", None):
+            c.num_key_value_heads = k
+        try:
+            check_config_valid(c)
+        except ConfigError:
+            continue
+        ok.append(k)
+    return kv, heads // kv, ok
+
+
 def check_config_builds(model) -> None:
     """Build ``type(model)`` from its pruned config on the meta device (no memory) and refuse
     when a weight would come out another shape: ``from_pretrained`` would re-initialise it.

@@ -47,6 +47,7 @@ RECIPE_OPTIONS = {
     "unstructured_include": (),
     "unstructured_exclude": (),
     "uniform": False,
+    "heads_round": None,
 }
 """``compile``'s keyword options a recipe holds, with their defaults (runtime ones are not
 here: calibration, calibration_batches, loss_fn, inplace, dynamic_shapes)."""
@@ -93,6 +94,7 @@ def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
         )
     for k, pairs in ratios.items():
         resolve_names(model, [name for name, _ in pairs], k)
+    rounded = _config_heads(model, o)
     passes = _unit_passes(o, ratios)
     if nm is not None:
         passes += [Permute(nm.n, nm.m, seed=o["seed"])] if o["sparsity_permute"] else []
@@ -112,7 +114,56 @@ def from_options(model, data: bool = False, **options) -> tuple[Recipe, dict]:
         allow_approximate=o["allow_approximate"],
         uniform=o["uniform"],
     )
-    return recipe, _keyword_view(o, ratios, nm)
+    view = _keyword_view(o, ratios, nm)
+    if rounded:
+        view["heads_round"] = rounded
+    return recipe, view
+
+
+def _config_heads(model, o: dict) -> str | None:
+    """With ``uniform=True``, the head count a Hugging Face config class would refuse
+    (``LlamaConfig``: ``hidden_size`` a multiple of ``num_attention_heads``, even with
+    ``head_dim`` set) is known before pruning: refused naming the counts it accepts, or with
+    ``heads_round="config"`` rounded to the nearest of them (``o["heads"]`` becomes the number
+    of key/value units removed). Returns what the rounding did, for the report."""
+    from fxprune.hf import accepted_head_units
+
+    how = o["heads_round"]
+    if how not in (None, "config"):
+        raise ConfigError(f"heads_round={how!r}: give 'config' (or leave it out)")
+    cfg = getattr(model, "config", None)
+    known = accepted_head_units(cfg) if o["uniform"] and o["heads"] else None
+    if known is None:
+        if how is not None:
+            raise ConfigError(
+                "heads_round='config' rounds the head count a Hugging Face config holds: it "
+                "needs heads=, uniform=True and a model whose config has num_attention_heads"
+            )
+        return None
+    kv, per, ok = known
+    h = o["heads"]
+    keep = kv - h if isinstance(h, int) and h >= 1 else max(1, kv - int(kv * h + 1e-9))
+    keep = max(keep, o["min_heads"])
+    if keep in ok or not ok:
+        return None
+    # the nearest; a tie keeps more heads, unless that would remove none
+    near = min(ok, key=lambda k: (abs(k - keep), k == kv, -k))
+    name = type(cfg).__name__
+    heads_of = lambda k: f"{k * per} heads ({k} of {kv} key/value units)"  # noqa: E731
+    if how is None:
+        raise ConfigError(
+            f"heads={h!r} keeps {heads_of(keep)}, which {name} refuses (it needs hidden_size "
+            f"{getattr(cfg, 'hidden_size', '?')} to be a multiple of num_attention_heads); "
+            f"counts it accepts: {', '.join(str(k * per) for k in ok)} heads; give heads={kv - near} "
+            "(units removed), or heads_round='config' to round to the nearest"
+        )
+    o["heads"] = kv - near
+    if o["heads"] == 0:
+        raise ConfigError(
+            f"heads={h!r} with heads_round='config': the nearest count {name} accepts is all "
+            f"{kv * per} heads, which removes nothing"
+        )
+    return f"heads={h!r} would keep {heads_of(keep)}, which {name} refuses: rounded to {heads_of(near)}"
 
 
 def _check_types(options: dict) -> None:

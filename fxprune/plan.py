@@ -384,4 +384,6 @@ class CompileResult(Report):
                 layers = ", ".join(b["layers"][:3]) + (" ..." if len(b["layers"]) > 3 else "")
                 lines.append(f"  {b['node']} ({b['op']}): {b['reason']} -> {layers}")
         lines += coverage_lines(self.passes)
+        if self.plan.config.get("heads_round"):
+            lines.append(f"\n{self.plan.config['heads_round']}")
         return "\n".join(lines)

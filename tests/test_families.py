@@ -155,3 +155,43 @@ def test_falcon_linear_written_as_matmul_is_a_layer():
     assert res.model.transformer.h[0].mlp.dense_h_to_4h.out_features == 192
     with torch.no_grad():
         res.model(torch.randint(0, 100, (3, 5)))
+
+
+def _llama_24_of_32():
+    """A Llama whose LlamaConfig refuses most pruned head counts: 8 query heads of 16 over 4
+    KV heads, hidden 128 (a multiple of 8 and 4 heads, not of 6 or 2 x 3)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+    )  # fmt: skip
+    return _nontrivial(transformers.LlamaForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+
+
+def test_a_head_count_the_config_refuses_is_known_at_compile_time(tmp_path):
+    """uniform=True: heads=0.25 would keep 6 of 8 heads, which LlamaConfig refuses (128 % 6):
+    refused before pruning, naming the counts it accepts (the config class's own validation);
+    heads_round='config' rounds to the nearest and the report says so; save_pretrained then
+    reloads equal. Mistral's config takes any count and is left alone."""
+    model, ids = _llama_24_of_32()
+    with pytest.raises(fxprune.errors.ConfigError) as e:
+        fxprune.compile(model, ids, heads=0.25, uniform=True)
+    msg = str(e.value)
+    assert "keeps 6 heads (3 of 4 key/value units), which LlamaConfig refuses" in msg
+    assert "counts it accepts: 2, 4, 8 heads" in msg and "heads_round='config'" in msg
+    res = fxprune.compile(model, ids, heads=0.25, uniform=True, heads_round="config")
+    assert (
+        res.model.config.num_attention_heads == 4
+    )  # 6 is refused; 4 and 8 are as near, 8 prunes nothing
+    assert "rounded to" in res.plan.config["heads_round"] and "rounded to" in res.report()
+    assert fxprune.verify.equivalence(model, res, ids).ok
+    res.save_pretrained(tmp_path / "out")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, res.model(ids).logits)
+    with pytest.raises(fxprune.errors.ConfigError, match="needs heads=, uniform=True"):
+        fxprune.compile(model, ids, ffn=0.25, heads_round="config")
+    cfg = transformers.MistralConfig(**{**model.config.to_dict(), "model_type": "mistral"})
+    mistral = _nontrivial(transformers.MistralForCausalLM(cfg))
+    got = fxprune.compile(mistral, ids, heads=0.25, uniform=True)
+    assert got.model.config.num_attention_heads == 6

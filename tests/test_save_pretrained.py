@@ -247,12 +247,17 @@ def test_a_head_count_the_config_class_refuses_is_a_clear_error(tmp_path):
     set: 8 -> 6 heads of a 64-wide Llama has no Llama config (Qwen2 / Mistral configs take it)."""
     torch.manual_seed(0)
     model = randomize(_decoder("LlamaConfig", "LlamaForCausalLM", kv=8)).eval()
-    res = fxprune.compile(model, _ids(0), heads=0.25, uniform=True)
-    assert res.materialized
     if not llama_checks_head_count():  # transformers before the @strict validators (5.0)
+        res = fxprune.compile(model, _ids(0), heads=0.25, uniform=True)
         back = T.LlamaForCausalLM.from_pretrained(res.save_pretrained(tmp_path / "x")).eval()
         assert back.config.num_attention_heads == 6
         return
+    # known at compile time now (#22), before anything is pruned
+    with pytest.raises(ConfigError, match="keeps 6 heads .*which LlamaConfig refuses"):
+        fxprune.compile(model, _ids(0), heads=0.25, uniform=True)
+    # and save_pretrained still refuses a config that does not validate (no uniform= check)
+    res = fxprune.compile(model, _ids(0), heads=0.25, head_ratios=None)
+    res.model.config.num_attention_heads = res.model.config.num_key_value_heads = 6
     with pytest.raises(ConfigError, match="LlamaConfig refuses 6 attention heads.*divides 64"):
         res.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
