@@ -97,7 +97,7 @@ def _prelu(m):
 
 # ---------------------------------------------------------------- attention / MLP attributes
 
-HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head")
+HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "key_value_proj_dim")
 Q_PROJ = ("q_proj", "query", "q", "wq", "to_q", "q_lin")
 K_PROJ = ("k_proj", "key", "k", "wk", "to_k", "k_lin")
 QKV_PROJ = ("qkv", "c_attn", "qkv_proj", "Wqkv", "query_key_value")  # q, k, v stacked

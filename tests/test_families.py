@@ -195,3 +195,62 @@ def test_a_head_count_the_config_refuses_is_known_at_compile_time(tmp_path):
     mistral = _nontrivial(transformers.MistralForCausalLM(cfg))
     got = fxprune.compile(mistral, ids, heads=0.25, uniform=True)
     assert got.model.config.num_attention_heads == 6
+
+
+def _t5(cls):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4,
+    )  # fmt: skip
+    return _nontrivial(cls(cfg))
+
+
+def test_t5_relative_position_bias_moves_with_its_heads(tmp_path):
+    """T5's relative_attention_bias (an Embedding with one column per head) feeds the attention
+    mask: its columns are coupled to the heads and sliced with them (the pruned graph did not
+    run). The bias is shared by every layer of a stack, so each stack loses the same heads.
+    The decoder's cross-attention mask is built in forward from the head count (zeros((1,
+    n_heads, ...))): it is indexed with the kept heads."""
+    enc = _t5(transformers.T5EncoderModel)
+    ids = torch.randint(0, 100, (2, 8))
+    res, _ = assert_equivalent(enc, ids, channels=0.0, heads=0.5, tree=True)
+    attn = res.model.encoder.block[0].layer[0].SelfAttention
+    assert attn.n_heads == 2 and attn.relative_attention_bias.weight.shape == (32, 2)
+    with torch.no_grad():
+        res.model(torch.randint(0, 100, (3, 5)))
+    seq2seq = _t5(transformers.T5ForConditionalGeneration)
+    x = (ids, torch.ones_like(ids), torch.randint(0, 100, (2, 5)))
+    res, _ = assert_equivalent(seq2seq, x, channels=0.0, heads=0.5, tree=True)
+    cross = res.model.decoder.block[0].layer[1].EncDecAttention
+    assert cross.n_heads == 2 and cross.q.out_features == 16
+
+
+class _PerHeadConstantMask(torch.nn.Module):
+    """ALiBi-like: a per-head additive mask built in forward from the head count."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h, self.qkv, self.o = h, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        slopes = torch.arange(1, self.h + 1, dtype=x.dtype).view(1, self.h, 1, 1) * 0.5
+        bias = slopes * torch.arange(n, dtype=x.dtype).view(1, 1, 1, n)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(b, n, d)) + x
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_a_per_head_mask_made_in_forward_keeps_each_heads_slice(mode):
+    """Each kept head keeps its own slope (not the first ones): exact only if the mask is
+    indexed with the kept heads' positions."""
+    torch.manual_seed(0)
+    m, x = _PerHeadConstantMask().eval(), torch.randn(2, 6, 32)
+    with torch.no_grad():  # heads 0 and 1 the weakest: heads 2 and 3 (slopes 1.5, 2) stay
+        for t in range(3):
+            m.qkv.weight[t * 32 : t * 32 + 16] *= 0.01
+    res = fxprune.compile(m, x, heads=0.5, mode=mode, importance="l1")
+    assert res.module.get_parameter("qkv.weight").shape == (48, 32)
+    assert fxprune.verify.equivalence(m, res, x).ok

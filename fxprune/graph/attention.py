@@ -18,6 +18,7 @@ from fxprune.graph.rules import (
     barrier,
     block_inputs,
     elementwise_arrays,
+    keep_along,
     none_output,
     out_ndim,
     rule,
@@ -68,21 +69,51 @@ def sdpa_rule(ctx, node):
         block_inputs(ctx, node, "attention over a dim that carries channels")
         return none_output(node)
     mask = arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
-        ctx.block(ctx.atoms(mask), node, "attention mask carries channels")
     hq, hk = tensor_meta(q).shape[-3], tensor_meta(k).shape[-3]
+    bias = None  # a per-head additive mask (T5's relative position bias): coupled to the heads
+    constant_heads = False
+    if isinstance(mask, fx.Node):
+        M, mt = ctx.atoms(mask), tensor_meta(mask)
+        per_head = (
+            M is not None and mt is not None and M.ndim >= 3 and mt.shape[-3] == hq > 1
+            and M.shape[-3] > 1 and M.shape[-1] == 1 and M.shape[-2] == 1
+        )  # fmt: skip
+        if per_head:
+            bias = M
+        elif M is not None and M.size and (M >= 0).any():
+            ctx.block(M, node, "attention mask carries channels")
+        elif mt is not None and mt.ndim >= 3 and mt.shape[-3] == hq > 1:
+            constant_heads = True  # a per-head mask made in forward (T5's zeros((1, n_heads)))
     if hk != hq:
         if hq % hk:
             return barrier(ctx, node, f"{hq} query heads do not divide into {hk} key/value heads")
         K = np.repeat(K, hq // hk, axis=-3) if K.shape[-3] > 1 else K
         V = np.repeat(V, hq // hk, axis=-3) if V.shape[-3] > 1 else V
     nd = out_ndim(node) if isinstance(node.meta.get("val"), torch.Tensor) else Q.ndim
-    out = elementwise_arrays(ctx, node, [align(Q, nd), align(K, nd), align(V, nd)])
+    parts = [align(Q, nd), align(K, nd), align(V, nd)]
+    out = elementwise_arrays(ctx, node, parts + ([align(bias, nd)] if bias is not None else []))
     if out.shape[-3] > 1:
         ctx.attention[node.name] = out
+        if constant_heads:
+            ctx.on_apply(node, lambda removed: _slice_mask(ctx.gm, node, keep_along(removed, out, -3)))
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out
+
+
+def _slice_mask(gm: fx.GraphModule, node: fx.Node, keep: np.ndarray) -> None:
+    """Give ``node``'s attention mask only the kept heads: a mask with one slice per head that
+    the forward builds from the head count (no channels traced into it) is indexed with the
+    kept heads' positions, so each head keeps its own slice."""
+    if keep.all():
+        return
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"]
+    name = f"_fxprune_heads_{node.name}"
+    gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0]), persistent=False)
+    with gm.graph.inserting_before(node):
+        idx = gm.graph.get_attr(name)
+        kept = gm.graph.call_function(torch.ops.aten.index_select.default, (mask, -3, idx))
+    node.replace_input_with(mask, kept)
 
 
 def _einsum_parts(node: fx.Node):

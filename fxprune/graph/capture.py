@@ -49,15 +49,16 @@ def hidden_attention(gm: fx.GraphModule) -> list[str]:
 def without_cache(model: nn.Module):
     """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
     user's setting back afterwards: the module tree and its saved config keep the KV cache."""
-    cfg = getattr(model, "config", None)
-    was = getattr(cfg, "use_cache", None)
-    if was:
-        cfg.use_cache = False
+    # every config of the tree: T5's decoder stack holds its own copy, use_cache on
+    cfgs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    on = [c for c in cfgs.values() if getattr(c, "use_cache", None)]
+    for c in on:
+        c.use_cache = False
     try:
         yield
     finally:
-        if was:
-            cfg.use_cache = was
+        for c in on:
+            c.use_cache = True
 
 
 def capture(
