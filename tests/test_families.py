@@ -254,3 +254,26 @@ def test_a_per_head_mask_made_in_forward_keeps_each_heads_slice(mode):
     res = fxprune.compile(m, x, heads=0.5, mode=mode, importance="l1")
     assert res.module.get_parameter("qkv.weight").shape == (48, 32)
     assert fxprune.verify.equivalence(m, res, x).ok
+
+
+def test_deberta_v2_and_hf_swin_heads_are_exact():
+    """DeBERTa-v2's disentangled relative attention and Hugging Face Swin's per-window relative
+    position bias tables (one column per head): heads exact on the graph and the user's class."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    deberta = _nontrivial(transformers.DebertaV2Model(cfg))
+    assert_equivalent(deberta, torch.randint(0, 100, (2, 8)), channels=0.0, heads=0.5, tree=True)
+    cfg = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4
+    )
+    swin = _nontrivial(transformers.SwinModel(cfg))
+    res, _ = assert_equivalent(swin, torch.randn(1, 3, 32, 32), channels=0.0, heads=0.5, tree=True)
+    tables = {
+        k: tuple(v.shape)
+        for k, v in res.model.state_dict().items()
+        if k.endswith("relative_position_bias_table")
+    }
+    assert sorted(s[1] for s in tables.values()) == [1, 2]  # 2 -> 1 and 4 -> 2 head columns
