@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fnmatch
 
 import torch
@@ -37,8 +38,51 @@ class _NoBar:
         pass
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar on stderr when asked for and installed, else an object that does nothing."""
+_SILENT = contextvars.ContextVar("fxprune_silent", default=False)
+
+
+@contextlib.contextmanager
+def silent():
+    """No progress bars inside (the CLI's --quiet / --json)."""
+    token = _SILENT.set(True)
+    try:
+        yield
+    finally:
+        _SILENT.reset(token)
+
+
+def progress_wanted() -> bool:
+    """Whether long work shows progress on stderr: never inside :func:`silent`;
+    ``FXPRUNE_PROGRESS=1`` / ``0`` says so, else when stderr is a terminal (a compile of a real
+    LLM calibrates for minutes)."""
+    import os
+    import sys
+
+    if _SILENT.get():
+        return False
+    env = os.environ.get("FXPRUNE_PROGRESS")
+    if env is not None:
+        return env not in ("", "0")
+    return sys.stderr.isatty()
+
+
+def ticking(items, desc: str):
+    """Iterate ``items`` (a sized collection) with a progress bar on stderr when
+    :func:`progress_wanted` and there is more than one."""
+    bar = progress_bar(progress_wanted() and len(items) > 1, len(items), desc)
+    try:
+        for x in items:
+            yield x
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def progress_bar(enabled: bool | None, total: int, desc: str):
+    """A tqdm bar on stderr when asked for (None: :func:`progress_wanted`) and installed, else
+    an object that does nothing."""
+    if enabled is None:
+        enabled = progress_wanted()
     if not enabled:
         return _NoBar()
     try:

@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from fxprune._util import ticking
 from fxprune.errors import ConfigError
 from fxprune.gates import require_train_fn
 from fxprune.graph.attention import sdpa_rule
@@ -189,7 +190,7 @@ def collect(
                 keep |= {a.name for a in nd.all_input_nodes}
         act, ent, conf = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
         with torch.no_grad():
-            for b in batches:
+            for b in ticking(batches, "calibrating (activations)"):
                 cap = Capture(gm, keep)
                 cap.run(*b)
                 if "activation" in need:
@@ -218,7 +219,7 @@ def collect(
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            for b in batches:
+            for b in ticking(batches, "calibrating (gradients)"):
                 gm.zero_grad(set_to_none=True)
                 loss, st.loss = _loss(gm(*b), b, loss_fn)
                 loss.backward()

@@ -11,6 +11,7 @@ fxprune error into one line and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -104,13 +105,15 @@ def _one_line(e: Exception) -> str:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    from fxprune._util import silent
     from fxprune.errors import FxPruneError
 
     log = Log(a.quiet or a.json)
     try:
         _check_outputs(a)
         a.timing = _timing(a)
-        return COMMANDS[a.cmd](a, log)
+        with silent() if a.quiet or a.json else contextlib.nullcontext():
+            return COMMANDS[a.cmd](a, log)
     except (FxPruneError, OSError) as e:  # an fxprune error, or I/O on a path the user gave
         if a.debug:
             raise

@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune._util import ticking
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
 
 
@@ -101,7 +102,7 @@ def calibrate(
     }
     acc = _Acc()
     with torch.no_grad():
-        for b in batches:
+        for b in ticking(batches, "calibrating (N:M)"):
             cap = Capture(gm, set(want))
             cap.run(*b)
             for src, uses in want.items():

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from fxprune._util import lookup, registrar
+from fxprune._util import lookup, registrar, ticking
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
 from fxprune.passes.nm_data import hessian_factor, sparsegpt, wanda_scores
@@ -92,7 +92,7 @@ class SparseGPT(Wanda):
                 stacked = c.kind == "linear" and c.reduce_dim == 1
                 key = id(acc.hess[c.param]) if stacked else c.param
                 stacks.setdefault(key, []).append((c, w))
-        for group in stacks.values():
+        for group in ticking(list(stacks.values()), "SparseGPT layers"):
             c0 = group[0][0]
             factor = hessian_factor(acc.hess[c0.param].to(group[0][1].device), acc.count[c0.param])
             ws = [w for _, w in group]
