@@ -123,8 +123,10 @@ def compile(  # noqa: A001 - the public name the project promises
     heads: float | int = 0.0,
     ffn: float = 0.0,
     blocks: int | Sequence[int | str] = 0,
+    experts: float | int = 0.0,
     importance: str | Criterion = "auto",
     block_importance: str = "cosine",
+    expert_importance: str = "weight",
     calibration=None,
     calibration_batches: int | None = None,
     loss_fn=None,
@@ -184,6 +186,10 @@ def compile(  # noqa: A001 - the public name the project promises
             ``block_importance`` on ``calibration``; or the blocks: indices into the model's
             main stack of repeated blocks or module names. Approximate by nature: the pass
             reports the measured output deviation.
+        experts: fraction of each mixture-of-experts layer's routed experts to remove, in
+            [0, 1), or an ``int`` per layer, chosen by ``expert_importance`` on
+            ``calibration``; their router rows go, so tokens pick their top-k among the rest.
+            Approximate by nature: the pass reports the measured output deviation.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` (weights only), or
             ``"taylor"``, ``"activation"``, ``"entropy"``, ``"confidence"`` (measured on
             ``calibration``; the last two score attention heads, other groups fall back to
@@ -191,6 +197,8 @@ def compile(  # noqa: A001 - the public name the project promises
             ``"lamp"``, any name registered with ``@fxprune.importance.criterion``, or a
             :class:`fxprune.importance.Criterion` instance (the plan records its ``name``).
         block_importance: ``"cosine"`` (1 - cosine of a block's input and output) or ``"l2"``.
+        expert_importance: ``"weight"`` (the router scores an expert got in tokens' top-k) or
+            ``"frequency"`` (how many tokens chose it).
         calibration: an iterable of batches (each like ``example_inputs``) for data-driven
             choices; default: ``example_inputs``. Read lazily, and only when an option measures
             on it (data-driven ``importance``, ``blocks``, ``sparsity_method``): a weight-only

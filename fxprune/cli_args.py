@@ -99,21 +99,10 @@ def _add_source(pr) -> None:
         "folder's config.json auto_map names (transformers' trust_remote_code)",
     )
     pr.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
-    pr.add_argument(
-        "--input-shape",
-        dest="input_shape",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="example input shape, e.g. 1 3 224 224 (default: the source's)",
-    )
-    pr.add_argument(
-        "--seq-len",
-        dest="seq_len",
-        type=int,
-        default=None,
-        help="example sequence length of token-id / attention-mask inputs (default: hf: 128)",
-    )
+    shape = "example input shape, e.g. 1 3 224 224 (default: the source's)"
+    pr.add_argument("--input-shape", type=int, nargs="+", metavar="N", help=shape)
+    seq = "example sequence length of token-id / attention-mask inputs (default: hf: 128)"
+    pr.add_argument("--seq-len", type=int, help=seq)
     pr.add_argument("--mode", default="auto", choices=["auto", "fx", "export"])
     pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -122,25 +111,7 @@ def _add_source(pr) -> None:
 def _add_pruning(pr, unstructured: bool = True) -> None:
     _add_source(pr)
     if unstructured:  # estimate's --unstructured is the sparsity it prices, not one it applies
-        pr.add_argument(
-            "--unstructured", type=float, default=0.0, help="fraction of weights zeroed"
-        )
-        pr.add_argument(
-            "--unstructured-scope",
-            default="layer",
-            choices=["layer", "global"],
-        )
-        pr.add_argument(
-            "--unstructured-method",
-            default="magnitude",
-            choices=["magnitude", "wanda"],
-        )
-        pr.add_argument(
-            "--unstructured-exclude",
-            nargs="*",
-            default=[],
-            help="kept dense",
-        )
+        _add_unstructured(pr)
     pr.add_argument(
         "--channels",
         type=float,
@@ -167,6 +138,13 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
     )
     pr.add_argument("--block-importance", default="cosine", choices=["cosine", "l2"])
     pr.add_argument(
+        "--experts",
+        type=_number,
+        default=0,
+        help="fraction (or number) of each mixture-of-experts layer's routed experts to remove",
+    )
+    pr.add_argument("--expert-importance", default="weight", choices=["weight", "frequency"])
+    pr.add_argument(
         "--importance",
         default="auto",
         help="auto (activation with calibration data, else l1), l1, l2, bn_scale, fpgm, lamp,"
@@ -183,6 +161,23 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
     pr.add_argument("--round-backend", default="torch", choices=["torch", "onnxruntime"])
     pr.add_argument("--global-ranking", action="store_true")
     pr.add_argument("--allow-approximate", action="store_true")
+    _add_nm(pr)
+    pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
+    pr.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="prune by this recipe (JSON, fxprune.Recipe) instead of the pruning flags",
+    )
+
+
+def _add_unstructured(pr) -> None:
+    pr.add_argument("--unstructured", type=float, default=0.0, help="fraction of weights zeroed")
+    pr.add_argument("--unstructured-scope", default="layer", choices=["layer", "global"])
+    pr.add_argument("--unstructured-method", default="magnitude", choices=["magnitude", "wanda"])
+    pr.add_argument("--unstructured-exclude", nargs="*", default=[], help="kept dense")
+
+
+def _add_nm(pr) -> None:
     pr.add_argument("--sparsity", help="N:M pattern after channel pruning, e.g. 2:4")
     pr.add_argument("--sparsity-exclude", nargs="*", default=[], help="modules kept dense")
     pr.add_argument(
@@ -195,12 +190,6 @@ def _add_pruning(pr, unstructured: bool = True) -> None:
         "--sparsity-permute",
         action="store_true",
         help="reorder channels first so the N:M mask keeps more weight magnitude",
-    )
-    pr.add_argument("--load", help="apply this checkpoint to the model instead of pruning")
-    pr.add_argument(
-        "--recipe",
-        metavar="FILE",
-        help="prune by this recipe (JSON, fxprune.Recipe) instead of the pruning flags",
     )
 
 

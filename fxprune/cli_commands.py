@@ -67,7 +67,9 @@ def _print_recipe(a, log: Log) -> int:
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, _ = load_model(a.model, trust=a.trust)
-    structural = a.heads or a.ffn or a.blocks or unstructured_flags(a).get("unstructured")
+    structural = (
+        a.heads or a.ffn or a.blocks or a.experts or unstructured_flags(a).get("unstructured")
+    )
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     recipe, _ = from_options(model, **flag_options(a, channels))
     log(None)

@@ -165,7 +165,7 @@ def compile_source(a, log: Callable[[str | None], None]):
     if getattr(a, "load", None):
         log(f"applying {a.load}")
         return model, x, fxprune.load(a.load, model, trust=a.trust)
-    structural = a.heads or a.ffn or a.blocks or getattr(a, "recipe", None)
+    structural = a.heads or a.ffn or a.blocks or a.experts or getattr(a, "recipe", None)
     structural = structural or unstructured_flags(a).get("unstructured")  # a target too
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
@@ -190,6 +190,8 @@ def flag_options(a, channels: float) -> dict:
         "ffn": a.ffn,
         "blocks": _blocks(a.blocks) if a.blocks else 0,
         "block_importance": a.block_importance,
+        "experts": a.experts,
+        "expert_importance": a.expert_importance,
         "importance": a.importance,
         "ignore": a.ignore,
         "round_to": a.round_to,

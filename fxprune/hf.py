@@ -50,6 +50,25 @@ TOKENIZER_FILES = (
 LAYERS = ("num_hidden_layers", "n_layer")
 HEADS = ("num_attention_heads", "n_head")
 FFN = ("intermediate_size", "n_inner")
+EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
+# The FFN widths a config holds, by the role of the layer that the ffn pass shrank (first match
+# of a name part): a mixture-of-experts block's shared expert (Qwen2-MoE), its routed experts
+# (one 3-D parameter per projection; Qwen3-MoE's moe_intermediate_size, Mixtral's and OLMoE's
+# intermediate_size), and every other MLP.
+FFN_ROLES = (
+    ("shared expert", ("shared_expert", "shared_experts"), ("shared_expert_intermediate_size",)),
+    ("experts", ("experts",), ("moe_intermediate_size", *FFN)),
+    ("MLP", (), FFN),
+)
+
+
+def ffn_role(layer: str) -> tuple[str, tuple[str, ...]]:
+    """``(role, config attributes that may hold its width)`` of an FFN layer, by its name."""
+    parts = set(layer.split("."))
+    for role, names, attrs in FFN_ROLES:
+        if not names or parts & set(names):
+            return role, attrs
+    raise AssertionError("FFN_ROLES ends with a catch-all")
 
 
 def _attr(cfg, names):
@@ -62,7 +81,7 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
     if cfg is None or not hasattr(cfg, "to_dict"):
         return None, {}
     new, notes = copy.deepcopy(cfg), {}
-    layers_attr, heads_attr, ffn_attr = _attr(cfg, LAYERS), _attr(cfg, HEADS), _attr(cfg, FFN)
+    layers_attr, heads_attr = _attr(cfg, LAYERS), _attr(cfg, HEADS)
     n_layers = getattr(cfg, layers_attr) if layers_attr else None
     for r in results:
         if not r.changed:
@@ -88,12 +107,36 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             elif hasattr(new, "num_key_value_heads"):
                 new.num_key_value_heads = after * per_unit
             new.head_dim = head_dim  # no longer hidden_size // num_attention_heads
-        if r.name == "ffn" and ffn_attr:
-            if uniform:
-                setattr(new, ffn_attr, counts.pop())
+        if r.name == "ffn":
+            _ffn_config(new, units, n_layers, notes)
+        if r.name == "experts":
+            kept = {n - len(r.removed.get(p, ())) for p, n in r.experts_before.items()}
+            attr = _attr(new, EXPERTS)
+            if attr and len(kept) == 1:
+                setattr(new, attr, kept.pop())
             else:
-                notes["ffn"] = "differs per layer: see the plan's 'units'"
+                notes["experts"] = "differs per layer: see the plan's 'removed'"
     return new, notes
+
+
+def _ffn_config(new, units: dict, n_layers: int | None, notes: dict) -> None:
+    """Each FFN role's width into the config attribute that holds it, where every layer of the
+    role kept the same count (a plain MLP: in every layer)."""
+    by_role: dict[str, tuple[tuple[str, ...], dict]] = {}
+    for layer, v in units.items():
+        role, attrs = ffn_role(layer)
+        by_role.setdefault(role, (attrs, {}))[1][layer] = v
+    for role, (attrs, mine) in by_role.items():
+        attr = _attr(new, attrs)
+        counts = {after for _, after in mine.values()}
+        if attr is None:
+            notes[f"ffn {role}"] = f"no config attribute holds it ({' / '.join(attrs)})"
+        elif len(counts) == 1 and (role != "MLP" or len(mine) == n_layers):
+            setattr(new, attr, counts.pop())
+        else:
+            notes["ffn" if role == "MLP" else f"ffn {role}"] = (
+                "differs per layer: see the plan's 'units'"
+            )
 
 
 def source_folder(model) -> Path | None:

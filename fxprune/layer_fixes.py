@@ -36,6 +36,30 @@ def fix_layer(m: nn.Module) -> None:
         if fn is not None:
             fn(m)
             return
+    _expert_counts(m)
+
+
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _expert_counts(m: nn.Module) -> None:
+    """A mixture-of-experts router or experts module (no class of its own here): its expert
+    count follows its per-expert tensors (dim 0 of a router's 2-D weight or of a 3-D expert
+    parameter), the experts' FFN width their down projection's input."""
+    own = [t for t in m._parameters.values() if t is not None]
+    per_expert = [t for t in own if t.ndim == 3] or [t for t in own if t.ndim == 2]
+    if not per_expert:
+        return
+    for a in EXPERT_COUNTS:
+        if isinstance(getattr(m, a, None), int):
+            setattr(m, a, per_expert[0].shape[0])
+    down = m._parameters.get("down_proj")
+    if (
+        down is not None
+        and down.ndim == 3
+        and isinstance(getattr(m, "intermediate_dim", None), int)
+    ):
+        m.intermediate_dim = down.shape[2]
 
 
 @layer_fix(nn.Linear)

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from fxprune.errors import ConfigError, FxPruneError, PassError
 from fxprune.graph.capture import without_cache
+from fxprune.hf import ffn_role
 from fxprune.layer_fixes import (
     LAYERS,
     MODULES,
@@ -156,16 +157,18 @@ def check_uniform(results) -> None:
     """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
     for r in results:
         units = r.units if r.name in ("heads", "ffn") else None
-        if units and len({tuple(v) for v in units.values()}) > 1:
-            seen: dict = {}
-            for layer, v in units.items():
-                seen.setdefault(tuple(v), layer)
-            (a, la), (b, lb) = list(seen.items())[:2]
-            raise ConfigError(
-                f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
-                f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
-                "minimum bound in some of them"
-            )
+        roles: dict = {}  # FFN layers of different roles (routed / shared experts) may differ
+        for layer, v in (units or {}).items():
+            role = ffn_role(layer)[0] if r.name == "ffn" else ""
+            roles.setdefault(role, {}).setdefault(tuple(v), layer)
+        for seen in roles.values():
+            if len(seen) > 1:
+                (a, la), (b, lb) = list(seen.items())[:2]
+                raise ConfigError(
+                    f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
+                    f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
+                    "minimum bound in some of them"
+                )
 
 
 def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from fxprune._util import is_default, jsonable, resolve_names
 from fxprune.errors import ConfigError
 from fxprune.importance import AUTO, auto_importance, name_of, resolve
-from fxprune.passes import FFN, NM, Blocks, Channels, Heads, Permute, Unstructured
+from fxprune.passes import FFN, NM, Blocks, Channels, Experts, Heads, Permute, Unstructured
 from fxprune.recipe import Recipe
 
 RECIPE_OPTIONS = {
@@ -21,8 +21,10 @@ RECIPE_OPTIONS = {
     "heads": 0.0,
     "ffn": 0.0,
     "blocks": 0,
+    "experts": 0.0,
     "importance": "auto",
     "block_importance": "cosine",
+    "expert_importance": "weight",
     "ignore": (),
     "layer_ratios": None,
     "head_ratios": None,
@@ -55,7 +57,16 @@ here: calibration, calibration_batches, loss_fn, inplace, dynamic_shapes)."""
 _PER_LAYER = ("global_ranking", "layer_ratios", "head_ratios", "ffn_ratios")
 _RATIOS = ("layer_ratios", "head_ratios", "ffn_ratios")
 
-PASS_OPTIONS = ("channels", "heads", "ffn", "blocks", "sparsity", "unstructured", *_RATIOS)
+PASS_OPTIONS = (
+    "channels",
+    "heads",
+    "ffn",
+    "blocks",
+    "experts",
+    "sparsity",
+    "unstructured",
+    *_RATIOS,
+)
 """The options that select a pass; without one, ``compile`` would prune nothing."""
 
 
@@ -214,7 +225,7 @@ def _nm(model, o: dict):
 
 
 def _unit_passes(o: dict, ratios: dict) -> list:
-    """Blocks, heads, FFN and channels, in the order they run."""
+    """Blocks, experts, heads, FFN and channels, in the order they run."""
     shared = {k: o[k] for k in ("ignore", "global_ranking", "seed")}
     imp = {k: auto_importance(o["importance"], k, o["data"]) for k in ("heads", "ffn", "channels")}
     h_ratios, f_ratios = ratios["head_ratios"], ratios["ffn_ratios"]
@@ -222,6 +233,8 @@ def _unit_passes(o: dict, ratios: dict) -> list:
     if o["blocks"]:
         which = o["blocks"] if isinstance(o["blocks"], int) else tuple(o["blocks"])
         passes.append(Blocks(which, o["block_importance"]))
+    if o["experts"]:
+        passes.append(Experts(o["experts"], o["expert_importance"]))
     if o["heads"] or h_ratios:
         passes.append(
             Heads(
@@ -260,6 +273,11 @@ def _keyword_view(o: dict, ratios: dict, nm) -> dict:
         "ffn": o["ffn"],
         "blocks": o["blocks"] if isinstance(o["blocks"], int) else list(o["blocks"]),
         "block_importance": o["block_importance"],
+        **(
+            {"experts": o["experts"], "expert_importance": o["expert_importance"]}
+            if o["experts"]
+            else {}
+        ),
         "min_heads": o["min_heads"],
         "importance": AUTO if o["importance"] == AUTO else name_of(o["importance"]),
         "ignore": list(o["ignore"]),

@@ -42,10 +42,11 @@ from fxprune.passes import (
     NM,
     REGISTRY,
     Blocks,
+    Experts,
     Unstructured,
 )
 
-RUNTIME = frozenset({"calibration", "loss_fn", "train_fn", "kept", "layers", "orders"})
+RUNTIME = frozenset({"calibration", "loss_fn", "train_fn", "kept", "layers", "orders", "removed"})
 """Config fields that are runtime data or replay-only: never part of a recipe."""
 
 MODES = ("auto", "fx", "export")
@@ -306,8 +307,8 @@ def check_recipe(model, recipe: Recipe) -> None:
 
 def _measures(cfg) -> bool:
     """Whether a pass reads calibration data."""
-    if isinstance(cfg, Blocks):
-        return True
+    if isinstance(cfg, (Blocks, Experts)):
+        return cfg.removed is None if isinstance(cfg, Experts) else True
     if isinstance(cfg, (NM, Unstructured)):
         return cfg.method != "magnitude"
     return bool(

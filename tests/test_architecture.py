@@ -144,7 +144,16 @@ def test_passes_and_their_replay_come_from_one_registry():
     from fxprune.passes import REGISTRY, pass_of
     from fxprune.passes.heads import Heads, prune_heads
 
-    assert set(REGISTRY) == {"blocks", "heads", "ffn", "channels", "permute", "nm", "unstructured"}
+    assert set(REGISTRY) == {
+        "blocks",
+        "experts",
+        "heads",
+        "ffn",
+        "channels",
+        "permute",
+        "nm",
+        "unstructured",
+    }
     assert pass_of(Heads(0.5)) is prune_heads and REGISTRY["heads"].config is Heads
     replayed = REGISTRY["heads"].replay({"name": "heads", "kept": {"attn": [0, 2]}})
     assert isinstance(replayed, Heads) and replayed.kept == {"attn": [0, 2]}

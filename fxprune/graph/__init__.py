@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.graph import attention as _attention  # noqa: F401 - matmul, SDPA, einsum rules
+from fxprune.graph import experts as _experts  # noqa: F401 - grouped matmuls of MoE experts
 from fxprune.graph import layers as _layers  # noqa: F401 - registers the layer rules
 from fxprune.graph import shapes as _shapes  # noqa: F401 - registers the shape rules
 from fxprune.graph.capture import capture, hidden_attention, without_cache  # noqa: E402

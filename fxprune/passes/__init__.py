@@ -29,7 +29,7 @@ class PassResult:
     ``name``, ``changed`` and ``plan`` (what replays the pass, see :class:`fxprune.plan.Plan`)
     are common to all. So are the *effects* that consumers read off any result (the plan, the
     proof, the module tree, the reports): ``keeps``, ``zero``, ``masks``, ``updated``,
-    ``order``, ``bypassed``, ``approximate_groups`` and ``units``; a pass without that effect reads as empty, and its
+    ``order``, ``bypassed``, ``unrouted``, ``approximate_groups`` and ``units``; a pass without that effect reads as empty, and its
     subclass declares as fields only the effects it has. ``details`` is a plain-dict view of the
     subclass's report fields (for tables and JSON).
     """
@@ -44,6 +44,7 @@ class PassResult:
     updated: ClassVar[Mapping] = _EMPTY  # param -> new values, pruned shapes (SparseGPT)
     order: ClassVar[Mapping] = _EMPTY  # param -> dim -> gather (permute)
     bypassed: ClassVar[tuple] = ()  # module names of removed blocks (blocks)
+    unrouted: ClassVar[Mapping] = _EMPTY  # router weight -> dense indices of removed experts
     approximate_groups: ClassVar[int] = 0  # groups pruned by an approximate coupling rule
     units: ClassVar[Mapping] = _EMPTY  # group -> [units before, kept] (units passes)
 
@@ -57,7 +58,16 @@ class PassResult:
         return {"name": self.name, "changed": self.changed, **jsonable(self.details)}
 
 
-_EFFECTS = ("keeps", "zero", "masks", "updated", "order", "bypassed", "approximate_groups")
+_EFFECTS = (
+    "keeps",
+    "zero",
+    "masks",
+    "updated",
+    "order",
+    "bypassed",
+    "unrouted",
+    "approximate_groups",
+)
 
 
 @dataclass
@@ -175,6 +185,20 @@ class BlocksResult(PassResult):
         return self.removed
 
 
+@dataclass
+class ExpertsResult(PassResult):
+    """Routed experts removed from each mixture-of-experts layer (``removed``: layer -> expert
+    indices; ``unrouted``: the same by router weight, what the proof's reference masks)."""
+
+    keeps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    unrouted: dict[str, list[int]] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    experts_before: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    criterion: str | None = None
+    output_deviation: float = 0.0  # max |change| of the outputs / max |output|
+
+
 PassFn = Callable[..., PassResult]
 
 
@@ -258,9 +282,19 @@ def check_masks_disjoint(results: list[PassResult]) -> None:
 
 # the built-in passes register themselves on import; their configs are the public names a
 # Recipe is made of (fxprune.passes.Heads, ...)
-from fxprune.passes import blocks, channels, ffn, heads, nm, permute, unstructured  # noqa: E402, F401
+from fxprune.passes import (  # noqa: E402, F401
+    blocks,
+    channels,
+    experts,
+    ffn,
+    heads,
+    nm,
+    permute,
+    unstructured,
+)
 from fxprune.passes.blocks import Blocks  # noqa: E402
 from fxprune.passes.channels import Channels  # noqa: E402
+from fxprune.passes.experts import Experts  # noqa: E402
 from fxprune.passes.ffn import FFN  # noqa: E402
 from fxprune.passes.heads import Heads  # noqa: E402
 from fxprune.passes.nm import NM  # noqa: E402
@@ -274,6 +308,8 @@ __all__ = [
     "Blocks",
     "BlocksResult",
     "Channels",
+    "Experts",
+    "ExpertsResult",
     "Heads",
     "NMResult",
     "PassResult",

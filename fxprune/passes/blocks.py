@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fxprune._util import ticking
 from fxprune.calibration import Capture, as_batches
 from fxprune.errors import ConfigError
 from fxprune.graph.depgraph import DependencyGraph
@@ -159,7 +160,7 @@ def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str
     keep = {r.hidden.name for r in regions} | {r.out.name for r in regions}
     totals = dict.fromkeys((r.path for r in regions), 0.0)
     with torch.no_grad():
-        for b in batches:
+        for b in ticking(batches, "scoring blocks"):
             cap = Capture(gm, keep)
             cap.run(*b)
             for r in regions:
@@ -173,7 +174,7 @@ def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str
     return totals
 
 
-def _frozen_copy(gm: fx.GraphModule) -> fx.GraphModule:
+def frozen_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A second graph module over the same parameters (nothing copied but the graph), so the
     model before a removal can run beside the model after it."""
     g = fx.Graph()
@@ -182,7 +183,7 @@ def _frozen_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-def _deviation(before: fx.GraphModule, after: fx.GraphModule, batches) -> float:
+def output_deviation(before: fx.GraphModule, after: fx.GraphModule, batches) -> float:
     """max |after - before| over every output leaf of every batch, relative to the largest
     |before|; one batch's outputs are held at a time (a causal LM's logits for 32 windows of
     512 tokens would be ~13 GB in float64)."""
@@ -257,7 +258,7 @@ def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult
     if not chosen:
         return BlocksResult("blocks", changed=False)
     regions = {p: block_region(gm, p) for p in chosen}  # all checked before anything changes
-    before = _frozen_copy(gm)
+    before = frozen_copy(gm)
     for p in sorted(chosen, key=stack.index, reverse=True):
         r = regions[p]
         members = set(r.nodes)
@@ -268,7 +269,7 @@ def prune_blocks(graph: DependencyGraph, cfg: Blocks, args: tuple) -> PassResult
     gm.delete_all_unused_submodules()
     gm.recompile()
     propagate_shapes(gm, args)
-    deviation = _deviation(before, gm, batches)
+    deviation = output_deviation(before, gm, batches)
     removed = sorted(chosen, key=stack.index)
     return BlocksResult(
         "blocks",

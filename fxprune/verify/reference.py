@@ -1,13 +1,17 @@
 """The reference a pruned model is proved against: a copy of the dense model with every
-removed channel zeroed where it is consumed, every removed block bypassed, SparseGPT's new values
-written into the kept weights and the N:M zeros placed at the kept positions."""
+removed channel zeroed where it is consumed, every removed block bypassed, every removed expert
+unreachable (its router score -inf), SparseGPT's new values written into the kept weights and
+the N:M zeros placed at the kept positions."""
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import PassError
 
@@ -28,6 +32,39 @@ def _bypass(module: torch.nn.Module, path: str) -> None:
     module.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
 
 
+class _Unrouted(TorchFunctionMode):
+    """Every linear layer whose weight is a router's gives its removed experts a score of
+    -inf, so no token's top-k picks them: the dense model as a router without them routes."""
+
+    def __init__(self, routers: dict[int, list[int]]):
+        super().__init__()
+        self.routers = routers
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            gone = self.routers.get(id(w))
+            if gone:
+                out = out.clone()
+                out[..., gone] = float("-inf")
+        return out
+
+
+def _unroute(model: torch.nn.Module, routers: dict[str, list[int]]) -> None:
+    """Run ``model``'s forward with the removed experts' router scores at -inf."""
+    ids = {id(model.get_parameter(name)): list(gone) for name, gone in routers.items()}
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def unrouted(*args, **kwargs):
+        with _Unrouted(ids):
+            return forward(*args, **kwargs)
+
+    model.forward = unrouted
+
+
 def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     try:
         return module.get_parameter(name)
@@ -37,11 +74,14 @@ def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
 
 def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
     """A copy of the dense model with every removed channel zeroed where it is consumed and
-    every removed block bypassed."""
+    every removed block bypassed, every removed expert unreachable."""
     z = copy.deepcopy(model).eval()
     for r in result.passes:
         for path in r.bypassed:
             _bypass(z, path)
+    routers = {k: v for r in result.passes for k, v in r.unrouted.items()}
+    if routers:
+        _unroute(z, routers)
     with torch.no_grad():
         for name, dims in result.zero_spec.items():
             p = _tensor(z, name)  # a parameter, or a buffer used as a weight (a fixed filter)

@@ -1,0 +1,190 @@
+"""Mixture-of-experts (issue #22 §1): each expert's FFN neurons (``ffn=``) exact by the proof, and
+whole routed experts (``experts=``) removed by how much the router uses them, proved against the
+dense model whose router never reaches them; the Hugging Face config's counts follow and
+``save_pretrained`` -> ``from_pretrained`` reloads equal. Four families transformers ships:
+Mixtral, Qwen3-MoE (``moe_intermediate_size``), Qwen2-MoE (a shared expert beside the routed
+ones) and OLMoE."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import ConfigError, NothingToPruneError
+from tests.conftest import assert_equivalent
+
+T = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _build(cfg_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**SMALL, num_key_value_heads=2, **kw)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial norm gains, so a dropped one changes the output
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+FAMILIES = {
+    "mixtral": lambda: _build(
+        T.MixtralConfig,
+        T.MixtralForCausalLM,
+        intermediate_size=96,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": lambda: _build(
+        T.Qwen3MoeConfig,
+        T.Qwen3MoeForCausalLM,
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+    ),
+    "qwen2_moe": lambda: _build(
+        T.Qwen2MoeConfig,
+        T.Qwen2MoeForCausalLM,
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=80,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": lambda: _build(
+        T.OlmoeConfig,
+        T.OlmoeForCausalLM,
+        intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+}
+# (config attribute of the routed experts' width, its dense value)
+WIDTH = {
+    "mixtral": ("intermediate_size", 96),
+    "qwen3_moe": ("moe_intermediate_size", 48),
+    "qwen2_moe": ("moe_intermediate_size", 48),
+    "olmoe": ("intermediate_size", 48),
+}
+EXPERTS = {"mixtral": "num_local_experts"}  # the others: num_experts
+
+
+def _ids(*shape, seed=1):
+    return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _reloads_equal(model, res, tmp_path):
+    res.save_pretrained(tmp_path / "out")
+    back = type(model).from_pretrained(tmp_path / "out").eval()
+    new = _ids(3, 5, seed=7)  # another batch and length
+    with torch.no_grad():
+        torch.testing.assert_close(back(new).logits, res.model(new).logits)
+    return back
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_expert_ffn_neurons_are_exact_and_the_config_width_follows(name, tmp_path):
+    model = FAMILIES[name]()
+    res, _ = assert_equivalent(model, _ids(2, 8), channels=0.0, ffn=0.25, tree=True, uniform=True)
+    attr, dense = WIDTH[name]
+    assert getattr(res.model.config, attr) == dense * 3 // 4
+    experts = res.model.model.layers[0].mlp.experts
+    assert experts.down_proj.shape[-1] == dense * 3 // 4
+    back = _reloads_equal(model, res, tmp_path)
+    assert getattr(back.config, attr) == dense * 3 // 4
+    if name == "qwen2_moe":  # the shared expert has its own width, and its own config field
+        assert back.config.shared_expert_intermediate_size == 60
+        assert back.config.intermediate_size == 96
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_whole_experts_go_proved_against_the_dense_model_that_never_routes_to_them(name, tmp_path):
+    model = FAMILIES[name]()
+    calib = [_ids(2, 8, seed=s) for s in range(3)]
+    res = fxprune.compile(
+        model, _ids(2, 8), experts=0.25, ffn=0.25, uniform=True, calibration=calib
+    )
+    ex = res.passes[0]
+    assert ex.name == "experts" and all(len(v) == 1 for v in ex.removed.values())
+    assert len(ex.removed) == 2 and ex.output_deviation > 1e-3  # approximate, and says so
+    for target in ("module", "model"):
+        rep = fxprune.verify.equivalence(model, res, _ids(2, 8), target=target)
+        assert rep.ok and rep.pruning_effect > 1e-3, rep.message
+    back = _reloads_equal(model, res, tmp_path)
+    assert getattr(back.config, EXPERTS.get(name, "num_experts")) == 3
+    assert back.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 3
+    again = fxprune.apply_plan(model, res.plan)  # the plan replays the same removal
+    with torch.no_grad():
+        torch.testing.assert_close(again.module(_ids(2, 8)), res.module(_ids(2, 8)))
+
+
+def test_the_proof_fails_when_the_reference_routes_to_the_wrong_experts():
+    """The reference masks the removed experts' router scores; masking none, or another expert,
+    must make the proof fail (it is not vacuous)."""
+    model = FAMILIES["mixtral"]()
+    res = fxprune.compile(model, _ids(2, 8), experts=1, calibration=[_ids(2, 8)])
+    ex = res.passes[0]
+    assert fxprune.verify.equivalence(model, res, _ids(2, 8)).ok
+    (router, gone), *rest = ex.unrouted.items()
+    for wrong in ({}, {router: [(gone[0] + 1) % 4]}):
+        bad = dataclasses.replace(ex, unrouted={**dict(rest), **wrong})
+        tampered = dataclasses.replace(res, passes=[bad, *res.passes[1:]])
+        rep = fxprune.verify.equivalence(model, tampered, _ids(2, 8))
+        assert not rep.ok, rep.message
+
+
+def test_experts_are_scored_by_the_routers_own_choices():
+    """``frequency`` counts, per expert, the tokens whose top-k chose it; recomputed here from
+    the dense model's router logits, the least chosen expert of each layer is the one removed."""
+    model = FAMILIES["mixtral"]()
+    batches = [_ids(2, 8, seed=s) for s in range(3)]
+    res = fxprune.compile(
+        model, batches[0], experts=1, expert_importance="frequency", calibration=batches
+    )
+    counts = torch.zeros(2, 4)
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b, output_router_logits=True).router_logits
+            for layer, lg in enumerate(logits):
+                top = torch.topk(torch.softmax(lg.float(), -1), 2, dim=-1).indices
+                counts[layer] += torch.bincount(top.reshape(-1), minlength=4)
+    ex = res.passes[0]
+    for layer in range(2):
+        path = f"model.layers.{layer}.mlp"
+        assert ex.scores[path] == pytest.approx(counts[layer].tolist())
+        assert ex.removed[path] == [int(torch.argmin(counts[layer]))]
+
+
+def test_experts_refusals_name_the_problem():
+    model = FAMILIES["mixtral"]()
+    with pytest.raises(ConfigError, match="at least 2 must stay"):
+        fxprune.compile(model, _ids(2, 8), experts=3)
+    for bad in (True, 1.5, -1):
+        with pytest.raises(ConfigError, match="experts="):
+            fxprune.compile(model, _ids(2, 8), experts=bad)
+    with pytest.raises(ConfigError, match="expert_importance"):
+        fxprune.compile(model, _ids(2, 8), experts=1, expert_importance="l1")
+    dense = T.LlamaForCausalLM(T.LlamaConfig(**SMALL, intermediate_size=96)).eval()
+    with pytest.raises(NothingToPruneError, match="no mixture-of-experts layer"):
+        fxprune.compile(dense, _ids(2, 8), experts=0.25)
+
+
+def test_the_cli_removes_experts_and_saves_a_folder_transformers_opens(tmp_path):
+    from fxprune.cli import main
+
+    model = FAMILIES["qwen3_moe"]()
+    model.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "pruned"
+    argv = ["prune", f"hf:{tmp_path / 'dense'}", "--experts", "1", "--ffn", "0.25"]
+    assert main([*argv, "--quiet", "--save-pretrained", str(out)]) == 0
+    back = T.AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.num_experts == 3 and back.config.moe_intermediate_size == 36
