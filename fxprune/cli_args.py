@@ -362,8 +362,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hf:DIR decoder LMs (Llama, Mistral, Qwen2/3) with --save-pretrained: prune block "
         "by block from the safetensors shards, holding about one block in memory (wanda / "
-        "sparsegpt / activation calibrate on --batch random token batches of --seq-len)",
+        "sparsegpt / activation calibrate on --batch random token batches of --seq-len); chosen\n"
+        "without the flag when the whole model would not fit in the memory available",
     )
+    pr.add_argument("--no-stream", action="store_true", help="never stream (see --stream)")
     pr.add_argument("--export", help="export the pruned model (.onnx or .engine), checked")
     _add_example_batch(pr)
     pr.add_argument("--report", help="write a self-contained HTML report here")

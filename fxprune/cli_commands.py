@@ -102,7 +102,19 @@ def _prune(a, log: Log) -> int:
 
     if getattr(a, "print_recipe", False):
         return _print_recipe(a, log)
-    if getattr(a, "stream", False):
+    from fxprune.cli_stream import should_stream
+
+    if getattr(a, "no_stream", False) and not (a.model.startswith("hf:") and a.save_pretrained):
+        from fxprune.errors import ConfigError
+
+        raise ConfigError(
+            "--no-stream applies to hf:DIR with --save-pretrained, which would stream"
+        )
+
+    why = None if getattr(a, "stream", False) else should_stream(a)
+    if why:
+        print(f"fxprune: {why}", file=sys.stderr)
+    if getattr(a, "stream", False) or why:
         from fxprune.cli_stream import stream_command
 
         if getattr(a, "overwrite", False):

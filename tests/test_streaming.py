@@ -288,3 +288,44 @@ def test_retarget_reuses_one_capture_and_refuses_another_structure():
         wider.layer.mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(64, 64))
     with pytest.raises(ConfigError, match="'layer.mlp.up_proj.weight' of Block is \\(64, 64\\)"):
         retarget(t0, wider)
+
+
+def test_prune_streams_by_itself_when_the_whole_model_would_not_fit(tmp_path, capsys, monkeypatch):
+    """#24: the plain command was OOM-killed on a 3B checkpoint; when the whole-model path's
+    measured multiple of the weights exceeds the memory available, prune streams and says so
+    in one line. --no-stream keeps the whole model; a flag the stream refuses keeps it too, and
+    the stream refuses by name what it would otherwise ignore."""
+    from fxprune import cli_stream
+    from fxprune.cli import main
+
+    src = _source(_decoder("llama", layers=2), tmp_path / "src")
+    need = cli_stream.plain_peak(src)
+    assert need > 7 * sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    monkeypatch.setattr(cli_stream, "mem_available", lambda: 2 * need)  # fits
+    base = ["prune", f"hf:{src}", "--ffn", "0.5", "--quiet", "--save-pretrained"]
+    assert main([*base, str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr()
+    assert "streaming block by block" not in out.err and "streamed" not in out.out
+    monkeypatch.setattr(cli_stream, "mem_available", lambda: need // 2)  # would not fit
+    assert main([*base, str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr()
+    assert "would need about" in out.err and "streaming block by block" in out.err
+    assert "streamed 2 blocks" in out.out
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    auto = T.AutoModelForCausalLM.from_pretrained(tmp_path / "auto").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(_ids(5)).logits, plain(_ids(5)).logits)
+    for extra in (["--no-stream"], ["--unstructured", "0.5"]):  # the whole-model path
+        assert main([*base, str(tmp_path / extra[0].strip("-")), *extra]) == 0
+        assert "streaming block by block" not in capsys.readouterr().err
+    refused = {
+        "--unstructured": ["0.5"],
+        "--experts": ["1"],
+        "--allow-approximate": [],
+        "--no-stream": [],
+    }
+    for flag, value in refused.items():
+        assert main([*base, str(tmp_path / "r"), "--stream", flag, *value]) == 2
+        assert flag in capsys.readouterr().err
+    assert main(["prune", "torchvision:resnet18", "--channels", "0.25", "--no-stream"]) == 2
+    assert "--no-stream applies to hf:DIR" in capsys.readouterr().err
