@@ -97,40 +97,38 @@ def _argv() -> str:
     return "fxprune " + " ".join(sys.argv[1:])
 
 
-def _prune(a, log: Log) -> int:
-    from fxprune.passes import MaskCoverage
+def _routed(a, log: Log) -> int | None:
+    """``prune --print-recipe`` and ``prune --stream`` (asked for, or chosen because the whole
+    model would not fit), else None; flags that need another flag are refused by name."""
+    from fxprune.cli_stream import should_stream, stream_command
+    from fxprune.errors import ConfigError
 
     if getattr(a, "print_recipe", False):
         return _print_recipe(a, log)
-    from fxprune.cli_stream import should_stream
-
     if getattr(a, "no_stream", False) and not (a.model.startswith("hf:") and a.save_pretrained):
-        from fxprune.errors import ConfigError
-
         raise ConfigError(
             "--no-stream applies to hf:DIR with --save-pretrained, which would stream"
         )
-
     why = None if getattr(a, "stream", False) else should_stream(a)
     if why:
         print(f"fxprune: {why}", file=sys.stderr)
     if getattr(a, "stream", False) or why:
-        from fxprune.cli_stream import stream_command
-
         if getattr(a, "overwrite", False):
-            from fxprune.errors import ConfigError
-
             raise ConfigError("--overwrite: --stream writes only into a new or empty folder")
-
         return stream_command(a, log, _writing)
     if a.overwrite and not a.save_pretrained:
-        from fxprune.errors import ConfigError
-
         raise ConfigError("--overwrite applies to --save-pretrained DIR, which is not given")
     if getattr(a, "compress", None) and not a.save:
-        from fxprune.errors import ConfigError
-
         raise ConfigError(f"--compress {a.compress} needs --save FILE (what it compresses)")
+    return None
+
+
+def _prune(a, log: Log) -> int:
+    from fxprune.passes import MaskCoverage
+
+    routed = _routed(a, log)
+    if routed is not None:
+        return routed
     model, x, res = compile_source(a, log)
     rep = _prove(model, res, x, log)
     if a.save:
