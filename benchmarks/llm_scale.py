@@ -213,6 +213,32 @@ def child(job: str, src: str, out: str, calib: int) -> dict:
     return {"seconds": seconds, "peak": peak, "out_bytes": out_bytes, "note": note}
 
 
+def sparsegpt_flop(size: str) -> float:
+    """The arithmetic SparseGPT cannot avoid on this shape (issue #24): per weight of r rows
+    and c columns the blocked OBS sweep, ~r * c^2; per Hessian (q/k/v share one, gate/up
+    share one, o_proj and down_proj have their own) its Cholesky, inverse and second
+    Cholesky, ~1.7 * c^3."""
+    h, f, n, heads, kv, _ = SHAPES[size]
+    kvd = kv * (h // heads)
+    sweep = (2 * h + 2 * kvd + 2 * f) * h**2 + h * f**2
+    factor = 1.7 * (3 * h**3 + f**3)
+    return float(n * (sweep + factor))
+
+
+def gemm_rate(n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of a float32 ``torch.mm`` of two n x n matrices on this machine, best of a few."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
 def predict(points: list[tuple[int, int]], nbytes: int) -> float | None:
     """Peak RSS at ``nbytes`` of weights from the measured (weights, peak) points: the line
     through the two largest (fixed cost + a multiple of the weights), or the ratio of one."""
@@ -293,6 +319,14 @@ def main() -> None:
                 continue
             r = json.loads(line[0][len("RESULT ") :])
             ratio = r["peak"] / nbytes
+            if "sparsegpt" in job:  # the floor, from this machine's GEMM rate measured now
+                rate, flop = gemm_rate(), sparsegpt_flop(size)
+                floor = flop / rate
+                r["note"] += (
+                    f"; FLOP floor {floor:.0f} s ({flop / 1e12:.1f} TFLOP at "
+                    f"{rate / 1e9:.0f} GFLOP/s, torch.mm 4096^2 fp32 measured after the job): "
+                    f"{r['seconds'] / floor:.1f}x the floor"
+                )
             if whole:
                 seen.setdefault(job, []).append((nbytes, r["peak"]))
             print(

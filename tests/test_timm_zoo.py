@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fxprune
 from tests.conftest import assert_equivalent, randomize
 
 timm = pytest.importorskip("timm")
@@ -102,3 +103,22 @@ def test_timm_heads(name, size, kw, what):
     res, _ = assert_equivalent(model, x, channels=0.0, heads=0.5, tree=name not in GRAPH_ONLY)
     assert res.passes[0].details["groups_pruned"] >= 1
     _graph_only(name, res)
+
+
+@pytest.mark.slow  # EfficientFormerV2 only runs at 224 x 224
+def test_a_conv_mlp_is_an_ffn():
+    """EfficientFormerV2's Mlp is 1x1 conv -> depthwise 3x3 -> 1x1 conv (BN after each): its
+    hidden channels are MLP neurons, so ffn= finds them (issue #22: it found nothing); a 1x1
+    conv whose output a 3x3 conv reads (a ResNet bottleneck) stays a channel group."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("efficientformerv2_s0", pretrained=False, num_classes=10))
+    res, _ = assert_equivalent(
+        model, torch.randn(1, 3, 224, 224), channels=0.0, ffn=0.25, tree=True
+    )
+    mlp = res.model.stages[0].blocks[0].mlp
+    assert mlp.fc1.conv.out_channels == mlp.fc2.conv.in_channels < 4 * 32
+    resnet = torchvision.models.resnet50().eval()
+    with pytest.raises(fxprune.errors.NothingToPruneError):
+        fxprune.compile(resnet, torch.randn(1, 3, 32, 32), ffn=0.25)

@@ -5,6 +5,7 @@ become groups. ``Analysis`` (``depgraph.py``) inherits ``finish()`` from ``Solve
 from __future__ import annotations
 
 import numpy as np
+import torch.nn as nn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -98,6 +99,49 @@ class Solver:
             out[label[np.concatenate(self.positional_atoms)]] = True
         return out
 
+    def _weight(self, name: str):
+        try:
+            return self.gm.get_parameter(name)
+        except AttributeError:
+            return None
+
+    def _spatial(self, name: str) -> bool:
+        """A conv weight that mixes channels over a kernel wider than one pixel (not 1x1, not
+        depthwise): what a conv MLP's hidden neurons never meet."""
+        w = self._weight(name)
+        return w is not None and w.ndim > 2 and w.shape[1] > 1 and any(k > 1 for k in w.shape[2:])
+
+    def _conv_mlp(self, srcs, u0: int, label, params) -> bool:
+        """A conv MLP's hidden channels: made by 1x1 convs (at least one) and depthwise convs,
+        and every layer that makes or reads them inside one module that is not a container
+        of blocks (EfficientFormerV2's ``ConvMlpWithNorm``; not a ResNet stage's residual
+        stream, whose 1x1 convs sit in different blocks)."""
+        ws = [self._weight(self.sources[s].param) for s in srcs]
+        if any(w is None or w.ndim <= 2 for w in ws):
+            return False
+        pointwise = [all(k == 1 for k in w.shape[2:]) for w in ws]
+        if not any(pointwise) or not all(
+            p or w.shape[1] == 1 for p, w in zip(pointwise, ws, strict=True)
+        ):
+            return False
+        names = [self.sources[s].layer for s in srcs]
+        names += [
+            pd.name.rpartition(".")[0]
+            for dims in params.values()
+            for pd in dims.values()
+            if pd.consumer and (label[pd.vec[pd.vec >= 0]] == u0).any()
+        ]
+        common = []
+        for level in zip(*(n.split(".") for n in names), strict=False):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        try:
+            owner = self.gm.get_submodule(".".join(common)) if common else None
+        except AttributeError:
+            return False
+        return owner is not None and not isinstance(owner, (nn.Sequential, nn.ModuleList))
+
     def _groups(self, label, pairs, blocked, approx, heads, params) -> list[Group]:
         """Group prunable units by the set of source layers their atoms come from and the set
         of layers that consume them. The consumers split a layer's outputs that go different
@@ -112,12 +156,15 @@ class Solver:
         units, starts = np.unique(pl, return_index=True)
         sig = np.add.reduceat(r[ps].astype(np.uint64), starts) if pl.size else pl
         consumed = np.zeros(max(self.n_atoms, 1), dtype=np.uint64)  # per unit label
+        mixed = np.zeros(max(self.n_atoms, 1), dtype=bool)  # read by a conv with a kernel > 1
         for name in sorted(params):
             for d in sorted(params[name]):
                 pd = params[name][d]
                 if pd.consumer:
                     labs = np.unique(label[pd.vec[pd.vec >= 0]])
                     np.add.at(consumed, labs, np.uint64(rng.integers(1, 2**63)))
+                    if self._spatial(pd.name):
+                        mixed[labs] = True
         if pl.size:
             with np.errstate(over="ignore"):  # a hash: wrapping is intended
                 sig = sig + consumed[units] * np.uint64(0x9E3779B97F4A7C15)
@@ -145,6 +192,8 @@ class Solver:
                 kind = "heads"
             elif all(self.sources[s].kind == "linear" for s in srcs):
                 kind = "ffn"  # hidden neurons made and consumed by Linears (an MLP)
+            elif not mixed[u0] and self._conv_mlp(srcs, u0, label, params):
+                kind = "ffn"  # the same made and read by 1x1 convs (EfficientFormerV2's Mlp)
             else:
                 kind = "channels"
             groups.append(
