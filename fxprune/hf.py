@@ -22,6 +22,7 @@ a sharded save leaves no stale ``model.safetensors``. Everything else there is t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import shutil
@@ -49,6 +50,7 @@ TOKENIZER_FILES = (
 
 LAYERS = ("num_hidden_layers", "n_layer")
 HEADS = ("num_attention_heads", "n_head")
+KV_HEADS = ("num_key_value_heads", "num_kv_heads")
 FFN = ("intermediate_size", "n_inner")
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 # The FFN widths a config holds, by the role of the layer that the ffn pass shrank (first match
@@ -96,17 +98,18 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             if not uniform:
                 notes["heads"] = "differs per layer: see the plan's 'units'"
                 continue
-            heads = getattr(cfg, heads_attr)
-            kv = getattr(cfg, "num_key_value_heads", None) or heads
-            per_unit = heads // next(iter(units.values()))[0]  # query heads per unit (GQA)
+            heads, kv_attr = getattr(cfg, heads_attr), _attr(cfg, KV_HEADS)
+            kv = (getattr(cfg, kv_attr) if kv_attr else None) or heads
+            before = next(iter(units.values()))[0]
+            per_unit = heads // before  # query heads per unit (GQA)
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
             after = counts.pop()
             setattr(new, heads_attr, after * per_unit)
-            if hasattr(new, "num_key_value_heads") and kv != heads:
-                new.num_key_value_heads = after
-            elif hasattr(new, "num_key_value_heads"):
-                new.num_key_value_heads = after * per_unit
-            new.head_dim = head_dim  # no longer hidden_size // num_attention_heads
+            if kv_attr and (kv == heads or before == kv):  # a unit is a KV head, its queries
+                setattr(new, kv_attr, after * per_unit if kv == heads else after)
+            # else one KV head serves every query head (multi-query): the units were queries
+            with contextlib.suppress(AttributeError):  # FalconConfig derives it (read-only):
+                new.head_dim = head_dim  # check_config_builds refuses what it cannot hold
         if r.name == "ffn":
             _ffn_config(new, units, n_layers, notes)
         if r.name == "experts":

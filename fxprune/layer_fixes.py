@@ -161,7 +161,7 @@ def fix_attention(m: nn.Module, shrunk: set[int]) -> None:
     ):
         return
     if q is None:  # fused q, k, v
-        n_q = n_kv = out_size(qkv[1]) // (3 * hd)
+        n_q, n_kv = _fused_counts(m, out_size(qkv[1]) // hd)
     else:
         n_q = out_size(q[1]) // hd
         n_kv = out_size(k[1]) // hd if k is not None else n_q
@@ -171,6 +171,21 @@ def fix_attention(m: nn.Module, shrunk: set[int]) -> None:
                 setattr(m, a, value)
     if isinstance(getattr(m, "num_key_value_groups", None), int) and n_kv:
         m.num_key_value_groups = n_q // n_kv
+
+
+def _fused_counts(m: nn.Module, slots: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of a fused projection holding ``slots`` head-sized rows,
+    ``n_q + 2 n_kv``. The module's dense counts say the layout: as many KV heads as query heads
+    (3 per head); one KV head shared by every query head (multi-query: the queries were the
+    units, the KV head stays); else KV groups removed whole, each with its query heads."""
+    n_q0 = next((getattr(m, a) for a in HEADS if isinstance(getattr(m, a, None), int)), None)
+    n_kv0 = next((getattr(m, a) for a in KV_HEADS if isinstance(getattr(m, a, None), int)), n_q0)
+    if not n_q0 or not n_kv0 or n_kv0 == n_q0 or n_q0 % n_kv0:
+        return slots // 3, slots // 3
+    if n_kv0 == 1:
+        return slots - 2, 1
+    groups = slots // (n_q0 // n_kv0 + 2)
+    return groups * (n_q0 // n_kv0), groups
 
 
 def fix_mlp(m: nn.Module, shrunk: set[int]) -> None:

@@ -28,11 +28,17 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import ConfigError, FxPruneError, PassError
+from fxprune.graph.attention import head_constants
 from fxprune.graph.capture import without_cache
+from fxprune.hf import HEADS as HF_HEADS
 from fxprune.hf import ffn_role
 from fxprune.layer_fixes import (
+    HEAD_DIM,
+    HEADS,
     LAYERS,
     MODULES,
+    Q_PROJ,
+    QKV_PROJ,
     Shrunk,
     fix_layer,
     fix_module,
@@ -146,11 +152,28 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
     cfg = getattr(tree, "config", None)
     if hf_config is not None and cfg is not None and hasattr(cfg, "to_dict"):
         n_before = getattr(cfg, "num_hidden_layers", None)
+        follow_head_count(tree, cfg, hf_config)
         cfg.__dict__.update(hf_config.__dict__)  # the submodules hold this same object
         gone = sorted(int(k) for keys in removed.values() for k in keys if k.isdigit())
         types = getattr(cfg, "layer_types", None)
         if gone and isinstance(types, list) and len(types) == n_before:
             cfg.layer_types = [t for i, t in enumerate(types) if i not in set(gone)]
+
+
+def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
+    """A module that copied the config's head count at init and has no projections or head
+    size of its own (BloomModel's ``num_heads``, from which its forward builds the ALiBi slopes)
+    takes the pruned count the config now holds; the agreement check judges the result."""
+    attr = next((a for a in HF_HEADS if hasattr(cfg, a)), None)
+    before, after = getattr(cfg, attr, None), getattr(new_cfg, attr, None)
+    if attr is None or before == after:
+        return
+    for m in tree.modules():
+        if any(hasattr(m, a) for a in (*HEAD_DIM, *Q_PROJ, *QKV_PROJ)):
+            continue
+        for a in HEADS:
+            if getattr(m, a, None) == before and not isinstance(getattr(m, a), bool):
+                setattr(m, a, after)
 
 
 def check_uniform(results) -> None:
@@ -191,6 +214,16 @@ def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
     if ok:
         return work, ""
     where = failing_module(work, args) if msg.startswith("fails") else ""
+    made = head_constants(gm)
+    if made and not where:
+        return gm, (
+            f"the {what} module tree does not compute what the pruned graph does ({msg}): the "
+            f"graph gives each kept head its own slice of a per-head constant the forward builds "
+            f"from the head count (at {', '.join(made[:3])}: ALiBi-like slopes), and the {what} "
+            "forward rebuilds that constant for its new head count, which gives the kept heads "
+            "other values unless they sit where the smaller count puts them; result.model is "
+            "the graph module"
+        )
     return gm, (
         f"the {what} module tree with the pruned layers does not compute what the pruned graph "
         f"does ({msg}{f'; raised in {where}' if where else ''}): its forward must hard-code a "

@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxprune.graph.depgraph import none_like
+from fxprune.graph.indexing import unused_name
 from fxprune.graph.rules import (
     align,
     arg,
@@ -35,7 +37,18 @@ aten = torch.ops.aten
 )
 # fmt: on
 def matmul_rule(ctx, node):
-    a, b = node.args[0], node.args[1]
+    return _product(ctx, node, *matmul_operands(node))
+
+
+def matmul_operands(node: fx.Node) -> tuple:
+    """The two factors of a matmul-like node (``baddbmm``'s ``batch1`` / ``batch2``)."""
+    if "baddbmm" in str(getattr(node.target, "__name__", node.target)):
+        return arg(node, 1, "batch1"), arg(node, 2, "batch2")
+    return node.args[0], node.args[1]
+
+
+def _product(ctx, node: fx.Node, a, b):
+    """``a @ b``: batched dims coupled position by position, the contracted dim channel-free."""
     A, B = ctx.atoms(a), ctx.atoms(b)
     if A is None or B is None or A.ndim < 2 or B.ndim < 2:
         return barrier(ctx, node, "vector matmul")
@@ -48,6 +61,44 @@ def matmul_rule(ctx, node):
     if rows.shape[-2] > 1 and cols.shape[-1] > 1:
         return barrier(ctx, node, "both operands carry channels")
     return elementwise_arrays(ctx, node, [rows, cols])
+
+
+@rule(torch.baddbmm, aten.baddbmm, "method:baddbmm")
+def baddbmm_rule(ctx, node):
+    """``beta * bias + alpha * (q @ k)`` over ``batch x heads`` (Bloom's ALiBi scores): the
+    product as a batched matmul, the bias added element-wise. A bias with one slice per head
+    that the forward builds from the head count (no channels traced into it) is indexed with
+    the kept heads, in every batch (``bias.unflatten(0, (-1, heads))``), so each kept head
+    keeps its own slope."""
+    bias = node.args[0]
+    out = _product(ctx, node, *matmul_operands(node))
+    M, mt = ctx.atoms(bias), tensor_meta(bias)
+    if not isinstance(out, np.ndarray) or M is None or mt is None:
+        return barrier(ctx, node, "baddbmm the analysis cannot follow")
+    shape = (1,) * (out.ndim - mt.ndim) + tuple(mt.shape)
+    vary = [d for d in range(out.ndim) if out.shape[d] > 1]
+    if (M >= 0).any() or all(shape[d] == 1 for d in vary):
+        return elementwise_arrays(ctx, node, [out, align(M, out.ndim)])
+    period = _period(out.reshape(-1)) if vary == [0] else None
+    if period is None:
+        why = "a bias made in forward over a batch x heads dim that is not batch-major"
+        return barrier(ctx, node, why)
+
+    def fix(removed):
+        slice_per_head(ctx.gm, node, bias, keep_along(removed, out, 0), 0, period)
+
+    ctx.on_apply(node, fix)
+    return out
+
+
+def _period(heads: np.ndarray) -> int | None:
+    """The head count ``p`` of a ``batch * heads`` dim laid out batch-major (the atoms repeat
+    every ``p`` positions, each head once per batch); None for any other layout."""
+    n = heads.size
+    for p in range(1, n + 1):
+        if n % p == 0 and np.array_equal(heads, np.tile(heads[:p], n // p)):
+            return p if np.unique(heads[:p]).size == p else None
+    return None
 
 
 # fmt: off
@@ -84,7 +135,11 @@ def sdpa_rule(ctx, node):
             ctx.block(M, node, "attention mask carries channels")
         elif mt is not None and mt.ndim >= 3 and mt.shape[-3] == hq > 1:
             constant_heads = True  # a per-head mask made in forward (T5's zeros((1, n_heads)))
-    if hk != hq:
+    if hk == 1 < hq:  # multi-query: one key/value head serves every query head; it stays
+        for t, what in ((K, "key"), (V, "value")):
+            ctx.block(t, node, f"the one {what} head every query head shares (multi-query)")
+        K, V = none_like(K.ndim), none_like(V.ndim)
+    elif hk != hq:
         if hq % hk:
             return barrier(ctx, node, f"{hq} query heads do not divide into {hk} key/value heads")
         K = np.repeat(K, hq // hk, axis=-3) if K.shape[-3] > 1 else K
@@ -95,25 +150,43 @@ def sdpa_rule(ctx, node):
     if out.shape[-3] > 1:
         ctx.attention[node.name] = out
         if constant_heads:
-            ctx.on_apply(node, lambda removed: _slice_mask(ctx.gm, node, keep_along(removed, out, -3)))
+
+            def fix(removed):
+                slice_per_head(ctx.gm, node, mask, keep_along(removed, out, -3), -3)
+
+            ctx.on_apply(node, fix)
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out
 
 
-def _slice_mask(gm: fx.GraphModule, node: fx.Node, keep: np.ndarray) -> None:
-    """Give ``node``'s attention mask only the kept heads: a mask with one slice per head that
-    the forward builds from the head count (no channels traced into it) is indexed with the
-    kept heads' positions, so each head keeps its own slice."""
+def slice_per_head(
+    gm: fx.GraphModule, node: fx.Node, mask: fx.Node, keep: np.ndarray, dim: int, period=None
+) -> None:
+    """Give ``node`` only the kept heads of ``mask``, a per-head constant the forward builds
+    from the head count (no channels traced into it): it is indexed with the kept heads'
+    positions along ``dim``, so each head keeps its own slice. ``period``: ``dim`` is
+    ``batch * heads`` (batch-major) with that many heads, indexed in every batch."""
+    keep = keep[:period] if period else keep
     if keep.all():
         return
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"]
-    name = f"_fxprune_heads_{node.name}"
+    name = unused_name(gm, f"_fxprune_heads_{node.name}")
     gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0]), persistent=False)
     with gm.graph.inserting_before(node):
         idx = gm.graph.get_attr(name)
-        kept = gm.graph.call_function(torch.ops.aten.index_select.default, (mask, -3, idx))
+        src = mask
+        if period:
+            src = gm.graph.call_function(aten.unflatten.int, (mask, dim, [-1, period]))
+        kept = gm.graph.call_function(aten.index_select.default, (src, dim + bool(period), idx))
+        if period:
+            kept = gm.graph.call_function(aten.flatten.using_ints, (kept, dim, dim + 1))
     node.replace_input_with(mask, kept)
+
+
+def head_constants(gm: fx.GraphModule) -> list[str]:
+    """Nodes whose per-head constant, built in forward from the head count, the pruned graph
+    indexes with the kept heads (``slice_per_head``)."""
+    return [n[len("_fxprune_heads_") :] for n, _ in gm.named_buffers() if "_fxprune_heads_" in n]
 
 
 def _einsum_parts(node: fx.Node):

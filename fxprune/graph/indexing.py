@@ -124,15 +124,128 @@ def aten_slice_rule(ctx, node):
 
 @rule(aten.index)
 def _aten_index(ctx, node):
-    """``x[idx]`` with one index tensor (a relative-position-bias table gathered by a buffer
-    of positions): the indexed dim's atoms are coupled into one (the gather may repeat or drop
-    any of them), the other dims keep theirs."""
+    """``x[idx]`` with one index tensor. A constant 1-D index of distinct positions (Falcon's
+    ``qkv[..., [-2], :]``, the key slot of a multi-query layout) takes those positions: the
+    atoms stay apart and the index is rewritten after a removal. Any other index (a relative
+    position bias table gathered by a buffer of positions, with repeats) couples the indexed
+    dim's atoms into one (the gather may repeat or drop any of them); the other dims keep
+    theirs."""
     x, indices = node.args[0], list(node.args[1])
     X, o = ctx.atoms(x), tensor_meta(node)
     used = [d for d, i in enumerate(indices) if i is not None]
     if X is None or o is None or len(used) != 1:
         return barrier(ctx, node, "tensor indexing the analysis cannot follow")
-    return gather_atoms(ctx, X, used[0], tensor_meta(indices[used[0]]).ndim)
+    d = used[0]
+    values = constant_value(ctx.gm, indices[d])
+    if X.shape[d] > 1 and values is not None and values.ndim == 1 and values.numel():
+        pos = values.long() % X.shape[d]
+        if pos.unique().numel() == pos.numel():  # a selection, not a gather that repeats
+            return _take_positions(ctx, node, X, d, pos)
+    return gather_atoms(ctx, X, d, tensor_meta(indices[d]).ndim)
+
+
+COPIES = (aten.lift_fresh_copy.default, aten.clone.default)  # a constant's value, copied
+
+
+def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The integer tensor a graph constant holds (a ``get_attr``, through torch.export's
+    ``lift_fresh_copy``); None for anything computed."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in COPIES:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        value = operator.attrgetter(node.target)(gm)
+    except AttributeError:
+        return None
+    ints = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # not a bool mask
+    ok = isinstance(value, torch.Tensor) and value.dtype in ints and value.numel() < 4096
+    return value.detach().cpu() if ok else None
+
+
+def _take_positions(ctx, node: fx.Node, X: np.ndarray, d: int, pos: torch.Tensor) -> np.ndarray:
+    """``x[..., pos, ...]`` along a channel dim: the atoms at ``pos``, positional; after a
+    removal the index holds the kept positions' new places (a removed one leaves it)."""
+    pos = pos.numpy()
+    ctx.positional(X)
+
+    def fix(removed):
+        keep = keep_along(removed, X, d)
+        before = np.concatenate([[0], np.cumsum(keep)])
+        new = [int(before[p]) for p in pos if keep[p]]
+        name = unused_name(ctx.gm, f"_fxprune_index_{node.name}")
+        ctx.gm.register_buffer(name, torch.tensor(new, dtype=torch.long), persistent=False)
+        with ctx.gm.graph.inserting_before(node):
+            idx = ctx.gm.graph.get_attr(name)
+        indices = list(node.args[1])
+        indices[d] = idx
+        node.args = (node.args[0], indices, *node.args[2:])
+
+    ctx.on_apply(node, fix)
+    return X.take(pos, axis=d)
+
+
+def unused_name(gm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... where an earlier removal took it."""
+    i, out = 0, name
+    while hasattr(gm, out):
+        i += 1
+        out = f"{name}_{i}"
+    return out
+
+
+def picked_dims(node: fx.Node, limit: int = 16) -> set[int]:
+    """Dims of ``node``'s output that its users take apart by position: a select, a partial
+    slice, an index, a split / chunk / unbind along them. Whole slices (``qkv[:, :, :, :-2]``
+    slices dims 0 and 1 whole first, as torch.export records it) are looked through."""
+    t = tensor_meta(node)
+    out: set[int] = set()
+    if t is None:
+        return out
+    nd = t.ndim
+    for u in list(node.users)[:limit]:
+        name = _op_name(u)
+        if name == "slice" and u.args[0] is node:
+            d = arg(u, 1, "dim", 0) % nd
+            s, e, step = arg(u, 2, "start"), arg(u, 3, "end"), arg(u, 4, "step", 1)
+            whole = isinstance(s, (int, type(None))) and isinstance(e, (int, type(None)))
+            if whole and step == 1 and slice(s, e).indices(t.shape[d])[:2] == (0, t.shape[d]):
+                out |= picked_dims(u, limit)
+                continue
+            out.add(d)
+        elif name == "select":
+            out.add(arg(u, 1, "dim") % nd)
+        elif name == "index":
+            out |= {d for d, i in enumerate(u.args[1]) if i is not None}
+        elif name in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split"):
+            d = arg(u, 1 if name == "unbind" else 2, "dim", 0)
+            out |= {d % nd} if isinstance(d, int) else set()
+        elif name == "getitem" and not isinstance(u.args[1], int):
+            out |= _getitem_dims(u.args[1], nd)
+    return out
+
+
+def _getitem_dims(idx, nd: int) -> set[int]:
+    """Dims a ``x[idx]`` subscript takes apart (anything but ``:`` and ``None``)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out, d = set(), 0
+    for i in idx:
+        if i is Ellipsis:
+            d += nd - real
+        elif i is not None:
+            if i != slice(None):
+                out.add(d)
+            d += 1
+    return out
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return t
+    t = getattr(t, "overloadpacket", t)
+    return str(getattr(t, "__name__", t)).split(".")[-1]
 
 
 def gather_atoms(ctx, X: np.ndarray, d: int, k: int) -> np.ndarray:

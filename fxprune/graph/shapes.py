@@ -15,9 +15,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.graph.attention import einsum_head_dims, einsum_rule, matmul_rule, sdpa_rule
+from fxprune.graph.attention import (
+    baddbmm_rule,
+    einsum_head_dims,
+    einsum_rule,
+    matmul_operands,
+    matmul_rule,
+    sdpa_rule,
+)
 from fxprune.graph.depgraph import Analysis, compress, varying_dims
-from fxprune.graph.indexing import aten_select_rule, aten_slice_rule, getitem_rule
+from fxprune.graph.indexing import aten_select_rule, aten_slice_rule, getitem_rule, picked_dims
 from fxprune.graph.rules import (
     align,
     arg,
@@ -96,7 +103,7 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
             head_dims = attention_head_dims(ctx, node) if head_dims is None else head_dims
             heads = int(out.shape[vary_out[-1]]) in head_dims
             if heads:
-                primary = vary_out[-2]
+                primary = _head_dim_kept(node, vary_out)
             else:
                 primary = max(vary_out, key=lambda d: (out.shape[d], d))
             ref = out
@@ -110,6 +117,18 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
     if len(varying_dims(out)) > 1:
         ctx.multi_arrays.append((node.name, out))
     return out
+
+
+def _head_dim_kept(node: fx.Node, vary: list[int]) -> int:
+    """Which dim of a fused projection's split ``(..., a, b, head_dim)`` is the head: the last
+    one the users do not take apart by position. ``(3, heads, D)`` and Bloom's ``(heads, 3, D)``
+    select q / k / v along the ``3``; Falcon's ``(kv groups, q per group + 2, D)`` slices the
+    query slots and indexes the key / value slot, so a unit is a KV group with its query heads."""
+    if len(vary) < 3:
+        return vary[-2]
+    picked = picked_dims(node)
+    free = [d for d in vary[:-1] if d not in picked]
+    return free[-1] if free else vary[-2]
 
 
 def attention_head_dims(ctx: Analysis, node: fx.Node, limit: int = 32) -> set[int]:
@@ -129,8 +148,8 @@ def attention_head_dims(ctx: Analysis, node: fx.Node, limit: int = 32) -> set[in
             continue
         seen.add(u)
         fn = find_rule(ctx.gm, u) if u.op != "output" else None
-        if fn is matmul_rule:
-            a, b = tensor_meta(u.args[0]), tensor_meta(u.args[1])
+        if fn is matmul_rule or fn is baddbmm_rule:
+            a, b = (tensor_meta(f) for f in matmul_operands(u))
             if a is not None and b is not None and a.ndim >= 2 and b.ndim >= 2:
                 dims |= {int(a.shape[-1]), int(b.shape[-2]), int(b.shape[-1])}
         elif fn is sdpa_rule:

@@ -4,7 +4,9 @@ The dependency graph makes a head one unit: where a projection's output is split
 ``(heads, head_dim)`` on its way to an attention product, the reshape rule keeps the head index
 and couples ``head_dim`` into it, and the attention product couples head ``h`` of q with head
 ``h`` of k and v (``h // group`` under grouped-query attention, so a KV head goes with its query
-heads). Removing a unit therefore deletes q/k/v rows (or the fused qkv rows) of that head and the
+heads; where attention broadcasts one KV head to every query head, multi-query as in Falcon,
+that head stays and each query head is a unit).
+Removing a unit therefore deletes q/k/v rows (or the fused qkv rows) of that head and the
 output projection's columns, and every view/expand constant holding a head count is rewritten.
 """
 
@@ -25,7 +27,7 @@ class Heads(UnitSelection):
     Args:
         ratio: fraction of each attention layer's heads removed, in [0, 1); or an ``int``: that
             many heads removed from every attention layer. Under grouped-query attention the
-            unit is a key/value head with its query heads.
+            unit is a key/value head with its query heads (one broadcast KV head: a query head).
         min_heads: never keep fewer heads (units) than this in a layer.
     """
 

@@ -1,0 +1,190 @@
+"""Attention heads of Falcon's fused layouts and of Bloom's ALiBi attention (issue #22 §2-3):
+each on a tiny random config, proved exact on the graph and, where its forward allows, on the
+user's class; what cannot be the user's class is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+from tests.conftest import assert_equivalent
+
+transformers = pytest.importorskip("transformers")
+
+
+def _nontrivial(model):
+    """Random biases and norm gains, so a leaked or dropped one changes the output."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def _falcon(**kw):
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kw
+    )
+    return _nontrivial(transformers.FalconForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+
+
+def _bloom():
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
+    return _nontrivial(transformers.BloomForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+
+
+def _kept_rows(res, layer):
+    return next(
+        torch.tensor(kept) for name, kept in res.plan.passes[0]["kept"].items() if layer in name
+    )
+
+
+# layout -> (config, units before -> after per layer, query heads and KV heads kept, the fused
+# projection's kept rows as blocks of 16 (head_dim))
+FALCON = {
+    # view(B, S, kv groups, q per group + 2, D): a unit is a KV group with its query heads
+    "grouped": (dict(new_decoder_architecture=True, num_kv_heads=2), (2, 1), (2, 1), 4),
+    # view(B, S, heads + 2, D), the last two the one key and value head every query shares:
+    # the query heads are the units, the key / value rows stay
+    "multi_query": ({}, (4, 2), (2, 1), 1),
+    # view(B, S, heads, 3, D): q, k and v of each head side by side
+    "per_head": (dict(multi_query=False), (4, 2), (2, 2), 3),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(FALCON))
+def test_falcon_heads_are_exact_in_each_fused_layout(layout, tmp_path):
+    """Falcon's fused ``query_key_value`` split three ways read as three varying dims and the
+    key slot indexed by ``[-2]`` coupled every head into one: no heads were found. The head is
+    now the split dim the forward does not take apart by position; a multi-query layout's one
+    key / value head is shared and kept. Exact on the graph and on FalconForCausalLM (its
+    ``num_heads`` / ``num_kv_heads`` follow), a new batch and length run, and save_pretrained
+    is refused by name (FalconConfig derives head_dim from hidden_size / heads)."""
+    kw, units, (n_q, n_kv), block = FALCON[layout]
+    model, ids = _falcon(**kw)
+    res, _ = assert_equivalent(
+        model, ids, channels=0.0, heads=0.5, ffn=0.25, tree=True, uniform=True
+    )
+    heads = res.passes[0]
+    assert heads.name == "heads" and {tuple(u) for u in heads.units.values()} == {units}
+    attn = res.model.transformer.h[0].self_attention
+    assert (attn.num_heads, attn.num_kv_heads) == (n_q, n_kv)
+    assert attn.query_key_value.out_features == (n_q + 2 * n_kv) * 16
+    assert attn.dense.in_features == n_q * 16
+    rows = _kept_rows(res, "h.0.self_attention.query_key_value")
+    assert (rows.view(-1, 16 * block) % (16 * block) == torch.arange(16 * block)).all()  # whole
+    if layout == "multi_query":
+        assert rows[-32:].tolist() == list(range(64, 96))  # the shared key and value rows stay
+    new = torch.randint(0, 100, (3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(new).logits, res.module(new)["logits"])
+    heads_only = fxprune.compile(model, ids, channels=0.0, heads=0.5, uniform=True)
+    with pytest.raises(fxprune.errors.ConfigError, match="derives the head size"):
+        heads_only.save_pretrained(tmp_path / "out")
+
+
+def test_falcon_alibi_heads_are_exact_on_the_graph_and_refused_on_its_class():
+    """Falcon with ``alibi=True`` adds per-head slopes built from the head count in forward:
+    the graph gives each kept head its own slope (exact); FalconForCausalLM would rebuild the
+    slopes for the smaller count, so ``result.model`` is the graph module and says why."""
+    model, ids = _falcon(new_decoder_architecture=True, num_kv_heads=2, alibi=True)
+    res, _ = assert_equivalent(model, ids, channels=0.0, heads=0.5, uniform=True)
+    assert not res.materialized and "per-head constant" in res.model_note
+    assert "ALiBi" in res.model_note
+
+
+def _alibi_heads(res) -> list[list[int]]:
+    """The head positions each layer's ALiBi bias is indexed with in the pruned graph."""
+    return [b.tolist() for n, b in sorted(res.module.named_buffers()) if "_fxprune_heads_" in n]
+
+
+def test_bloom_heads_keep_their_alibi_slopes():
+    """Bloom's fused ``query_key_value`` is viewed ``(heads, 3, head_dim)``; its ALiBi bias is
+    added by ``baddbmm`` over ``batch x heads`` and its slopes are computed from the head count
+    in forward. The graph indexes the bias with the kept heads in every batch, so each kept head
+    keeps its own slope: exact, also on a new batch and length. BloomForCausalLM rebuilds the
+    slopes from n_head (``_get_alibi_slopes(2)`` are the slopes of heads 1 and 3 of 4), so
+    ``result.model`` is the graph module, and the note says why."""
+    model, ids = _bloom()
+    res, _ = assert_equivalent(
+        model, ids, channels=0.0, heads=0.5, ffn=0.25, uniform=True, importance="l1"
+    )
+    kept = [
+        sorted({int(r) // 48 for r in _kept_rows(res, f"h.{i}.self_attention.query_key_value")})
+        for i in range(2)
+    ]
+    assert _alibi_heads(res) == kept and kept != [[1, 3], [1, 3]]
+    assert not res.materialized and "per-head constant the forward builds" in res.model_note
+    with torch.no_grad():
+        out = res.module(torch.randint(0, 100, (3, 5)))
+    assert out["logits"].shape == (3, 5, 100)
+
+
+def test_bloom_module_tree_is_exact_when_the_kept_heads_have_the_smaller_counts_slopes(tmp_path):
+    """ALiBi slopes of H heads are ``2^(-8 i / H)``: those of 2 heads are the slopes of heads 1
+    and 3 of 4. Keeping exactly those, BloomForCausalLM (its ``num_heads`` follows the config)
+    rebuilds the slopes the kept heads had and is exact; save_pretrained is refused by name
+    (BloomConfig derives head_dim from hidden_size / n_head)."""
+    model, ids = _bloom()
+    with torch.no_grad():  # heads 0 and 2 the weakest in every layer
+        for block in model.transformer.h:
+            for h in (0, 2):
+                block.self_attention.query_key_value.weight[h * 48 : (h + 1) * 48] *= 0.01
+    res, _ = assert_equivalent(
+        model, ids, channels=0.0, heads=0.5, tree=True, uniform=True, importance="l1"
+    )
+    assert _alibi_heads(res) == [[1, 3], [1, 3]]
+    assert res.model.transformer.num_heads == 2 and res.model.config.n_head == 2
+    with pytest.raises(fxprune.errors.ConfigError, match="derives the head size"):
+        res.save_pretrained(tmp_path / "out")
+
+
+class _BatchHeadsBias(torch.nn.Module):
+    """Bloom-like: scores ``bias.baddbmm(q, k^T)`` over ``batch * heads``, the per-head bias
+    built in forward from the head count (``heads_major``: laid out ``heads * batch``)."""
+
+    def __init__(self, d=32, h=4, heads_major=False):
+        super().__init__()
+        self.h, self.heads_major = h, heads_major
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        hd = d // self.h
+        qkv = self.qkv(x).view(b, n, 3, self.h, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        slopes = torch.arange(1, self.h + 1, dtype=x.dtype).view(1, self.h, 1, 1) * 0.5
+        bias = (slopes * torch.arange(n, dtype=x.dtype).view(1, 1, 1, n)).expand(b, -1, -1, -1)
+        if self.heads_major:
+            q, k, v, bias = (t.transpose(0, 1) for t in (q, k, v, bias))
+        q, k, v = (t.reshape(b * self.h, n, hd) for t in (q, k, v))
+        scores = bias.reshape(b * self.h, 1, n).baddbmm(q, k.transpose(1, 2), alpha=0.25)
+        y = torch.bmm(scores.softmax(-1), v)
+        if self.heads_major:
+            y = y.view(self.h, b, n, hd).transpose(0, 1)
+        else:
+            y = y.view(b, self.h, n, hd)
+        return self.o(y.transpose(1, 2).reshape(b, n, d)) + x
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_a_batch_heads_bias_keeps_each_heads_slice(mode):
+    """Heads 0 and 1 the weakest: heads 2 and 3 stay with their own slopes (1.5 and 2), in
+    every batch of the merged ``batch * heads`` dim (the proof runs batch + 1 too); a bias laid
+    out ``heads * batch`` cannot be indexed that way and keeps its heads, naming the op."""
+    torch.manual_seed(0)
+    m, x = _BatchHeadsBias().eval(), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        for t in range(3):
+            m.qkv.weight[t * 32 : t * 32 + 16] *= 0.01
+    res = fxprune.compile(m, x, heads=0.5, mode=mode, importance="l1")
+    assert res.module.get_parameter("qkv.weight").shape == (48, 32)
+    assert _alibi_heads(res) == [[2, 3]]
+    assert fxprune.verify.equivalence(m, res, x).ok
+    major = _BatchHeadsBias(heads_major=True).eval()
+    with pytest.raises(fxprune.errors.ConfigError, match="not batch-major"):
+        fxprune.compile(major, x, heads=0.5, mode=mode)
