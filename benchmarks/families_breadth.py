@@ -21,8 +21,7 @@ EfficientFormerV2 (1 x 1 conv MLPs) ``heads=0.5, channels=0.25``. A typed refusa
   ``prune_num_heads=True, head_pruning_ratio=0.5``, and the output head plus every layer writing
   the residual width ignored (the hidden size is kept, as fxprune keeps it); CNNs
   ``pruning_ratio=0.5`` with the classifier ignored. torch-pruning proves nothing: its outcome
-  is whether it ran and whether the pruned model then runs on the example and on another batch
-  (and sequence length).
+  is whether it ran and whether the pruned model then runs on another batch / length too.
 
 Each family runs in its own process (both tools, each under ``--timeout`` seconds, default
 120, via SIGALRM). The command of the published table, and a subset:
@@ -39,6 +38,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -46,8 +46,7 @@ import time
 import traceback
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # this checkout's fxprune and tests, also in the child processes
 
 TRANSFORMER = dict(heads=0.5, ffn=0.25, channels=0.0, uniform=True)
 CNN = dict(channels=0.5)
@@ -58,24 +57,20 @@ ENC = {k: v for k, v in LM.items() if k != "num_key_value_heads"}
 MOE = dict(LM, intermediate_size=96, num_experts_per_tok=2)
 
 
-def lm(**kw):
-    return {**LM, **kw}
-
-
 # name: (kind, config class, model class, config kwargs). kind: "lm" (token ids, causal LM),
 # "enc" (token ids, sequence classifier), "s2s" (ids, mask, decoder ids), "img" (32 x 32 images)
 HF = {
     "llama": ("lm", "LlamaConfig", "LlamaForCausalLM", LM),
     "mistral": ("lm", "MistralConfig", "MistralForCausalLM", LM),
     "qwen2": ("lm", "Qwen2Config", "Qwen2ForCausalLM", LM),
-    "qwen3": ("lm", "Qwen3Config", "Qwen3ForCausalLM", lm(head_dim=16)),
-    "gemma": ("lm", "GemmaConfig", "GemmaForCausalLM", lm(head_dim=16)),
-    "gemma2": ("lm", "Gemma2Config", "Gemma2ForCausalLM", lm(head_dim=16)),
-    "gemma3": ("lm", "Gemma3TextConfig", "Gemma3ForCausalLM", lm(head_dim=16)),
+    "qwen3": ("lm", "Qwen3Config", "Qwen3ForCausalLM", dict(LM, head_dim=16)),
+    "gemma": ("lm", "GemmaConfig", "GemmaForCausalLM", dict(LM, head_dim=16)),
+    "gemma2": ("lm", "Gemma2Config", "Gemma2ForCausalLM", dict(LM, head_dim=16)),
+    "gemma3": ("lm", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(LM, head_dim=16)),
     "phi": ("lm", "PhiConfig", "PhiForCausalLM", LM),
-    "phi3": ("lm", "Phi3Config", "Phi3ForCausalLM", lm(pad_token_id=0)),
+    "phi3": ("lm", "Phi3Config", "Phi3ForCausalLM", dict(LM, pad_token_id=0)),
     "stablelm": ("lm", "StableLmConfig", "StableLmForCausalLM", LM),
-    "gpt_neox": ("lm", "GPTNeoXConfig", "GPTNeoXForCausalLM", lm(num_key_value_heads=None)),
+    "gpt_neox": ("lm", "GPTNeoXConfig", "GPTNeoXForCausalLM", ENC),  # no GQA
     "gpt2": ("lm", "GPT2Config", "GPT2LMHeadModel", dict(vocab_size=100, n_embd=64, n_layer=2,
                                                          n_head=4, n_positions=64)),
     "gptj": ("lm", "GPTJConfig", "GPTJForCausalLM", dict(vocab_size=100, n_embd=64, n_layer=2,
@@ -109,17 +104,19 @@ HF = {
         attention_types=[[["global", "local"], 1]], max_position_embeddings=64)),
     "starcoder2": ("lm", "Starcoder2Config", "Starcoder2ForCausalLM", LM),
     "nemotron": ("lm", "NemotronConfig", "NemotronForCausalLM", LM),
-    "glm4": ("lm", "Glm4Config", "Glm4ForCausalLM", lm(head_dim=16, pad_token_id=0)),
-    "smollm3": ("lm", "SmolLM3Config", "SmolLM3ForCausalLM", lm(pad_token_id=0, bos_token_id=1,
-                                                                      eos_token_id=2)),
-    "ernie4_5": ("lm", "Ernie4_5Config", "Ernie4_5ForCausalLM", lm(head_dim=16)),
-    "granitemoe": ("lm", "GraniteMoeConfig", "GraniteMoeForCausalLM", dict(MOE, num_local_experts=4)),
+    "glm4": ("lm", "Glm4Config", "Glm4ForCausalLM", dict(LM, head_dim=16, pad_token_id=0)),
+    "smollm3": ("lm", "SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        LM, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "ernie4_5": ("lm", "Ernie4_5Config", "Ernie4_5ForCausalLM", dict(LM, head_dim=16)),
+    "granitemoe": ("lm", "GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        MOE, num_local_experts=4)),
     "deepseek_v3": ("lm", "DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         MOE, moe_intermediate_size=48, n_routed_experts=4, n_shared_experts=1, n_group=1,
         topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
     "gpt_oss": ("lm", "GptOssConfig", "GptOssForCausalLM", dict(
-        MOE, num_local_experts=4, head_dim=16, layer_types=["sliding_attention", "full_attention"])),
+        MOE, num_local_experts=4, head_dim=16,
+        layer_types=["sliding_attention", "full_attention"])),
     # encoders and seq2seq
     "bert": ("enc", "BertConfig", "BertForSequenceClassification", ENC),
     "roberta": ("enc", "RobertaConfig", "RobertaForSequenceClassification", ENC),
@@ -178,10 +175,9 @@ def nontrivial(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            is_norm = "norm" in type(m).__name__.lower()
             for pname, p in m.named_parameters(recurse=False):
-                if p.ndim == 1:
-                    gain = 1.0 if is_norm and pname == "weight" else 0.0
+                if p.ndim == 1:  # norm gains around 1, biases and the rest around 0
+                    gain = float(pname == "weight" and "norm" in type(m).__name__.lower())
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1 + gain)
     return model.eval()
 
@@ -223,7 +219,6 @@ def build(name: str):
         cfg_cls, cls = getattr(transformers, cfg_name, None), getattr(transformers, cls_name, None)
         if cfg_cls is None or cls is None:
             raise NotInstalled(f"not in this transformers ({transformers.__version__})")
-        kw = {k: v for k, v in kw.items() if v is not None}
         cfg = cfg_cls(**kw, **({"num_labels": 3} if kind == "enc" else {}))
         if hasattr(cfg, "use_cache"):
             cfg.use_cache = False
@@ -270,15 +265,14 @@ def with_limit(seconds: int, fn, *args):
 
 
 def short(e: BaseException, n: int = 80) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:n]}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
 
 
 def tail(limit: int = 6) -> str:
     return "".join(traceback.format_exc().strip().splitlines(keepends=True)[-limit:])
 
 
-def run_fxprune(model, x, kind: str) -> dict:
+def run_fxprune(model, x, kind: str, size: int) -> dict:
     import fxprune
     from fxprune.errors import FxPruneError
 
@@ -293,18 +287,22 @@ def run_fxprune(model, x, kind: str) -> dict:
                 res = fxprune.compile(model, x, **request)
                 break
             except FxPruneError as e:
-                if "uniform=True:" in str(e) and request.get("uniform"):
-                    request["uniform"], change = False, "uniform=False"
-                elif "allow_approximate" in str(e) and not request.get("allow_approximate"):
-                    request["allow_approximate"], change = True, "allow_approximate=True"
+                msg = " ".join(str(e).split())
+                if "uniform=True:" in msg and request.get("uniform"):
+                    request["uniform"] = False
+                    counts = re.search(r"different counts \((.*?)\);", msg)
+                    retries.append(f"uniform=False (uniform=True: {counts and counts[1]})")
+                elif "allow_approximate" in msg and not request.get("allow_approximate"):
+                    request["allow_approximate"] = True
+                    where = re.search(r" in ([\w.]+ \(\w+\)): inexact", msg)
+                    retries.append(f"allow_approximate=True ({where and where[1]} inexact)")
                 else:
                     raise
-                row.setdefault("refusals", []).append(short(e, 300))
-                retries.append(f"{change} (refused: {short(e, 70)})")
+                row.setdefault("refusals", []).append(short(e, 400))
                 row["request"] = dict(request)
         row["compile_s"] = time.perf_counter() - t0
-        row["params_after"] = res.summary.params_after
-        row["params_before"] = res.summary.params_before
+        row["params_after"] = n_params(res.model)  # unique tensors: a tied lm_head once
+        row["summary_params"] = [res.summary.params_before, res.summary.params_after]
         row["users_class"] = type(res.model) is type(model)
         row["model_note"] = res.model_note
         rep = fxprune.verify.equivalence(model, res, x)
@@ -330,7 +328,7 @@ def run_fxprune(model, x, kind: str) -> dict:
     except Timeout:
         row["outcome"] = "timeout"
     except FxPruneError as e:
-        after = ", ".join(r.split(" (")[0] for r in retries)
+        after = ", ".join(r.split(" (")[0] for r in retries)  # the retries made
         row["outcome"] = f"refused: {short(e)}" + (f" (with {after})" if after else "")
         row["error"] = short(e, 400)
     except Exception as e:  # noqa: BLE001 - an untyped error is the finding
@@ -419,7 +417,8 @@ def run_tp(model, x, kind: str, size: int) -> dict:
             kw.update(num_heads=heads, prune_num_heads=True, prune_head_dims=False,
                       head_pruning_ratio=0.5)  # fmt: skip
     row: dict = {"request": {k: v for k, v in kw.items() if k != "num_heads"},
-                 "heads_named": len(kw.get("num_heads", {})), "params_before": n_params(model)}  # fmt: skip
+                 "heads_named": len(kw.get("num_heads", {})),
+                 "params_before": n_params(model)}  # fmt: skip
     t0 = time.perf_counter()
     try:
         pruner = tp.pruner.MetaPruner(
@@ -467,11 +466,8 @@ def row(name: str, tools=("fxprune", "torch-pruning"), timeout: int = 120, emit=
             out["build_error"] = short(e, 200)
             break
         out["kind"] = kind
-        if tool == "fxprune":
-            res = with_limit(timeout, run_fxprune, model, x, kind)
-        else:
-            res = with_limit(timeout, run_tp, model, x, kind, size)
-        out[tool] = res
+        run = run_fxprune if tool == "fxprune" else run_tp
+        out[tool] = res = with_limit(timeout, run, model, x, kind, size)
         if emit:
             emit(tool, res)
     return out
@@ -479,7 +475,10 @@ def row(name: str, tools=("fxprune", "torch-pruning"), timeout: int = 120, emit=
 
 def child(name: str, timeout: int) -> None:
     """Print each tool's result, then the row's other fields, one JSON line each."""
-    emit = lambda tool, res: print("@@" + json.dumps({tool: res}, default=str), flush=True)  # noqa: E731
+
+    def emit(tool, res):
+        print("@@" + json.dumps({tool: res}, default=str), flush=True)
+
     got = row(name, timeout=timeout, emit=emit)
     emit("row", {k: v for k, v in got.items() if k not in ("fxprune", "torch-pruning")})
 
@@ -562,9 +561,11 @@ def header(timeout: int) -> str:
         f"{datetime.date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cpus, "
         f"torch {v('torch')}, transformers {v('transformers')}, timm {v('timm')}, torch-pruning "
         f"{v('torch-pruning')}; limit {timeout} s per tool. "
-        "fxprune: heads=0.5, ffn=0.25, channels=0, uniform=True (CNNs channels=0.5), proved on "
-        "the graph and on result.model. torch-pruning: MetaPruner, MagnitudeImportance(p=1), "
-        "pruning_ratio 0.25 (CNNs 0.5), num_heads + prune_num_heads (head ratio 0.5) where it "
+        "fxprune: heads=0.5, ffn=0.25, channels=0, uniform=True (CNNs channels=0.5, "
+        "EfficientFormerV2 heads=0.5, channels=0.25), proved on the graph and on result.model; "
+        "a refusal naming uniform=True / allow_approximate retried without / with it. Params: "
+        "unique tensors (a tied lm_head once). torch-pruning: MetaPruner, MagnitudeImportance(p=1)"
+        ", pruning_ratio 0.25 (CNNs 0.5), num_heads + prune_num_heads (head ratio 0.5) where it "
         "can name q/k/v, output head and residual stream ignored; it proves nothing: 'runs' "
         "means the pruned model ran on the example and on another batch / length."
     )
@@ -590,7 +591,6 @@ def main(argv=None) -> None:
               file=sys.stderr, flush=True)  # fmt: skip
     print(f"{header(a.timeout)}\n\n{markdown(rows)}\n\n{summary(rows)}")
     if a.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
         with open(a.json_out, "w") as f:
             json.dump({"header": header(a.timeout), "rows": rows}, f, indent=1, default=str)
 
