@@ -143,18 +143,25 @@ def test_olmo2_heads_are_refused_naming_its_norm_and_pruned_approximately_on_req
         res.model(torch.randint(0, 100, (3, 5)))
 
 
-def test_falcon_linear_written_as_matmul_is_a_layer():
+def test_falcon_linear_written_as_matmul_is_a_layer(tmp_path):
     """FalconLinear computes ``x @ self.weight.T``: captured as a matmul with a transposed
     parameter, it was no layer at all (no FFN group, every channel kept); the capture rewrites it
-    into the Linear it is, so ``ffn`` is exact on the graph and on the user's class."""
+    into the Linear it is, so ``ffn`` is exact on the graph and on the user's class, and
+    FalconConfig's ``ffn_hidden_size`` follows, so save_pretrained reloads equal."""
     model, ids = _causal(
         transformers.FalconConfig, transformers.FalconForCausalLM, vocab_size=100, hidden_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
     )  # fmt: skip
     res, _ = assert_equivalent(model, ids, channels=0.0, ffn=0.25, tree=True)
     assert res.model.transformer.h[0].mlp.dense_h_to_4h.out_features == 192
+    new = torch.randint(0, 100, (3, 5))
     with torch.no_grad():
-        res.model(torch.randint(0, 100, (3, 5)))
+        res.model(new)
+    res.save_pretrained(tmp_path / "out")
+    back = transformers.FalconForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.ffn_hidden_size == 192
+    with torch.no_grad():
+        torch.testing.assert_close(back(new).logits, res.model(new).logits)
 
 
 def _llama_24_of_32():
