@@ -6,9 +6,9 @@ models at small depth / image size), every 1-D parameter (biases, norm gains) se
 non-trivial values so a leaked or dropped one changes the output. Nothing is downloaded.
 
 The request: transformers ``heads=0.5, ffn=0.25, channels=0.0, uniform=True`` (one key/value
-group of two removed per layer, a quarter of the MLP / expert neurons); CNNs ``channels=0.5``;
-EfficientFormerV2 (1 x 1 conv MLPs) ``heads=0.5, channels=0.25``. A typed refusal that names
-``uniform=True`` or ``allow_approximate`` is retried without / with it, and the outcome says so.
+group of two removed per layer, a quarter of the MLP / expert neurons); CNNs ``channels=0.5``.
+A typed refusal that names ``uniform=True`` or ``allow_approximate`` is retried without / with
+it, and the outcome says so.
 
 - fxprune: ``fxprune.compile`` then ``fxprune.verify.equivalence`` on the graph module and, when
   ``result.model`` is the user's class rebuilt, on it too (``target="model"``). Outcomes:
@@ -152,10 +152,9 @@ HF = {
         num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
 }  # fmt: skip
 
-# timm: name -> (model name, create kwargs, image size, kind); "hybrid": attention and conv
-# MLPs (1 x 1 convs, no Linear FFN), so channels=0.25 stands in for ffn=0.25
+# timm: name -> (model name, create kwargs, image size, kind)
 TIMM = {
-    "efficientformerv2_s0": ("efficientformerv2_s0", {}, 224, "hybrid"),
+    "efficientformerv2_s0": ("efficientformerv2_s0", {}, 224, "img"),
     "vit_pe_core_tiny": ("vit_pe_core_tiny_patch16_384", {"depth": 2, "img_size": 64}, 64, "img"),
     "eva02_tiny": ("eva02_tiny_patch14_224", {"depth": 2, "img_size": 56}, 56, "img"),
     "levit_128s": ("levit_128s", {}, 224, "img"),
@@ -187,7 +186,7 @@ def inputs(kind: str, batch: int, seq: int, size: int = 32, seed: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    if kind in ("img", "cnn", "hybrid"):
+    if kind in ("img", "cnn"):
         return torch.randn(batch, 3, size, size, generator=g)
     ids = torch.randint(3, 100, (batch, seq), generator=g)  # 0-2: pad / special tokens
     if kind == "s2s":
@@ -277,8 +276,6 @@ def run_fxprune(model, x, kind: str, size: int) -> dict:
     from fxprune.errors import FxPruneError
 
     request = dict(CNN if kind == "cnn" else TRANSFORMER)
-    if kind == "hybrid":
-        request.update(ffn=0.0, channels=0.25)
     row: dict = {"request": dict(request), "params_before": n_params(model)}
     t0, retries = time.perf_counter(), []
     try:
@@ -561,8 +558,8 @@ def header(timeout: int) -> str:
         f"{datetime.date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cpus, "
         f"torch {v('torch')}, transformers {v('transformers')}, timm {v('timm')}, torch-pruning "
         f"{v('torch-pruning')}; limit {timeout} s per tool. "
-        "fxprune: heads=0.5, ffn=0.25, channels=0, uniform=True (CNNs channels=0.5, "
-        "EfficientFormerV2 heads=0.5, channels=0.25), proved on the graph and on result.model; "
+        "fxprune: heads=0.5, ffn=0.25, channels=0, uniform=True (CNNs channels=0.5), proved on "
+        "the graph and on result.model; "
         "a refusal naming uniform=True / allow_approximate retried without / with it. Params: "
         "unique tensors (a tied lm_head once). torch-pruning: MetaPruner, MagnitudeImportance(p=1)"
         ", pruning_ratio 0.25 (CNNs 0.5), num_heads + prune_num_heads (head ratio 0.5) where it "
