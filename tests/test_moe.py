@@ -171,6 +171,8 @@ def test_experts_refusals_name_the_problem():
     for bad in (True, 1.5, -1):
         with pytest.raises(ConfigError, match="experts="):
             fxprune.compile(model, _ids(2, 8), experts=bad)
+    with pytest.raises(NothingToPruneError, match="removes no expert .* at least 0.25"):
+        fxprune.compile(model, _ids(2, 8), experts=0.1)
     with pytest.raises(ConfigError, match="expert_importance"):
         fxprune.compile(model, _ids(2, 8), experts=1, expert_importance="l1")
     dense = T.LlamaForCausalLM(T.LlamaConfig(**SMALL, intermediate_size=96)).eval()

@@ -252,7 +252,11 @@ def prune_experts(graph: DependencyGraph, cfg: Experts, args: tuple) -> PassResu
     removed, scores = _choose(cfg, layers, gm, batches)
     removed = {p: v for p, v in removed.items() if v}
     if not removed:
-        return ExpertsResult("experts", changed=False)
+        n = min(m.n for m in layers)
+        raise NothingToPruneError(
+            f"experts={cfg.which!r} removes no expert (layers of {n} experts round it to 0): "
+            f"give at least {1 / n:.3g} or an expert count per layer"
+        )
     before = frozen_copy(gm)
     keeps, unrouted = {}, {}
     for m in layers:
