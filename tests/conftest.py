@@ -9,6 +9,17 @@ import torch.nn as nn
 import fxprune
 
 
+def nontrivial(model: nn.Module) -> nn.Module:
+    """Random biases and norm gains (a transformer's 1-D parameters), so a leaked or dropped one
+    changes the output; returns ``model`` in eval mode."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give norms realistic statistics and near-zero weights (heads, layer scales) real values.
 

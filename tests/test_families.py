@@ -7,25 +7,15 @@ import pytest
 import torch
 
 import fxprune
-from tests.conftest import assert_equivalent
+from tests.conftest import assert_equivalent, nontrivial
 
 transformers = pytest.importorskip("transformers")
-
-
-def _nontrivial(model):
-    """Random biases and norm gains, so a leaked or dropped one changes the output."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model.eval()
 
 
 def bloom():
     torch.manual_seed(0)
     cfg = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
-    return _nontrivial(transformers.BloomForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+    return nontrivial(transformers.BloomForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
 
 
 def test_bloom_ffn_is_exact():
@@ -41,7 +31,7 @@ def test_bloom_ffn_is_exact():
 
 def _causal(cfg_cls, model_cls, **kw):
     torch.manual_seed(0)
-    return _nontrivial(model_cls(cfg_cls(**kw))), torch.randint(0, 100, (2, 8))
+    return nontrivial(model_cls(cfg_cls(**kw))), torch.randint(0, 100, (2, 8))
 
 
 HEAD_LAYOUTS = {
@@ -172,7 +162,7 @@ def _llama_24_of_32():
         vocab_size=100, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, head_dim=16,
     )  # fmt: skip
-    return _nontrivial(transformers.LlamaForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+    return nontrivial(transformers.LlamaForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
 
 
 def test_a_head_count_the_config_refuses_is_known_at_compile_time(tmp_path):
@@ -199,7 +189,7 @@ def test_a_head_count_the_config_refuses_is_known_at_compile_time(tmp_path):
     with pytest.raises(fxprune.errors.ConfigError, match="needs heads=, uniform=True"):
         fxprune.compile(model, ids, ffn=0.25, heads_round="config")
     cfg = transformers.MistralConfig(**{**model.config.to_dict(), "model_type": "mistral"})
-    mistral = _nontrivial(transformers.MistralForCausalLM(cfg))
+    mistral = nontrivial(transformers.MistralForCausalLM(cfg))
     got = fxprune.compile(mistral, ids, heads=0.25, uniform=True)
     assert got.model.config.num_attention_heads == 6
 
@@ -210,7 +200,7 @@ def _t5(cls):
         vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4,
     )  # fmt: skip
-    return _nontrivial(cls(cfg))
+    return nontrivial(cls(cfg))
 
 
 def test_t5_relative_position_bias_moves_with_its_heads(tmp_path):
@@ -271,12 +261,12 @@ def test_deberta_v2_and_hf_swin_heads_are_exact():
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64,
     )  # fmt: skip
-    deberta = _nontrivial(transformers.DebertaV2Model(cfg))
+    deberta = nontrivial(transformers.DebertaV2Model(cfg))
     assert_equivalent(deberta, torch.randint(0, 100, (2, 8)), channels=0.0, heads=0.5, tree=True)
     cfg = transformers.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4
     )
-    swin = _nontrivial(transformers.SwinModel(cfg))
+    swin = nontrivial(transformers.SwinModel(cfg))
     res, _ = assert_equivalent(swin, torch.randn(1, 3, 32, 32), channels=0.0, heads=0.5, tree=True)
     tables = {
         k: tuple(v.shape)

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 import fxprune
-from tests.conftest import assert_equivalent
+from tests.conftest import assert_equivalent, nontrivial
 
 transformers = pytest.importorskip("transformers")
-
-
-def _nontrivial(model):
-    """Random biases and norm gains, so a leaked or dropped one changes the output."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model.eval()
 
 
 def _falcon(**kw):
@@ -28,13 +18,13 @@ def _falcon(**kw):
     cfg = transformers.FalconConfig(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kw
     )
-    return _nontrivial(transformers.FalconForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+    return nontrivial(transformers.FalconForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
 
 
 def _bloom():
     torch.manual_seed(0)
     cfg = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)
-    return _nontrivial(transformers.BloomForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
+    return nontrivial(transformers.BloomForCausalLM(cfg)), torch.randint(0, 100, (2, 8))
 
 
 def _kept_rows(res, layer):
