@@ -165,8 +165,10 @@ def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
     size of its own (BloomModel's ``num_heads``, from which its forward builds the ALiBi slopes)
     takes the pruned count the config now holds; the agreement check judges the result."""
     attr = next((a for a in HF_HEADS if hasattr(cfg, a)), None)
+    if attr is None:  # a config without a head count (ConvNeXt)
+        return
     before, after = getattr(cfg, attr, None), getattr(new_cfg, attr, None)
-    if attr is None or before == after:
+    if before == after:
         return
     for m in tree.modules():
         if any(hasattr(m, a) for a in (*HEAD_DIM, *Q_PROJ, *QKV_PROJ)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxprune
-from tests.conftest import assert_equivalent, nontrivial
+from tests.conftest import assert_equivalent, nontrivial, randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -274,3 +274,12 @@ def test_deberta_v2_and_hf_swin_heads_are_exact():
         if k.endswith("relative_position_bias_table")
     }
     assert sorted(s[1] for s in tables.values()) == [1, 2]  # 2 -> 1 and 4 -> 2 head columns
+
+
+def test_a_hugging_face_config_without_a_head_count_materializes():
+    """HF ConvNeXt's config has no num_attention_heads: the head-count follower once raised an
+    untyped TypeError (getattr(cfg, None)) on every prune of it (found by the breadth table)."""
+    torch.manual_seed(0)
+    cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])
+    model = randomize(transformers.ConvNextForImageClassification(cfg)).eval()
+    assert_equivalent(model, torch.randn(2, 3, 64, 64), channels=0.5, tree=True)
