@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fxprune.errors import ConfigError
+from fxprune.errors import ConfigError, NothingToPruneError
 from fxprune.graph.depgraph import DependencyGraph, Group
 from fxprune.layer_timing import LayerShape, layer_shape, resolve_timer, time_layer
 from fxprune.passes import PassResult, register_pass
@@ -218,10 +218,23 @@ def prune_aligned(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassRes
     if cfg.round_to != "auto" or cfg.kept is not None:
         return prune_units(graph, cfg, args)
     run = priced(cfg, graph)
-    res = prune_units(graph, run, args)
     table = run.pricer.table
+    by_id = {grp.id: grp for grp in graph.groups}
+    try:
+        res = prune_units(graph, run, args)
+    except NothingToPruneError as e:
+        if not table:
+            raise
+        timed = "; ".join(
+            f"{group_name(graph, by_id[gid])}: " + ", ".join(f"{c} ch {ms} ms" for c, ms in t["ms"].items())
+            for gid, t in table.items()
+        )
+        raise NothingToPruneError(
+            f"{e}. round_to='auto' timed every group fastest at its full width on "
+            f"{cfg.round_backend} ({timed}): on this machine pruning them would not run faster; "
+            "a fixed round_to (e.g. 8) prunes regardless"
+        ) from e
     if res.changed and table:
-        by_id = {grp.id: grp for grp in graph.groups}
         res.plan["round_auto"] = {
             "backend": cfg.round_backend,
             "groups": {group_name(graph, by_id[gid]): t for gid, t in table.items()},
