@@ -17,7 +17,7 @@ from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import as_args, retarget
 from fxprune.hf import pruned_config
 from fxprune.importance import Criterion
-from fxprune.materialize import check_uniform, module_tree
+from fxprune.materialize import module_tree
 from fxprune.models import default_example
 from fxprune.modelstate import (
     check_hooks,
@@ -33,6 +33,7 @@ from fxprune.passes.heads import Heads
 from fxprune.plan import CompileResult, Plan, Summary, inputs_spec
 from fxprune.recipe import Recipe, check_recipe, with_runtime
 from fxprune.stats import layer_stats
+from fxprune.uniform import check_uniform, uniform_scope
 
 
 def run(
@@ -68,6 +69,10 @@ def run(
     refused = train_refused(work, args, traced, leaf_modules, dynamic)
     gm = traced.gm
     before = layer_stats(gm)
+    if config.get("uniform"):  # a config counts the repeated layers: the rest stays whole
+        passes, whole = uniform_scope(work, passes)
+        if whole:
+            config = {**config, "uniform_kept_whole": list(whole)}
     graph, results = run_passes(gm, passes, args, allow_approximate=allow_approximate)
     check_masks_disjoint(results)
     barriers = graph.barrier_report()
@@ -253,7 +258,9 @@ def compile(  # noqa: A001 - the public name the project promises
             which stayed free (``plan.config["dynamic_shapes"]``) and replay uses the same.
         uniform: every attention layer keeps the same number of heads (and KV heads), every
             MLP the same width, as a Hugging Face config can hold (``save_pretrained``); the
-            units each layer loses are still chosen by importance in that layer. Refuses
+            units each layer loses are still chosen by importance in that layer. Linears outside
+            the repeated stacks (BERT's pooler, a classifier's ``dense``, an attention pool) have
+            no config field and stay whole (``plan.config["uniform_kept_whole"]``). Refuses
             options that set counts per layer and fails, before touching anything, when the
             counts come out unequal, or when the Hugging Face config class would refuse the
             head count (LlamaConfig: hidden_size a multiple of the heads), naming the counts it

@@ -51,7 +51,7 @@ TOKENIZER_FILES = (
 LAYERS = ("num_hidden_layers", "n_layer")
 HEADS = ("num_attention_heads", "n_head")
 KV_HEADS = ("num_key_value_heads", "num_kv_heads")
-FFN = ("intermediate_size", "n_inner", "ffn_hidden_size")  # the last: Falcon
+FFN = ("intermediate_size", "n_inner", "ffn_hidden_size", "hidden_dim")  # Falcon, DistilBERT
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 # The FFN widths a config holds, by the role of the layer that the ffn pass shrank (first match
 # of a name part): a mixture-of-experts block's shared expert (Qwen2-MoE), its routed experts

@@ -27,11 +27,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from fxprune.errors import ConfigError, FxPruneError, PassError
+from fxprune.errors import FxPruneError, PassError
 from fxprune.graph.attention import head_constants
 from fxprune.graph.capture import without_cache
 from fxprune.hf import HEADS as HF_HEADS
-from fxprune.hf import ffn_role
 from fxprune.layer_fixes import (
     HEAD_DIM,
     HEADS,
@@ -47,6 +46,7 @@ from fxprune.layer_fixes import (
     module_fix,
     out_size,
 )
+from fxprune.uniform import in_stack, stacks
 from fxprune.verify.proof import agreement
 
 
@@ -178,24 +178,6 @@ def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
                 setattr(m, a, after)
 
 
-def check_uniform(results) -> None:
-    """Refuse per-layer counts that differ (``uniform=True``), naming two layers that differ."""
-    for r in results:
-        units = r.units if r.name in ("heads", "ffn") else None
-        roles: dict = {}  # FFN layers of different roles (routed / shared experts) may differ
-        for layer, v in (units or {}).items():
-            role = ffn_role(layer)[0] if r.name == "ffn" else ""
-            roles.setdefault(role, {}).setdefault(tuple(v), layer)
-        for seen in roles.values():
-            if len(seen) > 1:
-                (a, la), (b, lb) = list(seen.items())[:2]
-                raise ConfigError(
-                    f"uniform=True: the {r.name} pass left layers with different counts ({la}: "
-                    f"{a[0]} -> {a[1]}, {lb}: {b[0]} -> {b[1]}); the layers differ in size or a "
-                    "minimum bound in some of them"
-                )
-
-
 def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
     """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
     ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
@@ -226,10 +208,18 @@ def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
             "other values unless they sit where the smaller count puts them; result.model is "
             "the graph module"
         )
+    name = where.split(" (")[0]
+    tops = stacks(work)
+    way = (
+        f"; {name} is outside the repeated blocks: ignore=[{name!r}] (or uniform=True) keeps it "
+        f"whole and gives result.model of the {what} class"
+        if name and tops and not in_stack(name, tops)
+        else ""
+    )
     return gm, (
         f"the {what} module tree with the pruned layers does not compute what the pruned graph "
         f"does ({msg}{f'; raised in {where}' if where else ''}): its forward must hard-code a "
-        "size the graph rewrote; result.model is the graph module"
+        f"size the graph rewrote; result.model is the graph module{way}"
     )
 
 
@@ -277,7 +267,6 @@ __all__ = [
     "LAYERS",
     "MODULES",
     "NotMaterialized",
-    "check_uniform",
     "layer_fix",
     "materialize",
     "module_fix",

@@ -38,6 +38,7 @@ LAYERS = [
         "fxprune.materialize",
         "fxprune.materialize_timm",
         "fxprune.materialize_torch",
+        "fxprune.uniform",
     ],
     ["fxprune.checkpoint", "fxprune.summary", "fxprune.plan", "fxprune.recipe", "fxprune.options"],
     ["fxprune.api"],

@@ -224,7 +224,7 @@ def test_uniform_post_check_names_two_layers_that_differ():
     """The check that runs after the passes (layers of different sizes) fails, naming both."""
     from types import SimpleNamespace
 
-    from fxprune.materialize import check_uniform
+    from fxprune.uniform import check_uniform
 
     even = SimpleNamespace(name="heads", units={"a": [4, 2], "b": [4, 2]})
     check_uniform([even])  # equal counts pass

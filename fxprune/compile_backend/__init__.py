@@ -46,12 +46,12 @@ from fxprune.errors import (
     TrainModeError,
 )
 from fxprune.importance import resolve
-from fxprune.materialize import check_uniform
 from fxprune.options import from_options
 from fxprune.passes import REGISTRY, Blocks, run_passes
 from fxprune.plan import CompileResult, Plan, Summary
 from fxprune.recipe import Recipe, check_recipe
 from fxprune.stats import layer_stats
+from fxprune.uniform import check_uniform
 from fxprune.verify.semi_structured import check_options
 
 __all__ = ["Backend", "BackendReport", "GraphReport", "backend"]

@@ -114,6 +114,21 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
             out = ref
             if heads:
                 ctx.head_atoms.append(np.asarray(ref).reshape(-1))
+        elif (
+            len(vary_in) == 1
+            and len(J) > 1
+            and vary_out == J[-1:]
+            and all(dst[j] == 1 for j in J[:-1])
+        ):
+            # (..., C) -> (..., 1, head_dim): a single head (one key/value head left after
+            # pruning, or multi-query attention); its dims are one unit, as a head's are
+            head_dims = attention_head_dims(ctx, node) if head_dims is None else head_dims
+            d = vary_out[0]
+            if int(out.shape[d]) in head_dims:
+                ref = out.take([0], axis=d)
+                ctx.union(out, ref)
+                out = ref
+                ctx.head_atoms.append(np.asarray(ref).reshape(-1))
     if len(varying_dims(out)) > 1:
         ctx.multi_arrays.append((node.name, out))
     return out

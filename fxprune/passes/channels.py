@@ -226,7 +226,8 @@ def prune_aligned(graph: DependencyGraph, cfg: Channels, args: tuple) -> PassRes
         if not table:
             raise
         timed = "; ".join(
-            f"{group_name(graph, by_id[gid])}: " + ", ".join(f"{c} ch {ms} ms" for c, ms in t["ms"].items())
+            f"{group_name(graph, by_id[gid])}: "
+            + ", ".join(f"{c} ch {ms} ms" for c, ms in t["ms"].items())
             for gid, t in table.items()
         )
         raise NothingToPruneError(
