@@ -28,6 +28,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch.nn as nn
+
 from fxprune.atomic import write_folder
 from fxprune.errors import ConfigError, FileAccessError, UnsupportedModelError
 
@@ -51,7 +53,13 @@ TOKENIZER_FILES = (
 LAYERS = ("num_hidden_layers", "n_layer")
 HEADS = ("num_attention_heads", "n_head")
 KV_HEADS = ("num_key_value_heads", "num_kv_heads")
-FFN = ("intermediate_size", "n_inner", "ffn_hidden_size", "hidden_dim")  # Falcon, DistilBERT
+FFN = (
+    "intermediate_size",
+    "n_inner",
+    "ffn_hidden_size",
+    "hidden_dim",
+    "d_ff",
+)  # Falcon, DistilBERT, T5
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 # The FFN widths a config holds, by the role of the layer that the ffn pass shrank (first match
 # of a name part): a mixture-of-experts block's shared expert (Qwen2-MoE), its routed experts
@@ -93,7 +101,9 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             setattr(new, layers_attr, n_layers)
         units = r.units
         counts = {after for _, after in units.values()}
-        uniform = len(counts) == 1 and len(units) == n_layers
+        # every layer: an encoder-decoder's units also hold the decoder's and cross-attention
+        # layers (T5: 3 x num_layers); check_config_builds catches a stack left whole
+        uniform = len(counts) == 1 and n_layers is not None and _covered(model, units) >= n_layers
         if r.name == "heads" and heads_attr:
             if not uniform:
                 notes["heads"] = "differs per layer: see the plan's 'units'"
@@ -122,6 +132,19 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
     return new, notes
 
 
+def _covered(model, units: dict) -> int:
+    """How many layers ``units`` speaks for: a group named by a whole stack (T5's heads share
+    one relative-position table per stack: ``encoder.block``) counts each of its layers."""
+    n = 0
+    for name in units:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            m = None
+        n += len(m) if isinstance(m, (nn.ModuleList, nn.Sequential)) else 1
+    return n
+
+
 def _ffn_config(new, units: dict, n_layers: int | None, notes: dict) -> None:
     """Each FFN role's width into the config attribute that holds it, where every layer of the
     role kept the same count (a plain MLP: in every layer)."""
@@ -134,7 +157,7 @@ def _ffn_config(new, units: dict, n_layers: int | None, notes: dict) -> None:
         counts = {after for _, after in mine.values()}
         if attr is None:
             notes[f"ffn {role}"] = f"no config attribute holds it ({' / '.join(attrs)})"
-        elif len(counts) == 1 and (role != "MLP" or len(mine) == n_layers):
+        elif len(counts) == 1 and (role != "MLP" or len(mine) >= (n_layers or 0)):
             setattr(new, attr, counts.pop())
         else:
             notes["ffn" if role == "MLP" else f"ffn {role}"] = (

@@ -223,6 +223,25 @@ def test_t5_relative_position_bias_moves_with_its_heads(tmp_path):
     assert cross.n_heads == 2 and cross.q.out_features == 16
 
 
+@pytest.mark.parametrize("cls", ["T5EncoderModel", "T5ForConditionalGeneration"])
+def test_t5_heads_and_ffn_save_pretrained_reloads_equal(cls, tmp_path):
+    """T5's heads are one group per stack (the shared bias table), named by the stack: the
+    config's num_heads follows when that group covers every layer, and d_ff holds the FFN."""
+    model = _t5(getattr(transformers, cls))
+    ids = torch.randint(0, 100, (2, 8))
+    x = (ids,) if cls == "T5EncoderModel" else (ids, torch.ones_like(ids), ids[:, :5])
+    res = fxprune.compile(model, x, heads=0.5, ffn=0.25, uniform=True)
+    assert (res.model.config.num_heads, res.model.config.d_ff) == (2, 48)
+    res.save_pretrained(tmp_path)
+    back = getattr(transformers, cls).from_pretrained(tmp_path).eval()
+    new = torch.randint(0, 100, (3, 6))
+    y = (new,) if cls == "T5EncoderModel" else (new, torch.ones_like(new), new[:, :4])
+    with torch.no_grad():
+        a, b = back(*y), res.model(*y)
+    key = "last_hidden_state" if cls == "T5EncoderModel" else "logits"
+    assert torch.equal(getattr(a, key), getattr(b, key))
+
+
 class _PerHeadConstantMask(torch.nn.Module):
     """ALiBi-like: a per-head additive mask built in forward from the head count."""
 
