@@ -110,8 +110,8 @@ HF = {
     "ernie4_5": ("lm", "Ernie4_5Config", "Ernie4_5ForCausalLM", dict(LM, head_dim=16)),
     "granitemoe": ("lm", "GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
         MOE, num_local_experts=4)),
-    "deepseek_v3": ("lm", "DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
-        MOE, moe_intermediate_size=48, n_routed_experts=4, n_shared_experts=1, n_group=1,
+    "deepseek_v3": ("lm", "DeepseekV3Config", "DeepseekV3ForCausalLM", dict(  # KV heads = heads,
+        MOE, num_key_value_heads=4, moe_intermediate_size=48,  # as released (MLA) n_routed_experts=4, n_shared_experts=1, n_group=1,
         topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
     "gpt_oss": ("lm", "GptOssConfig", "GptOssForCausalLM", dict(

@@ -121,7 +121,7 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             with contextlib.suppress(AttributeError):  # FalconConfig derives it (read-only):
                 new.head_dim = head_dim  # check_config_builds refuses what it cannot hold
         if r.name == "ffn":
-            _ffn_config(new, units, n_layers, notes)
+            _ffn_config(model, new, units, notes)
         if r.name == "experts":
             kept = {n - len(r.removed.get(p, ())) for p, n in r.experts_before.items()}
             attr = _attr(new, EXPERTS)
@@ -145,23 +145,51 @@ def _covered(model, units: dict) -> int:
     return n
 
 
-def _ffn_config(new, units: dict, n_layers: int | None, notes: dict) -> None:
+def _peers(model, name: str) -> set[str]:
+    """Modules of ``name``'s class at the same path with any layer numbers: the layers a
+    config count speaks for (DeepSeek's dense ``layers.0.mlp`` is not a peer of the MoE
+    ``layers.1.mlp``)."""
+    try:
+        cls = type(model.get_submodule(name))
+    except AttributeError:
+        return {name}
+    pat = re.compile(re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(name)) + "$")
+    return {n for n, m in model.named_modules() if type(m) is cls and pat.match(n)}
+
+
+# A role whose width the config derives instead of holding it: DeepSeek's shared experts are
+# n_shared_experts x moe_intermediate_size wide
+DERIVED = {"shared expert": ("n_shared_experts", "moe_intermediate_size")}
+
+
+def _ffn_config(model, new, units: dict, notes: dict) -> None:
     """Each FFN role's width into the config attribute that holds it, where every layer of the
-    role kept the same count (a plain MLP: in every layer)."""
+    role kept the same count and no peer layer was left whole."""
     by_role: dict[str, tuple[tuple[str, ...], dict]] = {}
     for layer, v in units.items():
         role, attrs = ffn_role(layer)
         by_role.setdefault(role, (attrs, {}))[1][layer] = v
+    derived = {}
     for role, (attrs, mine) in by_role.items():
         attr = _attr(new, attrs)
         counts = {after for _, after in mine.values()}
-        if attr is None:
+        whole = {p for layer in mine for p in _peers(model, layer)} - set(mine)
+        if attr is None and role in DERIVED and _attr(new, DERIVED[role][:1]):
+            derived[role] = counts
+        elif attr is None:
             notes[f"ffn {role}"] = f"no config attribute holds it ({' / '.join(attrs)})"
-        elif len(counts) == 1 and (role != "MLP" or len(mine) >= (n_layers or 0)):
+        elif len(counts) == 1 and not whole:
             setattr(new, attr, counts.pop())
         else:
             notes["ffn" if role == "MLP" else f"ffn {role}"] = (
                 "differs per layer: see the plan's 'units'"
+            )
+    for role, counts in derived.items():  # after the width they derive from is set
+        n, width = (getattr(new, a) for a in DERIVED[role])
+        if counts != {n * width}:
+            notes[f"ffn {role}"] = (
+                f"{type(new).__name__} derives its width as {DERIVED[role][0]} x "
+                f"{DERIVED[role][1]} = {n * width}; the pass left {sorted(counts)}"
             )
 
 

@@ -184,3 +184,28 @@ def test_the_cli_removes_experts_and_saves_a_folder_transformers_opens(tmp_path)
     assert main([*argv, "--quiet", "--save-pretrained", str(out)]) == 0
     back = T.AutoModelForCausalLM.from_pretrained(out)
     assert back.config.num_experts == 3 and back.config.moe_intermediate_size == 36
+
+
+def deepseek_v3():
+    """Multi-head latent attention (as released: as many KV heads as heads), a dense first
+    layer, then routed experts beside a shared expert whose width the config derives."""
+    torch.manual_seed(0)
+    cfg = T.DeepseekV3Config(
+        **SMALL, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=48,
+        n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16,
+    )  # fmt: skip
+    return nontrivial(T.DeepseekV3ForCausalLM(cfg))
+
+
+def test_deepseek_v3_dense_routed_and_shared_ffn_are_exact_and_reload_equal(tmp_path):
+    model = deepseek_v3()
+    res, _ = assert_equivalent(model, _ids(2, 8), channels=0.0, ffn=0.25, tree=True, uniform=True)
+    mlp = res.model.model.layers[1].mlp
+    assert mlp.experts.down_proj.shape[-1] == 36 and mlp.shared_experts.up_proj.out_features == 72
+    back = _reloads_equal(model, res, tmp_path)
+    assert (back.config.intermediate_size, back.config.moe_intermediate_size) == (72, 36)
+    # the dense layer left whole: intermediate_size keeps its value, the MoE width still follows
+    res = fxprune.compile(model, _ids(2, 8), ffn=0.25, uniform=True, ignore=["model.layers.0.mlp"])
+    assert (res.model.config.intermediate_size, res.model.config.moe_intermediate_size) == (96, 36)
