@@ -209,3 +209,28 @@ def test_deepseek_v3_dense_routed_and_shared_ffn_are_exact_and_reload_equal(tmp_
     # the dense layer left whole: intermediate_size keeps its value, the MoE width still follows
     res = fxprune.compile(model, _ids(2, 8), ffn=0.25, uniform=True, ignore=["model.layers.0.mlp"])
     assert (res.model.config.intermediate_size, res.model.config.moe_intermediate_size) == (96, 36)
+
+
+def gpt_oss():
+    """Experts stored [experts, in, out] with biases, gate and up interleaved in one tensor
+    (``gate_up[..., ::2]`` / ``[..., 1::2]``), a clamped GLU, sinks in the attention."""
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(
+        **SMALL, num_key_value_heads=2, intermediate_size=96, num_local_experts=4,
+        num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    return nontrivial(T.GptOssForCausalLM(cfg))
+
+
+def test_gpt_oss_interleaved_expert_neurons_heads_and_experts_reload_equal(tmp_path):
+    model = gpt_oss()
+    kw = dict(channels=0.0, heads=0.5, ffn=0.25, tree=True, uniform=True)
+    res, _ = assert_equivalent(model, _ids(2, 8), **kw)
+    experts = res.model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 64, 144) and experts.down_proj.shape == (4, 72, 64)
+    assert res.model.config.intermediate_size == 72
+    _reloads_equal(model, res, tmp_path)
+    res = fxprune.compile(model, _ids(2, 8), experts=1, uniform=True)
+    assert res.model.config.num_local_experts == 3
+    assert fxprune.verify.equivalence(model, res, _ids(2, 8), target="model").ok
+    _reloads_equal(model, res, tmp_path / "experts")

@@ -61,6 +61,9 @@ def _index(ctx, node, X, shape, idx):
             d += 1
         elif isinstance(i, slice):
             if X.shape[d] > 1 and i.step not in (None, 1):
+                rest = [j for j in idx if j is not i]
+                if all(j is Ellipsis or j == slice(None) for j in rest):
+                    return _strided(ctx, node, X, d, i, shape[d])
                 return barrier(ctx, node, "strided slice along a channel dim")
             if X.shape[d] > 1 and (i.start not in (None, 0) or i.stop is not None):
                 rewrites.append((k, d, i))
@@ -106,8 +109,10 @@ def aten_slice_rule(ctx, node):
     start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
     if X.shape[d] == 1:
         return X
-    if step != 1 or isinstance(start, fx.Node) or isinstance(end, fx.Node):
-        return barrier(ctx, node, "strided or computed slice along a channel dim")
+    if isinstance(start, fx.Node) or isinstance(end, fx.Node) or isinstance(step, fx.Node):
+        return barrier(ctx, node, "computed slice along a channel dim")
+    if step != 1:
+        return _strided(ctx, node, X, d, slice(start, end, step), t.shape[d])
     s, e, _ = slice(start, end).indices(t.shape[d])
     out = X.take(range(s, e), axis=d)
     ctx.positional(X)
@@ -120,6 +125,22 @@ def aten_slice_rule(ctx, node):
 
     ctx.on_apply(node, fix)
     return out
+
+
+def _strided(ctx, node, X: np.ndarray, d: int, i: slice, n: int) -> np.ndarray:
+    """``x[..., s::k]`` along a channel dim of a multiple of ``k`` channels, ``0 <= s < k``
+    (GPT-OSS's interleaved ``gate_up[..., ::2]`` / ``[..., 1::2]``): the ``k`` channels of each
+    row ``j`` (``j*k .. j*k+k-1``) go together, so a removal keeps the interleave and the slice
+    reads the same rows' channels afterwards."""
+    s, _, k = i.indices(n)
+    whole = i.stop is None or (isinstance(i.stop, int) and i.stop >= n)
+    if not (whole and 0 <= s < k and n % k == 0):
+        return barrier(ctx, node, "strided slice along a channel dim (not a whole interleave)")
+    first = X.take(range(0, n, k), axis=d)
+    for r in range(1, k):
+        ctx.union(X.take(range(r, n, k), axis=d), first)
+    ctx.positional(X)  # whole rows go: start, stop and step still read the same rows
+    return X.take(range(s, n, k), axis=d)
 
 
 @rule(aten.index)
