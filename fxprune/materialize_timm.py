@@ -84,6 +84,14 @@ def _fused_width_off_input(m, shrunk):
     _reads_width_off_input(m, [m.qkv], m.proj, type(m).__name__)
 
 
+@module_fix("timm.models.eva.EvaAttention")
+def _eva_attention(m, shrunk):
+    # forward: reshape(B, N, C) after attention, C its input width (q_bias / v_bias are sliced
+    # with their heads in the graph, so the graph module is exact)
+    qkv = [m.qkv] if getattr(m, "qkv", None) is not None else [m.q_proj, m.k_proj, m.v_proj]
+    _reads_width_off_input(m, qkv, m.proj, "EvaAttention")
+
+
 @module_fix("timm.models.cait.ClassAttn")
 def _class_attn(m, shrunk):
     _reads_width_off_input(m, [m.q, m.k, m.v], m.proj, "ClassAttn")

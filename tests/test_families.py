@@ -302,3 +302,20 @@ def test_a_hugging_face_config_without_a_head_count_materializes():
     cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])
     model = randomize(transformers.ConvNextForImageClassification(cfg)).eval()
     assert_equivalent(model, torch.randn(2, 3, 64, 64), channels=0.5, tree=True)
+
+
+def test_eva02_heads_are_exact_and_its_attention_says_why_the_class_cannot_hold_them():
+    """EVA-02's qkv bias is cat(q_bias, zeros, v_bias), made in forward (no heads were found);
+    its forward reshapes to its input width after attention, so pruned heads stay in the graph
+    module, and result.model_note names the class."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, depth=2, img_size=56, num_classes=10)
+    model = nontrivial(randomize(timm.create_model("eva02_tiny_patch14_224", **kw)))
+    x = torch.randn(2, 3, 56, 56)
+    res, _ = assert_equivalent(model, x, channels=0.0, heads=0.5)
+    assert res.module.get_parameter("blocks.0.attn.q_bias").numel() == 128  # 2 of 3 heads
+    assert "EvaAttention.num_heads: its forward takes head_dim as C // num_heads" in res.model_note
+    res, _ = assert_equivalent(model, x, channels=0.0, ffn=0.25, uniform=True, tree=True)
+    with torch.no_grad():
+        res.model(torch.randn(1, 3, 56, 56))

@@ -154,8 +154,17 @@ def _linear_module(ctx, node):
 @rule(F.linear, aten.linear)
 def _linear_fn(ctx, node):
     w, b = param_name(node, arg(node, 1, "weight")), param_name(node, arg(node, 2, "bias"))
-    if w is None or (arg(node, 2, "bias") is not None and b is None):
-        return barrier(ctx, node, "linear whose weight is not a parameter")
+    bias = arg(node, 2, "bias")
+    if w is not None and bias is not None and b is None:
+        # a bias computed in forward (EVA's cat(q_bias, zero k_bias, v_bias)): its elements
+        # are coupled to the output channels they are added to, and sliced with them
+        B = ctx.atoms(bias)
+        if B is not None and B.ndim == 1 and len(B) == get_tensor(ctx, w).shape[0]:
+            out = linear(ctx, node, node.args[0], w, None)
+            ctx.union(out, B)
+            return out
+    if w is None or (bias is not None and b is None):
+        return barrier(ctx, node, "linear whose weight or bias is not a parameter")
     return linear(ctx, node, node.args[0], w, b)
 
 
