@@ -62,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plot", default=None, help="PNG of perplexity against steps")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument(
+        "--replot", default=None, metavar="JSON", help="only draw --plot from a saved --json-out"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 window")
     a = ap.parse_args(argv)
     if a.quick:
@@ -184,6 +187,19 @@ def plot(results, path, a):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.plot:  # before an hour of training, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("--plot needs matplotlib: pip install -r benchmarks/requirements-llm.txt")
+    if a.replot:
+        if not a.plot:
+            sys.exit("--replot needs --plot PNG")
+        with open(a.replot) as f:
+            saved = json.load(f)
+        plot(saved["rows"], a.plot, argparse.Namespace(**saved["args"]))
+        print(f"plot: {a.plot}")
+        return
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
