@@ -319,3 +319,26 @@ def test_eva02_heads_are_exact_and_its_attention_says_why_the_class_cannot_hold_
     res, _ = assert_equivalent(model, x, channels=0.0, ffn=0.25, uniform=True, tree=True)
     with torch.no_grad():
         res.model(torch.randn(1, 3, 56, 56))
+
+
+def test_beit_relative_position_bias_table_is_sliced_in_the_users_class():
+    """BEiT resizes its per-head bias table with a bilinear interpolate before use: the table's
+    elements are mixed within each head's column, so the column goes with its head (the
+    resize blocked it, the graph kept the whole table, and BeitForImageClassification could
+    not hold the pruned heads)."""
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, use_relative_position_bias=True, num_labels=10,
+    )  # fmt: skip
+    model = nontrivial(transformers.BeitForImageClassification(cfg))
+    with torch.no_grad():  # zeros at init: give the table values, so a wrong slice shows
+        for layer in model.beit.layers:
+            table = layer.relative_position_bias.relative_position_bias_table
+            table.copy_(torch.randn_like(table))
+    x = torch.randn(2, 3, 32, 32)
+    res, _ = assert_equivalent(model, x, channels=0.0, heads=0.5, ffn=0.25, tree=True)
+    bias = res.model.beit.layers[0].relative_position_bias
+    assert bias.relative_position_bias_table.shape == (52, 2)
+    with torch.no_grad():
+        res.model(torch.randn(3, 3, 32, 32))

@@ -17,12 +17,17 @@ aten = torch.ops.aten
 
 
 def _spatial(ctx, node, x, spatial_from: int = 2):
-    """Ops that mix values only within each channel's spatial extent (pooling, resizing)."""
+    """Ops that mix values only within each channel's spatial extent (pooling, resizing).
+
+    Atoms that vary along a spatial dim (a parameter used as a tensor, one atom per element:
+    BEiT's relative position bias table, resized per head) are mixed within each channel, so
+    they go together: one unit per channel, which the channel's consumers then decide."""
     X = ctx.atoms(x)
-    bad = [d for d in range(spatial_from, X.ndim) if X.shape[d] > 1]
-    if bad:
-        ctx.block(X, node, "pooling/resizing over a dim that carries channels")
-        return none_output(node)
+    for d in range(spatial_from, X.ndim):
+        if X.shape[d] > 1:
+            first = X.take([0], axis=d)
+            ctx.union(X, first)
+            X = first
     return X
 
 
