@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import types
 
-import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError, TrainModeError, UnsupportedModelError
-from fxprune.graph.trace import trace
+from fxprune.errors import TrainModeError, UnsupportedModelError
+from fxprune.graph.canonical import linear_from_matmul
+from fxprune.graph.capture import without_cache
+from fxprune.graph.trace import symbolic
 
 HOOKS = {
     "_forward_pre_hooks": "forward pre-hook",
@@ -65,11 +66,11 @@ def check_hooks(model: nn.Module) -> None:
         )
 
 
-def train_difference(eval_gm: fx.GraphModule, train_gm: fx.GraphModule) -> str | None:
+def train_difference(eval_code: str, train_code: str) -> str | None:
     """None when the graphs traced in eval and in train mode are the same code (training
     behaviour lives in leaf modules such as BatchNorm and Dropout, which keep their flags);
     else the first line that differs."""
-    a, b = eval_gm.code.splitlines(), train_gm.code.splitlines()
+    a, b = eval_code.splitlines(), train_code.splitlines()
     for x, y in zip(a, b, strict=False):
         if x != y:
             return f"traced in eval as `{x.strip()}`, in train mode as `{y.strip()}`"
@@ -124,15 +125,18 @@ __all__ = [
 
 
 def train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
-    """Why the eval-mode capture would not train like the model, or None when it would."""
+    """Why the eval-mode capture would not train like the model, or None when it would. The
+    train-mode forward is traced symbolically only: the code is what is compared."""
     if traced.mode != "fx":
         return "it was captured by torch.export in eval mode"
     try:
-        with all_training(work):
-            again = trace(work, args, mode="fx", leaf_modules=leaf_modules, dynamic_shapes=dynamic)
-    except FxPruneError as e:  # Inception's train-only aux head fails on small inputs
-        return f"its forward does not trace in train mode ({str(e)[:200]})"
-    return train_difference(traced.gm, again.gm)
+        with all_training(work), without_cache(work):  # as the capture traced it
+            again = symbolic(work, leaf_modules)
+    except Exception as e:  # noqa: BLE001 - any failure to trace means it cannot be compared
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"its forward does not trace in train mode ({type(e).__name__}: {first[:200]})"
+    linear_from_matmul(again)  # the capture's own rewrite, so only the modes differ
+    return train_difference(traced.gm.code, again.code)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,14 @@ class TrainBranch(Net):
         return self.fc(y)
 
 
+class TrainUntraceable(Net):
+    def forward(self, x):
+        y = self.b(self.a(x)).mean((2, 3))
+        if self.training and y.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            y = y * 2
+        return self.fc(y)
+
+
 def net(cls=Net):
     torch.manual_seed(0)
     return randomize(cls()), torch.randn(4, 3, 8, 8)
@@ -111,6 +119,14 @@ def test_a_graph_that_would_not_train_like_the_model_refuses_train(cls):
         res.module.train()
     res.module.eval()  # eval stays fine
     assert flags(model)[""] is True  # the user's model keeps its flag
+
+
+def test_a_forward_that_does_not_trace_in_train_mode_refuses_train():
+    model, x = net(TrainUntraceable)
+    res = fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"])
+    with pytest.raises(TrainModeError, match="its forward does not trace in train mode"):
+        res.module.train()
+    assert flags(model)[""] is False  # the user's model keeps its flag
 
 
 def test_torch_export_capture_refuses_train():

@@ -54,6 +54,7 @@ __all__ = [
     "dims_spec",
     "retarget",
     "signature",
+    "symbolic",
     "tensor_meta",
     "trace",
     "widen",
@@ -140,6 +141,12 @@ def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
         e.fxprune_where = where  # type: ignore[attr-defined]
         raise
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def symbolic(model: torch.nn.Module, leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+    """``model``'s forward as torch.fx traces it, without running it (no shapes on the nodes):
+    enough to compare the code two modes of one model trace to."""
+    return _trace_fx(model, leaf_modules)
 
 
 def trace(
