@@ -93,6 +93,7 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
     new, notes = copy.deepcopy(cfg), {}
     layers_attr, heads_attr = _attr(cfg, LAYERS), _attr(cfg, HEADS)
     n_layers = getattr(cfg, layers_attr) if layers_attr else None
+    gone = [b for r in results for b in r.bypassed]  # removed blocks: their layers are no peers
     for r in results:
         if not r.changed:
             continue
@@ -121,7 +122,7 @@ def pruned_config(model, results) -> tuple[object | None, dict]:
             with contextlib.suppress(AttributeError):  # FalconConfig derives it (read-only):
                 new.head_dim = head_dim  # check_config_builds refuses what it cannot hold
         if r.name == "ffn":
-            _ffn_config(model, new, units, notes)
+            _ffn_config(model, new, units, notes, gone)
         if r.name == "experts":
             kept = {n - len(r.removed.get(p, ())) for p, n in r.experts_before.items()}
             attr = _attr(new, EXPERTS)
@@ -162,7 +163,7 @@ def _peers(model, name: str) -> set[str]:
 DERIVED = {"shared expert": ("n_shared_experts", "moe_intermediate_size")}
 
 
-def _ffn_config(model, new, units: dict, notes: dict) -> None:
+def _ffn_config(model, new, units: dict, notes: dict, gone: list[str]) -> None:
     """Each FFN role's width into the config attribute that holds it, where every layer of the
     role kept the same count and no peer layer was left whole."""
     by_role: dict[str, tuple[tuple[str, ...], dict]] = {}
@@ -174,6 +175,7 @@ def _ffn_config(model, new, units: dict, notes: dict) -> None:
         attr = _attr(new, attrs)
         counts = {after for _, after in mine.values()}
         whole = {p for layer in mine for p in _peers(model, layer)} - set(mine)
+        whole = {p for p in whole if not any(p.startswith(b + ".") for b in gone)}
         if attr is None and role in DERIVED and _attr(new, DERIVED[role][:1]):
             derived[role] = counts
         elif attr is None:

@@ -113,3 +113,15 @@ def test_an_attention_pool_outside_the_blocks_names_the_way_to_the_users_class()
         assert fxprune.verify.equivalence(model, res, x, target="model").ok
         with torch.no_grad():
             res.model(torch.randn(1, 3, 64, 64))
+
+
+def test_a_removed_blocks_mlp_is_not_a_layer_left_whole():
+    """The FFN width goes into the config when every remaining layer's MLP kept the same count;
+    the MLP of a block the blocks pass removed is not one left whole."""
+    model, ids = llm("LlamaForCausalLM", "LlamaConfig", kv=2)
+    res = fxprune.compile(model, ids, blocks=1, ffn=0.25, uniform=True, calibration=[ids])
+    assert "hf_config_notes" not in res.plan.config
+    assert (res.model.config.num_hidden_layers, res.model.config.intermediate_size) == (1, 96)
+    res = fxprune.compile(model, ids, ffn=0.25, uniform=True, ignore=["model.layers.1.mlp"])
+    assert res.plan.config["hf_config_notes"]["ffn"].startswith("differs per layer")
+    assert res.model.config.intermediate_size == 128
