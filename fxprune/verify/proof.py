@@ -198,12 +198,26 @@ def agreement(
 ) -> tuple[bool, str]:
     """Do two modules compute the same thing (each output on its own scale, NaN/Inf failing) on
     the example and ``fresh_inputs`` draws like it? ``(ok, message)``; a candidate that raises
-    where the reference runs is a failure with the error's first line."""
+    where the reference runs is a failure with the error's first line.
+
+    With one draw, the example's rows and the draw's last row run as one batch (batch + 1):
+    the example's values and another batch size in one forward of each module, instead of a
+    forward of the example and another of the draw. Where the reference cannot take that
+    batch, the example runs alone (and must run)."""
     args = as_args(example_inputs, reference)
+    sets = input_sets(args, fresh_inputs, seed)
+    if fresh_inputs == 1 and len(sets) == 2:
+        label, drawn, _ = sets[1]
+        joined = tuple(
+            torch.cat([a, d[-1:]]) if isinstance(a, torch.Tensor) and a.ndim else a
+            for a, d in zip(args, drawn, strict=True)
+        )
+        batch = label[label.index("batch") :].rstrip(")")
+        sets = [(f"the example with a fresh row ({batch})", joined, "joined"), *sets]
     rows = []
     try:
         with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
-            for label, inp, kind in input_sets(args, fresh_inputs, seed):
+            for label, inp, kind in sets:
                 try:
                     ref = named_leaves(reference(*inp))
                 except Exception:  # noqa: BLE001 - a draw the reference cannot take either
@@ -215,6 +229,8 @@ def agreement(
                 except Exception as e:  # noqa: BLE001
                     return False, f"fails on {label}: {_first_line(e)}"
                 rows.append(measure(ref, got, [t for _, t in ref], label))
+                if kind == "joined":
+                    break  # the example and the draw, in one batch
     except Mismatch as e:
         return False, str(e).removeprefix("NOT equivalent: ")
     worst, rel = "output", 0.0

@@ -141,3 +141,43 @@ def test_a_pruned_module_that_fails_on_the_example_is_not_equivalent(pruned):
     finally:
         hook.remove()
     assert not rep.ok and "fails on the example" in rep.message and "Guard" in rep.message
+
+
+class _Shifted(nn.Module):
+    """Computes ``base``, except where ``when(x)`` holds, where it is off by one."""
+
+    def __init__(self, base, when):
+        super().__init__()
+        self.base, self.when = base, when
+
+    def forward(self, x):
+        return self.base(x) + self.when(x).float()[:, None]
+
+
+class _BatchOne(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        assert x.shape[0] == 1, "batch 1 only"
+        return self.base(x)
+
+
+def test_agreement_checks_the_examples_rows_and_another_batch_in_one_forward():
+    base, x = mlp().eval(), X[:2]
+    assert agreement(base, base, x) == (True, "max_rel_err=0.00e+00 on 1 inputs")
+    # wrong on another batch size only: the joined batch (3 rows) shows it
+    ok, msg = agreement(base, _Shifted(base, lambda t: torch.full((len(t),), len(t) != 2)), x)
+    assert not ok and msg.startswith("max_rel_err=") and msg.endswith("on 1 inputs")
+    # wrong on the example's values only: its rows are in the joined batch
+    ok, msg = agreement(base, _Shifted(base, lambda t: (t == x[1]).all(1)), x)
+    assert not ok and msg.startswith("max_rel_err=")
+    # a candidate that cannot take another batch: named with the joined input
+    ok, msg = agreement(base, _BatchOne(base), X[:1])
+    assert not ok and msg.startswith("fails on the example with a fresh row (batch 2)")
+    # a reference that takes only the example's batch: the example alone, and it must agree
+    one = _BatchOne(base)
+    assert agreement(one, one, X[:1]) == (True, "max_rel_err=0.00e+00 on 1 inputs")
+    ok, msg = agreement(one, _Shifted(base, lambda t: (t == X[0]).all(1)), X[:1])
+    assert not ok and msg.startswith("max_rel_err=")
