@@ -212,7 +212,7 @@ def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
     tops = stacks(work)
     way = (
         f"; {name} is outside the repeated blocks: ignore=[{name!r}] (or uniform=True) keeps it "
-        f"whole and gives result.model of the {what} class"
+        f"whole, so result.model can be the {what} class"
         if name and tops and not in_stack(name, tops)
         else ""
     )
