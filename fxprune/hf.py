@@ -176,7 +176,7 @@ def _ffn_config(model, new, units: dict, notes: dict, gone: list[str]) -> None:
         counts = {after for _, after in mine.values()}
         whole = {p for layer in mine for p in _peers(model, layer)} - set(mine)
         whole = {p for p in whole if not any(p.startswith(b + ".") for b in gone)}
-        if attr is None and role in DERIVED and _attr(new, DERIVED[role][:1]):
+        if attr is None and role in DERIVED and all(hasattr(new, a) for a in DERIVED[role]):
             derived[role] = counts
         elif attr is None:
             notes[f"ffn {role}"] = f"no config attribute holds it ({' / '.join(attrs)})"
