@@ -1,7 +1,8 @@
 """CNN compile time against torch-pruning, side by side in one run, with where fxprune's goes.
 
 The bar of issue #24: ``fxprune.compile(m, x, channels=0.5, ignore=[classifier], inplace=True)``
-(the module tree built and checked against the graph module) against torch-pruning's
+(the module tree built and checked against the graph module: traced to the graph's own code
+over its own layers, or else run against it) against torch-pruning's
 ``MetaPruner(m, x, MagnitudeImportance(p=1), pruning_ratio=0.5)`` graph + ``step()``, each on a
 fresh copy of the same randomly initialised torchvision model, one untimed warm-up each, then
 the median of ``--repeats`` timed runs; 1 x 3 x 224 x 224, ``--threads`` torch threads. The
@@ -40,6 +41,7 @@ from tests.conftest import randomize  # noqa: E402
 api.copy = types.SimpleNamespace(deepcopy=copy.deepcopy)
 PHASES = [
     (api.copy, "deepcopy", "copy of the model"),
+    (api, "shared_copy", "copy over the model's storage"),
     (api, "graph_capture", "capture"),
     (api, "train_refused", "train-mode check"),
     (api, "run_passes", "passes"),
@@ -48,7 +50,8 @@ PHASES = [
     (units, "apply_removal", "  slicing + shape check"),
     (api, "module_tree", "module tree (result.model)"),
     (mat, "materialize", "  rebuild"),
-    (mat, "agreement", "  agreement with the graph"),
+    (mat, "same_capture", "  traced like the graph?"),
+    (mat, "agreement", "  run against the graph"),
 ]
 
 

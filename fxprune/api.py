@@ -16,7 +16,7 @@ from fxprune.graph.capture import capture as graph_capture
 from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import as_args, retarget
 from fxprune.hf import pruned_config
-from fxprune.importance import Criterion
+from fxprune.importance import AUTO, Criterion, resolve
 from fxprune.materialize import module_tree
 from fxprune.models import default_example
 from fxprune.modelstate import (
@@ -24,16 +24,29 @@ from fxprune.modelstate import (
     commit_inplace,
     guard_training,
     restore_training,
+    shared_copy,
     train_refused,
     training_flags,
 )
 from fxprune.options import RECIPE_OPTIONS, from_options
 from fxprune.passes import check_masks_disjoint, run_passes
 from fxprune.passes.heads import Heads
+from fxprune.passes.units import UnitSelection
 from fxprune.plan import CompileResult, Plan, Summary, inputs_spec
 from fxprune.recipe import Recipe, check_recipe, with_runtime
 from fxprune.stats import layer_stats
 from fxprune.uniform import check_uniform, uniform_scope
+
+
+def writes_nothing(cfg) -> bool:
+    """A data-free unit pass with a built-in criterion (channels / heads / FFN by weight
+    magnitude): it replaces tensors with sliced ones and writes into none of the model's."""
+    if not isinstance(cfg, UnitSelection) or cfg.calibration is not None:
+        return False
+    if cfg.train_fn is not None or cfg.loss_fn is not None:
+        return False
+    crit = resolve("l1" if cfg.importance == AUTO else cfg.importance)
+    return crit.needs is None and type(crit).__module__ == Criterion.__module__
 
 
 def run(
@@ -55,8 +68,10 @@ def run(
     check_hooks(model)
     flags = training_flags(model)
     # always a copy: inplace=True commits it into the model at the end, so a failure anywhere
-    # leaves the model exactly as it was
-    work = copy.deepcopy(model)
+    # leaves the model exactly as it was (passes that write into no tensor share its storage)
+    work = (
+        shared_copy(model) if inplace and all(map(writes_nothing, passes)) else copy.deepcopy(model)
+    )
     work.eval()
     if capture is not None:  # a repeated block: its twin's graph over this copy's tensors
         with without_cache(work):
@@ -85,7 +100,8 @@ def run(
         if not inplace:
             nn.Module.train(gm, False)  # it cannot train: say so rather than look like it does
     hf_config, notes = pruned_config(model, results)
-    tree, why = module_tree(work, gm, results, hf_config, args)
+    fx_leaves = leaf_modules if traced.mode == "fx" else None  # a tree that traces like gm
+    tree, why = module_tree(work, gm, results, hf_config, args, fx_leaves)
     if inplace and why:
         raise ConfigError(
             f"inplace=True: {type(model).__name__} cannot be pruned in place ({why}); it is "

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError, PassError
 from fxprune.graph.attention import head_constants
-from fxprune.graph.capture import without_cache
+from fxprune.graph.capture import same_capture, without_cache
 from fxprune.hf import HEADS as HF_HEADS
 from fxprune.layer_fixes import (
     HEAD_DIM,
@@ -178,14 +178,19 @@ def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
                 setattr(m, a, after)
 
 
-def module_tree(work, gm, results, hf_config, args) -> tuple[nn.Module, str]:
+def module_tree(work, gm, results, hf_config, args, leaf_modules=None) -> tuple[nn.Module, str]:
     """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
-    ``gm`` computes (checked on the example and a fresh draw), else ``(gm, why not)``."""
+    ``gm`` computes, else ``(gm, why not)``. With ``leaf_modules`` (``gm`` is a torch.fx
+    capture made with them) a tree that traces to ``gm``'s very code over ``gm``'s layers is
+    proved for every input without running either; otherwise (or where that trace differs)
+    both run on the example and a fresh draw."""
     what = type(work).__name__
     try:
         materialize(work, gm, results, hf_config)
     except NotMaterialized as e:
         return gm, str(e)
+    if leaf_modules is not None and same_capture(gm, work, leaf_modules):
+        return work, ""
     try:
         with without_cache(work):
             ok, msg = agreement(gm, work, args)  # raises only when the graph fails the example

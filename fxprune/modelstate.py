@@ -5,7 +5,9 @@
 * every submodule's own ``training`` flag, saved and restored exactly (``model.train(flag)``
   would reset a frozen BatchNorm inside a training model);
 * ``inplace=True`` commits a finished copy into the user's model in one step, so a failing pass
-  leaves it exactly as it was;
+  leaves it exactly as it was; where the passes only replace tensors with sliced ones and write
+  into none, that copy's tensors alias the model's storage (:func:`shared_copy`) instead of
+  duplicating every weight;
 * hooks, which a traced graph cannot carry, are refused with the module's name;
 * a graph traced in eval mode that would not train like the model (``F.dropout(training=...)``,
   an ``if self.training:`` branch, anything captured by ``torch.export``) refuses ``.train()``
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 
 import torch.nn as nn
@@ -96,6 +99,19 @@ def guard_training(gm: nn.Module, reason: str) -> None:
     gm.fxprune_train_refused = reason
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree over the model's own storage: each parameter a new Parameter
+    viewing the same data (``requires_grad`` and ``.grad`` its own), each buffer the same
+    tensor; modules, flags and other attributes are copies. Only for work that replaces tensors
+    and never writes into one: anything written into a tensor here is written into the model."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
 def commit_inplace(model: nn.Module, work: nn.Module) -> None:
     """Make ``model`` the pruned ``work`` copy in one step (its layers, parameters, buffers and
     flags become the copy's; the pruned graph module shares them)."""
@@ -119,6 +135,7 @@ __all__ = [
     "guard_training",
     "inplace_refused",
     "restore_training",
+    "shared_copy",
     "train_difference",
     "training_flags",
 ]

@@ -4,6 +4,8 @@ offered."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,6 +102,34 @@ def test_a_hard_coded_width_falls_back_and_names_the_module():
     assert fxprune.verify.equivalence(model, res, x).ok  # the graph module itself is exact
 
 
+def test_a_tree_that_traces_to_the_graph_is_proved_without_running_it(monkeypatch):
+    """ResNet's rebuilt tree traces (torch.fx) to the pruned graph's own code over the graph's
+    own layers: that holds for every input, so no forward runs. A tree with the same code whose
+    layer is another object is run against the graph instead, and a wrong one is caught."""
+    model, x = _resnet()
+    ran = []
+    real = mat.agreement
+    monkeypatch.setattr(mat, "agreement", lambda *a, **k: ran.append(1) or real(*a, **k))
+    res = fxprune.compile(model, x, channels=0.5, ignore=["fc"])
+    assert res.materialized and not ran
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), res.module(x), rtol=0, atol=0)
+
+    build_tree = mat.materialize
+
+    def swapped(tree, gm, results, hf_config=None):
+        build_tree(tree, gm, results, hf_config)
+        conv = copy.deepcopy(tree.layer1[0].conv1)
+        with torch.no_grad():
+            conv.weight.mul_(2)
+        tree.layer1[0].conv1 = conv  # same code, another layer than the graph's
+
+    monkeypatch.setattr(mat, "materialize", swapped)
+    res = fxprune.compile(model, x, channels=0.5, ignore=["fc"])
+    assert ran and res.model is res.module and not res.materialized
+    assert "does not compute what the pruned graph does" in res.model_note
+
+
 def test_removed_blocks_leave_the_list():
     torch.manual_seed(0)
     model, x = randomize(tv.models.resnet50(num_classes=10)), torch.randn(1, 3, 64, 64)
@@ -159,6 +189,7 @@ def test_a_pruned_graph_that_fails_its_own_example_is_a_pass_error(monkeypatch):
         raise RuntimeError("The size of tensor a (0) must match the size of tensor b (3)")
 
     monkeypatch.setattr(mat, "agreement", broken)
+    monkeypatch.setattr(mat, "same_capture", lambda *a: False)  # the check that runs them
     with pytest.raises(fxprune.errors.PassError, match="does not run on the example"):
         fxprune.compile(model, torch.randn(2, 3, 8, 8), channels=0.5)
     after = model.state_dict()

@@ -171,6 +171,36 @@ def test_inplace_failure_leaves_the_model_as_it_was(monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    "opts", [{"channels": 0.5}, {"channels": 0.5, "sparsity": "2:4"}, {"sparsity": "2:4"}]
+)
+def test_inplace_that_fails_late_leaves_every_tensor_unwritten(monkeypatch, opts):
+    """Data-free channel pruning in place works over the model's own storage (no copy of the
+    weights); the N:M pass writes its masks into weights, so with it the copy is a real one.
+    Either way a compile that fails after the passes leaves every tensor of the model as it was:
+    the same objects, the same values, not one in-place write."""
+    import fxprune.materialize as mat
+
+    model, x = net()
+    model.eval()
+
+    def own(m):
+        return {**dict(m.named_parameters()), **dict(m.named_buffers())}
+
+    tensors = {k: (v, v._version, v.clone()) for k, v in own(model).items()}
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mat, "materialize", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        fxprune.compile(model, x, ignore=["fc"], inplace=True, **opts)
+    for k, v in own(model).items():
+        same, version, value = tensors[k]
+        assert v is same and v._version == version and torch.equal(v, value), k
+    assert model.a[0].out_channels == 8
+
+
 def test_inplace_under_torch_export_prunes_the_model_itself():
     """The export graph holds its own tensors; the module tree commits them into the model."""
     model, x = net()

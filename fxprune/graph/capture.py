@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from fxprune._util import eval_mode
 from fxprune.graph.canonical import linear_from_matmul
 from fxprune.graph.rules import find_rule
-from fxprune.graph.trace import Traced, trace
+from fxprune.graph.trace import Traced, symbolic, trace
 
-__all__ = ["capture", "hidden_attention", "without_cache"]
+__all__ = ["capture", "hidden_attention", "same_capture", "without_cache"]
 
 
 def hidden_attention(gm: fx.GraphModule) -> list[str]:
@@ -82,3 +84,45 @@ def capture(
             traced = trace(model, args, mode="export", **kw)
     linear_from_matmul(traced.gm)  # x @ W.T as the Linear it is (Falcon)
     return traced
+
+
+def _attr(root: nn.Module, target: str):
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def same_capture(gm: fx.GraphModule, module: nn.Module, leaf_modules: Sequence = ()) -> bool:
+    """Does ``module`` trace (torch.fx, eval mode, the capture's own rewrites) to exactly
+    ``gm``'s code over the very layers ``gm`` calls and tensors equal to ``gm``'s? Then it
+    computes what ``gm`` computes on every input, not only on inputs tried. False where it does
+    not trace or anything differs (a forward that hard-codes a size the passes rewrote, a layer
+    that is another object)."""
+    try:
+        with eval_mode(module), without_cache(module):
+            again = symbolic(module, leaf_modules)
+    except Exception:  # noqa: BLE001 - any failure to trace means it cannot be compared
+        return False
+    linear_from_matmul(again)
+    if again.code != gm.code:
+        return False
+    for node in again.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        try:
+            mine, theirs = _attr(gm, node.target), _attr(module, node.target)
+        except AttributeError:
+            return False
+        if mine is theirs:
+            continue
+        same = (
+            node.op == "get_attr"
+            and isinstance(mine, torch.Tensor)
+            and isinstance(theirs, torch.Tensor)
+            and mine.shape == theirs.shape
+            and mine.dtype == theirs.dtype
+            and bool(torch.equal(mine, theirs))
+        )
+        if not same:
+            return False
+    return True

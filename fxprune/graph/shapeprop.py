@@ -31,23 +31,36 @@ _SAME_SHAPE = (
 
 
 def _norm_fits(m: torch.nn.Module, x) -> bool:
+    """The input and the norm's affine tensors fit each other (else the real op decides)."""
     if not isinstance(x, torch.Tensor):
         return False
     if isinstance(m, torch.nn.LayerNorm):
-        k = len(m.normalized_shape)
-        ok = tuple(x.shape[x.ndim - k :]) == tuple(m.normalized_shape)
-        return ok and (m.weight is None or tuple(m.weight.shape) == tuple(m.normalized_shape))
+        k, want = len(m.normalized_shape), tuple(m.normalized_shape)
+        ok = tuple(x.shape[x.ndim - k :]) == want
+    else:
+        want = (m.num_channels,)
+        ok = x.ndim >= 2 and x.shape[1] == m.num_channels and m.num_channels % m.num_groups == 0
+    return ok and all(t is None or tuple(t.shape) == want for t in (m.weight, m.bias))
+
+
+def _mha_fits(m: torch.nn.MultiheadAttention, x: torch.Tensor) -> bool:
+    """Self-attention's packed projections fit the input and each other (else the real op
+    decides, under fake tensors)."""
+    e, out = m.embed_dim, m.out_proj
+    shapes = [(m.in_proj_weight, (3 * e, e)), (m.in_proj_bias, (3 * e,))]
+    shapes += [(out.weight, (out.out_features, e)), (out.bias, (out.out_features,))]
     return (
-        x.ndim >= 2
-        and x.shape[1] == m.num_channels
-        and m.num_channels % m.num_groups == 0
-        and (m.weight is None or m.weight.shape[0] == m.num_channels)
+        x.shape[-1] == e
+        and m._qkv_same_embed_dim
+        and all(t is None or tuple(t.shape) == want for t, want in shapes)
     )
 
 
 def _conv_linear_shape(target: str, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Output of a Conv/Linear from shape formulas, after checking the weight fits the input."""
-    w = m.weight
+    w, b = m.weight, m.bias
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise RuntimeError(f"{target}: bias has shape {tuple(b.shape)}, weight {tuple(w.shape)}")
     if isinstance(m, torch.nn.Linear):
         if x.ndim < 1 or x.shape[-1] != w.shape[1]:
             raise RuntimeError(
@@ -72,6 +85,18 @@ def _conv_linear_shape(target: str, m: torch.nn.Module, x: torch.Tensor) -> torc
     return x.new_empty((*x.shape[:cd], w.shape[0], *spatial))
 
 
+def _check_stats(target: str, m: torch.nn.Module, x: torch.Tensor) -> None:
+    """Each of a batch norm's per-channel tensors has the input's channel count (the real op
+    would fail on any one of them)."""
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(m, attr, None)
+        if t is not None and (x.ndim < 2 or tuple(t.shape) != (x.shape[1],)):
+            raise RuntimeError(
+                f"{target}: {type(m).__name__}.{attr} has shape {tuple(t.shape)}, input has "
+                f"shape {tuple(x.shape)}"
+            )
+
+
 _BATCH_NORM_FNS = (
     torch.nn.functional.batch_norm,
     torch.batch_norm,
@@ -91,12 +116,7 @@ class _FakeInterpreter(fx.Interpreter):
             and isinstance(x, torch.Tensor)
         ):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.running_mean if m.running_mean is not None else m.weight
-                if n is not None and (x.ndim < 2 or n.shape[0] != x.shape[1]):
-                    raise RuntimeError(
-                        f"{target}: {type(m).__name__} has {n.shape[0]} features, input has "
-                        f"shape {tuple(x.shape)}"
-                    )
+                _check_stats(target, m, x)
             return x
         if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and _norm_fits(m, x):
             return x
@@ -104,7 +124,7 @@ class _FakeInterpreter(fx.Interpreter):
             isinstance(m, torch.nn.MultiheadAttention)
             and kwargs.get("need_weights") is False
             and isinstance(x, torch.Tensor)
-            and x.shape[-1] == m.embed_dim
+            and _mha_fits(m, x)
         ):
             return x.new_empty((*x.shape[:-1], m.out_proj.out_features)), None
         if type(m) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) and (

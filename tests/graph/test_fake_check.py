@@ -1,0 +1,72 @@
+"""The fake-tensor shape check that runs after every slicing is as strict as the real layer: a
+layer whose bias, norm statistics or packed projections no longer fit is caught there (the
+module tree's structural check relies on it instead of running the pruned graph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.graph.shapeprop import propagate_shapes
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 6)
+        self.ln = nn.LayerNorm(6)
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.gn(self.bn(self.conv(x))).mean((2, 3))
+        h = self.ln(self.fc(h)).unsqueeze(1)
+        return self.mha(h, h, h, need_weights=False)[0]
+
+
+def _shrink(net: _Net, attr: str) -> None:
+    mod, _, name = attr.rpartition(".")
+    owner = net.get_submodule(mod)
+    t = getattr(owner, name)
+    new = t[: t.shape[0] - 1].clone()
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(new)
+    else:
+        owner._buffers[name] = new
+
+
+def test_the_intact_model_passes():
+    gm = fx.symbolic_trace(_Net().eval())
+    propagate_shapes(gm, (torch.randn(2, 3, 5, 5),))
+
+
+@pytest.mark.parametrize(
+    "attr",
+    [
+        "conv.bias",
+        "fc.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "gn.weight",
+        "gn.bias",
+        "ln.weight",
+        "ln.bias",
+        "mha.in_proj_bias",
+        "mha.out_proj.bias",
+    ],
+)
+def test_a_tensor_that_no_longer_fits_its_layer_is_caught(attr):
+    net = _Net().eval()
+    _shrink(net, attr)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the real layer fails too
+        net(x)
+    gm = fx.symbolic_trace(net)
+    with pytest.raises(RuntimeError):
+        propagate_shapes(gm, (x,))
