@@ -15,8 +15,8 @@
 3. for each block: loads its tensors from the safetensors shards (only that block's, the shard
    unmapped after), runs ``fxprune.compile`` on it with the same options (heads / KV heads, FFN,
    N:M by magnitude, Wanda or SparseGPT; ``uniform=True``), proves the pruned block against the
-   dense one with the removed structures zeroed, and writes the pruned tensors to the output
-   shards as it goes;
+   dense one with the removed structures zeroed (on :data:`PROOF_TOKENS` tokens and the
+   proof's fresh draws), and writes the pruned tensors to the output shards as it goes;
 4. copies every tensor outside the stack (embeddings, final norm, lm_head) through unchanged,
    writes ``config.json`` with the new counts and copies the tokenizer files.
 
@@ -34,6 +34,7 @@ families' layouts, the source read from its shards, the shards written, the conf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import shutil
@@ -69,6 +70,15 @@ from fxprune.streaming_io import (
     peak_rss_bytes,
     with_counts,
 )
+
+PROOF_TOKENS = 8
+"""Tokens of the example each block's proof runs on (the first ones of the first calibration
+batch when there is one, else random hidden states), plus the proof's own fresh draw at another
+batch and length. Enough to be as strict as a longer input: the pruning changes weights, never
+how a block mixes positions, so a removed head, neuron or masked weight that changes the result
+changes it at every position whose input is non-zero in its dims, and hidden states are dense.
+The calibration's 128-token batch made the proof of a Wanda / SparseGPT stream 16x the work of
+a magnitude one's (0.5B shape: 36 s of a 90 s run against 16 s)."""
 
 
 @dataclass
@@ -231,8 +241,9 @@ def stream(
         )
         writer = ShardWriter(dst, max_shard_bytes)
         shapes: dict[str, tuple] = {}
-        for i in range(len(run.stack)):
-            hidden = run.prune_block(i, options, hidden, prove, result, writer, shapes)
+        with frozen_gc():
+            for i in range(len(run.stack)):
+                hidden = run.prune_block(i, options, hidden, prove, result, writer, shapes)
         for k in run.shards.keys():  # embeddings, final norm, lm_head: unchanged
             if not k.startswith(run.prefix):
                 writer.add(k, run.shards.load([k])[k])
@@ -259,6 +270,20 @@ def stream(
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Everything alive before the block loop (modules, classes, the skeleton: long-lived)
+    moved out of the collector's sight, so the full collection after each block, which frees
+    the block's reference cycles (fx graphs), walks only what that block made: it cost 0.4 s
+    per block on the 0.5B shape walking transformers' and torch's own objects."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _check_options(src, dst, heads, ffn, sparsity, method, importance, measured, calibration):
@@ -332,7 +357,7 @@ class _Stack(Source):
             )
         err = None
         if prove:
-            rep = equivalence(block, res, self.example, target="model")
+            rep = equivalence(block, res, self.example[:, :PROOF_TOKENS], target="model")
             if not rep.ok:
                 raise PassError(f"stream: pruned block {i} fails its proof: {rep.message}")
             err = rep.max_rel_err
