@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fnmatch
+import gc
 
 import torch
 import torch.nn as nn
@@ -203,3 +204,17 @@ def lookup(registry: dict, base: type, value, option: str):
     raise ConfigError(
         f"{option}={value!r}: choose one of {tuple(registry)} or pass a {base.__name__} instance"
     )
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Everything alive now (modules, classes, models: long-lived) moved out of the collector's
+    sight for the duration, so a full collection inside, which frees a loop step's reference
+    cycles (fx graphs), walks only what the step made. The stream's collection after each
+    block cost 0.4 s walking torch's and transformers' own objects (0.5B shape)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

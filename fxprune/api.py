@@ -68,10 +68,11 @@ def run(
     check_hooks(model)
     flags = training_flags(model)
     # always a copy: inplace=True commits it into the model at the end, so a failure anywhere
-    # leaves the model exactly as it was (passes that write into no tensor share its storage)
-    work = (
-        shared_copy(model) if inplace and all(map(writes_nothing, passes)) else copy.deepcopy(model)
-    )
+    # leaves the model exactly as it was. Passes that write into no tensor share its storage
+    # when the model becomes the result (inplace) or is the caller's own block (capture=: the
+    # stream, which proves against it and then drops it)
+    shares = (inplace or capture is not None) and all(map(writes_nothing, passes))
+    work = shared_copy(model) if shares else copy.deepcopy(model)
     work.eval()
     if capture is not None:  # a repeated block: its twin's graph over this copy's tensors
         with without_cache(work):
@@ -288,7 +289,8 @@ def compile(  # noqa: A001 - the public name the project promises
             ``model`` (another block of a repeated stack, from :func:`fxprune.graph.trace`):
             its graph is reused over ``model``'s tensors instead of capturing again
             (:func:`fxprune.graph.trace.retarget`), which is how :func:`fxprune.stream`
-            captures a decoder stack once.
+            captures a decoder stack once. The block is the caller's own: where the passes
+            write into no tensor, the result shares its unchanged tensors (no copy first).
 
     Returns:
         A :class:`fxprune.plan.CompileResult` with ``.module``, ``.plan``, ``.summary``.

@@ -15,8 +15,8 @@
 3. for each block: loads its tensors from the safetensors shards (only that block's, the shard
    unmapped after), runs ``fxprune.compile`` on it with the same options (heads / KV heads, FFN,
    N:M by magnitude, Wanda or SparseGPT; ``uniform=True``), proves the pruned block against the
-   dense one with the removed structures zeroed (on :data:`PROOF_TOKENS` tokens and the
-   proof's fresh draws), and writes the pruned tensors to the output shards as it goes;
+   dense one with the removed structures zeroed (on :data:`PROOF_TOKENS` tokens and a fresh
+   draw at batch + 1), and writes the pruned tensors to the output shards as it goes;
 4. copies every tensor outside the stack (embeddings, final norm, lm_head) through unchanged,
    writes ``config.json`` with the new counts and copies the tokenizer files.
 
@@ -34,7 +34,6 @@ families' layouts, the source read from its shards, the shards written, the conf
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import shutil
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from fxprune._util import Report
+from fxprune._util import Report, frozen_gc
 from fxprune.errors import (
     CheckpointError,
     ConfigError,
@@ -73,10 +72,11 @@ from fxprune.streaming_io import (
 
 PROOF_TOKENS = 8
 """Tokens of the example each block's proof runs on (the first ones of the first calibration
-batch when there is one, else random hidden states), plus the proof's own fresh draw at another
-batch and length. Enough to be as strict as a longer input: the pruning changes weights, never
-how a block mixes positions, so a removed head, neuron or masked weight that changes the result
-changes it at every position whose input is non-zero in its dims, and hidden states are dense.
+batch when there is one, else random hidden states), plus one fresh draw of them at batch + 1
+(a second draw of a hidden-state input would have the same shape again). Enough to be as strict
+as a longer input: the pruning changes weights, never how a block mixes positions, so a removed
+head, neuron or masked weight that changes the result changes it at every position whose input
+is non-zero in its dims, and hidden states are dense.
 The calibration's 128-token batch made the proof of a Wanda / SparseGPT stream 16x the work of
 a magnitude one's (0.5B shape: 36 s of a 90 s run against 16 s)."""
 
@@ -272,20 +272,6 @@ def stream(
     return result
 
 
-@contextlib.contextmanager
-def frozen_gc():
-    """Everything alive before the block loop (modules, classes, the skeleton: long-lived)
-    moved out of the collector's sight, so the full collection after each block, which frees
-    the block's reference cycles (fx graphs), walks only what that block made: it cost 0.4 s
-    per block on the 0.5B shape walking transformers' and torch's own objects."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _check_options(src, dst, heads, ffn, sparsity, method, importance, measured, calibration):
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src}: no config.json (stream needs a Hugging Face model folder)")
@@ -357,7 +343,8 @@ class _Stack(Source):
             )
         err = None
         if prove:
-            rep = equivalence(block, res, self.example[:, :PROOF_TOKENS], target="model")
+            short = self.example[:, :PROOF_TOKENS]
+            rep = equivalence(block, res, short, target="model", fresh_inputs=1)
             if not rep.ok:
                 raise PassError(f"stream: pruned block {i} fails its proof: {rep.message}")
             err = rep.max_rel_err
@@ -374,7 +361,14 @@ class _Stack(Source):
         if hidden is not None:
             with torch.no_grad():
                 hidden = [res.model(h) for h in hidden]
-        state = pruned.state_dict()
+        # a tensor the passes left as it was is the shard's own (read zero-copy from its
+        # mapping): the writer gets a copy, or its pending shard would keep the whole mapping,
+        # the dense weights the passes replaced included, resident until it flushes
+        mapped = {t.untyped_storage().data_ptr() for t in block.layer.state_dict().values()}
+        state = {
+            n: t.clone() if t.untyped_storage().data_ptr() in mapped else t
+            for n, t in pruned.state_dict().items()
+        }
         for n, t in state.items():
             shapes[f"{self.prefix}{i}.{n}"] = tuple(t.shape)
             writer.add(f"{self.prefix}{i}.{n}", t)

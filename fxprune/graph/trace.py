@@ -291,10 +291,26 @@ def retarget(traced: Traced, model: torch.nn.Module, example_inputs=None) -> Tra
         if hasattr(src, attr):
             setattr(gm, attr, getattr(src, attr))
     gm.meta.update(src.meta)
-    if example_inputs is not None:
+    if example_inputs is not None and not _same_inputs(gm, as_args(example_inputs)):
         propagate_shapes(gm, as_args(example_inputs))
     dynamic = [list(d) for d in traced.dynamic]
     return Traced(gm, traced.mode, dynamic, traced.signature)
+
+
+def _same_inputs(gm: fx.GraphModule, args: tuple) -> bool:
+    """Do ``args`` have the shapes and dtypes the graph's shapes were propagated with? Then the
+    copied ``meta["val"]`` of every node already hold (retarget checked every tensor the graph
+    reads has the traced shape and dtype), and propagating again would give them anew."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(holders) != len(args):
+        return False
+    for node, a in zip(holders, args, strict=True):
+        val = node.meta.get("val")
+        if not isinstance(a, torch.Tensor) or not isinstance(val, torch.Tensor):
+            return False
+        if tuple(val.shape) != tuple(a.shape) or val.dtype != a.dtype:
+            return False
+    return all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder"))
 
 
 def _same_signature(want: dict, got: dict, what: str) -> None:

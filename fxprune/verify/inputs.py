@@ -8,6 +8,7 @@ import copy
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 
 def draw(a, g: torch.Generator, length: int | None):
@@ -61,10 +62,23 @@ def cast(a, dtype: torch.dtype):
     return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
 
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy of ``module`` whose floating parameters and buffers are ``dtype`` (what
+    ``copy.deepcopy(module).to(dtype)`` gives, with each tensor copied once instead of copied
+    and then cast). Every tensor is a new one, also where it already had ``dtype``."""
+    memo: dict[int, object] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) in memo or not (dtype is not None and t.is_floating_point()):
+            continue
+        new = t.detach().to(dtype, copy=True)
+        memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(module, memo)
+
+
 def cast_module(gm: torch.nn.Module, native: set, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of ``gm`` in ``dtype``. A capture read the model's dtype into the graph (casts,
     ``full(..., dtype=float16)``): those constants follow, as the dense model's would."""
-    out = copy.deepcopy(gm).to(dtype)
+    out = cast_copy(gm, dtype)
     if isinstance(out, fx.GraphModule):
 
         def swap(a):

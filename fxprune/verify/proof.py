@@ -10,7 +10,6 @@ ConfigError, not a shape error from inside the reference.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from fxprune._util import Report, eval_mode
 from fxprune.errors import ConfigError, FxPruneError
 from fxprune.graph.trace import as_args
-from fxprune.verify.inputs import cast, cast_module, input_sets
+from fxprune.verify.inputs import cast, cast_copy, cast_module, input_sets
 from fxprune.verify.leaves import Mismatch, judged, leaves, measure, named_leaves, what, zero_atol
 from fxprune.verify.pairing import check_pair
 from fxprune.verify.reference import zeroed_dense
@@ -170,9 +169,9 @@ def equivalence(
     dtype = _compare_dtype(model, candidate)
     native = {t.dtype for m in (model, candidate) for t in _floats(m)} - {dtype}
     args = tuple(cast(a, dtype) for a in as_args(example_inputs, model))
-    z = zeroed_dense(model, result).to(dtype)
+    z = zeroed_dense(model, result, dtype)
     pruned = cast_module(candidate, native, dtype) if native else candidate
-    dense = copy.deepcopy(model).to(dtype) if native else model  # eval forwards change nothing
+    dense = cast_copy(model, dtype) if native else model  # eval forwards change nothing
     rows, skipped = [], []
     try:
         with torch.no_grad(), eval_mode(pruned), eval_mode(dense):

@@ -5,7 +5,6 @@ the N:M zeros placed at the kept positions."""
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import PassError
+from fxprune.verify.inputs import cast_copy
 
 
 def _bypass(module: torch.nn.Module, path: str) -> None:
@@ -72,10 +72,11 @@ def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
         return module.get_buffer(name)
 
 
-def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
-    """A copy of the dense model with every removed channel zeroed where it is consumed and
-    every removed block bypassed, every removed expert unreachable."""
-    z = copy.deepcopy(model).eval()
+def zeroed_dense(model: torch.nn.Module, result, dtype: torch.dtype | None = None):
+    """A copy of the dense model (in ``dtype``: its floating tensors cast once, as ``.to(dtype)``
+    would) with every removed channel zeroed where it is consumed and every removed block
+    bypassed, every removed expert unreachable."""
+    z = cast_copy(model, dtype).eval()
     for r in result.passes:
         for path in r.bypassed:
             _bypass(z, path)
@@ -95,6 +96,7 @@ def zeroed_dense(model: torch.nn.Module, result) -> torch.nn.Module:
         for r in result.passes:  # values a reconstruction (SparseGPT) wrote into kept weights
             for name, val in r.updated.items():
                 p = z.get_parameter(name)
+                val = val.to(model.get_parameter(name).dtype)  # rounded as the model holds it
                 p[_dense_where(p.shape, index.get(name, {}))] = val.to(p.device, p.dtype)
         for name, mask in result.masks.items():  # N:M / unstructured zeros, at kept positions
             p = z.get_parameter(name)
