@@ -2,13 +2,15 @@
 ``torch.load(weights_only=True)``, every failure a :class:`CheckpointError` saying why.
 
 A checkpoint carries a sha256 digest of each stored tensor, of each compressed weight (its
-tensors and shape together), of the plan and of the ``source`` entry (``ckpt["sha256"]``, written
-by :func:`seal`); :func:`read_checkpoint` recomputes them and refuses a file whose bytes changed
-after it was saved, naming the tensor or the plan. A checkpoint saved before digests existed
-loads with a warning. The digests guard against corruption (a flipped byte, a truncated copy,
-an edited plan), not against a forger, who can recompute them: :func:`expand` also checks every
-compressed weight's declared shape against the bytes present and the model's own weight before
-it allocates anything.
+tensors and shape together), of the plan, of the ``source`` entry and of the stored equivalence
+proof (``proof``, see ``fxprune.stored_proof``), in ``ckpt["sha256"]``, written by :func:`seal`;
+:func:`read_checkpoint` recomputes them and refuses a file whose bytes changed after it was
+saved, naming the tensor, the plan or the proof. A checkpoint saved before digests existed
+loads with a warning; one sealed before proofs were stored has no proof digest, and a proof
+added to it later is refused like any other edit. The digests guard against corruption (a
+flipped byte, a truncated copy, an edited plan or proof), not against a forger, who can
+recompute them: :func:`expand` also checks every compressed weight's declared shape against the
+bytes present and the model's own weight before it allocates anything.
 
 A save killed mid-write leaves its ``.<name>.<pid>.<random>.tmp`` file; the next save to the
 same path removes it once that pid no longer runs or the file is untouched for
@@ -316,12 +318,20 @@ def _sha256_each(items: dict) -> dict[str, str]:
         return dict(zip(items, pool.map(sha256_of, items.values()), strict=True))
 
 
+def state_digest(state: dict) -> str:
+    """One sha256 (hex) of a ``state_dict``: its names, and each tensor's dtype, shape and
+    bytes (large ones hashed on several threads)."""
+    return sha256_of(_sha256_each(state))
+
+
 def seal(ckpt: dict) -> dict:
     """The digests :func:`verify_digests` checks, for ``ckpt["sha256"]``: one per tensor of
-    ``state_dict``, one per ``compressed`` weight, one for ``plan`` and one for ``source``."""
+    ``state_dict``, one per ``compressed`` weight, one each for ``plan``, ``source`` and
+    ``proof`` (None where the checkpoint stores none)."""
     return {
         "plan": sha256_of(ckpt["plan"]),
         "source": sha256_of(ckpt.get("source")),
+        "proof": sha256_of(ckpt.get("proof")),
         "state_dict": _sha256_each(ckpt["state_dict"]),
         "compressed": _sha256_each(ckpt.get("compressed") or {}),
     }
@@ -343,12 +353,15 @@ def verify_digests(ckpt: dict, path) -> None:
     if not (
         isinstance(rec, dict)
         and all(isinstance(rec.get(k), str) for k in ("plan", "source"))
+        and isinstance(rec.get("proof", ""), str)
         and all(isinstance(rec.get(k), dict) for k in sections)
         and all(isinstance(v, dict) for v in sections.values())
     ):
         raise CheckpointError(f"{path}: its digest record ({DIGESTS!r}) is malformed")
-    for what in ("plan", "source"):
-        if sha256_of(ckpt.get(what)) != rec[what]:
+    # a file sealed before proofs were stored has no proof digest: a proof added to it is an edit
+    proof = ("proof",) if "proof" in rec or ckpt.get("proof") is not None else ()
+    for what in ("plan", "source", *proof):
+        if sha256_of(ckpt.get(what)) != rec.get(what):
             raise CheckpointError(
                 f"{path}: the {what} does not match its sha256 digest: the file was changed "
                 "or corrupted after it was saved"

@@ -14,7 +14,9 @@ EXAMPLES = """model sources:
                                       full size: hf:llama would be 6.7B parameters)
   path/to/file.py:factory             factory() returns (model, example_input); runs the
                                       file, so it needs --trust
-  checkpoint.pt                       written by `fxprune prune --save` (plan + state_dict)
+  checkpoint.pt                       written by `fxprune prune --save`: plan, state_dict and the
+                                      proof it ran, which export / verify reuse (--reprove: prove
+                                      again) when its source rebuilds the weights it proved
 
 examples:
   fxprune prune torchvision:resnet50 --channels 0.5 --ignore fc
@@ -256,6 +258,7 @@ def _add_timing(pr, batch_default) -> None:
 
 def _add_verify(ve) -> None:
     _add_pruning(ve)
+    ve.add_argument("--reprove", action="store_true", help="prove again, not reuse a stored proof")
     _add_timing(ve, [1, 8])
     _add_genai(ve)
     ve.add_argument(
@@ -280,6 +283,7 @@ def _add_verify(ve) -> None:
 
 def _add_export(ex) -> None:
     _add_pruning(ex)
+    ex.add_argument("--reprove", action="store_true", help="prove again, not reuse a stored proof")
     ex.add_argument(
         "-o",
         "--out",
@@ -334,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
 
     pr = add("prune", "prune channels, heads, FFN neurons, blocks (+ N:M); prove equivalence")
     _add_pruning(pr)
-    pr.add_argument("--save", help="write plan + state_dict (and the model source) here")
+    pr.add_argument("--save", help="write plan + state_dict, the model source and the proof here")
     pr.add_argument(
         "--compress",
         choices=["bitmask", "csr"],

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 from fxprune.cli_inputs import (
     compile_source,
@@ -20,6 +21,7 @@ from fxprune.cli_inputs import (
     flag_options,
     is_checkpoint,
     portable,
+    timing_folder,
     unstructured_flags,
 )
 from fxprune.cli_inspect import inspect_command
@@ -30,6 +32,11 @@ class Log:
 
     def __init__(self, quiet: bool):
         self.quiet, self.t0, self.what = quiet, None, None
+
+    def note(self, text: str) -> None:
+        """One line of news on stderr (not a step: no timing)."""
+        if not self.quiet:
+            print(f"fxprune: {text}", file=sys.stderr, flush=True)
 
     def __call__(self, what: str | None) -> None:
         if self.quiet:
@@ -77,11 +84,33 @@ def _print_recipe(a, log: Log) -> int:
     return 0
 
 
-def _prove(model, res, x, log: Log):
+def _prove(a, model, res, x, opened, log: Log):
+    """(equivalence report, the checkpoint whose stored proof it is, else None): a checkpoint's
+    stored proof when it proved this very model (``fxprune.stored_proof.recall``) and
+    ``--reprove`` is not given, else the proof, run now (saying in one line why a stored one
+    did not apply)."""
     import fxprune
 
+    if opened is not None and not getattr(a, "reprove", False):
+        from fxprune.stored_proof import recall
+
+        log(None)
+        rep, why = recall(opened.ckpt, opened.path, opened.source, model, x, res)
+        if rep is not None:
+            log.note(
+                f"reusing the equivalence proof stored in {opened.path} "
+                f"(max_rel_err {rep.max_rel_err:.2e}; --reprove runs it again)"
+            )
+            return rep, opened.path
+        log.note(f"{opened.path}: proving again: {why}")
     log("proving equivalence")
-    return fxprune.verify.equivalence(model, res, x)
+    return fxprune.verify.equivalence(model, res, x), None
+
+
+def _checked(rep, reused) -> str:
+    """The proof's line on stdout, saying where a reused one came from."""
+    where = f" (the proof stored in {reused}, reused)" if reused else ""
+    return f"equivalence check{where}: {rep}"
 
 
 def _report(a, **sections) -> None:
@@ -129,13 +158,16 @@ def _prune(a, log: Log) -> int:
     routed = _routed(a, log)
     if routed is not None:
         return routed
-    model, x, res = compile_source(a, log)
-    rep = _prove(model, res, x, log)
+    model, x, res, _ = compile_source(a, log)
+    rep, _ = _prove(a, model, res, x, None, log)
     if a.save:
+        from fxprune.stored_proof import record
+
         with _writing("--save", a.save):
             source = {"model": portable(a.model), "seed": a.seed}
             packed = {"compress": a.compress} if getattr(a, "compress", None) else {}
-            sizes = res.save(a.save, source=source, **packed)
+            proof = record(rep, source, model, x, res)  # export / verify reuse it
+            sizes = res.save(a.save, source=source, proof=proof, **packed)
         if sizes:
             mb = {k: f"{v / 1e6:.1f} MB" for k, v in sizes.items()}
             log(f"--compress {a.compress}: masked weights {mb['dense']} -> {mb['stored']}")
@@ -186,20 +218,21 @@ def _prune(a, log: Log) -> int:
 
 def _export(a, log: Log) -> int:
     options = export_options(a)  # a bad --format or option fails before any work
-    model, x, res = compile_source(a, log)
-    rep = _prove(model, res, x, log)
+    model, x, res, opened = compile_source(a, log)
+    rep, reused = _prove(a, model, res, x, opened, log)
     if not rep.ok:
         log(None)
-        print(f"equivalence check: {rep}\nnot exported: the pruned model is not exact")
+        print(f"{_checked(rep, reused)}\nnot exported: the pruned model is not exact")
         return 1
     log(f"exporting {a.out}")
     with _writing("-o", a.out):
         out = res.export(a.out, equivalence=rep, **options)
     log(None)
     if a.json:
-        print(json.dumps({"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}))
+        doc = {"path": str(a.out), "equivalence": vars(rep), "export": _plain(out)}
+        print(json.dumps({**doc, "proof_reused_from": reused}))
     else:
-        print(f"equivalence check: {rep}")
+        print(_checked(rep, reused))
         print(out.table())
     return 0
 
@@ -213,7 +246,7 @@ def _plain(obj):
     return json.loads(json.dumps(d, default=str))
 
 
-def _measure(a, model, res, x):
+def _measure(a, model, res, x, workdir=None):
     """The verifier's side-by-side latency, with the timing flags every command shares."""
     import fxprune
 
@@ -222,6 +255,7 @@ def _measure(a, model, res, x):
         res,
         x,
         backend=getattr(a, "timing", None) or a.backend,  # --semi-structured, --precision
+        workdir=workdir,
         batch_sizes=a.batch,
         prompt_len=a.prompt_len,
         new_tokens=a.new_tokens,
@@ -235,10 +269,11 @@ def _measure(a, model, res, x):
 def _verify(a, log: Log) -> int:
     import fxprune
 
-    model, x, res = compile_source(a, log)
-    eq = _prove(model, res, x, log)
+    model, x, res, opened = compile_source(a, log)
+    eq, reused = _prove(a, model, res, x, opened, log)
     log(f"measuring latency on {a.backend}")
-    lat = _measure(a, model, res, x)
+    folder = timing_folder(a, model, res, x)  # the timed pruned.onnx, for --export to copy
+    lat = _measure(a, model, res, x, folder and folder.name)
     est = None
     if a.report:
         log("estimating")
@@ -259,12 +294,17 @@ def _verify(a, log: Log) -> int:
     exported = None
     if a.export and not gates:  # the file lands only when every check passed
         log(f"exporting {a.export}")
+        timed = Path(folder.name) / "pruned.onnx" if folder else None
+        written = {"written": timed} if timed and timed.exists() else {}
         with _writing("--export", a.export):
-            exported = res.export(a.export, equivalence=eq, latency=lat)
+            exported = res.export(a.export, equivalence=eq, latency=lat, **written)
+    if folder:
+        folder.cleanup()
     log(None)
     if a.json:
         out = json.loads(lat.to_json())
         out.update(equivalence=vars(eq), failed=gates, summary=res.summary.to_dict())
+        out["proof_reused_from"] = reused
         out["export"] = str(exported.path) if exported else None
         print(json.dumps(out))
     else:
@@ -272,7 +312,7 @@ def _verify(a, log: Log) -> int:
             f"{a.model}: MACs x{res.summary.macs_ratio:.3f}, params x{res.summary.params_ratio:.3f}"
         )
         print(lat.table())
-        print(f"\nequivalence check: {eq}")
+        print(f"\n{_checked(eq, reused)}")
         for g in gates:
             print(f"FAILED: {g}")
         if exported:
@@ -298,7 +338,7 @@ def _profile_for(backend: str) -> str | None:
 def _estimate(a, log: Log) -> int:
     import fxprune
 
-    model, x, res = compile_source(a, log)
+    model, x, res, _ = compile_source(a, log)
     log("estimating")
     est = fxprune.estimate(
         model,

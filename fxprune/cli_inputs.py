@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -93,16 +94,29 @@ def portable(spec: str) -> str:
     return spec
 
 
+@dataclass
+class Opened:
+    """A checkpoint a command opened: its path, what it holds (read once, digests checked) and
+    the source the dense model was built from (what a proof it stores must have proved, see
+    ``fxprune.stored_proof``)."""
+
+    path: str
+    ckpt: dict
+    source: dict
+
+
 def open_checkpoint(path: str, trust: bool):
-    """(dense model, example input, CompileResult) from a checkpoint that names its source."""
+    """(dense model, example input, CompileResult, :class:`Opened`) from a checkpoint that names
+    its source; the file is read and its digests checked once."""
     import torch
 
-    import fxprune
     from fxprune.errors import CheckpointError, ConfigError
     from fxprune.models import load_model
     from fxprune.plan import read_checkpoint
+    from fxprune.replay import restore
 
-    src = read_checkpoint(path, trust, verify=False).get("source")  # load verifies below
+    ckpt = read_checkpoint(path, trust)
+    src = ckpt.get("source")
     if src and not (isinstance(src, dict) and isinstance(src.get("model"), str)):
         raise CheckpointError(f"{path}: its 'source' entry is malformed: {src!r:.80}")
     if not src:
@@ -118,7 +132,7 @@ def open_checkpoint(path: str, trust: bool):
         )
     torch.manual_seed(src.get("seed", 0))
     model, x = load_model(src["model"], trust=trust)
-    return model, x, fxprune.load(path, model, trust=trust)
+    return model, x, restore(ckpt, path, model), Opened(path, ckpt, src)
 
 
 @contextlib.contextmanager
@@ -136,16 +150,16 @@ def blame_inputs(model, x):
 
 
 def compile_source(a, log: Callable[[str | None], None]):
-    """(dense model, example input, CompileResult) from a checkpoint, ``--load`` or the flags."""
+    """(dense model, example input, CompileResult, the :class:`Opened` checkpoint or None) from
+    a checkpoint, ``--load`` or the flags."""
     import torch
 
-    import fxprune
     from fxprune.models import load_model
 
     if is_checkpoint(a.model):
         log(f"opening {a.model}")
-        model, x, res = open_checkpoint(a.model, a.trust)
-        return model, shaped(a, model, x), res
+        model, x, res, opened = open_checkpoint(a.model, a.trust)
+        return model, shaped(a, model, x), res, opened
     log(f"building {a.model}")
     torch.manual_seed(a.seed)
     model, x = load_model(a.model, trust=a.trust)
@@ -163,15 +177,43 @@ def compile_source(a, log: Callable[[str | None], None]):
         )
     x = shaped(a, model, x)
     if getattr(a, "load", None):
+        from fxprune.plan import read_checkpoint
+        from fxprune.replay import restore
+
         log(f"applying {a.load}")
-        return model, x, fxprune.load(a.load, model, trust=a.trust)
+        ckpt = read_checkpoint(a.load, a.trust)
+        opened = Opened(a.load, ckpt, {"model": portable(a.model), "seed": a.seed})
+        return model, x, restore(ckpt, a.load, model), opened
     structural = a.heads or a.ffn or a.blocks or a.experts or getattr(a, "recipe", None)
     structural = structural or unstructured_flags(a).get("unstructured")  # a target too
     channels = a.channels if a.channels is not None else (0.0 if structural else 0.5)
     log("tracing and pruning")
     with blame_inputs(model, x):
         res = _prune_flags(a, model, x, channels)
-    return model, x, res
+    return model, x, res, None
+
+
+def timing_folder(a, model, res, x):
+    """``verify --export FILE.onnx`` timed on onnxruntime: a temporary folder for the timing's
+    ONNX files, whose ``pruned.onnx`` the export then copies (``written=``) rather than capture
+    the module again; None where that file is not the one the export would write (another
+    backend or format, or an example unlike the plan's, which the export traces on)."""
+    import tempfile
+
+    from fxprune.exporters import exporter_for
+    from fxprune.graph.trace import as_args
+
+    if not getattr(a, "export", None) or a.timing is not None or a.backend != "onnxruntime":
+        return None
+    if exporter_for(a.export, None).format != "onnx":
+        return None
+
+    def spec(args):
+        return [(tuple(t.shape), t.dtype) if hasattr(t, "shape") else t for t in args]
+
+    if spec(as_args(x, model)) != spec(res.plan.example_inputs()):
+        return None
+    return tempfile.TemporaryDirectory(prefix="fxprune-verify-")
 
 
 def unstructured_flags(a) -> dict:

@@ -42,7 +42,7 @@ def inspect_command(a, log) -> int:
     if Path(a.model).suffix == ".onnx" or (Path(a.model) / HANDOFF).is_file():
         return _inspect_handoff(a)
     if is_checkpoint(a.model):
-        _, x, res = open_checkpoint(a.model, a.trust)
+        _, x, res, _ = open_checkpoint(a.model, a.trust)
         model = res.module
     else:
         log(f"building {a.model}")

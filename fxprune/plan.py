@@ -296,19 +296,27 @@ class CompileResult(Report):
             elif isinstance(p, UnstructuredResult):
                 p.masks.update({k: self.module.get_parameter(k) != 0 for k in p.masks})
 
-    def save(self, path: str | Path, source: dict | None = None, compress: str | None = None):
+    def save(
+        self,
+        path: str | Path,
+        source: dict | None = None,
+        compress: str | None = None,
+        proof: dict | None = None,
+    ):
         """Save plan + state_dict (no pickled code); reload with ``fxprune.load``.
 
         ``source`` (JSON-able, e.g. ``{"model": "torchvision:resnet50", "seed": 0}``) records
         how to rebuild the dense model; the command line opens such a checkpoint directly.
+        ``proof``: the equivalence proof run on this result (``fxprune.stored_proof.record``),
+        which ``fxprune export`` / ``verify`` reuse where it applies.
         ``compress="bitmask"`` or ``"csr"`` stores every masked weight (unstructured or N:M)
         in that compact form (:data:`fxprune.checkpoint.COMPRESSIONS`) where it is smaller than
         the dense tensor; ``fxprune.load`` restores them bit for bit, and ``save`` returns the
         masked weights' bytes, ``{"dense": ..., "stored": ...}``.
 
         The file is written atomically and carries a sha256 digest of every tensor, compressed
-        weight, the plan and ``source``; ``fxprune.load`` checks them and names what changed
-        (see ``fxprune.checkpoint``).
+        weight, the plan, ``source`` and ``proof``; ``fxprune.load`` checks them and names what
+        changed (see ``fxprune.checkpoint``).
         """
         from fxprune.checkpoint import COMPRESSIONS, DIGESTS, compressed_bytes, seal
         from fxprune.checkpoint import compress as pack
@@ -336,6 +344,8 @@ class CompileResult(Report):
             ckpt["compressed"] = packed
         if source is not None:
             ckpt["source"] = dict(source)
+        if proof is not None:
+            ckpt["proof"] = dict(proof)
         ckpt[DIGESTS] = seal(ckpt)  # fxprune.load refuses a file whose bytes changed since
         atomic_save(ckpt, path)
         return sizes if compress is not None else None

@@ -98,7 +98,13 @@ def load(path: str | Path, model: nn.Module, trust: bool = False) -> CompileResu
         >>> fxprune.load("r50.pt", torchvision.models.resnet50()).module.training  # doctest: +SKIP
         False
     """
-    ckpt = read_checkpoint(path, trust)
+    return restore(read_checkpoint(path, trust), path, model)
+
+
+def restore(ckpt: dict, path: str | Path, model: nn.Module) -> CompileResult:
+    """:func:`load` of a checkpoint already read (``fxprune.checkpoint.read_checkpoint``, its
+    digests checked): its plan replayed on ``model``, its weights loaded, eval mode. ``path``
+    names the file in errors. Raises CheckpointError as :func:`load` does."""
     try:
         res = apply_plan(model, ckpt["plan"], _weights_follow=True)
     except CheckpointError:

@@ -40,7 +40,14 @@ LAYERS = [
         "fxprune.materialize_torch",
         "fxprune.uniform",
     ],
-    ["fxprune.checkpoint", "fxprune.summary", "fxprune.plan", "fxprune.recipe", "fxprune.options"],
+    [
+        "fxprune.checkpoint",
+        "fxprune.stored_proof",
+        "fxprune.summary",
+        "fxprune.plan",
+        "fxprune.recipe",
+        "fxprune.options",
+    ],
     ["fxprune.api"],
     ["fxprune.replay"],
     [

@@ -165,7 +165,7 @@ def test_unwritable_outputs_are_one_line(net, monkeypatch, capsys):
     assert main(["prune", net, "--trust", "--quiet", "--save", "net.py/ck.pt"]) == 2
     assert "net.py is a file, not a folder" in _one_error_line(capsys)
 
-    def read_only(self, path, source=None):
+    def read_only(self, path, source=None, **kw):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(fxprune.CompileResult, "save", read_only)

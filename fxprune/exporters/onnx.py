@@ -110,10 +110,16 @@ class OnnxExporter(Exporter):
         result=None,  # the CompileResult it came from, for the hand-off metadata
         equivalence=None,  # fxprune.verify.equivalence's report, recorded in the metadata
         latency=None,  # fxprune.verify.latency's report, recorded in the metadata
+        written: str | Path | None = None,
     ) -> OnnxReport:
         """Export ``module`` to ``path`` and check it; see the module docstring (and
         ``fxprune.exporters.metadata`` for what ``result``, ``equivalence`` and ``latency``
         add to the file).
+
+        ``written``: an ONNX file :func:`write_onnx` already made of this ``module``, on inputs
+        of ``example_inputs``' shapes with this ``opset`` and ``dynamic_batch`` (the one
+        ``fxprune verify`` timed on ONNX Runtime): copied instead of capturing the module a
+        second time, where its weights are inline. Every check below runs on the copy.
 
         Raises:
             FileAccessError: ``path`` is a folder, or lies under a file (before any work).
@@ -136,7 +142,11 @@ class OnnxExporter(Exporter):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
         try:
             staged = tmp / path.name
-            external = write_onnx(module, args, staged, opset, dynamic_batch)
+            if written is not None and weight_bytes(module) <= EXTERNAL_DATA_BYTES:
+                shutil.copyfile(written, staged)  # the capture already made, not a second one
+                external = False
+            else:
+                external = write_onnx(module, args, staged, opset, dynamic_batch)
             rows = []
             if nm:  # the audit reads the weights: load them (external data too)
                 model = onnx.load(str(staged), load_external_data=True)
@@ -208,12 +218,17 @@ def write_onnx(module, args: tuple, dest: Path, opset: int, dynamic_batch: bool)
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e
     name_outputs(prog)
-    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    external = size > EXTERNAL_DATA_BYTES
+    external = weight_bytes(module) > EXTERNAL_DATA_BYTES
     prog.save(str(dest), external_data=external)
     if any(a is None for a in args) and any(free) and not external:
         _name_axes_in_file(dest, args, free)
     return external
+
+
+def weight_bytes(module) -> int:
+    """Bytes of ``module``'s parameters and buffers (past ``EXTERNAL_DATA_BYTES`` they are
+    written as external data)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def _name_axes_in_file(dest: Path, args: tuple, free: list[list[int]]) -> None:

@@ -261,7 +261,8 @@ def latency(
         warmup: untimed calls (generations) per model and batch before timing.
         repeats: timed calls (generations) per model and batch (in rounds of alternating order).
         threads: intra-op threads for both models (default: all cores).
-        workdir: where ONNX files go (default: a temporary folder, removed after).
+        workdir: where ONNX files go, ``dense.onnx`` and ``pruned.onnx`` (default: a temporary
+            folder, removed after).
         progress: show a progress bar on stderr (needs ``tqdm``; silently off without it).
         prompt_len, new_tokens: decode backends: random prompt tokens per row (default 128)
             and greedy tokens generated after it (default 64, at least 2).
