@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxprune.graph.depgraph import none_like
-from fxprune.graph.indexing import unused_name
+from fxprune.graph.indexing import op_short_name, unused_name
 from fxprune.graph.rules import (
     align,
     arg,
@@ -174,12 +174,61 @@ def one_head_for_all(ctx, node: fx.Node, t: fx.Node, T: np.ndarray, what: str, s
     head: one head broadcast to every query head before the product (multi-query attention
     through ``repeat_kv``'s expand + reshape: Falcon's default layout on transformers >= 5.25).
     Its channels stay; the query heads are not coupled through it, and after a removal it is
-    indexed with the kept heads (``shared``), each kept query head keeping its own slice."""
+    indexed with the kept heads (``shared``), each kept query head keeping its own slice,
+    unless its head count is read off the query at run time and follows by itself."""
     if T.shape[-3] > 1:
         return T
     ctx.block(T, node, f"the one {what} head every query head shares (multi-query)")
-    shared.append((t, what))
+    if not head_count_read_at_run_time(ctx, t):
+        shared.append((t, what))
     return none_like(T.ndim)
+
+
+_SHAPE_OPS = frozenset(
+    {"expand", "expand_as", "broadcast_to", "reshape", "view", "view_as", "reshape_as", "slice"}
+    | {"unsqueeze", "squeeze", "transpose", "permute", "flatten", "contiguous", "clone"}
+)
+
+
+def head_count_read_at_run_time(ctx, t: fx.Node, limit: int = 8) -> bool:
+    """Whether the shape ops that make ``t`` read a size at run time off a dim that carries
+    channels (``k.expand_as(q)``, ``broadcast_to(k, q.shape)``, ``k.expand(b, q.size(1), ...)``
+    in an fx capture; torch.export bakes such sizes in): ``t``'s head count then follows the
+    kept query heads by itself, and indexing it too would take positions it no longer has."""
+    n = t
+    for _ in range(limit):
+        if not isinstance(n, fx.Node) or op_short_name(n) not in _SHAPE_OPS or not n.args:
+            return False
+        found: list[fx.Node] = []
+        fx.node.map_arg((n.args[1:], n.kwargs), found.append)
+        if any(_reads_channels(ctx, a) for a in found):
+            return True
+        n = n.args[0]
+    return False
+
+
+def _reads_channels(ctx, a: fx.Node) -> bool:
+    """``a`` is a tensor with channels (``expand_as``'s template) or sizes read off dims of one
+    that carry channels: ``x.shape``, ``x.size()``, ``x.shape[i]``, ``x.size(i)``, ``sym_size``."""
+    if tensor_meta(a) is not None:
+        X = ctx.atoms(a)
+        return X is not None and bool((X >= 0).any())
+    idx = None
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        a, idx = a.args[0], a.args[1]
+    whole = (a.op == "call_function" and a.target is getattr and a.args[1] == "shape") or (
+        a.op == "call_method" and a.target == "size" and len(a.args) == 1
+    )
+    if not whole:
+        one = (a.op == "call_method" and a.target == "size") or a.target is aten.sym_size.int
+        if idx is not None or not one:
+            return False
+        idx = arg(a, 1, "dim")
+    X = ctx.atoms(a.args[0])
+    if X is None or not isinstance(idx, (int, slice, type(None))):
+        return False
+    dims = range(X.ndim) if idx is None else range(X.ndim)[idx]
+    return any(X.shape[d] > 1 for d in ([dims] if isinstance(dims, int) else dims))
 
 
 def slice_per_head(
