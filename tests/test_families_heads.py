@@ -178,3 +178,71 @@ def test_a_batch_heads_bias_keeps_each_heads_slice(mode):
     major = _BatchHeadsBias(heads_major=True).eval()
     with pytest.raises(fxprune.errors.ConfigError, match="not batch-major"):
         fxprune.compile(major, x, heads=0.5, mode=mode)
+
+
+class _FusedSlots(torch.nn.Module):
+    """Falcon's attention as transformers 5.25 writes it, without transformers: the fused
+    projection viewed ``(slots, D)``; with ``kv`` groups viewed again ``(kv, q per group + 2,
+    D)``, the query slots sliced and the key / value slots selected; with one key / value head
+    split off ``[heads, 1, 1]``. ``repeat_kv``'s expand + reshape gives every query head its key
+    / value head before ``scaled_dot_product_attention`` (``as_query``: ``k.expand_as(q)``)."""
+
+    def __init__(self, d=64, h=4, kv=1, as_query=False):
+        super().__init__()
+        self.h, self.kv, self.hd, self.as_query = h, kv, d // h, as_query
+        self.qkv, self.o = torch.nn.Linear(d, (h + 2 * kv) * self.hd), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, -1, self.hd)
+        if self.kv > 1:
+            g = qkv.view(b, n, self.kv, -1, self.hd)
+            q, k, v = g[..., :-2, :].flatten(-3, -2), g[..., -2, :], g[..., -1, :]
+        else:
+            q, k, v = qkv.split([self.h, 1, 1], dim=-2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        rep = self.h // self.kv
+        if self.as_query:  # the head count read off q at run time
+            k, v = k.expand_as(q), v.expand_as(q)
+        else:
+            k, v = (
+                t[:, :, None].expand(b, self.kv, rep, n, self.hd).reshape(b, self.h, n, self.hd)
+                for t in (k, v)
+            )
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, n, -1)) + x
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+@pytest.mark.parametrize("kv", [1, 2])
+def test_heads_split_again_and_a_key_head_expanded_to_every_query_head(kv, mode):
+    """Whole heads viewed again ``(kv groups, q per group + 2, D)`` keep the group, the dim the
+    forward does not take apart (a unit is a group with its query heads); one key / value head
+    expanded to every query head stays, and the pruned graph indexes it with the kept query
+    heads. The weakest half goes, exact (the proof runs batch + 1 too)."""
+    torch.manual_seed(0)
+    m, x = _FusedSlots(kv=kv).eval(), torch.randn(2, 6, 64)
+    weak = [0, 1, 2, 3] if kv == 2 else [0, 2]  # group 0's slots, or query heads 0 and 2
+    with torch.no_grad():
+        for s in weak:
+            m.qkv.weight[s * 16 : (s + 1) * 16] *= 0.01
+    res = fxprune.compile(m, x, heads=0.5, mode=mode, importance="l1")
+    kept = list(range(64, 128)) if kv == 2 else [*range(16, 32), *range(48, 96)]
+    assert res.plan.passes[0]["kept"]["qkv"] == kept
+    shared = [n for n, _ in res.module.named_buffers() if "_fxprune_shared_" in n]
+    assert len(shared) == (2 if kv == 1 else 0)  # the key's and the value's kept positions
+    assert fxprune.verify.equivalence(m, res, x).ok
+
+
+def test_a_key_head_expanded_as_the_query_follows_the_kept_heads():
+    """``k.expand_as(q)`` traced by fx reads the head count off q at run time: the shared key /
+    value head follows the kept query heads by itself and is not indexed again."""
+    torch.manual_seed(0)
+    m, x = _FusedSlots(as_query=True).eval(), torch.randn(2, 6, 64)
+    with torch.no_grad():
+        for s in (0, 2):
+            m.qkv.weight[s * 16 : (s + 1) * 16] *= 0.01
+    res = fxprune.compile(m, x, heads=0.5, mode="fx", importance="l1")
+    assert res.plan.passes[0]["kept"]["qkv"] == [*range(16, 32), *range(48, 96)]
+    assert not [n for n, _ in res.module.named_buffers() if "_fxprune_shared_" in n]
+    assert fxprune.verify.equivalence(m, res, x).ok

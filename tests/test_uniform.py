@@ -97,6 +97,23 @@ def test_multi_query_attention_dims_are_one_unit():
     assert fxprune.verify.equivalence(model, res, ids).ok
 
 
+def test_one_kv_head_expanded_for_sdpa_stays_and_query_heads_prune(tmp_path):
+    """One key/value head that ``repeat_kv`` expands to every query head before SDPA was
+    coupled to all of them (no heads to prune); it is shared: it stays, the query heads go one
+    by one, exact on LlamaForCausalLM and after save_pretrained."""
+    model, ids = llm("LlamaForCausalLM", "LlamaConfig", kv=1)
+    res = fxprune.compile(model, ids, heads=0.5, uniform=True)
+    attn = res.model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (32, 16)
+    assert (res.model.config.num_attention_heads, res.model.config.num_key_value_heads) == (2, 1)
+    assert fxprune.verify.equivalence(model, res, ids, target="model").ok
+    res.save_pretrained(tmp_path)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    new = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(new).logits, res.model(new).logits)
+
+
 def test_an_attention_pool_outside_the_blocks_names_the_way_to_the_users_class():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

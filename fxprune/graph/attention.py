@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxprune.graph.depgraph import none_like
-from fxprune.graph.indexing import unused_name
+from fxprune.graph.indexing import op_short_name, unused_name
 from fxprune.graph.rules import (
     align,
     arg,
@@ -135,6 +135,7 @@ def sdpa_rule(ctx, node):
             ctx.block(M, node, "attention mask carries channels")
         elif mt is not None and mt.ndim >= 3 and mt.shape[-3] == hq > 1:
             constant_heads = True  # a per-head mask made in forward (T5's zeros((1, n_heads)))
+    shared = []  # key / value inputs holding one head broadcast to every query head
     if hk == 1 < hq:  # multi-query: one key/value head serves every query head; it stays
         for t, what in ((K, "key"), (V, "value")):
             ctx.block(t, node, f"the one {what} head every query head shares (multi-query)")
@@ -144,33 +145,110 @@ def sdpa_rule(ctx, node):
             return barrier(ctx, node, f"{hq} query heads do not divide into {hk} key/value heads")
         K = np.repeat(K, hq // hk, axis=-3) if K.shape[-3] > 1 else K
         V = np.repeat(V, hq // hk, axis=-3) if V.shape[-3] > 1 else V
+    elif Q.shape[-3] > 1:
+        K = one_head_for_all(ctx, node, k, K, "key", shared)
+        V = one_head_for_all(ctx, node, v, V, "value", shared)
     nd = out_ndim(node) if isinstance(node.meta.get("val"), torch.Tensor) else Q.ndim
     parts = [align(Q, nd), align(K, nd), align(V, nd)]
     out = elementwise_arrays(ctx, node, parts + ([align(bias, nd)] if bias is not None else []))
     if out.shape[-3] > 1:
         ctx.attention[node.name] = out
-        if constant_heads:
+        made = [mask] if constant_heads else []
 
-            def fix(removed):
-                slice_per_head(ctx.gm, node, mask, keep_along(removed, out, -3), -3)
+        def fix(removed):
+            keep = keep_along(removed, out, -3)
+            for t in made:
+                slice_per_head(ctx.gm, node, t, keep, -3)
+            for t, what in {t: w for t, w in shared}.items():  # k is v: indexed once
+                slice_per_head(ctx.gm, node, t, keep, -3, prefix=f"_fxprune_shared_{what}_")
 
+        if made or shared:
             ctx.on_apply(node, fix)
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out
 
 
+def one_head_for_all(ctx, node: fx.Node, t: fx.Node, T: np.ndarray, what: str, shared: list):
+    """A key / value with as many heads as the query whose channels are the same on every
+    head: one head broadcast to every query head before the product (multi-query attention
+    through ``repeat_kv``'s expand + reshape: Falcon's default layout on transformers >= 5.25).
+    Its channels stay; the query heads are not coupled through it, and after a removal it is
+    indexed with the kept heads (``shared``), each kept query head keeping its own slice,
+    unless its head count is read off the query at run time and follows by itself."""
+    if T.shape[-3] > 1:
+        return T
+    ctx.block(T, node, f"the one {what} head every query head shares (multi-query)")
+    if not head_count_read_at_run_time(ctx, t):
+        shared.append((t, what))
+    return none_like(T.ndim)
+
+
+_SHAPE_OPS = frozenset(
+    {"expand", "expand_as", "broadcast_to", "reshape", "view", "view_as", "reshape_as", "slice"}
+    | {"unsqueeze", "squeeze", "transpose", "permute", "flatten", "contiguous", "clone"}
+)
+
+
+def head_count_read_at_run_time(ctx, t: fx.Node, limit: int = 8) -> bool:
+    """Whether the shape ops that make ``t`` read a size at run time off a dim that carries
+    channels (``k.expand_as(q)``, ``broadcast_to(k, q.shape)``, ``k.expand(b, q.size(1), ...)``
+    in an fx capture; torch.export bakes such sizes in): ``t``'s head count then follows the
+    kept query heads by itself, and indexing it too would take positions it no longer has."""
+    n = t
+    for _ in range(limit):
+        if not isinstance(n, fx.Node) or op_short_name(n) not in _SHAPE_OPS or not n.args:
+            return False
+        found: list[fx.Node] = []
+        fx.node.map_arg((n.args[1:], n.kwargs), found.append)
+        if any(_reads_channels(ctx, a) for a in found):
+            return True
+        n = n.args[0]
+    return False
+
+
+def _reads_channels(ctx, a: fx.Node) -> bool:
+    """``a`` is a tensor with channels (``expand_as``'s template) or sizes read off dims of one
+    that carry channels: ``x.shape``, ``x.size()``, ``x.shape[i]``, ``x.size(i)``, ``sym_size``."""
+    if tensor_meta(a) is not None:
+        X = ctx.atoms(a)
+        return X is not None and bool((X >= 0).any())
+    idx = None
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        a, idx = a.args[0], a.args[1]
+    whole = (a.op == "call_function" and a.target is getattr and a.args[1] == "shape") or (
+        a.op == "call_method" and a.target == "size" and len(a.args) == 1
+    )
+    if not whole:
+        one = (a.op == "call_method" and a.target == "size") or a.target is aten.sym_size.int
+        if idx is not None or not one:
+            return False
+        idx = arg(a, 1, "dim")
+    X = ctx.atoms(a.args[0])
+    if X is None or not isinstance(idx, (int, slice, type(None))):
+        return False
+    dims = range(X.ndim) if idx is None else range(X.ndim)[idx]
+    return any(X.shape[d] > 1 for d in ([dims] if isinstance(dims, int) else dims))
+
+
 def slice_per_head(
-    gm: fx.GraphModule, node: fx.Node, mask: fx.Node, keep: np.ndarray, dim: int, period=None
+    gm: fx.GraphModule,
+    node: fx.Node,
+    mask: fx.Node,
+    keep: np.ndarray,
+    dim: int,
+    period=None,
+    prefix: str = "_fxprune_heads_",
 ) -> None:
     """Give ``node`` only the kept heads of ``mask``, a per-head constant the forward builds
     from the head count (no channels traced into it): it is indexed with the kept heads'
     positions along ``dim``, so each head keeps its own slice. ``period``: ``dim`` is
-    ``batch * heads`` (batch-major) with that many heads, indexed in every batch."""
+    ``batch * heads`` (batch-major) with that many heads, indexed in every batch. ``prefix``
+    names the index buffer (``head_constants`` reads ``_fxprune_heads_``)."""
     keep = keep[:period] if period else keep
     if keep.all():
         return
-    name = unused_name(gm, f"_fxprune_heads_{node.name}")
+    name = unused_name(gm, f"{prefix}{node.name}")
     gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0]), persistent=False)
     with gm.graph.inserting_before(node):
         idx = gm.graph.get_attr(name)

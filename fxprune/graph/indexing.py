@@ -225,7 +225,7 @@ def picked_dims(node: fx.Node, limit: int = 16) -> set[int]:
         return out
     nd = t.ndim
     for u in list(node.users)[:limit]:
-        name = _op_name(u)
+        name = op_short_name(u)
         if name == "slice" and u.args[0] is node:
             d = arg(u, 1, "dim", 0) % nd
             s, e, step = arg(u, 2, "start"), arg(u, 3, "end"), arg(u, 4, "step", 1)
@@ -261,7 +261,8 @@ def _getitem_dims(idx, nd: int) -> set[int]:
     return out
 
 
-def _op_name(node: fx.Node) -> str:
+def op_short_name(node: fx.Node) -> str:
+    """``expand`` for ``aten.expand.default``, ``torch.expand`` or ``x.expand``."""
     t = node.target
     if node.op == "call_method":
         return t

@@ -98,12 +98,14 @@ def reshape_atoms(ctx: Analysis, node: fx.Node, X: np.ndarray, src, dst) -> np.n
             # One channel dim split into several: removal must stay a whole slice, so one dim
             # keeps channel identity and the others are coupled into it. Before an attention
             # product the split is (..., heads, head_dim): the head index is kept, so a unit is a
-            # whole head (q, k, v rows and the output projection's columns). Elsewhere (channel
-            # shuffle) the largest dim is kept.
+            # whole head (q, k, v rows and the output projection's columns); whole heads split
+            # again keep a group of heads. Elsewhere (channel shuffle) the largest dim is kept.
             head_dims = attention_head_dims(ctx, node) if head_dims is None else head_dims
             heads = int(out.shape[vary_out[-1]]) in head_dims
             if heads:
                 primary = _head_dim_kept(node, vary_out)
+            elif _whole_heads(ctx, X):
+                primary = _regrouped_heads_kept(node, vary_out)
             else:
                 primary = max(vary_out, key=lambda d: (out.shape[d], d))
             ref = out
@@ -144,6 +146,25 @@ def _head_dim_kept(node: fx.Node, vary: list[int]) -> int:
     picked = picked_dims(node)
     free = [d for d in vary[:-1] if d not in picked]
     return free[-1] if free else vary[-2]
+
+
+def _whole_heads(ctx: Analysis, X: np.ndarray) -> bool:
+    """``X`` holds whole heads, one per position: a reshape grouped its atoms into heads."""
+    a = X[X >= 0]
+    if not (a.size and ctx.head_atoms):
+        return False
+    return bool(np.isin(a, np.concatenate(ctx.head_atoms)).all())
+
+
+def _regrouped_heads_kept(node: fx.Node, vary: list[int]) -> int:
+    """Which dim keeps the heads when a dim of whole heads is split again: Falcon's new
+    decoder architecture on transformers >= 5.25 views ``(slots, D)`` as ``(kv groups, q per
+    group + 2, D)``, slices the query slots and selects the key / value slot. The last dim the
+    users do not take apart by position is kept (the KV group: a unit is a group with its query
+    heads); with every dim taken apart, the last."""
+    picked = picked_dims(node)
+    free = [d for d in vary if d not in picked]
+    return free[-1] if free else vary[-1]
 
 
 def attention_head_dims(ctx: Analysis, node: fx.Node, limit: int = 32) -> set[int]:
