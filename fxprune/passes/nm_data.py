@@ -150,11 +150,10 @@ def _accumulate(acc, gm, param, node, wl, x, hessian, fallback, key=None) -> Non
     acc.sq[key] = acc.sq.get(key, 0) + sq
     acc.count[key] = acc.count.get(key, 0) + (cols.shape[0] if cols is not None else 1)
     if hessian and cols is not None and param not in fallback:
-        h = (cols.T @ cols).double()  # one batch in float32 (as the reference), summed in float64
-        if key in acc.hess:
-            acc.hess[key] += h
+        if key in acc.hess:  # summed in float32, as the reference does (no float64 copy a batch)
+            acc.hess[key].addmm_(cols.T, cols)
         else:
-            acc.hess[key] = h
+            acc.hess[key] = cols.T @ cols
 
 
 def wanda_scores(w: torch.Tensor, wl: WeightedLayer, sq: torch.Tensor) -> torch.Tensor:
@@ -182,18 +181,24 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor, wl: WeightedLayer) -> tor
 def hessian_factor(hess: torch.Tensor, count: int, damp: float = 0.01):
     """SparseGPT's upper Cholesky factor of the damped inverse Hessian ``H = 2 X^T X / n``, and
     the dead columns (never active: their weights are zeroed). Factored in float32, as the
-    reference implementation does; float64 where float32's factorisation fails or overflows."""
+    reference implementation does; float64 where float32's factorisation fails or overflows.
+
+    The reference inverts H from its Cholesky factor and factors the inverse again (~2.7 c^3
+    FLOP here). With J the reversal of rows and columns, ``J H J = L L^T`` gives ``H^-1 = U^T
+    U`` with ``U = J L^-1 J`` upper triangular with a positive diagonal: the same factor, from
+    one Cholesky and one triangular solve (1.5x faster at c = 4096, equal to float32
+    rounding; tests/passes/test_nm_methods.py compares it with the reference's)."""
     H = hess.double() * (2.0 / max(count, 1))
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    eye = torch.eye(H.shape[0], dtype=torch.float32, device=H.device)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     for dtype in (torch.float32, torch.float64):
-        L, info = torch.linalg.cholesky_ex(H.to(dtype))
-        if int(info) == 0:  # cholesky_solve, not cholesky_inverse: 5x faster on CPU LAPACK
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye.to(dtype), L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U.float(), dead
+        L, info = torch.linalg.cholesky_ex(H.to(dtype).flip(0, 1))
+        if int(info) == 0:
+            eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
+                return U.float().contiguous(), dead
     raise torch.linalg.LinAlgError("the damped Hessian is not positive definite")
 
 

@@ -163,3 +163,23 @@ def test_sparsegpt_sweep_matches_the_textbook_loop_and_stacking_changes_nothing(
     pa, pb = sparsegpt_rows(a, U, 2, 4, 8), sparsegpt_rows(b, U, 2, 4, 8)
     assert torch.equal(torch.cat([pa, pb]), pruned)
     torch.testing.assert_close(torch.cat([a, b]), got, rtol=1e-5, atol=1e-5)
+
+
+def test_the_hessian_factor_is_the_references_upper_cholesky_of_the_inverse():
+    """hessian_factor takes one Cholesky of the reversed H and one triangular solve; the
+    reference inverts H and factors the inverse again. Same factor (float64 reference), dead
+    columns set to 1 before damping, as the reference does."""
+    from fxprune.passes.nm_data import hessian_factor
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 64, dtype=torch.float64)
+    x[:, 5] = 0.0  # a column never active
+    hess = x.T @ x
+    U, dead = hessian_factor(hess.float(), 300)
+    H = hess * (2.0 / 300)
+    H[5, 5] = 1.0
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(64, dtype=H.dtype)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    assert dead.tolist() == [i == 5 for i in range(64)]
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu()) and bool((U.diag() > 0).all())
+    torch.testing.assert_close(U.double(), ref, rtol=1e-5, atol=1e-6)
