@@ -267,7 +267,9 @@ def test_cli_stream(tmp_path, capsys):
     assert "give --save-pretrained" in capsys.readouterr().err
 
 
-def test_retarget_reuses_one_capture_and_refuses_another_structure():
+def test_retarget_reuses_one_capture_and_refuses_another_structure(monkeypatch):
+    import importlib
+
     from fxprune.graph import retarget, trace
     from fxprune.streaming import Block
 
@@ -280,6 +282,21 @@ def test_retarget_reuses_one_capture_and_refuses_another_structure():
     with torch.no_grad():
         torch.testing.assert_close(t1.gm(x), b1(x), rtol=0, atol=0)
     assert t1.gm.get_parameter("layer.mlp.up_proj.weight") is b1.layer.mlp.up_proj.weight
+    # the template's shapes carry over only for inputs of the traced shapes; others propagate
+    tr = importlib.import_module("fxprune.graph.trace")  # the module, not the function
+    ran = []
+    real = tr.propagate_shapes
+    monkeypatch.setattr(tr, "propagate_shapes", lambda gm, a: ran.append(a[0].shape) or real(gm, a))
+    free = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)  # as the stream captures
+    td = trace(b0, x, mode="export", dynamic_shapes=free)
+    ran.clear()  # the capture's own propagation
+    retarget(td, b1, x)
+    assert not ran
+    y = torch.randn(2, 3, 64)
+    t2 = retarget(td, b1, y)
+    assert ran == [y.shape]
+    holder = next(n for n in t2.gm.graph.nodes if n.op == "placeholder")
+    assert tuple(holder.meta["val"].shape) == (2, 3, 64)
     other = Block(_decoder("llama", layers=1, heads=4, kv=2).model.layers[0], rot)
     with pytest.raises(ConfigError, match="retarget: Block.layer.self_attn.head_dim is 16.*8"):
         retarget(t0, other)

@@ -307,3 +307,22 @@ def test_user_model_is_not_modified():
     model.train()
     equivalence(model, res, X)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_proofs_copies_share_no_storage_and_keep_ties():
+    """cast_copy makes the proof's float32 copies in one step: every tensor a new one, also
+    where the dtype already matches (zeroed_dense writes into its copy), values equal to
+    ``.to(dtype)``'s, tied weights still tied."""
+    from fxprune.verify.inputs import cast_copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    m[2].weight = m[0].weight  # tied
+    for dtype, src in ((torch.float32, m), (torch.float32, copy.deepcopy(m).bfloat16())):
+        c = cast_copy(src, dtype)
+        theirs = {t.data_ptr() for t in (*src.parameters(), *src.buffers())}
+        assert not {t.data_ptr() for t in (*c.parameters(), *c.buffers())} & theirs
+        assert c[2].weight is c[0].weight
+        ref = copy.deepcopy(src).to(dtype)
+        for (k, a), (_, b) in zip(c.state_dict().items(), ref.state_dict().items(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), k
