@@ -17,6 +17,7 @@ captures a block once and retargets it). The rules, in one place:
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -86,12 +87,6 @@ def capture(
     return traced
 
 
-def _attr(root: nn.Module, target: str):
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
-
-
 def same_capture(gm: fx.GraphModule, module: nn.Module, leaf_modules: Sequence = ()) -> bool:
     """Does ``module`` trace (torch.fx, eval mode, the capture's own rewrites) to exactly
     ``gm``'s code over the very layers ``gm`` calls and tensors equal to ``gm``'s? Then it
@@ -110,7 +105,8 @@ def same_capture(gm: fx.GraphModule, module: nn.Module, leaf_modules: Sequence =
         if node.op not in ("call_module", "get_attr"):
             continue
         try:
-            mine, theirs = _attr(gm, node.target), _attr(module, node.target)
+            get = operator.attrgetter(node.target)
+            mine, theirs = get(gm), get(module)
         except AttributeError:
             return False
         if mine is theirs:
