@@ -90,7 +90,13 @@ def _prove(a, model, res, x, opened, log: Log):
     ``--reprove`` is not given, else the proof, run now (saying in one line why a stored one
     did not apply)."""
     import fxprune
+    from fxprune.errors import ConfigError
 
+    if opened is None and getattr(a, "reprove", False):
+        raise ConfigError(
+            "--reprove: there is no stored proof to set aside (the source is not a checkpoint "
+            "and no --load CKPT is given); every run without one proves anyway"
+        )
     if opened is not None and not getattr(a, "reprove", False):
         from fxprune.stored_proof import recall
 

@@ -93,6 +93,13 @@ def test_reprove_runs_the_proof_again(saved, proofs, capsys):
     assert len(proofs) == 2 and "reused" not in out and "equivalence check: equivalent" in out
 
 
+def test_reprove_without_a_checkpoint_is_refused(net, proofs, capsys):
+    """A source that is not a checkpoint has no stored proof: --reprove would change nothing."""
+    rc = main(["export", net, "--trust", "--ignore", "fc", "-o", "m.onnx", "--reprove"])
+    assert rc == 2 and "--reprove: there is no stored proof" in _error(capsys)
+    assert not Path("m.onnx").exists()
+
+
 def test_an_edited_stored_proof_is_a_checkpoint_error(saved, proofs, capsys):
     from fxprune.models import load_model
 
