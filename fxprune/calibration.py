@@ -107,6 +107,32 @@ class Capture(fx.Interpreter):
         return v
 
 
+class Lockstep:
+    """Every batch through ``gm`` together, one node at a time: ``after(node, values)`` sees a
+    node's value for every batch before any later node runs, so it may change a weight that
+    later nodes read (a sequential calibration prunes each layer on the inputs the already
+    pruned layers before it give). Holds every batch's live values at once."""
+
+    def __init__(self, gm: fx.GraphModule, batches):
+        self.gm, self.batches = gm, list(batches)
+
+    def run(self, after) -> list:
+        """The graph's outputs, one per batch."""
+        its = [fx.Interpreter(self.gm) for _ in self.batches]
+        for it, b in zip(its, self.batches, strict=True):
+            it.env, it.args_iter = {}, iter(self.gm.graph.process_inputs(*b))
+        for node in self.gm.graph.nodes:
+            for it in its:
+                it.env[node] = it.run_node(node)
+            after(node, [it.env[node] for it in its])
+            if node.op == "output":
+                return [self.gm.graph.process_outputs(it.env[node]) for it in its]
+            for it in its:
+                for dead in it.user_to_last_uses.get(node, []):
+                    del it.env[dead]
+        raise AssertionError("a graph without an output node")
+
+
 def _per_position(v: torch.Tensor, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean |v| at every position of ``arr`` (dims of size 1 in ``arr`` are averaged)."""
     dims = [d for d in range(v.ndim) if arr.shape[d] == 1 and v.shape[d] > 1]

@@ -8,6 +8,7 @@ Options that would do nothing are refused here, as an empty Recipe is: no option
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from fxprune._util import is_default, jsonable, resolve_names
@@ -297,3 +298,20 @@ def _keyword_view(o: dict, ratios: dict, nm) -> dict:
     if o["unstructured"]:
         config.update({k: jsonable(o[k]) for k in RECIPE_OPTIONS if k.startswith("unstructured")})
     return config
+
+
+def sequential_nm(model, data: bool, **options) -> tuple:
+    """``from_options``'s recipe and config with a data-driven N:M pass calibrating layer by
+    layer in one forward (``NM.sequential``: each layer chosen on what the pruned layers before
+    it give, and the pruned graph's outputs on the batches come back); the recipe unchanged
+    where N:M reads no data."""
+    from fxprune.passes.nm_methods import resolve as resolve_method
+
+    recipe, config = from_options(model, data=data, **options)
+    passes = tuple(
+        dataclasses.replace(p, sequential=True)
+        if isinstance(p, NM) and resolve_method(p.method).data
+        else p
+        for p in recipe.passes
+    )
+    return dataclasses.replace(recipe, passes=passes), config

@@ -22,7 +22,10 @@
 
 Data-driven choices (``importance="activation"``, Wanda, SparseGPT) calibrate sequentially, as
 SparseGPT's and Wanda's own code do: block i is measured on the hidden states that the pruned
-blocks 0..i-1 produced from the calibration tokens.
+blocks 0..i-1 produced from the calibration tokens. Wanda and SparseGPT go further, in one
+forward of each block (``NM.sequential``): each layer is chosen on what the block's layers
+before it, already pruned, give (SparseGPT's "true sequential" order), and that forward's
+outputs are the next block's hidden states, so no second pass runs.
 
 The output folder opens with ``AutoModelForCausalLM.from_pretrained`` in a process that never
 imports fxprune; ``tests/test_streaming.py`` checks it equals ``compile(...).save_pretrained``.
@@ -320,6 +323,7 @@ class _Stack(Source):
     def prune_block(self, i, options, hidden, prove, result, writer, shapes):
         """Prune block i, prove it, write it; returns the calibration's next hidden states."""
         from fxprune.api import compile as compile_block
+        from fxprune.options import sequential_nm
         from fxprune.verify import equivalence
 
         ti = time.perf_counter()
@@ -327,14 +331,17 @@ class _Stack(Source):
         stored = next(block.layer.parameters()).dtype  # the shards' dtype, whatever the config says
         if self.example.dtype != stored:
             self.example = self.example.to(stored)
+        # a data-driven N:M pass calibrates layer by layer in its one forward, and that
+        # forward's outputs (the pruned block's) are the next block's hidden states
+        recipe, _ = sequential_nm(block, hidden is not None, **options)
         res = compile_block(
             block,
             self.example,
+            recipe,
             calibration=hidden,
             calibration_batches=len(hidden) if hidden else None,
             capture=self.capture(block),
             dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},),
-            **options,
         )
         if res.model is res.module:
             raise UnsupportedModelError(
@@ -359,8 +366,9 @@ class _Stack(Source):
                 "Hugging Face config holds one count for every block"
             )
         if hidden is not None:
+            ran = getattr(res.passes[-1], "outputs", None)  # a sequential N:M's, if last
             with torch.no_grad():
-                hidden = [res.model(h) for h in hidden]
+                hidden = ran if ran is not None else [res.model(h) for h in hidden]
         # a tensor the passes left as it was is the shard's own (read zero-copy from its
         # mapping): the writer gets a copy, or its pending shard would keep the whole mapping,
         # the dense weights the passes replaced included, resident until it flushes

@@ -15,6 +15,7 @@ import torch
 
 import fxprune
 from fxprune.errors import CheckpointError, ConfigError, PassError, UnsupportedModelError
+from fxprune.passes import NM
 from fxprune.streaming import Shards, ShardWriter
 from tests.conftest import randomize
 
@@ -121,9 +122,10 @@ def test_a_streamed_folder_opens_without_fxprune_and_generates(tmp_path):
 
 
 def test_wanda_calibrates_each_block_on_the_pruned_blocks_before_it(tmp_path):
-    """Block 1 is masked by Wanda on the hidden states the *pruned* block 0 makes: recomputed
-    here from the streamed model's own forward (output_hidden_states), independent of the
-    stream's code, the masks agree."""
+    """Block 1 is masked by Wanda on the hidden states the *pruned* block 0 makes, each of its
+    layers on what its layers before it give once pruned (NM.sequential): recomputed here from
+    the streamed model's own forward (output_hidden_states), independent of the stream's code,
+    the masks agree."""
     dense = _decoder("llama", layers=2)
     src = _source(dense, tmp_path / "src")
     calib = [_ids(10 + i, batch=2, seq=16) for i in range(2)]
@@ -136,19 +138,27 @@ def test_wanda_calibrates_each_block_on_the_pruned_blocks_before_it(tmp_path):
     from fxprune.streaming import Block
 
     block = Block(dense.model.layers[1], dense.model.rotary_emb).eval()
-    ref = fxprune.compile(
+    sequential = fxprune.Recipe((NM(2, 4, method="wanda", sequential=True),), uniform=True)
+    ref = fxprune.compile(block, into_1[0], sequential, calibration=into_1)
+    one_pass = fxprune.compile(
         block, into_1[0], sparsity="2:4", sparsity_method="wanda", calibration=into_1
-    )
+    ).model.layer.state_dict()
     dense_calibrated = fxprune.compile(
         dense, calib[0], sparsity="2:4", sparsity_method="wanda", calibration=calib
     ).model.state_dict()
-    differs = 0
+    differs = within = 0
     for name, w in ref.model.layer.state_dict().items():
         got = state[f"model.layers.1.{name}"]
         assert torch.equal(got != 0, w != 0), name
         differs += int(not torch.equal(got != 0, dense_calibrated[f"model.layers.1.{name}"] != 0))
-    # calibrating on the dense model's hidden states would have chosen other weights
-    assert differs > 0
+        within += int(not torch.equal(got != 0, one_pass[name] != 0))
+    # calibrating on the dense model's hidden states would have chosen other weights, and so
+    # would calibrating the block's later layers on its dense layers' outputs
+    assert differs > 0 and within > 0
+    assert torch.equal(
+        state["model.layers.1.self_attn.q_proj.weight"] != 0,
+        one_pass["self_attn.q_proj.weight"] != 0,
+    )
     for name, w in state.items():
         if name.startswith("model.layers.") and name.endswith("proj.weight"):
             groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)

@@ -127,10 +127,13 @@ class NMResult(MaskCoverage, PassResult):
     kept_magnitude: float = 1.0
     wanda_fallback: dict[str, str] = field(default_factory=dict)  # SparseGPT -> Wanda, why
     magnitude_fallback: dict[str, str] = field(default_factory=dict)  # no input captured
+    sequential: bool = False  # calibrated layer by layer in one forward (NM.sequential)
+    outputs: list | None = field(default=None, repr=False)  # the graph's, per batch (sequential)
 
     @property
     def details(self) -> dict:
         out = super().details
+        del out["outputs"]
         for k in ("wanda_fallback", "magnitude_fallback"):
             if not out[k]:
                 del out[k]

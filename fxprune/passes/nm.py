@@ -42,6 +42,13 @@ class NM:
         method: ``"magnitude"`` (|w|), ``"wanda"`` (|w| x input norm) or ``"sparsegpt"``
             (second-order reconstruction that also updates kept weights); see ``nm_data.py``.
         calibration: batches for wanda / sparsegpt (default: the example inputs).
+        sequential: calibrate layer by layer in one forward: every batch runs through the
+            graph together, and each weight is chosen (and, for SparseGPT, updated) on the
+            inputs the already pruned layers before it give (SparseGPT's "true sequential"
+            order); the pruned graph's outputs on the batches come back in
+            ``NMResult.outputs``. Holds every batch's live values at once: meant for one block
+            (``fxprune.stream`` uses it, so a block needs one forward, not a calibration pass
+            and a second one for the next block's inputs), not a whole model.
     """
 
     n: int = 2
@@ -51,13 +58,18 @@ class NM:
     layers: tuple[str, ...] | None = field(default=None, compare=False)
     method: str = "magnitude"
     calibration: tuple | None = field(default=None, compare=False, hash=False)
+    sequential: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ConfigError(f"sparsity {self.n}:{self.m}: need integers 0 < N < M (e.g. '2:4')")
         from fxprune.passes.nm_methods import resolve
 
-        resolve(self.method)  # a ConfigError naming the registered methods
+        if self.sequential and not resolve(self.method).data:  # a ConfigError naming methods
+            raise ConfigError(
+                f"NM(sequential=True) with method={self.method!r}: it reads no calibration, "
+                "so there is nothing to calibrate layer by layer"
+            )
 
     @classmethod
     def parse(cls, spec: str, **kw) -> NM:
@@ -271,21 +283,28 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
     gm = graph.gm
     method = resolve(cfg.method)
     chosen, ineligible = _chosen(gm, cfg)
-    acc, fallback = None, {}
-    if method.data and cfg.layers is None:  # data-driven: calibrate first (replay: magnitude)
-        from fxprune.calibration import as_batches
-        from fxprune.passes.nm_data import calibrate
+    acc, fallback, outputs, done, updated = None, {}, None, {}, {}
+    with torch.no_grad():
+        if method.data and cfg.layers is None:  # data-driven: calibrate (replay: magnitude)
+            from fxprune.calibration import as_batches
+            from fxprune.passes.nm_data import calibrate
 
-        acc, fallback = calibrate(
-            gm,
-            {c.param: c for c, _ in chosen},
-            as_batches(cfg.calibration, args),
-            hessian=method.hessian,
-        )
-    eligible, masks, updated = [], {}, {}
+            def ready(params, stats):  # sequential: mask these before they run
+                group = [(c, w) for c, w in chosen if c.param in set(params) - set(done)]
+                done.update(method.mask_all(group, cfg.n, cfg.m, stats, updated))
+
+            acc, fallback, outputs = calibrate(
+                gm,
+                {c.param: c for c, _ in chosen},
+                as_batches(cfg.calibration, args),
+                hessian=method.hessian,
+                on_ready=ready if cfg.sequential else None,
+            )
+        rest = [(c, w) for c, w in chosen if c.param not in done]  # all, unless sequential
+        done.update(method.mask_all(rest, cfg.n, cfg.m, acc, updated))
+    eligible, masks = [], {}
     kept_mag = total_mag = 0.0
     with torch.no_grad():
-        done = method.mask_all(chosen, cfg.n, cfg.m, acc, updated)
         for c, _ in chosen:
             masks[c.param], before, after = done[c.param]
             total_mag += before
@@ -316,6 +335,8 @@ def prune_nm(graph: DependencyGraph, cfg: NM, args: tuple) -> PassResult:
         kept_magnitude=kept_mag / total_mag if total_mag else 1.0,
         wanda_fallback=wanda,
         magnitude_fallback=no_input,
+        sequential=cfg.sequential,
+        outputs=outputs,
     )
 
 

@@ -16,9 +16,9 @@ position), from calibration batches run through the graph being pruned.
   one forward, not sequentially through already-pruned layers as in the paper; ``fxprune.stream``
   calibrates block by block on the pruned blocks' outputs). Linear layers that read the same
   value (q/k/v, gate/up) share one Hessian, one factorisation and one sweep (their rows
-  stacked). Precision as in the reference implementation: each batch's ``X^T X`` and the sweep
-  in float32 (the sum over batches in float64); the factorisation in float32, float64 where
-  that fails.
+  stacked). Precision as in the reference implementation: ``X^T X`` summed over batches and the
+  sweep in float32; the factorisation in float32, float64 where that fails. The factor and the
+  sweep themselves are :mod:`fxprune.passes.sparsegpt`.
 
 Conv weights ``[K, C, R, S]`` are handled as ``[K, R*S*C]`` (columns ordered kernel position,
 then channel) so that every group of M consecutive columns lies along ``C`` (TensorRT's axis
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from fxprune._util import ticking
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
+from fxprune.passes.sparsegpt import hessian_factor, sparsegpt_cols
 
 
 def _input_node(node: fx.Node, wl: WeightedLayer) -> fx.Node | None:
@@ -75,12 +76,18 @@ class _Acc:
 
 
 def calibrate(
-    gm: fx.GraphModule, layers: dict[str, WeightedLayer], batches, hessian: bool
-) -> tuple[_Acc, dict[str, str]]:
+    gm: fx.GraphModule, layers: dict[str, WeightedLayer], batches, hessian: bool, on_ready=None
+) -> tuple[_Acc, dict[str, str], list | None]:
     """Run ``batches`` through ``gm`` and accumulate input statistics for the weights in
-    ``layers`` (param name -> layer). Returns the statistics and, per weight, why SparseGPT
-    cannot reconstruct it (those get Wanda scores)."""
-    from fxprune.calibration import Capture
+    ``layers`` (param name -> layer). Returns the statistics, per weight why SparseGPT cannot
+    reconstruct it (those get Wanda scores), and the graph's outputs (sequential only).
+
+    With ``on_ready`` (a sequential calibration) every batch runs through the graph together
+    (:class:`fxprune.calibration.Lockstep`) and ``on_ready(params, stats)`` is called as soon as the
+    statistics of the weights ``params`` are complete, before any of them runs: it may prune
+    them, so each later layer calibrates on what the pruned layers before it give, in one
+    forward; the outputs returned are the pruned graph's, one per batch."""
+    from fxprune.calibration import Capture, Lockstep
 
     want: dict[str, list[tuple[str, fx.Node, WeightedLayer]]] = {}
     fallback: dict[str, str] = {}
@@ -94,37 +101,53 @@ def calibrate(
             continue
         want.setdefault(src.name, []).append((wl.param, node, wl))
     # Linear layers reading one value (q/k/v, gate/up) have the same statistics: one copy,
-    # accumulated once, serves them all (SparseGPT's Hessian is [in, in] in fp64)
+    # accumulated once, serves them all (SparseGPT's Hessian is [in, in])
     key = {
         param: f"{src}:linear" if wl.kind == "linear" and wl.reduce_dim == 1 else param
         for src, uses in want.items()
         for param, _, wl in uses
     }
     acc = _Acc()
+
+    def seen(src: str, x) -> None:  # one batch's value of src
+        if not isinstance(x, torch.Tensor):
+            return
+        done = set()
+        for param, node, wl in want[src]:
+            if key[param] not in done:
+                done.add(key[param])
+                x32 = x.detach().float()
+                _accumulate(acc, gm, param, node, wl, x32, hessian, fallback, key[param])
+
+    def share(src: str) -> None:  # each weight reads its shared statistics under its own name
+        for param, _, _ in want[src]:
+            for table in (acc.sq, acc.hess, acc.count):
+                if key[param] in table:
+                    table[param] = table[key[param]]
+
+    def after(node: fx.Node, values: list) -> None:
+        if node.name in want:
+            for x in values:
+                seen(node.name, x)
+            share(node.name)
+            on_ready([param for param, _, _ in want[node.name]], acc)
+
+    outputs = None
     with torch.no_grad():
-        for b in ticking(batches, "calibrating (N:M)"):
-            cap = Capture(gm, set(want))
-            cap.run(*b)
-            for src, uses in want.items():
-                x = cap.seen.get(src)
-                if not isinstance(x, torch.Tensor):
-                    continue
-                done = set()
-                for param, node, wl in uses:
-                    if key[param] in done:
-                        continue
-                    done.add(key[param])
-                    _accumulate(
-                        acc, gm, param, node, wl, x.detach().float(), hessian, fallback, key[param]
-                    )
-    for param, k in key.items():  # each weight reads its shared statistics under its own name
-        for table in (acc.sq, acc.hess, acc.count):
-            if k in table:
-                table[param] = table[k]
+        if on_ready is not None:
+            outputs = Lockstep(gm, batches).run(after)
+        else:
+            for b in ticking(batches, "calibrating (N:M)"):
+                cap = Capture(gm, set(want))
+                cap.run(*b)
+                for src in want:
+                    seen(src, cap.seen.get(src))
+            for src in want:
+                share(src)
     for k in set(key.values()) - set(key):
         for table in (acc.sq, acc.hess, acc.count):
             table.pop(k, None)
-    return acc, fallback
+    return acc, fallback, outputs
 
 
 def _accumulate(acc, gm, param, node, wl, x, hessian, fallback, key=None) -> None:
@@ -164,74 +187,20 @@ def wanda_scores(w: torch.Tensor, wl: WeightedLayer, sq: torch.Tensor) -> torch.
     return w.detach().abs().float() * norm.reshape(shape)
 
 
-def _as_rows(w: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
-    """The weight as [rows, columns] in SparseGPT's column order."""
+def _as_cols(w: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
+    """A float32 copy of the weight as [columns, rows] in SparseGPT's column order (one pass)."""
     if wl.kind == "linear":
-        return w.detach().float().t().clone() if wl.reduce_dim == 0 else w.detach().float().clone()
-    return w.detach().float().permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone()
+        view = w.detach().t() if wl.reduce_dim == 1 else w.detach()
+    else:
+        view = w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+    return torch.empty(view.shape, dtype=torch.float32, device=w.device).copy_(view)
 
 
-def _from_rows(rows: torch.Tensor, like: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
+def _from_cols(cols: torch.Tensor, like: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
     if wl.kind == "linear":
-        return rows.t() if wl.reduce_dim == 0 else rows
+        return cols.t() if wl.reduce_dim == 1 else cols
     k, c, r, s = like.shape
-    return rows.reshape(k, r, s, c).permute(0, 3, 1, 2)
-
-
-def hessian_factor(hess: torch.Tensor, count: int, damp: float = 0.01):
-    """SparseGPT's upper Cholesky factor of the damped inverse Hessian ``H = 2 X^T X / n``, and
-    the dead columns (never active: their weights are zeroed). Factored in float32, as the
-    reference implementation does; float64 where float32's factorisation fails or overflows.
-
-    The reference inverts H from its Cholesky factor and factors the inverse again (~2.7 c^3
-    FLOP here). With J the reversal of rows and columns, ``J H J = L L^T`` gives ``H^-1 = U^T
-    U`` with ``U = J L^-1 J`` upper triangular with a positive diagonal: the same factor, from
-    one Cholesky and one triangular solve (1.5x faster at c = 4096, equal to float32
-    rounding; tests/passes/test_nm_methods.py compares it with the reference's)."""
-    H = hess.double() * (2.0 / max(count, 1))
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    for dtype in (torch.float32, torch.float64):
-        L, info = torch.linalg.cholesky_ex(H.to(dtype).flip(0, 1))
-        if int(info) == 0:
-            eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(U).all()):
-                return U.float().contiguous(), dead
-    raise torch.linalg.LinAlgError("the damped Hessian is not positive definite")
-
-
-def sparsegpt_rows(W: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int = 128):
-    """The OBS sweep on ``W`` ([rows, columns], float32, changed in place): at the start of every
-    group of M columns keep the N weights of largest ``w^2 / U_jj^2``, zero the column's pruned
-    weights and push their error onto the columns not yet visited; in blocks of ``blocksize``
-    columns, each block's error reaching the later columns in one matrix product. Rows are
-    independent, so weights sharing a Hessian (q / k / v, gate / up) are swept as one stack.
-    The sweep runs on the transpose, so that a column is contiguous. Returns the pruned
-    positions."""
-    rows, cols = W.shape
-    Wt = W.t().contiguous()  # [columns, rows]
-    pruned = torch.zeros_like(Wt, dtype=torch.bool)
-    blocksize = max(m, blocksize - blocksize % m)
-    d = torch.diag(U)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, U1, P1 = Wt[i1:i2], U[i1:i2, i1:i2], pruned[i1:i2]
-        E1 = torch.empty_like(W1)
-        for g in range(0, i2 - i1, m):
-            score = W1[g : g + m] ** 2 / d[i1 + g : i1 + g + m].reshape(-1, 1) ** 2
-            drop = torch.topk(score, m - n, dim=0, largest=False).indices
-            P1[g : g + m].scatter_(0, drop, True)
-            for i in range(g, min(g + m, i2 - i1)):
-                err = E1[i]
-                torch.mul(W1[i], P1[i], out=err).div_(d[i1 + i])  # (w - q) / d
-                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-        W1.masked_fill_(P1, 0.0)
-        if i2 < cols:
-            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
-    W.copy_(Wt.t())
-    return pruned.t()
+    return cols.reshape(r, s, c, k).permute(3, 2, 0, 1)
 
 
 def sparsegpt(
@@ -248,9 +217,10 @@ def sparsegpt(
     """(new weight, keep mask) for one layer; both in ``w``'s shape (``factor``: this Hessian's
     :func:`hessian_factor`, when already computed for a layer sharing it)."""
     U, dead = factor if factor is not None else hessian_factor(hess.to(w.device), count, damp)
-    W = _as_rows(w, wl)
-    W[:, dead] = 0.0
-    pruned = sparsegpt_rows(W, U, n, m, blocksize)
-    new = _from_rows(W.to(w.dtype), w, wl).contiguous()
-    keep = ~_from_rows(pruned, w, wl).contiguous()
-    return new, keep
+    Wt = _as_cols(w, wl)
+    Wt[dead] = 0.0
+    kept = sparsegpt_cols(Wt, U, n, m, blocksize)
+    new = torch.empty_like(w, memory_format=torch.contiguous_format)
+    new.copy_(_from_cols(Wt, w, wl))
+    keep = _from_cols(kept, w, wl) != 0
+    return new, keep.contiguous()

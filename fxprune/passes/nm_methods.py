@@ -18,7 +18,8 @@ import torch
 from fxprune._util import lookup, registrar, ticking
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
-from fxprune.passes.nm_data import hessian_factor, sparsegpt, wanda_scores
+from fxprune.passes.nm_data import sparsegpt, wanda_scores
+from fxprune.passes.sparsegpt import hessian_factor
 
 
 class NMMethod:

@@ -157,7 +157,7 @@ def prune_unstructured(graph: DependencyGraph, cfg: Unstructured, args: tuple) -
         from fxprune.passes.nm_data import calibrate, wanda_scores
 
         layers = {c.param: c for c, _ in chosen}
-        acc, _ = calibrate(gm, layers, as_batches(cfg.calibration, args), hessian=False)
+        acc, _, _ = calibrate(gm, layers, as_batches(cfg.calibration, args), hessian=False)
         for c, w in chosen:
             if c.param in acc.sq:
                 scores[c.param] = wanda_scores(w, c, acc.sq[c.param])

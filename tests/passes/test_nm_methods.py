@@ -133,43 +133,82 @@ def test_the_methods_are_one_registry_the_cli_offers():
     assert tuple(action.choices) == tuple(REGISTRY)
 
 
-def test_sparsegpt_sweep_matches_the_textbook_loop_and_stacking_changes_nothing():
+@pytest.mark.parametrize("cols, blocksize", [(32, 8), (80, 40), (96, 128)])
+def test_sparsegpt_sweep_matches_the_textbook_loop_and_stacking_changes_nothing(cols, blocksize):
     """The transposed, blocked sweep equals a plain column-by-column OBS loop (float64, as in the
-    paper's pseudo-code) on the same factor; layers sharing a Hessian swept as one stack of rows
-    give each layer what its own sweep gives."""
-    from fxprune.passes.nm_data import hessian_factor, sparsegpt_rows
+    paper's pseudo-code) on the same factor, with blocks of 8 (the between-block product), of
+    40 (sub-blocks of 16, 16 and 8 inside each block: the sub-block product) and one block of
+    96; layers sharing a Hessian swept as one stack of rows give each layer what its own sweep
+    gives."""
+    from fxprune.passes.sparsegpt import hessian_factor, sparsegpt_rows
 
     torch.manual_seed(0)
-    x = torch.randn(256, 32) @ torch.randn(32, 32)
-    U, _ = hessian_factor(x.T.double() @ x.double(), 256)
-    w = torch.randn(12, 32)
+    x = torch.randn(4 * cols, cols, dtype=torch.float64) @ torch.randn(cols, cols).double()
+    U, _ = hessian_factor(x.T @ x, 4 * cols)
+    U = U.double()
+    w = torch.randn(12, cols, dtype=torch.float64)
 
-    ref, pruned_ref = w.double().clone(), torch.zeros(12, 32, dtype=torch.bool)
-    Ud = U.double()
-    for i in range(32):  # textbook: mask at each group start, then one column at a time
+    ref, pruned_ref = w.clone(), torch.zeros(12, cols, dtype=torch.bool)
+    for i in range(cols):  # textbook: mask at each group start, then one column at a time
         if i % 4 == 0:
-            score = ref[:, i : i + 4] ** 2 / torch.diag(Ud)[i : i + 4] ** 2
+            score = ref[:, i : i + 4] ** 2 / torch.diag(U)[i : i + 4] ** 2
             pruned_ref[:, i : i + 4].scatter_(1, score.topk(2, dim=1, largest=False).indices, True)
-        err = torch.where(pruned_ref[:, i], ref[:, i], 0.0) / Ud[i, i]
-        ref[:, i:] -= err[:, None] * Ud[i, i:][None]
+        err = torch.where(pruned_ref[:, i], ref[:, i], 0.0) / U[i, i]
+        ref[:, i:] -= err[:, None] * U[i, i:][None]
         ref[pruned_ref[:, i], i] = 0.0
 
     got = w.clone()
-    pruned = sparsegpt_rows(got, U, 2, 4, blocksize=8)  # 4 blocks: the between-block product too
+    pruned = sparsegpt_rows(got, U, 2, 4, blocksize=blocksize)
     assert torch.equal(pruned, pruned_ref)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
     a, b = w[:5].clone(), w[5:].clone()
-    pa, pb = sparsegpt_rows(a, U, 2, 4, 8), sparsegpt_rows(b, U, 2, 4, 8)
+    pa, pb = sparsegpt_rows(a, U, 2, 4, blocksize), sparsegpt_rows(b, U, 2, 4, blocksize)
     assert torch.equal(torch.cat([pa, pb]), pruned)
-    torch.testing.assert_close(torch.cat([a, b]), got, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a, b]), got, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, m", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)])
+def test_the_nm_choice_keeps_the_n_largest_of_every_m_even_among_ties(n, m):
+    """keep_nm (a sorting network for M = 4, topk otherwise) keeps the N largest scores of
+    each column, exactly N where scores tie (all-zero columns: dead inputs; repeated values)."""
+    from fxprune.passes.sparsegpt import keep_nm
+
+    torch.manual_seed(0)
+    score = torch.rand(m, 500)
+    score[:, 7] = 0.0  # every score equal
+    score[:, 9] = torch.tensor([0.5, 0.5, 0.25, 0.5, 0.1, 0.5, 0.5, 0.5][:m])  # ties at the cut
+    keep = keep_nm(score, n, torch.empty(m, 500))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert keep.sum(0).eq(n).all()
+    top = torch.zeros(m, 500).scatter_(0, score.topk(n, dim=0).indices, 1.0)
+    distinct = [j for j in range(500) if len(set(score[:, j].tolist())) == m]
+    assert torch.equal(keep[:, distinct], top[:, distinct])
+    kept_min = torch.where(keep > 0, score, torch.inf).amin(0)
+    dropped_max = torch.where(keep > 0, -torch.inf, score).amax(0)
+    assert (kept_min >= dropped_max).all()  # ties split any way, never a smaller score kept
+
+
+def test_the_triangular_inverse_by_halves_is_the_inverse():
+    from fxprune.passes.sparsegpt import lower_inverse
+
+    torch.manual_seed(0)
+    a = torch.randn(1100, 1100, dtype=torch.float64)
+    L = torch.linalg.cholesky(a @ a.T / 1100 + torch.eye(1100, dtype=torch.float64))
+    got = lower_inverse(L)  # 1100 -> 576 + 524 -> 320 + 256 ...: three levels
+    assert torch.equal(got, got.tril())
+    eye = torch.eye(1100, dtype=torch.float64)
+    torch.testing.assert_close(got @ L, eye, rtol=0, atol=1e-10)
+    wrong = got.clone()
+    wrong[700, 100] += 1e-6  # one off-diagonal block entry: the check sees it
+    assert not torch.allclose(wrong @ L, eye, rtol=0, atol=1e-10)
 
 
 def test_the_hessian_factor_is_the_references_upper_cholesky_of_the_inverse():
     """hessian_factor takes one Cholesky of the reversed H and one triangular solve; the
     reference inverts H and factors the inverse again. Same factor (float64 reference), dead
     columns set to 1 before damping, as the reference does."""
-    from fxprune.passes.nm_data import hessian_factor
+    from fxprune.passes.sparsegpt import hessian_factor
 
     torch.manual_seed(0)
     x = torch.randn(300, 64, dtype=torch.float64)
@@ -183,3 +222,58 @@ def test_the_hessian_factor_is_the_references_upper_cholesky_of_the_inverse():
     assert dead.tolist() == [i == 5 for i in range(64)]
     assert U.dtype == torch.float32 and torch.equal(U, U.triu()) and bool((U.diag() > 0).all())
     torch.testing.assert_close(U.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_calibration_is_refused_where_nothing_is_calibrated():
+    from fxprune.passes import NM
+
+    with pytest.raises(ConfigError, match=r"sequential=True\) with method='magnitude'"):
+        NM(2, 4, sequential=True)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_calibration_chooses_each_layer_on_the_pruned_layers_before_it(method):
+    """NM(sequential=True): one forward of the calibration batches in lockstep; the first layer
+    sees what a one-pass calibration sees, each later one what the layers before it give once
+    pruned (checked against compiling each layer alone on those inputs), and the pruned graph's
+    outputs on the batches come back."""
+    from fxprune.passes import NM
+
+    x, cal = _data()
+    torch.manual_seed(1)
+    m = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)
+    )
+    m = m.eval()
+    seq = fxprune.compile(
+        m, x[:8], fxprune.Recipe((NM(2, 4, method=method, sequential=True),)), calibration=cal
+    )
+    one = fxprune.compile(m, x[:8], sparsity="2:4", sparsity_method=method, calibration=cal)
+    nm = seq.passes[-1]
+    assert nm.sequential and nm.details["sequential"] and "outputs" not in nm.details
+    assert one.passes[-1].outputs is None
+    with torch.no_grad():
+        for got, b in zip(nm.outputs, cal, strict=True):
+            torch.testing.assert_close(got, seq.module(b), rtol=0, atol=0)
+    assert fxprune.verify.equivalence(m, seq, x[:8]).ok
+
+    inputs = cal  # each layer alone, on what the pruned layers before it give
+    for i in (0, 2, 4):
+        layer = m[i]
+        alone = fxprune.compile(
+            layer, inputs[0], sparsity="2:4", sparsity_method=method, calibration=inputs
+        )
+        w = alone.module.get_parameter("weight")
+        assert torch.equal(seq.module.get_parameter(f"{i}.weight"), w), i
+        with torch.no_grad():
+            inputs = [torch.relu(alone.module(b)) for b in inputs]
+    same_first = torch.equal(
+        seq.module.get_parameter("0.weight"), one.module.get_parameter("0.weight")
+    )
+    later = [
+        torch.equal(
+            seq.module.get_parameter(f"{i}.weight"), one.module.get_parameter(f"{i}.weight")
+        )
+        for i in (2, 4)
+    ]
+    assert same_first and not all(later)  # a one-pass calibration chose otherwise after layer 0

@@ -1,0 +1,122 @@
+"""SparseGPT's solver (Frantar & Alistarh 2023): the Hessian's factor and the column sweep, the
+arithmetic of the 2:4 reconstruction, kept near the machine's matrix-product rate.
+
+- **Factor.** The sweep reads ``U``, the upper Cholesky factor of the damped inverse Hessian.
+  The reference inverts H from its Cholesky factor and factors the inverse again (~1.7 c^3
+  FLOP). With J the reversal of rows and columns, ``J H J = L L^T`` gives ``H^-1 = U^T U`` with
+  ``U = J L^-1 J``: one Cholesky and one triangular inverse (~0.7 c^3), the inverse taken by
+  halves so that its work is matrix products (LAPACK's triangular solve against the identity
+  does c^3 and runs below the product rate).
+- **Sweep.** Columns are visited in order; at the start of every group of M the N:M choice
+  keeps the N weights of largest ``w^2 / U_jj^2``; each pruned weight's error goes onto the
+  columns not yet visited. Three levels of blocking: inside a group column by column, inside
+  a sub-block of 16 columns one product per sub-block, across blocks of 128 columns one
+  product per block (the reference's lazy batch update). The weights are held transposed
+  ([columns, rows]) so a column is contiguous; the N:M choice of M = 4 is a sorting network of
+  minimum / maximum (topk along a short strided axis costs ~50x more), with topk where a
+  group has tied scores or M is another size.
+
+Every level computes what the textbook column loop computes (float64: equal to rounding;
+tests/passes/test_nm_methods.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUB = 16  # columns per sub-block inside a 128-column block
+
+
+def lower_inverse(L: torch.Tensor, base: int = 512) -> torch.Tensor:
+    """``L^-1`` of a lower triangular ``L`` by halves: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0],
+    [-C^-1 B A^-1, C^-1]]``, the off-diagonal block one product and one triangular solve."""
+    n = L.shape[0]
+    if n <= base:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    k = (n // 2 + 63) // 64 * 64
+    out = torch.zeros_like(L)
+    A_inv = lower_inverse(L[:k, :k], base)
+    out[:k, :k] = A_inv
+    out[k:, k:] = lower_inverse(L[k:, k:], base)
+    rhs = L[k:, :k] @ A_inv
+    out[k:, :k] = torch.linalg.solve_triangular(L[k:, k:], rhs, upper=False).neg_()
+    return out
+
+
+def hessian_factor(hess: torch.Tensor, count: int, damp: float = 0.01):
+    """SparseGPT's upper Cholesky factor of the damped inverse Hessian ``H = 2 X^T X / n``, and
+    the dead columns (never active: their weights are zeroed). Float32, as the reference
+    implementation factors; float64 where float32's factorisation fails or overflows."""
+    for dtype in (torch.float32, torch.float64):
+        H = hess.to(dtype) * (2.0 / max(count, 1))  # a new tensor: hess may be shared
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+        L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+        if int(info) == 0:
+            U = lower_inverse(L).flip(0, 1)
+            if bool(U.sum().isfinite()):  # any inf / nan reaches the sum
+                return U.float().contiguous(), dead
+    raise torch.linalg.LinAlgError("the damped Hessian is not positive definite")
+
+
+def _exchange(x: list, i: int, j: int) -> None:
+    x[i], x[j] = torch.minimum(x[i], x[j]), torch.maximum(x[i], x[j])
+
+
+def keep_nm(score: torch.Tensor, n: int, keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` ([M, rows], float, written): 1 at the N largest scores of each column, else 0."""
+    m = score.shape[0]
+    if m == 4:  # sort the four rows; keep what lies above the (4 - N)-th smallest
+        x = list(score.unbind(0))
+        for i, j in ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)):
+            _exchange(x, i, j)
+        torch.sub(score, x[m - n - 1], out=keep).sign_().clamp_(min=0.0)
+        if not bool(keep.sum(0).ne(n).any()):  # a tie at the threshold: topk decides
+            return keep
+    drop = torch.topk(score, m - n, dim=0, largest=False).indices
+    return keep.fill_(1.0).scatter_(0, drop, 0.0)
+
+
+def sparsegpt_cols(Wt: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int = 128):
+    """The OBS sweep on ``Wt`` ([columns, rows], float32, changed in place). Returns the keep
+    mask (float 0 / 1, ``Wt``'s shape)."""
+    cols = Wt.shape[0]
+    keep = torch.empty_like(Wt)
+    blocksize = max(m, blocksize - blocksize % m)
+    sub = max(m, SUB - SUB % m)
+    d = torch.diag(U)
+    inv_d, inv_d2 = (1.0 / d).tolist(), (1.0 / d**2).reshape(-1, 1)
+    rows = Wt.unbind(0)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1, K1 = Wt[i1:i2], U[i1:i2, i1:i2], keep[i1:i2]
+        E1 = torch.empty_like(W1)
+        errs = E1.unbind(0)
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for g in range(j1, j2, m):
+                a = i1 + g
+                Wg = W1[g : g + m]
+                kept = keep_nm(Wg.square().mul_(inv_d2[a : a + m]), n, K1[g : g + m])
+                dropped = torch.sub(1.0, kept)
+                for t in range(Wg.shape[0]):  # (w - q) / d: the weight where pruned, else 0
+                    e = torch.mul(rows[a + t], dropped[t], out=errs[g + t]).mul_(inv_d[a + t])
+                    if g + t + 1 < j2:
+                        W1[g + t + 1 : j2].addr_(U1[g + t, g + t + 1 : j2], e, alpha=-1.0)
+            if j2 < i2 - i1:
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1.0)
+        W1.mul_(K1)
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    return keep
+
+
+def sparsegpt_rows(W: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int = 128):
+    """:func:`sparsegpt_cols` on ``W`` held as [rows, columns] (changed in place); returns the
+    pruned positions (bool, ``W``'s shape)."""
+    Wt = W.t().contiguous()
+    keep = sparsegpt_cols(Wt, U, n, m, blocksize)
+    W.copy_(Wt.t())
+    return keep.t() == 0
