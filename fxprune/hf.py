@@ -292,6 +292,24 @@ def check_config_builds(model) -> None:
         )
 
 
+def check_heads_reload(model) -> None:
+    """Refuse a tree whose attention layers select their kept heads of a per-head constant the
+    model builds for its original head count (``fxprune.materialize_alibi``: Bloom's and Falcon's
+    ALiBi slopes): the stock class rebuilds that constant from the config's count, and no config
+    field it reads says which heads were kept, so ``from_pretrained`` would give the kept heads
+    other slopes."""
+    layers = [n for n, m in model.named_modules() if getattr(m, "selects_kept_heads", False)]
+    if layers:
+        raise ConfigError(
+            f"save_pretrained: {type(model).__name__} builds its ALiBi slopes from the config's "
+            f"head count, and {layers[0]}"
+            + (f" (+{len(layers) - 1} more)" if len(layers) > 1 else "")
+            + " selects its kept heads' own slopes from those built for the original count; no "
+            f"{type(model.config).__name__} field says which heads were kept, so from_pretrained "
+            "would give them other slopes (save the fxprune checkpoint with result.save(path))"
+        )
+
+
 def save_pretrained(result, path, tokenizer_from=None, overwrite: bool = False, **kwargs) -> Path:
     """Write ``result.model`` as a Hugging Face folder (config.json with the pruned counts +
     safetensors weights, tokenizer files of the source folder copied), atomically (see the
@@ -319,6 +337,7 @@ def save_pretrained(result, path, tokenizer_from=None, overwrite: bool = False, 
         raise ConfigError(
             f"save_pretrained: tokenizer_from={str(tokenizer_from)!r} is not a folder"
         )
+    check_heads_reload(model)
     check_config_valid(model.config)
     check_config_builds(model)
     out = Path(path)

@@ -46,6 +46,7 @@ from fxprune.layer_fixes import (
     module_fix,
     out_size,
 )
+from fxprune.materialize_alibi import KeptHeads, keep_head_constants
 from fxprune.uniform import in_stack, stacks
 from fxprune.verify.proof import agreement
 
@@ -148,11 +149,13 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
         if id(m) not in seen:
             seen.add(id(m))
             fix_module(m, shrunk)
+    selecting = keep_head_constants(tree, gm)  # before blocks go: the graph's module paths
     removed = remove_blocks(tree, [b for r in results for b in r.bypassed])
     cfg = getattr(tree, "config", None)
     if hf_config is not None and cfg is not None and hasattr(cfg, "to_dict"):
         n_before = getattr(cfg, "num_hidden_layers", None)
-        follow_head_count(tree, cfg, hf_config)
+        if not selecting:  # else the model builds its per-head constant for every head
+            follow_head_count(tree, cfg, hf_config)
         cfg.__dict__.update(hf_config.__dict__)  # the submodules hold this same object
         gone = sorted(int(k) for keys in removed.values() for k in keys if k.isdigit())
         types = getattr(cfg, "layer_types", None)
@@ -163,7 +166,9 @@ def materialize(tree: nn.Module, gm: nn.Module, results, hf_config=None) -> None
 def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
     """A module that copied the config's head count at init and has no projections or head
     size of its own (BloomModel's ``num_heads``, from which its forward builds the ALiBi slopes)
-    takes the pruned count the config now holds; the agreement check judges the result."""
+    takes the pruned count the config now holds; the agreement check judges the result. Not
+    called where the attention layers select their kept heads of that constant
+    (``materialize_alibi``): it is then built for the original count."""
     attr = next((a for a in HF_HEADS if hasattr(cfg, a)), None)
     if attr is None:  # a config without a head count (ConvNeXt)
         return
@@ -204,7 +209,7 @@ def module_tree(work, gm, results, hf_config, args, leaf_modules=None) -> tuple[
         return work, ""
     where = failing_module(work, args) if msg.startswith("fails") else ""
     made = head_constants(gm)
-    if made and not where:
+    if made and not where and not any(isinstance(m, KeptHeads) for m in work.modules()):
         return gm, (
             f"the {what} module tree does not compute what the pruned graph does ({msg}): the "
             f"graph gives each kept head its own slice of a per-head constant the forward builds "

@@ -367,8 +367,9 @@ class CompileResult(Report):
         other file there stays (see ``fxprune.hf``).
 
         Raises:
-            ConfigError: not a Hugging Face model, or counts differ per layer (compile with
-                ``uniform=True``, or use :meth:`save`).
+            ConfigError: not a Hugging Face model, counts differ per layer (compile with
+                ``uniform=True``, or use :meth:`save`), or kept heads' ALiBi slopes, which
+                the stock class rebuilds from the config's count (``hf.check_heads_reload``).
             UnsupportedModelError: ``model`` fell back to the graph module (``model_note``).
             FileAccessError: ``path`` is the folder the model was loaded from (its dense
                 weights would be replaced) and ``overwrite`` is False.

@@ -36,6 +36,7 @@ LAYERS = [
     [
         "fxprune.layer_fixes",
         "fxprune.materialize",
+        "fxprune.materialize_alibi",
         "fxprune.materialize_timm",
         "fxprune.materialize_torch",
         "fxprune.uniform",

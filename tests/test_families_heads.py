@@ -4,10 +4,16 @@ user's class; what cannot be the user's class is refused by name."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 import fxprune
+from fxprune import materialize_alibi
+from fxprune.materialize_alibi import KeptHeads
+from fxprune.verify.proof import agreement
+from fxprune.verify.reference import zeroed_dense
 from tests.conftest import assert_equivalent, nontrivial
 
 transformers = pytest.importorskip("transformers")
@@ -77,48 +83,166 @@ def test_falcon_heads_are_exact_in_each_fused_layout(layout, tmp_path):
         heads_only.save_pretrained(tmp_path / "out")
 
 
-def test_falcon_alibi_heads_are_exact_on_the_graph_and_refused_on_its_class():
-    """Falcon with ``alibi=True`` adds per-head slopes built from the head count in forward:
-    the graph gives each kept head its own slope (exact); FalconForCausalLM would rebuild the
-    slopes for the smaller count, so ``result.model`` is the graph module and says why."""
-    model, ids = _falcon(new_decoder_architecture=True, num_kv_heads=2, alibi=True)
-    res, _ = assert_equivalent(model, ids, channels=0.0, heads=0.5, uniform=True)
-    assert not res.materialized and "per-head constant" in res.model_note
-    assert "ALiBi" in res.model_note
-
-
 def _alibi_heads(res) -> list[list[int]]:
     """The head positions each layer's ALiBi bias is indexed with in the pruned graph."""
     return [b.tolist() for n, b in sorted(res.module.named_buffers()) if "_fxprune_heads_" in n]
 
 
+def _tree_heads(res) -> list[list[int]]:
+    """The heads each attention layer of ``result.model`` selects from the model's ALiBi bias."""
+    return [b.tolist() for n, b in sorted(res.model.named_buffers()) if n.endswith("kept_heads")]
+
+
+def _padded(batch=3, length=5):
+    """Token ids and an attention mask with left padding (row 0) and right padding (row 1)."""
+    ids = torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[1, -1] = 0
+    return ids, mask
+
+
+def _check_alibi_tree(model, res, layer_cls: str, n_heads: int = 4):
+    """``result.model`` is the user's class; each attention layer selects the heads the graph
+    indexes the bias with, the model builds the bias for every head; it equals the graph module
+    on a new batch and length, and the zeroed dense model with padding in the attention mask."""
+    assert res.materialized, res.model_note
+    assert type(res.model) is type(model) and res.model.transformer.num_heads == n_heads
+    attn = [m for m in res.model.modules() if isinstance(m, KeptHeads)]
+    assert attn and {type(m).__name__ for m in attn} == {f"KeptHeads{layer_cls}"}
+    assert all(type(m).__mro__[2].__name__ == layer_cls for m in attn)
+    assert _tree_heads(res) == _alibi_heads(res)
+    assert not any(isinstance(m, KeptHeads) for m in model.modules())  # the user's: untouched
+    new = torch.randint(0, 100, (3, 5))
+    dense = zeroed_dense(model, res)
+    ids, mask = _padded()
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(new).logits, res.module(new)["logits"])
+        got = res.model(ids, attention_mask=mask).logits
+        want = dense(ids, attention_mask=mask).logits
+        stock = model(ids, attention_mask=mask).logits
+    keep = mask.bool()  # padded positions' logits are not compared
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+    assert (got[keep] - stock[keep]).abs().max() > 1e-3  # pruning changed the output
+
+
+def test_falcon_alibi_heads_are_exact_on_its_class(tmp_path):
+    """Falcon with ``alibi=True`` adds per-head slopes, built in FalconModel from its head count,
+    into the attention mask: the graph gives each kept head its own slope. FalconForCausalLM
+    rebuilt for the smaller count would give them others (and divide by another
+    ``sqrt(hidden / heads)``); instead the model keeps building the bias for all 4 heads and each
+    attention layer selects its kept heads (``KeptHeadsFalconAttention``), exact on the example,
+    a new batch and length, and a padded attention mask. save_pretrained is refused by name."""
+    model, ids = _falcon(new_decoder_architecture=True, num_kv_heads=2, alibi=True)
+    res, _ = assert_equivalent(model, ids, channels=0.0, heads=0.5, uniform=True, tree=True)
+    assert all(h in ([0, 1], [2, 3]) for h in _alibi_heads(res))  # a KV group's query heads
+    _check_alibi_tree(model, res, "FalconAttention")
+    with pytest.raises(fxprune.errors.ConfigError, match="ALiBi slopes"):
+        res.save_pretrained(tmp_path / "out")
+
+
 def test_bloom_heads_keep_their_alibi_slopes():
     """Bloom's fused ``query_key_value`` is viewed ``(heads, 3, head_dim)``; its ALiBi bias is
     added by ``baddbmm`` over ``batch x heads`` and its slopes are computed from the head count
-    in forward. The graph indexes the bias with the kept heads in every batch, so each kept head
-    keeps its own slope: exact, also on a new batch and length. BloomForCausalLM rebuilds the
-    slopes from n_head (``_get_alibi_slopes(2)`` are the slopes of heads 1 and 3 of 4), so
-    ``result.model`` is the graph module, and the note says why."""
+    in BloomModel's forward. The graph indexes the bias with each layer's kept heads in every
+    batch, so each kept head keeps its own slope. Layer 1 keeps heads 0 and 2, not those whose
+    slopes 2 heads would get (``_get_alibi_slopes(2)`` are the slopes of heads 1 and 3 of 4,
+    which layer 0 keeps), so BloomModel keeps building the slopes for 4 heads and each attention layer
+    selects its own (``KeptHeadsBloomAttention``): ``result.model`` is BloomForCausalLM, exact
+    on the example, a new batch and length, a padded attention mask, and generate() (the cache's
+    longer keys)."""
     model, ids = _bloom()
     res, _ = assert_equivalent(
-        model, ids, channels=0.0, heads=0.5, ffn=0.25, uniform=True, importance="l1"
+        model, ids, channels=0.0, heads=0.5, ffn=0.25, uniform=True, importance="l1", tree=True
     )
     kept = [
         sorted({int(r) // 48 for r in _kept_rows(res, f"h.{i}.self_attention.query_key_value")})
         for i in range(2)
     ]
-    assert _alibi_heads(res) == kept and kept != [[1, 3], [1, 3]]
-    assert not res.materialized and "per-head constant the forward builds" in res.model_note
+    assert _alibi_heads(res) == kept == [[1, 3], [0, 2]]  # layer 1's: not 2 heads' slopes
+    _check_alibi_tree(model, res, "BloomAttention")
+    assert res.model.config.n_head == 2 and res.model.transformer.h[0].self_attention.num_heads == 2
+    assert "kept_heads" not in "".join(res.model.state_dict())  # the stock state_dict
+    ids, mask = _padded(2, 4)
+    mask[1] = 1  # generate pads on the left
     with torch.no_grad():
-        out = res.module(torch.randint(0, 100, (3, 5)))
-    assert out["logits"].shape == (3, 5, 100)
+        out = res.model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        want = zeroed_dense(model, res).generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False
+        )
+    assert torch.equal(out, want)
+
+
+def test_a_tree_with_the_wrong_alibi_heads_fails_the_check(monkeypatch):
+    """The checks have teeth: ``result.model`` with a layer selecting other heads, with the
+    selection removed (the stock forward, the bias of 4 heads for 2), or with the stock class's
+    own rebuild for 2 heads (the fallback this replaced) is refused by the proof; and a compile
+    whose selection reads other rows than the graph's keeps the graph module, by the
+    agreement check, and says why."""
+    model, ids = _bloom()
+    res = fxprune.compile(model, ids, channels=0.0, heads=0.5, uniform=True, importance="l1")
+    assert fxprune.verify.equivalence(model, res, ids, target="model").ok
+    attn = res.model.transformer.h[0].self_attention
+    right = attn.kept_heads.clone()
+    attn.kept_heads = torch.tensor([h for h in range(4) if h not in right.tolist()])
+    assert not fxprune.verify.equivalence(model, res, ids, target="model").ok
+    attn.kept_heads = right.flip(0)  # the right heads, each with the other's slope
+    assert not fxprune.verify.equivalence(model, res, ids, target="model").ok
+    attn.kept_heads = right
+    assert fxprune.verify.equivalence(model, res, ids, target="model").ok
+    for block in res.model.transformer.h:  # the selection removed
+        block.self_attention.__class__ = type(block.self_attention).__mro__[2]
+    assert not fxprune.verify.equivalence(model, res, ids, target="model").ok
+    res.model.transformer.num_heads = 2  # the stock rebuild for 2 heads: the old fallback
+    assert not fxprune.verify.equivalence(model, res, ids, target="model").ok
+    assert not agreement(res.module, res.model, (ids,))[0]
+
+    real = materialize_alibi.indexed_constants
+    monkeypatch.setattr(
+        materialize_alibi,
+        "indexed_constants",
+        lambda gm: {p: (i.flip(0), h) for p, (i, h) in real(gm).items()},
+    )
+    wrong = fxprune.compile(model, ids, channels=0.0, heads=0.5, uniform=True, importance="l1")
+    assert not wrong.materialized and "does not compute what the pruned graph" in wrong.model_note
+    assert fxprune.verify.equivalence(model, wrong, ids).ok  # the graph module itself is exact
+
+
+def test_bloom_tree_with_kept_alibi_heads_saves_pickles_and_prunes_again(monkeypatch, tmp_path):
+    """The fxprune checkpoint (``result.save``) loads back to the same tree, each layer with its
+    kept heads; ``KeptHeadsBloomAttention`` is found by name in ``fxprune.materialize_alibi``
+    (made again there in a fresh process), so torch.save / pickle of ``result.model`` loads;
+    pruning ``result.model`` again composes its kept heads with the new ones, exact on its
+    class."""
+    model, ids = _bloom()
+    res = fxprune.compile(model, ids, channels=0.0, heads=0.5, uniform=True, importance="l1")
+    res.save(tmp_path / "bloom.pt")
+    loaded = fxprune.load(tmp_path / "bloom.pt", _bloom()[0])
+    assert loaded.materialized and _tree_heads(loaded) == _tree_heads(res) == [[1, 3], [0, 2]]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, res.model(ids).logits)
+    blob = pickle.dumps(res.model)
+    monkeypatch.setattr(materialize_alibi, "MADE", {})  # as in a process that made none yet
+    back = pickle.loads(blob)
+    assert type(back.transformer.h[0].self_attention).__name__ == "KeptHeadsBloomAttention"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, res.model(ids).logits)
+    first = _tree_heads(res)
+    again, _ = assert_equivalent(
+        res.model, ids, channels=0.0, heads=0.5, uniform=True, importance="l1", tree=True
+    )
+    assert _tree_heads(res) == first  # the model pruned again is untouched
+    assert [len(h) for h in _tree_heads(again)] == [1, 1]
+    assert all(set(b) <= set(a) for a, b in zip(first, _tree_heads(again), strict=True))
 
 
 def test_bloom_module_tree_is_exact_when_the_kept_heads_have_the_smaller_counts_slopes(tmp_path):
     """ALiBi slopes of H heads are ``2^(-8 i / H)``: those of 2 heads are the slopes of heads 1
-    and 3 of 4. Keeping exactly those, BloomForCausalLM (its ``num_heads`` follows the config)
-    rebuilds the slopes the kept heads had and is exact; save_pretrained is refused by name
-    (BloomConfig derives head_dim from hidden_size / n_head)."""
+    and 3 of 4. Keeping exactly those, the tree selects them from the slopes of 4 like any other
+    kept heads (one rule; BloomModel keeps ``num_heads`` 4, its attention layers 2, the config
+    n_head 2), exact. save_pretrained is refused by name: the stock class rebuilds the slopes
+    from n_head, and no BloomConfig field says which heads were kept (here those 2 heads' slopes
+    happen to be the kept ones', but the config cannot hold 2 heads of 16 either)."""
     model, ids = _bloom()
     with torch.no_grad():  # heads 0 and 2 the weakest in every layer
         for block in model.transformer.h:
@@ -127,10 +251,12 @@ def test_bloom_module_tree_is_exact_when_the_kept_heads_have_the_smaller_counts_
     res, _ = assert_equivalent(
         model, ids, channels=0.0, heads=0.5, tree=True, uniform=True, importance="l1"
     )
-    assert _alibi_heads(res) == [[1, 3], [1, 3]]
-    assert res.model.transformer.num_heads == 2 and res.model.config.n_head == 2
-    with pytest.raises(fxprune.errors.ConfigError, match="derives the head size"):
+    assert _alibi_heads(res) == [[1, 3], [1, 3]] == _tree_heads(res)
+    assert res.model.transformer.num_heads == 4 and res.model.config.n_head == 2
+    why = r"ALiBi slopes .* transformer.h.0.self_attention \(\+1 more\) selects its kept heads"
+    with pytest.raises(fxprune.errors.ConfigError, match=why):
         res.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 class _BatchHeadsBias(torch.nn.Module):
