@@ -20,6 +20,9 @@ checkpoint folder, prunes, and writes a Hugging Face folder that ``from_pretrain
   block on the pruned blocks' outputs);
 * ``compile-heads-ffn`` / ``compile-ffn``: ``from_pretrained`` + ``fxprune.compile(uniform=True)``
   + ``save_pretrained``, the whole model in memory;
+* ``cli-heads50-ffn``: the plain command a user types, ``fxprune prune hf:SRC --heads 0.5
+  --ffn 0.25 --save-pretrained OUT`` (no ``--stream``), run in the job's process: where the
+  whole model would not fit, the command streams by itself and says so (the note quotes it);
 * ``...+unproved``: a stream job without the per-block proof (``prove=False``), the pruning
   work alone, as the whole-model tools do it (they prove nothing);
 * ``tp-ffn``: FFN 25 % through torch-pruning's ``MetaPruner`` (L1 magnitude, attention and
@@ -72,6 +75,7 @@ MORE = (
     "stream-heads-ffn+unproved",
     "stream-ffn+unproved",
     "stream-2:4-magnitude+unproved",
+    "cli-heads50-ffn",
 )
 REQUESTS = {
     "heads-ffn": {"heads": 0.25, "ffn": 0.25},
@@ -79,6 +83,7 @@ REQUESTS = {
     "2:4-magnitude": {"sparsity": "2:4"},
     "2:4-wanda": {"sparsity": "2:4", "sparsity_method": "wanda"},
     "2:4-sparsegpt": {"sparsity": "2:4", "sparsity_method": "sparsegpt"},
+    "heads50-ffn": {"heads": 0.5, "ffn": 0.25},
 }
 
 
@@ -175,7 +180,23 @@ def child(job: str, src: str, out: str, calib: int) -> dict:
         vocab = transformers.AutoConfig.from_pretrained(src).vocab_size
         kw["calibration"] = _calibration(vocab, calib)
         kw["calibration_batches"] = calib
-    if tool == "stream":
+    if tool == "cli":  # the plain command, as a user types it: no --stream
+        import contextlib
+        import io
+
+        from fxprune.cli import main
+
+        argv = ["prune", f"hf:{src}", "--save-pretrained", out]
+        for k, v in kw.items():
+            argv += [f"--{k}", str(v)]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            rc = main(argv)
+        said = [ln for ln in err.getvalue().splitlines() if "streaming block by block" in ln]
+        if rc != 0:
+            raise RuntimeError(f"fxprune {' '.join(argv[:2])} exited {rc}: {err.getvalue()[-300:]}")
+        note = "auto-streamed: " + said[0][:90] if said else "whole model (no auto-stream)"
+    elif tool == "stream":
         import fxprune
 
         res = fxprune.stream(src, out, prove=prove, **kw)
@@ -300,7 +321,7 @@ def main() -> None:
         for job in a.jobs:
             out = work / f"out-{size}-{job.replace(':', '')}"
             shutil.rmtree(out, ignore_errors=True)
-            whole = not job.startswith("stream-")
+            whole = job.startswith(("compile-", "tp-"))  # the plain command streams itself
             need = predict(seen.get(job, []), nbytes) if whole else None
             if need is not None and need > 0.9 * mem_available():
                 print(

@@ -19,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py"
 @pytest.mark.slow
 def test_llm_scale_rows_on_the_tiny_shape(tmp_path):
     jobs = ["stream-heads-ffn", "stream-2:4-wanda", "stream-ffn+unproved", "compile-ffn", "tp-ffn"]
+    jobs += ["cli-heads50-ffn"]  # the plain command: whole model at this size
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", "tiny", "--jobs", *jobs, "--calib", "2",
          "--work", str(tmp_path)],
@@ -34,4 +35,5 @@ def test_llm_scale_rows_on_the_tiny_shape(tmp_path):
             row
         )
     assert "heads 8/4 -> 6/3" in run.stdout  # a whole KV group with its query heads
+    assert "whole model (no auto-stream)" in run.stdout  # 0.8 GiB of 24: no reason to stream
     assert not list(tmp_path.glob("out-*"))  # every output folder was removed
