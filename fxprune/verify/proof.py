@@ -129,7 +129,9 @@ def equivalence(
     ``max|pruned - zeroed| / max|zeroed|``; a leaf whose reference is all zero, on absolute
     error against its dtype's tolerance (:func:`fxprune.verify.leaves.zero_atol`: 1e-5 in
     float32, 1e-7 in float64, exact for integers, scaled with ``rtol``). Half-precision models
-    are compared through float32 copies (neither ``model`` nor ``result.module`` is touched).
+    are compared through float32 copies (neither ``model`` nor ``result.module`` is touched);
+    the dense output, which only measures how far pruning moved it, is then the model's own
+    forward in its dtype.
     A NaN/Inf in either output, or an N:M-masked weight off its pattern, fails. Fresh draws
     have batch + 1 (floats with the example's mean and std, integers uniform in its [min,
     max]); for a 2-D integer input (token ids) later draws also shorten the sequence by one,
@@ -171,19 +173,23 @@ def equivalence(
     args = tuple(cast(a, dtype) for a in as_args(example_inputs, model))
     z = zeroed_dense(model, result, dtype)
     pruned = cast_module(candidate, native, dtype) if native else candidate
-    dense = cast_copy(model, dtype) if native else model  # eval forwards change nothing
+    # the dense output only measures how far pruning moved it (not the proof): a model held in
+    # one half-precision dtype runs as it is, with its inputs in that dtype (no third copy)
+    own = {t.dtype for t in _floats(model)}
+    own = own.pop() if len(own) == 1 and own <= native else None
+    dense = cast_copy(model, dtype) if native and own is None else model
     rows, skipped = [], []
     try:
         with torch.no_grad(), eval_mode(pruned), eval_mode(dense):
             for label, inp, kind in input_sets(args, fresh_inputs, seed):
-                out = _run(label, inp, kind, (z, pruned, dense), skipped)
+                out = _run(label, inp, kind, (z, pruned, dense, own), skipped)
                 if out is not None:
                     rows.append(measure(*out, label))
     except Mismatch as e:
         inf = float("inf")
         head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
-    return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result))
+    return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result), own)
 
 
 def agreement(
@@ -251,9 +257,10 @@ def _dname(dtype: torch.dtype) -> str:
 def _run(label: str, inp: tuple, kind: str, models, skipped: list[str]):
     """(reference leaves, pruned leaves, dense leaves) of one input set, or None when the draw
     is skipped (the dense model rejects it, or the pruned one rejects another length)."""
-    z, pruned, dense = models
+    z, pruned, dense, own = models
     try:
-        ref, orig = named_leaves(z(*inp)), leaves(dense(*inp))
+        ref = named_leaves(z(*inp))
+        orig = leaves(dense(*(tuple(cast(a, own) for a in inp) if own else inp)))
     except FxPruneError:
         raise
     except Exception as e:  # noqa: BLE001 - a draw the model itself cannot take
@@ -294,7 +301,7 @@ def _off_zero(zeros: dict) -> str:
     )
 
 
-def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceReport:
+def _report(rows, result, rtol, dtype, native, skipped, nm_bad, own=None) -> EquivalenceReport:
     checked = len(rows)
     abs_err = scale = eff = rel = 0.0
     worst = rows[0][0][0] if rows and rows[0] else "output"
@@ -324,6 +331,7 @@ def _report(rows, result, rtol, dtype, native, skipped, nm_bad) -> EquivalenceRe
             f"(tolerance {rtol:.0e}, each output on its own scale), max_abs_err={abs_err:.2e}, "
             f"{how} on {checked} inputs (the example and {checked - 1} fresh draws), pruning "
             f"changed the dense output by {eff:.2e} relative"
+            + (f" (the dense model run in its own {_dname(own)})" if own else "")
         )
         if eff <= rtol:
             msg += (

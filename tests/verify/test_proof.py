@@ -128,6 +128,15 @@ def test_half_precision_conv_net_pruned_exactly_passes_in_float32(dtype):
     # the proof ran on cast copies: the user's model and the result keep their dtype and values
     assert next(model.parameters()).dtype == dtype and next(res.module.parameters()).dtype == dtype
     assert all(torch.equal(v, before[k]) for k, v in res.module.state_dict().items())
+    # how far pruning moved the output (not the proof) is the model's own forward in its dtype,
+    # no third copy: close to what float32 copies of both give
+    assert f"the dense model run in its own {str(dtype)[6:]}" in rep.message
+    one = equivalence(model, res, x, fresh_inputs=0)
+    with torch.no_grad():
+        d32, p32 = copy.deepcopy(model).float(), copy.deepcopy(res.module).float()
+        out = p32(x.float())
+        effect = float((d32(x.float()) - out).abs().max() / out.abs().max())
+    assert one.pruning_effect == pytest.approx(effect, rel=0.05)
 
 
 def test_fp16_token_mlp_rounding_is_not_a_failure():
