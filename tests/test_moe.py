@@ -211,6 +211,28 @@ def test_deepseek_v3_dense_routed_and_shared_ffn_are_exact_and_reload_equal(tmp_
     assert (res.model.config.intermediate_size, res.model.config.moe_intermediate_size) == (96, 36)
 
 
+def test_deepseek_v3_latent_attention_heads_are_exact_and_reload_equal(tmp_path):
+    """Multi-head latent attention: a head is q_b_proj's rows of that head (nope and rope),
+    kv_b_proj's rows of its k_nope and v, o_proj's columns; the one rotary key every head
+    shares (kv_a_proj_with_mqa's last rows, expanded to every head) and the latent stay."""
+    model = deepseek_v3()
+    res, _ = assert_equivalent(model, _ids(2, 8), channels=0.0, heads=0.5, tree=True, uniform=True)
+    dense, attn = model.model.layers[0].self_attn, res.model.model.layers[0].self_attn
+    kept = res.plan.passes[0]["kept"]["model.layers.0.self_attn.q_b_proj"]
+    heads = sorted({r // 16 for r in kept})
+    assert len(heads) == 2 and kept == [h * 16 + i for h in heads for i in range(16)]
+    rows = lambda w, per: w.view(4, per, -1)[heads].reshape(-1, w.shape[-1])  # noqa: E731
+    assert torch.equal(attn.q_b_proj.weight, rows(dense.q_b_proj.weight, 16))
+    assert torch.equal(attn.kv_b_proj.weight, rows(dense.kv_b_proj.weight, 24))
+    assert torch.equal(attn.o_proj.weight, rows(dense.o_proj.weight.T, 16).T)
+    for name in ("kv_a_proj_with_mqa", "kv_a_layernorm", "q_a_proj"):
+        assert torch.equal(getattr(attn, name).weight, getattr(dense, name).weight)
+    cfg = res.model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 2)
+    back = _reloads_equal(model, res, tmp_path)
+    assert back.model.layers[1].self_attn.kv_b_proj.out_features == 48
+
+
 def gpt_oss():
     """Experts stored [experts, in, out] with biases, gate and up interleaved in one tensor
     (``gate_up[..., ::2]`` / ``[..., 1::2]``), a clamped GLU, sinks in the attention."""
