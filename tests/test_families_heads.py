@@ -256,11 +256,13 @@ class _Latent(torch.nn.Module):
     as transformers 5.25's ``expand_kv`` (``new_empty``, each part ``copy_``-ed into a slice).
     Layouts the rule must refuse: ``"scaled"`` (the key scaled after the cat: no cat reaches the
     attention), ``"nested"`` (one cat part holds per-head and shared channels together),
-    ``"param_key"`` (k_nope a learned per-head tensor: channels that differ along head_dim)."""
+    ``"param_key"`` (k_nope a learned per-head tensor: channels that differ along head_dim).
+    ``eager``: attention written out, ``softmax(q @ k^T) @ v``."""
 
-    def __init__(self, d=32, h=4, nope=8, rope=4, dv=8, rank=16, layout="cat"):
+    def __init__(self, d=32, h=4, nope=8, rope=4, dv=8, rank=16, layout="cat", eager=False):
         super().__init__()
         self.h, self.nope, self.rope, self.dv, self.layout = h, nope, rope, dv, layout
+        self.eager = eager
         self.q = torch.nn.Linear(d, h * (nope + rope), bias=False)
         self.kv_a = torch.nn.Linear(d, rank + rope, bias=False)
         self.kv_b = torch.nn.Linear(rank, h * (nope + dv), bias=False)
@@ -291,21 +293,27 @@ class _Latent(torch.nn.Module):
         kv = self.kv_b(latent).view(b, n, -1, self.nope + self.dv).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.dv], dim=-1)
         k_rot = torch.sin(k_rot.view(b, 1, n, self.rope))  # stands for the rotary embedding
-        y = torch.nn.functional.scaled_dot_product_attention(q, self.key(k_nope, k_rot), v)
+        k = self.key(k_nope, k_rot)
+        if self.eager:
+            y = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25, dim=-1) @ v
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.o(y.transpose(1, 2).reshape(b, n, -1)) + x
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
 @pytest.mark.parametrize(
     ("layout", "mode"), [("cat", "fx"), ("cat", "export"), ("filled", "export")]
 )
-def test_latent_attention_heads_go_and_the_shared_rotary_key_stays(layout, mode):
+def test_latent_attention_heads_go_and_the_shared_rotary_key_stays(layout, mode, eager):
     """Heads 0 and 2 the weakest: q's rows of heads 1 and 3 (nope and rope), kv_b's k_nope and
     v rows of heads 1 and 3 and o's columns of heads 1 and 3 stay; kv_a (the latent and the
     one rotary key every head shares) is untouched. The expanded rotary key is indexed with the
     kept heads where the capture baked its head count in (export), and follows k_nope by
-    itself where fx reads the count at run time. Exact (the proof runs batch + 1 too)."""
+    itself where fx reads the count at run time. Exact (the proof runs batch + 1 too), through
+    scaled_dot_product_attention or a written-out ``q @ k^T``."""
     torch.manual_seed(0)
-    m, x = _Latent(layout=layout).eval(), torch.randn(2, 6, 32)
+    m, x = _Latent(layout=layout, eager=eager).eval(), torch.randn(2, 6, 32)
     with torch.no_grad():
         for h in (0, 2):
             m.q.weight[h * 12 : (h + 1) * 12] *= 0.3
@@ -322,9 +330,10 @@ def test_latent_attention_heads_go_and_the_shared_rotary_key_stays(layout, mode)
     assert rep.ok and rep.pruning_effect > 1e-3, rep.message
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
 @pytest.mark.parametrize("layout", ["scaled", "nested", "param_key"])
-def test_latent_attention_refuses_a_key_it_cannot_split_into_heads_and_a_shared_part(layout):
+def test_latent_attention_refuses_a_key_it_cannot_split_into_heads_and_a_shared_part(layout, eager):
     torch.manual_seed(0)
-    m, x = _Latent(layout=layout).eval(), torch.randn(2, 6, 32)
+    m, x = _Latent(layout=layout, eager=eager).eval(), torch.randn(2, 6, 32)
     with pytest.raises(fxprune.errors.ConfigError, match="no prunable attention heads"):
         fxprune.compile(m, x, heads=0.5, mode="fx")

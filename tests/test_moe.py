@@ -211,11 +211,13 @@ def test_deepseek_v3_dense_routed_and_shared_ffn_are_exact_and_reload_equal(tmp_
     assert (res.model.config.intermediate_size, res.model.config.moe_intermediate_size) == (96, 36)
 
 
-def test_deepseek_v3_latent_attention_heads_are_exact_and_reload_equal(tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_deepseek_v3_latent_attention_heads_are_exact_and_reload_equal(attn, tmp_path):
     """Multi-head latent attention: a head is q_b_proj's rows of that head (nope and rope),
     kv_b_proj's rows of its k_nope and v, o_proj's columns; the one rotary key every head
     shares (kv_a_proj_with_mqa's last rows, expanded to every head) and the latent stay."""
     model = deepseek_v3()
+    model.config._attn_implementation = attn
     res, _ = assert_equivalent(model, _ids(2, 8), channels=0.0, heads=0.5, tree=True, uniform=True)
     dense, attn = model.model.layers[0].self_attn, res.model.model.layers[0].self_attn
     kept = res.plan.passes[0]["kept"]["model.layers.0.self_attn.q_b_proj"]

@@ -24,7 +24,12 @@ from fxprune.graph.rules import (
     out_ndim,
     rule,
 )
-from fxprune.graph.shared_heads import latent_key, one_head_for_all, slice_per_head
+from fxprune.graph.shared_heads import (
+    latent_key,
+    latent_key_transposed,
+    one_head_for_all,
+    slice_per_head,
+)
 from fxprune.graph.trace import tensor_meta
 
 aten = torch.ops.aten
@@ -48,10 +53,15 @@ def matmul_operands(node: fx.Node) -> tuple:
 
 
 def _product(ctx, node: fx.Node, a, b):
-    """``a @ b``: batched dims coupled position by position, the contracted dim channel-free."""
+    """``a @ b``: batched dims coupled position by position, the contracted dim channel-free,
+    but for a transposed latent-attention key's shared part (``shared_heads.latent_key``)."""
     A, B = ctx.atoms(a), ctx.atoms(b)
     if A is None or B is None or A.ndim < 2 or B.ndim < 2:
         return barrier(ctx, node, "vector matmul")
+    shared = []  # (cat, part) of a key every head shares, indexed with the kept heads
+    if A.ndim >= 3 and A.shape[-3] > 1 and A.shape[-1] == 1 and B.shape[-2] > 1:
+        latent = latent_key_transposed(ctx, node, b, B, shared)
+        B = B if latent is None else latent
     if A.shape[-1] > 1 or B.shape[-2] > 1:
         ctx.block(A, node, "contracts a dim that carries channels")
         ctx.block(B, node, "contracts a dim that carries channels")
@@ -60,7 +70,32 @@ def _product(ctx, node: fx.Node, a, b):
     rows, cols = align(A, nd), align(B, nd)  # [..., n, 1] and [..., 1, m]
     if rows.shape[-2] > 1 and cols.shape[-1] > 1:
         return barrier(ctx, node, "both operands carry channels")
-    return elementwise_arrays(ctx, node, [rows, cols])
+    out = elementwise_arrays(ctx, node, [rows, cols])
+    for f, arr in ((a, rows), (b, cols)):
+        held_whole(ctx, node, out, f, arr)
+    if shared and out.ndim >= 3 and out.shape[-3] > 1:
+
+        def fix(removed):
+            keep = keep_along(removed, out, -3)
+            for at, t, what in shared:
+                slice_per_head(ctx.gm, at, t, keep, -3, prefix=f"_fxprune_shared_{what}_")
+
+        ctx.on_apply(node, fix)
+    return out
+
+
+def held_whole(ctx, node: fx.Node, out: np.ndarray, f: fx.Node, arr: np.ndarray) -> None:
+    """A batched dim (heads) factor ``f`` really has (size > 1) but holds no channels on (the
+    scores of a product that kept its heads) cannot lose positions the other factor's channels
+    would take away: those channels are blocked (the product's batch sizes would differ)."""
+    t = tensor_meta(f)
+    if t is None:
+        return
+    shape = (1,) * (out.ndim - t.ndim) + tuple(t.shape)
+    if any(out.shape[d] > 1 and shape[d] > 1 for d in range(out.ndim - 2)):
+        lost = (out >= 0) & (np.broadcast_to(arr, out.shape) < 0)
+        if lost.any():
+            ctx.block(out[lost], node, "a batched dim the other factor holds whole")
 
 
 @rule(torch.baddbmm, aten.baddbmm, "method:baddbmm")

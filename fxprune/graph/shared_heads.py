@@ -155,6 +155,21 @@ def latent_key(ctx, node: fx.Node, k: fx.Node, K: np.ndarray, shared: list):
     return per[..., :1]
 
 
+def latent_key_transposed(ctx, node: fx.Node, kt: fx.Node, KT: np.ndarray, shared: list):
+    """``latent_key`` for ``k.transpose(-2, -1)`` (``KT``: its atoms), the key of an eager
+    ``q @ k^T``; the per-head part transposed back, or None."""
+    is_transpose = (kt.op == "call_function" and kt.target is aten.transpose.int) or (
+        kt.op == "call_method" and kt.target == "transpose"
+    )
+    if not is_transpose or KT.ndim < 3 or not isinstance(kt.args[0], fx.Node):
+        return None
+    dims = kt.args[1:3]
+    if len(dims) != 2 or sorted(d % KT.ndim for d in dims) != [KT.ndim - 2, KT.ndim - 1]:
+        return None
+    K = latent_key(ctx, node, kt.args[0], np.swapaxes(KT, -1, -2), shared)
+    return None if K is None else np.swapaxes(K, -1, -2)
+
+
 def _cat_parts(k: fx.Node, ndim: int):
     """``[(part, start, end)]`` of ``k`` when it is a ``cat`` along its last dim, else None."""
     if k.op != "call_function" or k.target not in _CATS:
