@@ -153,7 +153,8 @@ def sdpa_rule(ctx, node):
     if any(a is None or a.ndim < 3 for a in (Q, K, V)):
         return barrier(ctx, node, "attention on tensors the analysis cannot follow")
     shared = []  # (node, input) pairs holding a key / value part every query head shares
-    if Q.shape[-3] > 1 and K.shape[-1] > 1:  # latent attention: per-head and shared key parts
+    same_heads = tensor_meta(q).shape[-3] == tensor_meta(k).shape[-3]
+    if Q.shape[-3] > 1 and K.shape[-1] > 1 and same_heads:  # latent attention's key
         latent = latent_key(ctx, node, k, K, shared)
         K = K if latent is None else latent
     if any(a.shape[-1] > 1 or a.shape[-2] > 1 for a in (Q, K, V)):

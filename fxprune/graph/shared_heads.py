@@ -144,7 +144,11 @@ def latent_key(ctx, node: fx.Node, k: fx.Node, K: np.ndarray, shared: list):
     if same.all() or not same.any() or not (per == per[..., :1]).all():
         return None
     parts = _cat_parts(k, K.ndim)
-    if parts is None or any(len(set(same[a:b].tolist())) != 1 for _, a, b in parts):
+    if (
+        parts is None
+        or parts[-1][2] != K.shape[-1]
+        or any(len(set(same[a:b].tolist())) != 1 for _, a, b in parts)
+    ):
         return None  # a part mixes per-head and shared channels: not this layout
     ctx.block(K[..., same], node, "the rotary key part every head shares (latent attention)")
     for t, a, _ in parts:
