@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, PassError
-from fxprune.graph.attention import head_constants
 from fxprune.graph.capture import same_capture, without_cache
+from fxprune.graph.shared_heads import head_constants
 from fxprune.hf import HEADS as HF_HEADS
 from fxprune.layer_fixes import (
     HEAD_DIM,

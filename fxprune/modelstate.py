@@ -23,7 +23,7 @@ import types
 import torch.nn as nn
 
 from fxprune.errors import TrainModeError, UnsupportedModelError
-from fxprune.graph.canonical import linear_from_matmul
+from fxprune.graph.canonical import canonicalize
 from fxprune.graph.capture import without_cache
 from fxprune.graph.trace import symbolic
 
@@ -152,7 +152,7 @@ def train_refused(work, args, traced, leaf_modules, dynamic) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure to trace means it cannot be compared
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return f"its forward does not trace in train mode ({type(e).__name__}: {first[:200]})"
-    linear_from_matmul(again)  # the capture's own rewrite, so only the modes differ
+    canonicalize(again)  # the capture's own rewrite, so only the modes differ
     return train_difference(traced.gm.code, again.code)
 
 

@@ -372,3 +372,94 @@ def test_a_key_head_expanded_as_the_query_follows_the_kept_heads():
     assert res.plan.passes[0]["kept"]["qkv"] == [*range(16, 32), *range(48, 96)]
     assert not [n for n, _ in res.module.named_buffers() if "_fxprune_shared_" in n]
     assert fxprune.verify.equivalence(m, res, x).ok
+
+
+class _Latent(torch.nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 / V3) without transformers: q per head, its
+    nope and rope parts side by side; ``kv_b`` gives each head's k_nope and v from the latent;
+    ``kv_a`` gives the latent and ONE rotary key, expanded to every head (its count read off
+    k_nope at run time) and put after k_nope along head_dim. ``layout``: ``"cat"``; ``"filled"``
+    as transformers 5.25's ``expand_kv`` (``new_empty``, each part ``copy_``-ed into a slice).
+    Layouts the rule must refuse: ``"scaled"`` (the key scaled after the cat: no cat reaches the
+    attention), ``"nested"`` (one cat part holds per-head and shared channels together),
+    ``"param_key"`` (k_nope a learned per-head tensor: channels that differ along head_dim).
+    ``eager``: attention written out, ``softmax(q @ k^T) @ v``."""
+
+    def __init__(self, d=32, h=4, nope=8, rope=4, dv=8, rank=16, layout="cat", eager=False):
+        super().__init__()
+        self.h, self.nope, self.rope, self.dv, self.layout = h, nope, rope, dv, layout
+        self.eager = eager
+        self.q = torch.nn.Linear(d, h * (nope + rope), bias=False)
+        self.kv_a = torch.nn.Linear(d, rank + rope, bias=False)
+        self.kv_b = torch.nn.Linear(rank, h * (nope + dv), bias=False)
+        self.o = torch.nn.Linear(h * dv, d, bias=False)
+        self.scale = torch.nn.Parameter(torch.rand(nope + rope) + 0.5)
+        self.k_param = torch.nn.Parameter(torch.randn(1, h, 1, nope))
+
+    def key(self, k_nope, k_rot):
+        rot = k_rot.expand(-1, k_nope.shape[1], -1, -1)
+        if self.layout == "filled":
+            key = k_nope.new_empty(*k_nope.shape[:-1], self.nope + self.rope)
+            key[..., : self.nope].copy_(k_nope)
+            key[..., self.nope :].copy_(rot)
+            return key
+        if self.layout == "nested":
+            half = self.nope // 2
+            inner = torch.cat([k_nope[..., half:], rot], dim=-1)
+            return torch.cat([k_nope[..., :half], inner], dim=-1)
+        if self.layout == "param_key":
+            k_nope = self.k_param.expand(k_nope.shape[0], -1, k_nope.shape[2], -1)
+        key = torch.cat([k_nope, rot], dim=-1)
+        return key * self.scale if self.layout == "scaled" else key
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, -1, self.nope + self.rope).transpose(1, 2)
+        latent, k_rot = self.kv_a(x).split([self.kv_b.in_features, self.rope], dim=-1)
+        kv = self.kv_b(latent).view(b, n, -1, self.nope + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.dv], dim=-1)
+        k_rot = torch.sin(k_rot.view(b, 1, n, self.rope))  # stands for the rotary embedding
+        k = self.key(k_nope, k_rot)
+        if self.eager:
+            y = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25, dim=-1) @ v
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, n, -1)) + x
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+@pytest.mark.parametrize(
+    ("layout", "mode"), [("cat", "fx"), ("cat", "export"), ("filled", "export")]
+)
+def test_latent_attention_heads_go_and_the_shared_rotary_key_stays(layout, mode, eager):
+    """Heads 0 and 2 the weakest: q's rows of heads 1 and 3 (nope and rope), kv_b's k_nope and
+    v rows of heads 1 and 3 and o's columns of heads 1 and 3 stay; kv_a (the latent and the
+    one rotary key every head shares) is untouched. The expanded rotary key is indexed with the
+    kept heads where the capture baked its head count in (export), and follows k_nope by
+    itself where fx reads the count at run time. Exact (the proof runs batch + 1 too), through
+    scaled_dot_product_attention or a written-out ``q @ k^T``."""
+    torch.manual_seed(0)
+    m, x = _Latent(layout=layout, eager=eager).eval(), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        for h in (0, 2):
+            m.q.weight[h * 12 : (h + 1) * 12] *= 0.3
+            m.kv_b.weight[h * 16 : (h + 1) * 16] *= 0.3
+    res = fxprune.compile(m, x, heads=0.5, mode=mode, importance="l1")
+    kept = res.plan.passes[0]["kept"]
+    assert kept["q"] == [*range(12, 24), *range(36, 48)]
+    assert kept["kv_b"] == [*range(16, 32), *range(48, 64)]
+    assert res.module.get_parameter("kv_a.weight").shape == (20, 32)
+    assert res.module.get_parameter("o.weight").shape == (32, 16)
+    shared = [n for n, _ in res.module.named_buffers() if "_fxprune_shared_key_" in n]
+    assert len(shared) == (1 if mode == "export" else 0)
+    rep = fxprune.verify.equivalence(m, res, x)
+    assert rep.ok and rep.pruning_effect > 1e-3, rep.message
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["scaled", "nested", "param_key"])
+def test_latent_attention_refuses_a_key_it_cannot_split_into_heads_and_a_shared_part(layout, eager):
+    torch.manual_seed(0)
+    m, x = _Latent(layout=layout, eager=eager).eval(), torch.randn(2, 6, 32)
+    with pytest.raises(fxprune.errors.ConfigError, match="no prunable attention heads"):
+        fxprune.compile(m, x, heads=0.5, mode="fx")

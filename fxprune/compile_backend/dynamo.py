@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from fxprune.errors import ConfigError
 from fxprune.graph import build_graph, propagate_shapes
-from fxprune.graph.canonical import linear_from_matmul
+from fxprune.graph.canonical import canonicalize
 
 aten = torch.ops.aten
 RESUME = re.compile(r"torch_dynamo_resume_in_(\w+?)_at_(\d+)")
@@ -179,7 +179,7 @@ def rebuild(gm: fx.GraphModule, example_inputs: list, name_of: Callable[[object]
             }
     symbolic_slices(g)
     new = fx.GraphModule(root, g, "DynamoGraph")
-    linear_from_matmul(new)  # the rewrite fxprune's own capture makes: the same layers, same plan
+    canonicalize(new)  # the rewrite fxprune's own capture makes: the same layers, same plan
     propagate_shapes(new, tuple(args))
     return new, keep, tuple(args)
 

@@ -13,7 +13,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxprune.graph.depgraph import none_like
-from fxprune.graph.indexing import op_short_name, unused_name
 from fxprune.graph.rules import (
     align,
     arg,
@@ -24,6 +23,12 @@ from fxprune.graph.rules import (
     none_output,
     out_ndim,
     rule,
+)
+from fxprune.graph.shared_heads import (
+    latent_key,
+    latent_key_transposed,
+    one_head_for_all,
+    slice_per_head,
 )
 from fxprune.graph.trace import tensor_meta
 
@@ -48,10 +53,15 @@ def matmul_operands(node: fx.Node) -> tuple:
 
 
 def _product(ctx, node: fx.Node, a, b):
-    """``a @ b``: batched dims coupled position by position, the contracted dim channel-free."""
+    """``a @ b``: batched dims coupled position by position, the contracted dim channel-free,
+    but for a transposed latent-attention key's shared part (``shared_heads.latent_key``)."""
     A, B = ctx.atoms(a), ctx.atoms(b)
     if A is None or B is None or A.ndim < 2 or B.ndim < 2:
         return barrier(ctx, node, "vector matmul")
+    shared = []  # (cat, part) of a key every head shares, indexed with the kept heads
+    if A.ndim >= 3 and A.shape[-3] > 1 and A.shape[-1] == 1 and B.shape[-2] > 1:
+        latent = latent_key_transposed(ctx, node, b, B, shared)
+        B = B if latent is None else latent
     if A.shape[-1] > 1 or B.shape[-2] > 1:
         ctx.block(A, node, "contracts a dim that carries channels")
         ctx.block(B, node, "contracts a dim that carries channels")
@@ -60,7 +70,32 @@ def _product(ctx, node: fx.Node, a, b):
     rows, cols = align(A, nd), align(B, nd)  # [..., n, 1] and [..., 1, m]
     if rows.shape[-2] > 1 and cols.shape[-1] > 1:
         return barrier(ctx, node, "both operands carry channels")
-    return elementwise_arrays(ctx, node, [rows, cols])
+    out = elementwise_arrays(ctx, node, [rows, cols])
+    for f, arr in ((a, rows), (b, cols)):
+        held_whole(ctx, node, out, f, arr)
+    if shared and out.ndim >= 3 and out.shape[-3] > 1:
+
+        def fix(removed):
+            keep = keep_along(removed, out, -3)
+            for at, t, what in shared:
+                slice_per_head(ctx.gm, at, t, keep, -3, prefix=f"_fxprune_shared_{what}_")
+
+        ctx.on_apply(node, fix)
+    return out
+
+
+def held_whole(ctx, node: fx.Node, out: np.ndarray, f: fx.Node, arr: np.ndarray) -> None:
+    """A batched dim (heads) factor ``f`` really has (size > 1) but holds no channels on (the
+    scores of a product that kept its heads) cannot lose positions the other factor's channels
+    would take away: those channels are blocked (the product's batch sizes would differ)."""
+    t = tensor_meta(f)
+    if t is None:
+        return
+    shape = (1,) * (out.ndim - t.ndim) + tuple(t.shape)
+    if any(out.shape[d] > 1 and shape[d] > 1 for d in range(out.ndim - 2)):
+        lost = (out >= 0) & (np.broadcast_to(arr, out.shape) < 0)
+        if lost.any():
+            ctx.block(out[lost], node, "a batched dim the other factor holds whole")
 
 
 @rule(torch.baddbmm, aten.baddbmm, "method:baddbmm")
@@ -111,11 +146,17 @@ def _period(heads: np.ndarray) -> int | None:
 def sdpa_rule(ctx, node):
     """Attention of q ``[..., Hq, L, E]``, k ``[..., Hk, S, E]``, v ``[..., Hk, S, Ev]``: head ``h``
     of the output comes from head ``h`` of q and head ``h // (Hq / Hk)`` of k and v (grouped-query
-    attention), so those heads are coupled; sequence and head_dim must carry no channels."""
+    attention), so those heads are coupled; sequence and head_dim must carry no channels, but a
+    key part every head shares (latent attention's rotary key, ``shared_heads.latent_key``)."""
     q, k, v = node.args[0], node.args[1], node.args[2]
     Q, K, V = ctx.atoms(q), ctx.atoms(k), ctx.atoms(v)
     if any(a is None or a.ndim < 3 for a in (Q, K, V)):
         return barrier(ctx, node, "attention on tensors the analysis cannot follow")
+    shared = []  # (node, input) pairs holding a key / value part every query head shares
+    same_heads = tensor_meta(q).shape[-3] == tensor_meta(k).shape[-3]
+    if Q.shape[-3] > 1 and K.shape[-1] > 1 and same_heads:  # latent attention's key
+        latent = latent_key(ctx, node, k, K, shared)
+        K = K if latent is None else latent
     if any(a.shape[-1] > 1 or a.shape[-2] > 1 for a in (Q, K, V)):
         block_inputs(ctx, node, "attention over a dim that carries channels")
         return none_output(node)
@@ -135,7 +176,6 @@ def sdpa_rule(ctx, node):
             ctx.block(M, node, "attention mask carries channels")
         elif mt is not None and mt.ndim >= 3 and mt.shape[-3] == hq > 1:
             constant_heads = True  # a per-head mask made in forward (T5's zeros((1, n_heads)))
-    shared = []  # key / value inputs holding one head broadcast to every query head
     if hk == 1 < hq:  # multi-query: one key/value head serves every query head; it stays
         for t, what in ((K, "key"), (V, "value")):
             ctx.block(t, node, f"the one {what} head every query head shares (multi-query)")
@@ -159,112 +199,14 @@ def sdpa_rule(ctx, node):
             keep = keep_along(removed, out, -3)
             for t in made:
                 slice_per_head(ctx.gm, node, t, keep, -3)
-            for t, what in {t: w for t, w in shared}.items():  # k is v: indexed once
-                slice_per_head(ctx.gm, node, t, keep, -3, prefix=f"_fxprune_shared_{what}_")
+            for (at, t), what in {(at, t): w for at, t, w in shared}.items():  # k is v: once
+                slice_per_head(ctx.gm, at, t, keep, -3, prefix=f"_fxprune_shared_{what}_")
 
         if made or shared:
             ctx.on_apply(node, fix)
     if not isinstance(node.meta.get("val"), torch.Tensor):  # ATen variants return a tuple
         return (out,) + tuple(none_output(node)[1:])
     return out
-
-
-def one_head_for_all(ctx, node: fx.Node, t: fx.Node, T: np.ndarray, what: str, shared: list):
-    """A key / value with as many heads as the query whose channels are the same on every
-    head: one head broadcast to every query head before the product (multi-query attention
-    through ``repeat_kv``'s expand + reshape: Falcon's default layout on transformers >= 5.25).
-    Its channels stay; the query heads are not coupled through it, and after a removal it is
-    indexed with the kept heads (``shared``), each kept query head keeping its own slice,
-    unless its head count is read off the query at run time and follows by itself."""
-    if T.shape[-3] > 1:
-        return T
-    ctx.block(T, node, f"the one {what} head every query head shares (multi-query)")
-    if not head_count_read_at_run_time(ctx, t):
-        shared.append((t, what))
-    return none_like(T.ndim)
-
-
-_SHAPE_OPS = frozenset(
-    {"expand", "expand_as", "broadcast_to", "reshape", "view", "view_as", "reshape_as", "slice"}
-    | {"unsqueeze", "squeeze", "transpose", "permute", "flatten", "contiguous", "clone"}
-)
-
-
-def head_count_read_at_run_time(ctx, t: fx.Node, limit: int = 8) -> bool:
-    """Whether the shape ops that make ``t`` read a size at run time off a dim that carries
-    channels (``k.expand_as(q)``, ``broadcast_to(k, q.shape)``, ``k.expand(b, q.size(1), ...)``
-    in an fx capture; torch.export bakes such sizes in): ``t``'s head count then follows the
-    kept query heads by itself, and indexing it too would take positions it no longer has."""
-    n = t
-    for _ in range(limit):
-        if not isinstance(n, fx.Node) or op_short_name(n) not in _SHAPE_OPS or not n.args:
-            return False
-        found: list[fx.Node] = []
-        fx.node.map_arg((n.args[1:], n.kwargs), found.append)
-        if any(_reads_channels(ctx, a) for a in found):
-            return True
-        n = n.args[0]
-    return False
-
-
-def _reads_channels(ctx, a: fx.Node) -> bool:
-    """``a`` is a tensor with channels (``expand_as``'s template) or sizes read off dims of one
-    that carry channels: ``x.shape``, ``x.size()``, ``x.shape[i]``, ``x.size(i)``, ``sym_size``."""
-    if tensor_meta(a) is not None:
-        X = ctx.atoms(a)
-        return X is not None and bool((X >= 0).any())
-    idx = None
-    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
-        a, idx = a.args[0], a.args[1]
-    whole = (a.op == "call_function" and a.target is getattr and a.args[1] == "shape") or (
-        a.op == "call_method" and a.target == "size" and len(a.args) == 1
-    )
-    if not whole:
-        one = (a.op == "call_method" and a.target == "size") or a.target is aten.sym_size.int
-        if idx is not None or not one:
-            return False
-        idx = arg(a, 1, "dim")
-    X = ctx.atoms(a.args[0])
-    if X is None or not isinstance(idx, (int, slice, type(None))):
-        return False
-    dims = range(X.ndim) if idx is None else range(X.ndim)[idx]
-    return any(X.shape[d] > 1 for d in ([dims] if isinstance(dims, int) else dims))
-
-
-def slice_per_head(
-    gm: fx.GraphModule,
-    node: fx.Node,
-    mask: fx.Node,
-    keep: np.ndarray,
-    dim: int,
-    period=None,
-    prefix: str = "_fxprune_heads_",
-) -> None:
-    """Give ``node`` only the kept heads of ``mask``, a per-head constant the forward builds
-    from the head count (no channels traced into it): it is indexed with the kept heads'
-    positions along ``dim``, so each head keeps its own slice. ``period``: ``dim`` is
-    ``batch * heads`` (batch-major) with that many heads, indexed in every batch. ``prefix``
-    names the index buffer (``head_constants`` reads ``_fxprune_heads_``)."""
-    keep = keep[:period] if period else keep
-    if keep.all():
-        return
-    name = unused_name(gm, f"{prefix}{node.name}")
-    gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0]), persistent=False)
-    with gm.graph.inserting_before(node):
-        idx = gm.graph.get_attr(name)
-        src = mask
-        if period:
-            src = gm.graph.call_function(aten.unflatten.int, (mask, dim, [-1, period]))
-        kept = gm.graph.call_function(aten.index_select.default, (src, dim + bool(period), idx))
-        if period:
-            kept = gm.graph.call_function(aten.flatten.using_ints, (kept, dim, dim + 1))
-    node.replace_input_with(mask, kept)
-
-
-def head_constants(gm: fx.GraphModule) -> list[str]:
-    """Nodes whose per-head constant, built in forward from the head count, the pruned graph
-    indexes with the kept heads (``slice_per_head``)."""
-    return [n[len("_fxprune_heads_") :] for n, _ in gm.named_buffers() if "_fxprune_heads_" in n]
 
 
 def _einsum_parts(node: fx.Node):

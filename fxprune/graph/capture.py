@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxprune._util import eval_mode
-from fxprune.graph.canonical import linear_from_matmul
+from fxprune.graph.canonical import canonicalize
 from fxprune.graph.rules import find_rule
 from fxprune.graph.trace import Traced, symbolic, trace
 
@@ -83,7 +83,7 @@ def capture(
         traced = trace(model, args, mode=mode, **kw)
         if heads and mode == "auto" and traced.mode == "fx" and hidden_attention(traced.gm):
             traced = trace(model, args, mode="export", **kw)
-    linear_from_matmul(traced.gm)  # x @ W.T as the Linear it is (Falcon)
+    canonicalize(traced.gm)  # x @ W.T as the Linear it is (Falcon), filled empties as cats
     return traced
 
 
@@ -98,7 +98,7 @@ def same_capture(gm: fx.GraphModule, module: nn.Module, leaf_modules: Sequence =
             again = symbolic(module, leaf_modules)
     except Exception:  # noqa: BLE001 - any failure to trace means it cannot be compared
         return False
-    linear_from_matmul(again)
+    canonicalize(again)
     if again.code != gm.code:
         return False
     for node in again.graph.nodes:

@@ -16,7 +16,9 @@ the rest; the graph's per-expert counts (``histc`` bins of the grouped matmul's 
 scores at -inf (no token reaches them), which is what the proof compares against
 (``verify/reference.py``); against the dense model it is approximate by nature (tokens that
 chose a removed expert go to another), so the pass reports the measured output deviation, as
-the block pass does.
+the block pass does. A group-limited router (DeepSeek-V3: ``n_group``, a score correction bias)
+is read by ``expert_routing``: every group loses as many experts, the sizes that count experts
+follow, and the reference gives the removed experts' bias -inf too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fxprune.graph.depgraph import DependencyGraph
 from fxprune.graph.shapeprop import propagate_shapes
 from fxprune.passes import ExpertsResult, PassResult, register_pass
 from fxprune.passes.blocks import frozen_copy, output_deviation
+from fxprune.passes.expert_routing import Routing, balanced, check, resize, routing
 
 aten = torch.ops.aten
 CRITERIA = ("weight", "frequency")
@@ -49,12 +52,14 @@ _THROUGH = {
     aten._to_copy.default,
     aten.type_as.default,
     aten.add.Tensor,
+    aten.masked_fill.Scalar,  # a group-limited router's experts outside the chosen groups
     torch.softmax,
     torch.sigmoid,
     F.softmax,
     operator.add,
 }
-_THROUGH_METHODS = {"softmax", "sigmoid", "float", "to", "type_as", "add"}
+_THROUGH_METHODS = {"softmax", "sigmoid", "float", "to", "type_as", "add", "masked_fill"}
+_CASTS = {aten.to.dtype, aten._to_copy.default}
 _LINEARS = {aten.linear.default, F.linear}
 _TOPK = {aten.topk.default, torch.topk}
 
@@ -100,6 +105,7 @@ class MoELayer:
     k: int
     n: int  # experts
     tensors: list[str]  # every tensor with one entry per expert on dim 0 (the router's first)
+    routing: Routing  # groups, the sizes that count experts, per-expert score biases
 
 
 def _is_through(n: fx.Node) -> bool:
@@ -113,6 +119,8 @@ def _router_weight(gm: fx.GraphModule, n) -> str | None:
     while isinstance(n, fx.Node):
         if n.op == "call_function" and n.target in _LINEARS:
             w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _CASTS:
+                w = w.args[0]  # DeepSeek-V3: linear(x.float(), weight.float())
             return w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
             return f"{n.target}.weight"
@@ -165,7 +173,8 @@ def find_moe(gm: fx.GraphModule) -> list[MoELayer]:
             continue
         tensors = _expert_tensors(gm, path, router, w.shape[0])
         if len(tensors) > 1:  # a router with experts behind it (not a plain top-k of a Linear)
-            layers.append(MoELayer(path, router, node, k, w.shape[0], tensors))
+            r = routing(gm, router, node, w.shape[0])
+            layers.append(MoELayer(path, router, node, k, w.shape[0], tensors, r))
     return layers
 
 
@@ -191,7 +200,10 @@ def _choose(cfg: Experts, layers, gm, batches) -> tuple[dict[str, list[int]], di
         unknown = sorted(set(given) - {m.path for m in layers})
         if unknown:
             raise ConfigError(f"experts: {unknown[:3]} are not mixture-of-experts layers here")
-        return {p: sorted(int(e) for e in v) for p, v in given.items()}, {}
+        removed = {p: sorted(int(e) for e in v) for p, v in given.items()}
+        for m in layers:
+            check(m.routing, m.path, removed.get(m.path, []), m.k)
+        return removed, {}
     scores = expert_scores(gm, layers, batches, cfg.criterion)
     removed = {}
     for m in layers:
@@ -201,8 +213,8 @@ def _choose(cfg: Experts, layers, gm, batches) -> tuple[dict[str, list[int]], di
                 f"experts={cfg.which!r}: {m.path} has {m.n} experts and routes each token to "
                 f"{m.k}; at least {m.k} must stay"
             )
-        order = np.argsort(scores[m.path], kind="stable")  # least used first
-        removed[m.path] = sorted(int(e) for e in order[:count])
+        removed[m.path] = balanced(m.routing, m.path, scores[m.path], count)  # least used
+        check(m.routing, m.path, removed[m.path], m.k)
     return removed, {p: [round(float(v), 6) for v in s] for p, s in scores.items()}
 
 
@@ -270,7 +282,10 @@ def prune_experts(graph: DependencyGraph, cfg: Experts, args: tuple) -> PassResu
             _slice(gm, name, idx)
             keeps[name] = {0: keep}
         unrouted[m.router] = list(gone)
+        for bias in m.routing.bias_names:  # a score bias: -inf in the reference, as the logits
+            unrouted[bias] = list(gone)
         _recount(gm, m, int(keep.sum()))
+        resize(m.routing, int(keep.sum()))
     gm.recompile()
     propagate_shapes(gm, args)
     return ExpertsResult(

@@ -53,8 +53,17 @@ class _Unrouted(TorchFunctionMode):
 
 
 def _unroute(model: torch.nn.Module, routers: dict[str, list[int]]) -> None:
-    """Run ``model``'s forward with the removed experts' router scores at -inf."""
-    ids = {id(model.get_parameter(name)): list(gone) for name, gone in routers.items()}
+    """Run ``model``'s forward with the removed experts' router scores at -inf; a per-expert
+    score bias (1-D: DeepSeek-V3's ``e_score_correction_bias``, added after a sigmoid that
+    would turn -inf logits into 0) holds -inf at the removed experts too."""
+    ids = {}
+    for name, gone in routers.items():
+        t = _tensor(model, name)
+        if t.ndim == 1:
+            with torch.no_grad():
+                t[list(gone)] = float("-inf")
+        else:
+            ids[id(t)] = list(gone)
     forward = model.forward
 
     @functools.wraps(forward)
