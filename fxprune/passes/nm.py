@@ -65,7 +65,8 @@ class NM:
             raise ConfigError(f"sparsity {self.n}:{self.m}: need integers 0 < N < M (e.g. '2:4')")
         from fxprune.passes.nm_methods import resolve
 
-        if self.sequential and not resolve(self.method).data:  # a ConfigError naming methods
+        method = resolve(self.method)  # a ConfigError naming the registered methods
+        if self.sequential and not method.data:
             raise ConfigError(
                 f"NM(sequential=True) with method={self.method!r}: it reads no calibration, "
                 "so there is nothing to calibrate layer by layer"

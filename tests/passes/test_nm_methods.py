@@ -229,6 +229,8 @@ def test_sequential_calibration_is_refused_where_nothing_is_calibrated():
 
     with pytest.raises(ConfigError, match=r"sequential=True\) with method='magnitude'"):
         NM(2, 4, sequential=True)
+    with pytest.raises(ConfigError, match="sparsity_method='obs'"):  # named either way
+        NM(2, 4, method="obs")
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
