@@ -13,8 +13,9 @@ position), from calibration batches run through the graph being pruned.
   columns through the inverse Hessian's Cholesky factor, in blocks of 128 columns. **Kept
   weights change**: the pass returns them (``PassResult.updated``) so the proof compares against
   the dense model with those values. Inputs come from the dense model (all layers calibrated in
-  one forward, not sequentially through already-pruned layers as in the paper; ``fxprune.stream``
-  calibrates block by block on the pruned blocks' outputs). Linear layers that read the same
+  one forward), or with ``NM(sequential=True)`` from the layers before, already pruned, as in
+  the paper's sequential order (``fxprune.stream`` does that block by block, each block in one
+  forward). Linear layers that read the same
   value (q/k/v, gate/up) share one Hessian, one factorisation and one sweep (their rows
   stacked). Precision as in the reference implementation: ``X^T X`` summed over batches and the
   sweep in float32; the factorisation in float32, float64 where that fails. The factor and the
@@ -112,11 +113,10 @@ def calibrate(
     def seen(src: str, x) -> None:  # one batch's value of src
         if not isinstance(x, torch.Tensor):
             return
-        done = set()
+        done, x32 = set(), x.detach().float()
         for param, node, wl in want[src]:
             if key[param] not in done:
                 done.add(key[param])
-                x32 = x.detach().float()
                 _accumulate(acc, gm, param, node, wl, x32, hessian, fallback, key[param])
 
     def share(src: str) -> None:  # each weight reads its shared statistics under its own name
