@@ -96,14 +96,21 @@ class Stats:
 
 
 class Capture(fx.Interpreter):
-    def __init__(self, gm, keep: set[str]):
+    """Run ``gm`` and keep the values of the nodes named in ``keep`` (``seen``); with
+    ``on_value(name, value)`` hand each over as it is made instead of keeping it, so a forward
+    through many layers holds one layer's statistics input at a time, not every layer's."""
+
+    def __init__(self, gm, keep: set[str], on_value=None):
         super().__init__(gm)
-        self.keep, self.seen = keep, {}
+        self.keep, self.seen, self.on_value = keep, {}, on_value
 
     def run_node(self, n):
         v = super().run_node(n)
         if n.name in self.keep:
-            self.seen[n.name] = v
+            if self.on_value is None:
+                self.seen[n.name] = v
+            else:
+                self.on_value(n.name, v)
         return v
 
 

@@ -137,11 +137,8 @@ def calibrate(
         if on_ready is not None:
             outputs = Lockstep(gm, batches).run(after)
         else:
-            for b in ticking(batches, "calibrating (N:M)"):
-                cap = Capture(gm, set(want))
-                cap.run(*b)
-                for src in want:
-                    seen(src, cap.seen.get(src))
+            for b in ticking(batches, "calibrating (N:M)"):  # each input used as it is made
+                Capture(gm, set(want), on_value=seen).run(*b)
             for src in want:
                 share(src)
     for k in set(key.values()) - set(key):

@@ -279,3 +279,29 @@ def test_sequential_calibration_chooses_each_layer_on_the_pruned_layers_before_i
         for i in (2, 4)
     ]
     assert same_first and not all(later)  # a one-pass calibration chose otherwise after layer 0
+
+
+def test_calibration_uses_each_layer_input_as_it_is_made_and_keeps_none():
+    """The N:M calibration hands every layer's input to its statistics as the forward makes it
+    (Capture's on_value): nothing is kept for the end of the forward, so a deep model holds one
+    layer's input at a time; the statistics are those of the inputs."""
+    import torch.fx as fx
+
+    from fxprune.calibration import Capture
+
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    gm = fx.symbolic_trace(m.eval())
+    x = torch.randn(5, 8)
+    got, alive = {}, []
+
+    def on_value(name, v):
+        got[name] = v.clone()
+        alive.append(len(cap.seen))
+
+    cap = Capture(gm, {"input_1", "_1", "_3"}, on_value=on_value)
+    cap.run(x)
+    assert cap.seen == {} and alive == [0, 0, 0]
+    with torch.no_grad():
+        h1 = torch.relu(m[0](x))
+        torch.testing.assert_close(got["_1"], h1)
+        torch.testing.assert_close(got["_3"], torch.relu(m[2](h1)))
