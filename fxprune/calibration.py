@@ -222,17 +222,21 @@ def collect(
                 keep.add(nd.name)
                 keep |= {a.name for a in nd.all_input_nodes}
         act, ent, conf = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
+        held = {a.name for nd in att_nodes.values() for a in (nd, *nd.all_input_nodes)}
+
+        def on_value(name, v):  # a probe is measured as it is made; attention inputs are held
+            arr = graph.probes.get(name) if "activation" in need else None
+            if arr is not None and isinstance(v, torch.Tensor) and v.ndim == arr.ndim:
+                ids, vals = _per_position(v, arr)
+                ok = ids >= 0
+                np.add(act, np.bincount(ids[ok], vals[ok], minlength=n) / len(batches), out=act)
+            if name in held:
+                cap.seen[name] = v
+
         with torch.no_grad():
             for b in ticking(batches, "calibrating (activations)"):
-                cap = Capture(gm, keep)
+                cap = Capture(gm, keep, on_value=on_value)
                 cap.run(*b)
-                if "activation" in need:
-                    for name, arr in graph.probes.items():
-                        v = cap.seen.get(name)
-                        if isinstance(v, torch.Tensor) and v.ndim == arr.ndim:
-                            ids, vals = _per_position(v, arr)
-                            ok = ids >= 0
-                            act += np.bincount(ids[ok], vals[ok], minlength=n) / len(batches)
                 for name, nd in att_nodes.items():
                     if not need & {"entropy", "confidence"}:
                         break

@@ -158,19 +158,36 @@ def block_region(gm: fx.GraphModule, path: str) -> Region:
 def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str, float]:
     """Importance of each block on the calibration batches (higher = keep)."""
     keep = {r.hidden.name for r in regions} | {r.out.name for r in regions}
+    ends = {}  # a block's output node -> the blocks it ends
+    for r in regions:
+        ends.setdefault(r.out.name, []).append(r)
     totals = dict.fromkeys((r.path for r in regions), 0.0)
+
+    def on_value(name, v):  # a block's input is held until its output is made, then scored
+        for r in ends.get(name, ()):
+            x = held[r.hidden.name].double().flatten(1)
+            y = v.double().flatten(1)
+            if criterion == "cosine":
+                s = 1 - torch.nn.functional.cosine_similarity(x, y, dim=1).mean()
+            else:
+                s = ((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean()
+            totals[r.path] += float(s) / len(batches)
+        if name in starts:
+            held[name] = v
+        for r in ends.get(name, ()):
+            if not any(o.hidden.name == r.hidden.name for o in pending(name)):
+                held.pop(r.hidden.name, None)
+
+    starts = {r.hidden.name for r in regions}
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+    def pending(name):  # blocks whose output comes after ``name``
+        return [r for r in regions if order[r.out.name] > order[name]]
+
     with torch.no_grad():
         for b in ticking(batches, "scoring blocks"):
-            cap = Capture(gm, keep)
-            cap.run(*b)
-            for r in regions:
-                x = cap.seen[r.hidden.name].double().flatten(1)
-                y = cap.seen[r.out.name].double().flatten(1)
-                if criterion == "cosine":
-                    s = 1 - torch.nn.functional.cosine_similarity(x, y, dim=1).mean()
-                else:
-                    s = ((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean()
-                totals[r.path] += float(s) / len(batches)
+            held: dict[str, torch.Tensor] = {}
+            Capture(gm, keep, on_value=on_value).run(*b)
     return totals
 
 
@@ -192,10 +209,15 @@ def output_deviation(before: fx.GraphModule, after: fx.GraphModule, batches) -> 
         for b in batches:
             leaves = zip(pytree.tree_leaves(before(*b)), pytree.tree_leaves(after(*b)), strict=True)
             for x, y in leaves:
-                if isinstance(x, torch.Tensor) and x.numel():
-                    x, y = x.detach().double(), y.detach().double()
-                    scale = max(scale, x.abs().max().item())
-                    dev = max(dev, (y - x).abs().max().item())
+                if not (isinstance(x, torch.Tensor) and x.numel()):
+                    continue
+                # in float64 a million values at a time: whole-tensor float64 temporaries of
+                # one batch's logits (8 x 512 x 49k) would be 1.6 GB each
+                xf, yf, step = x.detach().reshape(-1), y.detach().reshape(-1), 1 << 20
+                for i in range(0, xf.numel(), step):
+                    xs, ys = xf[i : i + step].double(), yf[i : i + step].double()
+                    scale = max(scale, xs.abs().max().item())
+                    dev = max(dev, (ys - xs).abs().max().item())
     return dev / scale if scale else dev
 
 

@@ -50,3 +50,40 @@ def test_the_base_cannot_be_written_through_a_missing_effect():
     assert dict(r.keeps) == {} and r.bypassed == () and r.details == {}
     with pytest.raises(TypeError):
         r.keeps["w"] = {0: torch.tensor([0])}
+
+
+@pytest.mark.parametrize("criterion", ["cosine", "l2"])
+def test_block_scores_are_each_blocks_change_of_the_hidden_state(criterion):
+    """Blocks are scored as the forward makes their outputs (each block's input held only until
+    then): the scores equal those recomputed from the model's own hidden states."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    batches = [torch.randint(0, 100, (2, 8)) for _ in range(2)]
+    r = fxprune.compile(
+        llama, batches[0], blocks=1, block_importance=criterion, calibration=batches
+    )
+    want = dict.fromkeys(range(3), 0.0)
+    with torch.no_grad():
+        for b in batches:
+            hs = llama(b, output_hidden_states=True).hidden_states
+            for i in range(3):
+                x, y = hs[i].double().flatten(1), hs[i + 1].double().flatten(1)
+                if i == 2:  # the last hidden state is after the final norm: the block's own output
+                    y = None
+                if y is None:
+                    continue
+                if criterion == "cosine":
+                    s = 1 - torch.nn.functional.cosine_similarity(x, y, dim=1).mean()
+                else:
+                    s = ((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean()
+                want[i] += float(s) / len(batches)
+    got = r.passes[0].scores
+    for i in (0, 1):
+        (key,) = [k for k in got if k.endswith(f"layers.{i}")]
+        assert got[key] == pytest.approx(want[i], rel=1e-5), (key, got, want)
