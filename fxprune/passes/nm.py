@@ -66,6 +66,11 @@ class NM:
         from fxprune.passes.nm_methods import resolve
 
         method = resolve(self.method)  # a ConfigError naming the registered methods
+        if self.sequential and self.layers is not None:
+            raise ConfigError(
+                "NM(sequential=True) with layers= (a replay): the masks come from the saved "
+                "weights, nothing is calibrated layer by layer"
+            )
         if self.sequential and not method.data:
             raise ConfigError(
                 f"NM(sequential=True) with method={self.method!r}: it reads no calibration, "

@@ -231,6 +231,8 @@ def test_sequential_calibration_is_refused_where_nothing_is_calibrated():
         NM(2, 4, sequential=True)
     with pytest.raises(ConfigError, match="sparsity_method='obs'"):  # named either way
         NM(2, 4, method="obs")
+    with pytest.raises(ConfigError, match="with layers= \\(a replay\\)"):
+        NM(2, 4, method="wanda", sequential=True, layers=("0.weight",))
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
