@@ -156,14 +156,21 @@ def block_region(gm: fx.GraphModule, path: str) -> Region:
 
 
 def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str, float]:
-    """Importance of each block on the calibration batches (higher = keep)."""
+    """Importance of each block on the calibration batches (higher = keep). Each block's input
+    is held from when the forward makes it until its last block's output is made and scored."""
     keep = {r.hidden.name for r in regions} | {r.out.name for r in regions}
-    ends = {}  # a block's output node -> the blocks it ends
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    ends: dict[str, list[Region]] = {}  # a block's output node -> the blocks it ends
+    last: dict[str, str] = {}  # a block input -> the output node of the last block reading it
     for r in regions:
         ends.setdefault(r.out.name, []).append(r)
+        h = r.hidden.name
+        if h not in last or order[r.out.name] > order[last[h]]:
+            last[h] = r.out.name
     totals = dict.fromkeys((r.path for r in regions), 0.0)
+    held: dict[str, torch.Tensor] = {}
 
-    def on_value(name, v):  # a block's input is held until its output is made, then scored
+    def on_value(name, v):
         for r in ends.get(name, ()):
             x = held[r.hidden.name].double().flatten(1)
             y = v.double().flatten(1)
@@ -172,21 +179,14 @@ def block_scores(gm, regions: list[Region], batches, criterion: str) -> dict[str
             else:
                 s = ((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean()
             totals[r.path] += float(s) / len(batches)
-        if name in starts:
+        for h in [h for h, out in last.items() if out == name]:
+            held.pop(h, None)
+        if name in last:
             held[name] = v
-        for r in ends.get(name, ()):
-            if not any(o.hidden.name == r.hidden.name for o in pending(name)):
-                held.pop(r.hidden.name, None)
-
-    starts = {r.hidden.name for r in regions}
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-
-    def pending(name):  # blocks whose output comes after ``name``
-        return [r for r in regions if order[r.out.name] > order[name]]
 
     with torch.no_grad():
         for b in ticking(batches, "scoring blocks"):
-            held: dict[str, torch.Tensor] = {}
+            held.clear()
             Capture(gm, keep, on_value=on_value).run(*b)
     return totals
 
