@@ -10,16 +10,11 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import ConfigError
+from tests.transformer_models import tiny_llama_lm
 
 
 def test_a_hugging_face_model_gets_ids_and_mask_from_its_config():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama = tiny_llama_lm(layers=2)
     res = fxprune.compile(llama, ffn=0.25)
     assert res.plan.inputs == [
         {"shape": [1, 16], "dtype": "int64"},

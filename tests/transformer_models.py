@@ -22,6 +22,17 @@ def _ids(vocab=100, low=0, seq=8):
     return (torch.randint(low, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),)
 
 
+def tiny_llama_lm(layers: int = 2, seed: int = 0):
+    """A LlamaForCausalLM of hidden 32, 4 heads over 2 KV heads, vocab 100, in eval mode."""
+    T = _hf()
+    cfg = T.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
 def encoder_config(name: str = "Bert", hidden=HIDDEN, ffn=FFN, positions=32, **extra):
     """A tiny config of a BERT-style Hugging Face family: vocab 100, 2 layers, 4 heads."""
     return getattr(_hf(), f"{name}Config")(

@@ -10,7 +10,7 @@ import torch
 
 import fxprune
 from fxprune.passes import BlocksResult, NMResult, PassResult, PermuteResult, UnitsResult
-from tests.transformer_models import build
+from tests.transformer_models import build, tiny_llama_lm
 
 
 def test_every_pass_returns_its_typed_result():
@@ -56,14 +56,7 @@ def test_the_base_cannot_be_written_through_a_missing_effect():
 def test_block_scores_are_each_blocks_change_of_the_hidden_state(criterion):
     """Blocks are scored as the forward makes their outputs (each block's input held only until
     then): the scores equal those recomputed from the model's own hidden states."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama = tiny_llama_lm(layers=3)
     batches = [torch.randint(0, 100, (2, 8)) for _ in range(2)]
     r = fxprune.compile(
         llama, batches[0], blocks=1, block_importance=criterion, calibration=batches
