@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from fxprune._util import ticking
 from fxprune.graph.weighted import WeightedLayer, weighted_layer
-from fxprune.passes.sparsegpt import hessian_factor, sparsegpt_cols
+from fxprune.passes.sparsegpt import hessian_factor, sparsegpt_cols, transposed
 
 
 def _input_node(node: fx.Node, wl: WeightedLayer) -> fx.Node | None:
@@ -186,6 +186,8 @@ def wanda_scores(w: torch.Tensor, wl: WeightedLayer, sq: torch.Tensor) -> torch.
 
 def _as_cols(w: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
     """A float32 copy of the weight as [columns, rows] in SparseGPT's column order (one pass)."""
+    if wl.kind == "linear" and wl.reduce_dim == 1 and w.ndim == 2:
+        return transposed(w.detach(), torch.float32)
     if wl.kind == "linear":
         view = w.detach().t() if wl.reduce_dim == 1 else w.detach()
     else:
@@ -193,11 +195,16 @@ def _as_cols(w: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
     return torch.empty(view.shape, dtype=torch.float32, device=w.device).copy_(view)
 
 
-def _from_cols(cols: torch.Tensor, like: torch.Tensor, wl: WeightedLayer) -> torch.Tensor:
+def _from_cols(cols: torch.Tensor, like: torch.Tensor, wl: WeightedLayer, dtype) -> torch.Tensor:
+    """``cols`` ([columns, rows]) back in ``like``'s layout as a new contiguous ``dtype`` tensor."""
+    if wl.kind == "linear" and wl.reduce_dim == 1 and like.ndim == 2:
+        return transposed(cols, dtype)
     if wl.kind == "linear":
-        return cols.t() if wl.reduce_dim == 1 else cols
-    k, c, r, s = like.shape
-    return cols.reshape(r, s, c, k).permute(3, 2, 0, 1)
+        view = cols.t() if wl.reduce_dim == 1 else cols
+    else:
+        k, c, r, s = like.shape
+        view = cols.reshape(r, s, c, k).permute(3, 2, 0, 1)
+    return torch.empty(like.shape, dtype=dtype, device=like.device).copy_(view)
 
 
 def sparsegpt(
@@ -217,7 +224,4 @@ def sparsegpt(
     Wt = _as_cols(w, wl)
     Wt[dead] = 0.0
     kept = sparsegpt_cols(Wt, U, n, m, blocksize)
-    new = torch.empty_like(w, memory_format=torch.contiguous_format)
-    new.copy_(_from_cols(Wt, w, wl))
-    keep = _from_cols(kept, w, wl) != 0
-    return new, keep.contiguous()
+    return _from_cols(Wt, w, wl, w.dtype), _from_cols(kept, w, wl, torch.bool)

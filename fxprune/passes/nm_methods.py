@@ -18,7 +18,7 @@ import torch
 from fxprune._util import lookup, registrar, ticking
 from fxprune.graph.weighted import WeightedLayer
 from fxprune.passes.nm import apply_nm
-from fxprune.passes.nm_data import sparsegpt, wanda_scores
+from fxprune.passes.nm_data import sparsegpt
 from fxprune.passes.sparsegpt import hessian_factor
 
 
@@ -66,10 +66,10 @@ class Wanda(NMMethod):
     """Keep the N largest |w| x ||x|| of every M (magnitude where no input was captured)."""
 
     def mask(self, w, c, n, m, acc, updated):
-        score = None
+        norm = None
         if acc is not None and c.param in acc.sq:
-            score = wanda_scores(w, c, acc.sq[c.param])
-        return apply_nm(w, n, m, c.reduce_dim, score)
+            norm = acc.sq[c.param].float().sqrt()  # |W| x ||x||, scored block by block
+        return apply_nm(w, n, m, c.reduce_dim, scale=norm)
 
 
 @nm_method("sparsegpt")
@@ -110,8 +110,8 @@ class SparseGPT(Wanda):
                 strict=True,
             ):
                 before = float(w.abs().sum())
-                after = float((w.abs() * kp).sum())
-                w.copy_(nw * kp)
+                after = float(w.abs().mul_(kp).sum())
+                w.copy_(nw)  # zero where not kept: the sweep zeroes what it prunes
                 updated[c.param] = w.detach().clone()
                 out[c.param] = (kp, before, after)
         return out

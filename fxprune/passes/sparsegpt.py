@@ -28,6 +28,16 @@ import torch
 SUB = 16  # columns per sub-block inside a 128-column block
 
 
+def transposed(src: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``src.t()`` of a 2-D tensor as a new contiguous tensor (in ``dtype``), copied in bands
+    of 128 rows of ``src`` so each band's reads and writes stay in cache: 5632 x 2048 bf16 to
+    float32, one thread, 0.12 s as one strided copy, 0.044 s so."""
+    out = torch.empty(src.shape[1], src.shape[0], dtype=dtype or src.dtype, device=src.device)
+    for j in range(0, src.shape[0], 128):
+        out[:, j : j + 128].copy_(src[j : j + 128].t())
+    return out
+
+
 def lower_inverse(L: torch.Tensor, base: int = 512) -> torch.Tensor:
     """``L^-1`` of a lower triangular ``L`` by halves: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0],
     [-C^-1 B A^-1, C^-1]]``, the off-diagonal block one product and one triangular solve."""

@@ -91,7 +91,7 @@ def nm_violations(result) -> list[str]:
     its mask is zero, and every N:M-masked one with more than N non-zeros in a group of M along
     its reduction axis, as a message."""
     from fxprune.passes import NMResult
-    from fxprune.passes.nm import candidates, is_nm
+    from fxprune.passes.nm import candidates, off_mask
 
     out: list[str] = []
     for p in result.passes:
@@ -104,10 +104,13 @@ def nm_violations(result) -> list[str]:
             w = result.module.get_parameter(name).detach().cpu()
             if mask.shape != w.shape:
                 out.append(f"{name}: {kind} mask shape {tuple(mask.shape)} != {tuple(w.shape)}")
-            elif stray := int(torch.where(mask.cpu().bool(), 0, w).count_nonzero()):
+                continue
+            dim = axis.get(name, 1)
+            stray, fits = off_mask(w, mask.cpu().bool(), n if n and m else None, m, dim)
+            if stray:
                 out.append(f"{name}: {stray} non-zeros where its {kind} mask is zero")
-            elif n and m and not is_nm(w, n, m, axis.get(name, 1)):
-                out.append(f"{name}: more than {n} non-zeros per {m} along dim {axis.get(name, 1)}")
+            elif not fits:
+                out.append(f"{name}: more than {n} non-zeros per {m} along dim {dim}")
     return out
 
 

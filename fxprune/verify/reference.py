@@ -117,13 +117,23 @@ def zeroed_dense(model: torch.nn.Module, result, dtype: torch.dtype | None = Non
 def _to_dense_positions(mask: torch.Tensor, shape, index: dict[int, np.ndarray]) -> torch.Tensor:
     """A mask over a pruned (possibly reordered) weight, scattered into the dense weight's shape
     (ones elsewhere): ``index[d]`` is the dense index of each position along dim ``d``."""
+    if not index and mask.shape == torch.Size(shape):  # nothing cut: the mask is in place
+        return mask
     full = torch.ones(shape, dtype=torch.bool)
     full[_dense_where(shape, index)] = mask
     return full
 
 
 def _dense_where(shape, index: dict[int, np.ndarray]) -> tuple:
-    """Advanced index selecting, in the dense weight, the positions of the pruned weight."""
+    """Index selecting, in the dense weight, the positions of the pruned weight: slices where
+    at most one dim was cut (a basic or single-tensor index, no broadcast grids), else one
+    broadcast index per dim (several advanced indices keep their order only so)."""
+    cut = [d for d in range(len(shape)) if d in index]
+    if len(cut) <= 1:
+        return tuple(
+            torch.as_tensor(np.asarray(index[d])) if d in index else slice(None)
+            for d in range(len(shape))
+        )
     where = []
     for d in range(len(shape)):
         idx = np.asarray(index[d]) if d in index else np.arange(shape[d])

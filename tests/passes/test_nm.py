@@ -8,8 +8,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.passes import nm as nm_kernels
-from fxprune.passes.nm import NM, apply_nm, is_nm, keep_masks, nm_mask
+from fxprune.passes import nm_kernels
+from fxprune.passes.nm import NM, apply_nm, is_nm, keep_masks, nm_mask, off_mask
 from tests.conftest import assert_equivalent, randomize
 
 
@@ -38,6 +38,52 @@ def test_other_ratios(spec, n, m):
     cfg = NM.parse(spec)
     assert (cfg.n, cfg.m) == (n, m)
     assert is_nm(w * nm_mask(w, n, m), n, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,axis", [((48, 64), 1), ((64, 48), 0), ((6, 32, 3, 3), 1)])
+def test_apply_nm_scaled_block_by_block_is_wanda_on_the_whole_weight(
+    dtype, shape, axis, monkeypatch
+):
+    """Wanda's score made a block at a time inside apply_nm keeps what ranking the whole
+    weight's float32 |W| x ||x|| keeps (and differs from magnitude), the weight rewritten."""
+    monkeypatch.setattr(nm_kernels, "BLOCK", 200)  # several blocks per weight
+    torch.manual_seed(1)
+    w = torch.randn(shape).to(dtype)
+    scale = torch.rand(shape[axis]) * 10
+    view = [1] * w.ndim
+    view[axis] = -1
+    want = nm_mask(w.abs().float() * scale.reshape(view), 2, 4, axis)
+    got = w.clone()
+    keep, before, after = apply_nm(got, 2, 4, axis, scale=scale)
+    assert torch.equal(keep, want) and not torch.equal(keep, nm_mask(w, 2, 4, axis))
+    assert torch.equal(got, w * want) and after < before
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+@pytest.mark.parametrize("shape,axis", [((40, 64), 1), ((64, 40), 0), ((6, 32, 3, 3), 1)])
+def test_off_mask_and_is_nm_count_like_the_plain_sums(m, shape, axis, monkeypatch):
+    """The packed byte sums and the stray count agree with a plain sum over each group, on
+    blocks smaller than the weight too; one extra non-zero in one group is caught."""
+    monkeypatch.setattr(nm_kernels, "BLOCK", 256)  # several blocks per weight
+    torch.manual_seed(m)
+    n = m // 2
+    for trial in range(4):
+        w = torch.randn(shape).bfloat16() * (torch.rand(shape) < 0.4 + 0.1 * trial)
+        keep = torch.rand(shape) < 0.7
+        groups = (w != 0).movedim(axis, -1).reshape(-1, m).sum(-1)
+        want_fits = bool((groups <= n).all())
+        want_stray = int(((w != 0) & ~keep).sum())
+        assert off_mask(w, keep, n, m, axis) == (want_stray, want_fits)
+        assert off_mask(w, keep, None, None, axis) == (want_stray, True)
+        assert is_nm(w, n, m, axis) == want_fits
+    w = torch.randn(shape) * nm_mask(torch.randn(shape), n, m, axis)
+    assert off_mask(w, w != 0, n, m, axis) == (0, True) and is_nm(w, n, m, axis)
+    one = w.movedim(axis, -1).clone(memory_format=torch.contiguous_format)
+    one.reshape(-1, m)[3] = 1.0  # a whole group non-zero: more than n
+    one = one.movedim(-1, axis)
+    assert off_mask(one, one != 0, n, m, axis) == (0, False) and not is_nm(one, n, m, axis)
+    assert off_mask(one, w != 0, n, m, axis)[0] == m - n
 
 
 @pytest.mark.parametrize("bad", ["4:2", "2-4", "0:4", "a:b"])

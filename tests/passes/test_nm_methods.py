@@ -307,3 +307,28 @@ def test_calibration_uses_each_layer_input_as_it_is_made_and_keeps_none():
         h1 = torch.relu(m[0](x))
         torch.testing.assert_close(got["_1"], h1)
         torch.testing.assert_close(got["_3"], torch.relu(m[2](h1)))
+
+
+def test_sparsegpt_layer_copies_in_and_out_in_bands_like_one_transpose():
+    """The layer entry point (float32 [columns, rows] copy in bands, the sweep, the copy back
+    into the weight's dtype) gives what the sweep on ``W`` held as rows gives, for weights of
+    more rows than one band, in float32 and bfloat16."""
+    import torch.fx as fx
+
+    from fxprune.passes.nm import candidates
+    from fxprune.passes.nm_data import sparsegpt
+    from fxprune.passes.sparsegpt import hessian_factor, sparsegpt_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    U, _ = hessian_factor(x.T @ x, 512)
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = nn.Linear(64, 300, bias=False).to(dtype)
+        (wl,) = candidates(fx.symbolic_trace(lin))
+        new, keep = sparsegpt(
+            lin.weight, wl, None, 0, 2, 4, factor=(U, torch.zeros(64, dtype=bool))
+        )
+        want = lin.weight.detach().float().clone()
+        pruned = sparsegpt_rows(want, U, 2, 4)
+        assert new.dtype == dtype and new.is_contiguous() and keep.dtype == torch.bool
+        assert torch.equal(keep, ~pruned) and torch.equal(new, want.to(dtype))
