@@ -10,8 +10,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune._util import fresh_empty
-
 
 def draw(a, g: torch.Generator, length: int | None):
     """A random tensor drawn like ``a``, one more along dim 0 (and ``length`` along dim 1 of a
@@ -72,10 +70,7 @@ def cast_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torc
     for t in (*module.parameters(), *module.buffers()):
         if id(t) in memo or not (dtype is not None and t.is_floating_point()):
             continue
-        if t.is_contiguous():  # (huge pages for a large copy)
-            new = fresh_empty(t.shape, dtype, t.device).copy_(t.detach())
-        else:  # strides kept, as .to keeps them
-            new = t.detach().to(dtype, copy=True)
+        new = t.detach().to(dtype, copy=True)
         memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
     return copy.deepcopy(module, memo)
 

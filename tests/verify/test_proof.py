@@ -4,7 +4,6 @@ a broken N:M pattern, a change the example never excites; and passes exact half-
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -336,34 +335,3 @@ def test_the_proofs_copies_share_no_storage_and_keep_ties():
         ref = copy.deepcopy(src).to(dtype)
         for (k, a), (_, b) in zip(c.state_dict().items(), ref.state_dict().items(), strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), k
-
-
-def _vm_flags(addr: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``addr`` (Linux smaps)."""
-    flags, inside = [], False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                flags = line.split()[1:]
-    return flags
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux smaps only")
-def test_large_proof_copies_ask_for_huge_pages():
-    """A float32 copy of a large weight is made in memory advised for transparent huge pages
-    (a fresh 0.2 B-parameter copy per block faults ~2x faster so); a small one is not; the
-    values are the cast's."""
-    from fxprune._util import fresh_empty
-    from fxprune.verify.inputs import cast_copy
-
-    big = nn.Linear(4096, 2048, bias=False).bfloat16()  # 32 MiB as float32
-    c = cast_copy(big, torch.float32)
-    assert torch.equal(c.weight, big.weight.float())
-    mid = c.weight.data_ptr() + c.weight.numel() * 2  # halfway: inside the advised pages
-    assert "hg" in _vm_flags(mid)
-    small = fresh_empty((1024,), torch.float32)
-    assert "hg" not in _vm_flags(small.data_ptr())
