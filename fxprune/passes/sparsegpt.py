@@ -9,13 +9,15 @@ arithmetic of the 2:4 reconstruction, kept near the machine's matrix-product rat
   does c^3 and runs below the product rate).
 - **Sweep.** Columns are visited in order; at the start of every group of M the N:M choice
   keeps the N weights of largest ``w^2 / U_jj^2``; each pruned weight's error goes onto the
-  columns not yet visited. Three levels of blocking: inside a group column by column, inside
-  a sub-block of 16 columns one product per sub-block, across blocks of 128 columns one
-  product per block (the reference's lazy batch update). The weights are held transposed
-  ([columns, rows]) so a column is contiguous; the N:M choice of M = 4 is a sorting network of
-  minimum / maximum (topk plus scatter along that short strided axis measured ~5x slower: 310
-  against 60 us for a group of 4 x 11264), with topk where a group has tied scores or M is
-  another size.
+  columns not yet visited. Three levels of blocking: inside a sub-block of 16 columns column
+  by column (a rank-1 update each; one product per group of 4 was no faster on one thread and
+  far slower on two threads of a busy machine), one product per sub-block onto the rest of
+  its block of 128, one product per block onto the columns after it (the reference's lazy
+  batch update). The weights are held
+  transposed ([columns, rows]) so a column is contiguous; the N:M choice of M = 4 is a network
+  of minimum / maximum (2:4: the second smallest in 7 operations; topk plus scatter along that
+  short strided axis measured ~5x slower: 310 against 60 us for a group of 4 x 11264), with
+  topk where a group has tied scores or M is another size.
 
 Every level computes what the textbook column loop computes (float64: equal to rounding;
 tests/passes/test_nm_methods.py).
@@ -79,11 +81,17 @@ def _exchange(x: list, i: int, j: int) -> None:
 def keep_nm(score: torch.Tensor, n: int, keep: torch.Tensor) -> torch.Tensor:
     """``keep`` ([M, rows], float, written): 1 at the N largest scores of each column, else 0."""
     m = score.shape[0]
-    if m == 4:  # sort the four rows; keep what lies above the (4 - N)-th smallest
-        x = list(score.unbind(0))
-        for i, j in ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)):
-            _exchange(x, i, j)
-        torch.sub(score, x[m - n - 1], out=keep).sign_().clamp_(min=0.0)
+    if m == 4:  # keep what lies above the (4 - N)-th smallest of the four rows
+        a, b, c, d = score.unbind(0)
+        if n == 2:  # the second smallest: min(min(max(a, b), max(c, d)), max(min(a, b), min(c, d)))
+            t = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
+            t = torch.minimum(t, torch.maximum(torch.minimum(a, b), torch.minimum(c, d)))
+        else:  # sort the four rows
+            x = [a, b, c, d]
+            for i, j in ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)):
+                _exchange(x, i, j)
+            t = x[m - n - 1]
+        torch.sub(score, t, out=keep).sign_().clamp_(min=0.0)
         if not bool(keep.sum(0).ne(n).any()):  # a tie at the threshold: topk decides
             return keep
     drop = torch.topk(score, m - n, dim=0, largest=False).indices
@@ -98,22 +106,21 @@ def sparsegpt_cols(Wt: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize:
     blocksize = max(m, blocksize - blocksize % m)
     sub = max(m, SUB - SUB % m)
     d = torch.diag(U)
-    inv_d, inv_d2 = (1.0 / d).tolist(), (1.0 / d**2).reshape(-1, 1)
-    rows = Wt.unbind(0)
+    inv_d, inv_d2 = (1.0 / d).reshape(-1, 1), (1.0 / d**2).reshape(-1, 1)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U1, K1 = Wt[i1:i2], U[i1:i2, i1:i2], keep[i1:i2]
         E1 = torch.empty_like(W1)
-        errs = E1.unbind(0)
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             for g in range(j1, j2, m):
-                a = i1 + g
-                Wg = W1[g : g + m]
-                kept = keep_nm(Wg.square().mul_(inv_d2[a : a + m]), n, K1[g : g + m])
-                dropped = torch.sub(1.0, kept)
-                for t in range(Wg.shape[0]):  # (w - q) / d: the weight where pruned, else 0
-                    e = torch.mul(rows[a + t], dropped[t], out=errs[g + t]).mul_(inv_d[a + t])
+                a, h = i1 + g, min(g + m, j2)
+                Wg = W1[g:h]
+                kept = keep_nm(Wg.square().mul_(inv_d2[a : a + h - g]), n, K1[g:h])
+                # (w - q) / d of each column: the weight where pruned, else 0
+                scale = torch.sub(1.0, kept).mul_(inv_d[a : a + h - g])
+                for t in range(h - g):  # each column's error onto the sub-block's later ones
+                    e = torch.mul(Wg[t], scale[t], out=E1[g + t])
                     if g + t + 1 < j2:
                         W1[g + t + 1 : j2].addr_(U1[g + t, g + t + 1 : j2], e, alpha=-1.0)
             if j2 < i2 - i1:
