@@ -189,6 +189,22 @@ def test_the_nm_choice_keeps_the_n_largest_of_every_m_even_among_ties(n, m):
     assert (kept_min >= dropped_max).all()  # ties split any way, never a smaller score kept
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_four_way_network_decides_distinct_scores_without_topk(n, monkeypatch):
+    """For M = 4 the min / max network alone picks the N largest where no scores tie (topk is
+    only the tie fallback: a wrong threshold would hide behind it, right but slow)."""
+    from fxprune.passes import sparsegpt as solver
+
+    score = torch.rand(4, 300, generator=torch.Generator().manual_seed(n))
+    want = torch.zeros(4, 300).scatter_(0, score.topk(n, dim=0).indices, 1.0)
+
+    def no_topk(*a, **k):
+        raise AssertionError("topk called on distinct scores")
+
+    monkeypatch.setattr(solver.torch, "topk", no_topk)
+    assert torch.equal(solver.keep_nm(score, n, torch.empty(4, 300)), want)
+
+
 def test_the_triangular_inverse_by_halves_is_the_inverse():
     from fxprune.passes.sparsegpt import lower_inverse
 
