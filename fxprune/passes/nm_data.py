@@ -110,14 +110,20 @@ def calibrate(
     }
     acc = _Acc()
 
-    def seen(src: str, x) -> None:  # one batch's value of src
-        if not isinstance(x, torch.Tensor):
-            return
-        done, x32 = set(), x.detach().float()
+    def seen(src: str, xs) -> None:  # src's value in one batch, or a list: one per batch
+        xs = [x.detach() for x in (xs if isinstance(xs, list) else [xs]) if torch.is_tensor(x)]
+        done, rows = set(), None
         for param, node, wl in want[src]:
-            if key[param] not in done:
-                done.add(key[param])
-                _accumulate(acc, gm, param, node, wl, x32, hessian, fallback, key[param])
+            if key[param] in done or not xs:
+                continue
+            done.add(key[param])
+            if wl.kind == "linear" and wl.reduce_dim == 1:
+                if rows is None:  # every batch's tokens as rows of one matrix: one product
+                    rows = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs])
+                _accumulate(acc, gm, param, node, wl, rows, hessian, fallback, key[param])
+            else:
+                for x in xs:
+                    _accumulate(acc, gm, param, node, wl, x.float(), hessian, fallback, key[param])
 
     def share(src: str) -> None:  # each weight reads its shared statistics under its own name
         for param, _, _ in want[src]:
@@ -127,8 +133,7 @@ def calibrate(
 
     def after(node: fx.Node, values: list) -> None:
         if node.name in want:
-            for x in values:
-                seen(node.name, x)
+            seen(node.name, values)
             share(node.name)
             on_ready([param for param, _, _ in want[node.name]], acc)
 
