@@ -178,7 +178,8 @@ def equivalence(
     pruned = cast_module(candidate, native, dtype) if native else candidate
     # the dense output only measures how far pruning moved it (not the proof): a model held in
     # one half-precision dtype runs as it is, with its inputs in that dtype (no third copy)
-    own = {t.dtype for t in _floats(model)}
+    # (its parameters' one dtype: buffers such as rotary frequencies may stay float32 by design)
+    own = {t.dtype for t in model.parameters() if t.is_floating_point()}
     own = own.pop() if len(own) == 1 and own <= native else None
     dense = cast_copy(model, dtype) if native and own is None else model
     rows, skipped = [], []

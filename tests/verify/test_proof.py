@@ -139,6 +139,33 @@ def test_half_precision_conv_net_pruned_exactly_passes_in_float32(dtype):
     assert one.pruning_effect == pytest.approx(effect, rel=0.05)
 
 
+def test_half_precision_model_with_float32_buffers_runs_as_it_is_for_the_dense_output(monkeypatch):
+    """A bf16 model holding a float32 buffer by design (rotary frequencies, say) is still run in
+    its own dtype for the dense output: two float32 copies (reference, pruned), not three."""
+    from fxprune.verify import proof
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+            self.register_buffer("freq", torch.linspace(0.5, 1.5, 16))  # float32
+
+        def forward(self, x):
+            return self.net(x * self.freq.to(x.dtype))
+
+    torch.manual_seed(0)
+    model = Scaled().bfloat16()
+    model.freq = model.freq.float()
+    x = torch.randn(4, 16).bfloat16()
+    res = fxprune.compile(model, x, channels=0.5)
+    copies = []
+    real = proof.cast_copy  # the dense model's float32 copy, where one is made
+    monkeypatch.setattr(proof, "cast_copy", lambda m, d=None: copies.append(m) or real(m, d))
+    rep = equivalence(model, res, x)
+    assert rep.ok and "the dense model run in its own bfloat16" in rep.message, rep.message
+    assert not copies  # the dense model itself ran
+
+
 def test_fp16_token_mlp_rounding_is_not_a_failure():
     """In fp16 the pruned and the zeroed matmuls may round one output a half-ulp apart (1e-4
     relative and more, depending on the CPU's kernels); compared in fp32 they agree."""
