@@ -233,6 +233,8 @@ def stream(
         round_to=round_to,
         uniform=True,
     )
+    from fxprune.verify.inputs import reused_copies
+
     hidden = None  # the calibration's hidden states entering the next block
     if measured:
         hidden = run.embed(_token_batches(calibration, calibration_batches, run.cfg.vocab_size))
@@ -244,7 +246,7 @@ def stream(
         )
         writer = ShardWriter(dst, max_shard_bytes)
         shapes: dict[str, tuple] = {}
-        with frozen_gc():
+        with frozen_gc(), reused_copies():  # every block's proof copies in the last one's memory
             for i in range(len(run.stack)):
                 hidden = run.prune_block(i, options, hidden, prove, result, writer, shapes)
         for k in run.shards.keys():  # embeddings, final norm, lm_head: unchanged

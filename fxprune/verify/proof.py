@@ -17,7 +17,7 @@ import torch
 from fxprune._util import Report, eval_mode
 from fxprune.errors import ConfigError, FxPruneError
 from fxprune.graph.trace import as_args
-from fxprune.verify.inputs import cast, cast_copy, cast_module, input_sets
+from fxprune.verify.inputs import cast, cast_copy, cast_module, give_back, input_sets
 from fxprune.verify.leaves import Mismatch, judged, leaves, measure, named_leaves, what, zero_atol
 from fxprune.verify.pairing import check_pair
 from fxprune.verify.reference import zeroed_dense
@@ -193,6 +193,9 @@ def equivalence(
         inf = float("inf")
         head = (False, inf, inf, 0.0, 0.0, result.approximate, rtol, str(e))
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
+    finally:  # the copies made here, for the next proof within reused_copies()
+        give_back(z, *(m for m in (pruned, dense) if m is not candidate and m is not model))
+        del z, pruned, dense
     return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result), own)
 
 

@@ -362,3 +362,53 @@ def test_the_proofs_copies_share_no_storage_and_keep_ties():
         ref = copy.deepcopy(src).to(dtype)
         for (k, a), (_, b) in zip(c.state_dict().items(), ref.state_dict().items(), strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), k
+
+
+def test_reused_copies_fill_the_last_proofs_memory_and_still_catch_a_wrong_model():
+    """Within reused_copies() a proof's float32 copies are written into the tensors the last
+    proof gave back (a stream's blocks share shapes), never into the model's or the result's
+    own tensors; a tampered result proved after a good one still fails (every reused tensor
+    is overwritten); the pool ends with the context."""
+    from fxprune.verify import inputs
+
+    torch.manual_seed(0)
+    model = conv_net().bfloat16()
+    x = torch.randn(2, 3, 16, 16).bfloat16()
+    res = fxprune.compile(model, x, channels=0.5)
+    made: list[set[int]] = []
+    real = inputs._cast
+
+    def spy(t, dtype):
+        out = real(t, dtype)
+        made[-1].add(out.data_ptr())
+        return out
+
+    own = {t.data_ptr() for m in (model, res.module) for t in (*m.parameters(), *m.buffers())}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inputs, "_cast", spy)
+        with inputs.reused_copies():
+            made.append(set())
+            assert equivalence(model, res, x).ok
+            made.append(set())
+            assert equivalence(model, res, x).ok
+            assert made[1] and made[1] <= made[0] and not made[1] & own
+            bad = fxprune.compile(model, x, channels=0.5)
+            with torch.no_grad():
+                next(bad.module.parameters()).mul_(1.5)
+            made.append(set())
+            assert not equivalence(model, bad, x).ok
+            made.append(set())
+            assert equivalence(model, res, x).ok
+        assert inputs._POOL.get() is None and equivalence(model, res, x).ok  # outside: no pool
+        # float32: the model and the result run as they are; their own tensors never pooled
+        m32, x32 = conv_net(), torch.randn(2, 3, 16, 16)
+        r32 = fxprune.compile(m32, x32, channels=0.5)
+        before = [copy.deepcopy(m.state_dict()) for m in (m32, r32.module)]
+        own = {t.data_ptr() for m in (m32, r32.module) for t in (*m.parameters(), *m.buffers())}
+        with inputs.reused_copies():
+            made.append(set())
+            assert equivalence(m32, r32, x32).ok
+            made.append(set())
+            assert equivalence(m32, r32, x32).ok and not made[-1] & own
+        for m, sd in zip((m32, r32.module), before, strict=True):
+            assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
