@@ -99,6 +99,29 @@ def name_of(importance) -> str:
     return resolve(importance).name or type(importance).__name__
 
 
+_CHUNK = 1 << 19  # values per slab of dim 0 in _reduced: its float32 copy stays in cache
+
+
+def _reduced(w: torch.Tensor, tracked: list[int], power: int) -> torch.Tensor:
+    """``|w|`` (power 1) or ``w**2`` in float32 summed over every dim not in ``tracked``,
+    slab by slab along dim 0: each slab is cast, raised and reduced while it is in cache (one
+    read of the weight; one thread, a bf16 8640 x 3200 weight: 0.030 / 0.034 s by rows / by
+    columns, against 0.037 / 0.050 s for three whole-weight passes through a reused float32
+    buffer)."""
+    rest = [k for k in range(w.ndim) if k not in tracked]
+    if w.ndim == 0 or w.numel() == 0:
+        return w.float().abs() if power == 1 else w.float().square()
+    step = max(1, _CHUNK // max(1, w[0].numel()))
+    parts = []
+    for a in range(0, w.shape[0], step):
+        x = w[a : a + step].to(torch.float32)  # the weight itself where already float32
+        x = torch.abs(x) if power == 1 else torch.square(x)  # never in place
+        parts.append(x.sum(dim=rest) if rest else x)
+    if 0 in tracked:  # dim 0 is kept: the slabs' sums lie side by side
+        return torch.cat(parts)
+    return torch.stack(parts).sum(0)
+
+
 def _atom_scores(
     graph: DependencyGraph,
     roles: tuple[str, ...],
@@ -110,7 +133,6 @@ def _atom_scores(
     ``wanted`` (a bool per unit label) skips the dims that hold none of those units."""
     ids, vals = [], []
     gm = graph.gm
-    scratch = torch.empty(0)
 
     def needed(pd) -> bool:
         if wanted is None:
@@ -127,24 +149,7 @@ def _atom_scores(
                 w = tensors[name] if tensors is not None else gm.get_parameter(name)
             except (AttributeError, KeyError):
                 continue
-            w = w.detach()
-            # One pass over the weight into a reused float32 scratch buffer (fresh 10 MB
-            # temporaries cost more in page faults than the arithmetic; a bf16 weight is cast
-            # into it, never copied to a new fp32 tensor), then reduce untracked dims.
-            if scratch.numel() < w.numel() or scratch.device != w.device:
-                scratch = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
-            tmp = scratch[: w.numel()].view(w.shape)
-            if w.dtype == torch.float32:
-                (torch.abs if power == 1 else torch.square)(w, out=tmp)
-            else:
-                tmp.copy_(w)
-                tmp.abs_() if power == 1 else tmp.square_()
-            rest = [k for k in range(w.ndim) if k not in tracked]
-            m = (
-                tmp.sum(dim=rest)
-                if rest and any(w.shape[k] > 1 for k in rest)
-                else tmp.reshape([w.shape[k] for k in tracked])
-            )
+            m = _reduced(w.detach(), tracked, power)
             for i, d in enumerate(tracked):
                 other = [k for k in range(m.ndim) if k != i]
                 s = (m.sum(dim=other) if other else m).cpu().numpy().astype(np.float64)

@@ -167,3 +167,25 @@ def test_the_decorator_registers_and_a_data_criterion_gets_its_statistics(monkey
     assert seen and res.plan.passes[0]["kept"] == act.plan.passes[0]["kept"]
     with pytest.raises(fxprune.errors.ConfigError, match="Criterion subclass"):
         imp.criterion("bad")(object)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,tracked",
+    [((40, 24), [0]), ((24, 40), [1]), ((16, 8, 3, 3), [0]), ((16, 8, 3, 3), [1]), ((9,), [0])],
+)
+def test_magnitude_sums_slab_by_slab_equal_the_whole_weights(dtype, shape, tracked, monkeypatch):
+    """The L1 / L2 sums behind magnitude importance, made a slab of dim 0 at a time (several
+    slabs here), equal the whole-weight float32 sums; the weight itself is not changed."""
+    from fxprune import importance
+
+    monkeypatch.setattr(importance, "_CHUNK", 50)
+    torch.manual_seed(0)
+    w = torch.randn(shape).to(dtype)
+    keep = w.clone()
+    rest = [k for k in range(w.ndim) if k not in tracked]
+    for power in (1, 2):
+        x = w.float().abs() if power == 1 else w.float().square()
+        want = x.sum(dim=rest) if rest else x
+        torch.testing.assert_close(importance._reduced(w, tracked, power), want)
+    assert torch.equal(w, keep)
