@@ -46,8 +46,10 @@ def _blocks(shape: torch.Size, axis: int):
         yield (slice(None),) * dim + (slice(start, start + step),)
 
 
-def _mask_block(w: torch.Tensor, n: int, m: int, axis: int) -> torch.Tensor:
-    moved = magnitude_order(w).movedim(axis, -1)  # [..., C]
+def _mask_block(w: torch.Tensor, n: int, m: int, axis: int, order=None) -> torch.Tensor:
+    """The N:M keep mask of one block of ``w``, ranked by ``|w|`` or by ``order`` (a tensor of
+    ``w``'s shape that orders like the score: a non-negative float32 score's own bits)."""
+    moved = (magnitude_order(w) if order is None else order).movedim(axis, -1)  # [..., C]
     groups = moved.reshape(-1, m)  # one row per group of M along the reduction axis
     if m in _PACKED:
         # Byte k of a group's integer is weight k's rank (how many of its group outrank it).
@@ -122,13 +124,15 @@ def apply_nm(
     if scale is not None:
         view = [1] * w.ndim
         view[axis] = -1
-        scale = scale.to(w.device, torch.float32).reshape(view)
+        scale = scale.to(w.device, torch.float32).abs().reshape(view)  # ranks by |w x scale|
     before = after = 0.0
     with torch.no_grad():
         for idx in _blocks(w.shape, axis):
             part = w[idx]
-            score = part if scale is None else part.to(torch.float32, copy=True).abs_().mul_(scale)
-            mask = _mask_block(score, n, m, axis)
+            order = None
+            if scale is not None:  # |w| x scale >= 0: its float32 bits order like it
+                order = part.to(torch.float32, copy=True).abs_().mul_(scale).view(torch.int32)
+            mask = _mask_block(part, n, m, axis, order)
             keep[idx] = mask
             before += float(part.abs().sum(dtype=torch.float32))
             _zero_dropped(part, mask)
