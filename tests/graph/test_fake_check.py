@@ -70,3 +70,26 @@ def test_a_tensor_that_no_longer_fits_its_layer_is_caught(attr):
     gm = fx.symbolic_trace(net)
     with pytest.raises(RuntimeError):
         propagate_shapes(gm, (x,))
+
+
+def test_shape_formulas_give_the_fake_tensor_new_empty_gives():
+    """Conv / Linear / attention outputs are built from a meta tensor, not a fake dispatch: they
+    must be the very fake tensor ``new_empty`` would give (a downstream rule reads them)."""
+    gm = fx.symbolic_trace(_Net().eval())
+    x = torch.randn(2, 3, 5, 5)
+    propagate_shapes(gm, (x,))
+    for name in ("conv", "fc", "mha"):
+        node = next(n for n in gm.graph.nodes if n.target == name)
+        got = node.meta["val"]
+        got = got[0] if name == "mha" else got
+        inp = node.args[0].meta["val"]
+        with got.fake_mode:
+            want = inp.new_empty(got.shape)
+        assert type(got) is type(want) and got.fake_mode is inp.fake_mode
+        assert (got.shape, got.stride(), got.dtype, got.device, got.requires_grad) == (
+            want.shape,
+            want.stride(),
+            want.dtype,
+            want.device,
+            want.requires_grad,
+        )
