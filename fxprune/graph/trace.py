@@ -47,6 +47,7 @@ from fxprune.graph.torch_export import constants_as_buffers, trace_export
 __all__ = [
     "DYNAMIC_DIMS",
     "MODES",
+    "Retrace",
     "Traced",
     "as_args",
     "bind_keywords",
@@ -132,21 +133,50 @@ class _PathTracer(fx.Tracer):
         return out
 
 
-def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
-    tracer = _PathTracer(leaf_modules)
+def _graph(tracer: _PathTracer, model: torch.nn.Module) -> fx.Graph:
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported with its location
         where = tracer.stack[-1] if tracer.stack else "<top-level forward>"
         e.fxprune_where = where  # type: ignore[attr-defined]
         raise
+
+
+def _trace_fx(model: torch.nn.Module, leaf_modules) -> fx.GraphModule:
+    tracer = _PathTracer(leaf_modules)
+    graph = _graph(tracer, model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def symbolic(model: torch.nn.Module, leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
-    """``model``'s forward as torch.fx traces it, without running it (no shapes on the nodes):
-    enough to compare the code two modes of one model trace to."""
-    return _trace_fx(model, leaf_modules)
+class Retrace:
+    """A torch.fx trace kept as its graph over the traced module itself: the ``graph``,
+    ``get_parameter`` and ``code`` a :class:`fx.GraphModule` would have, without building one
+    (a copy of the module hierarchy and a compiled forward, a third of a trace's cost, which a
+    check that only compares code never uses). ``canonicalize`` rewrites it like a capture."""
+
+    def __init__(self, root: torch.nn.Module, graph: fx.Graph):
+        self.root, self.graph = root, graph
+        graph.owning_module = root  # dead-code elimination asks it which modules are impure
+
+    def get_parameter(self, target: str) -> torch.nn.Parameter:
+        return self.root.get_parameter(target)
+
+    def recompile(self) -> None:
+        """Nothing to compile: :attr:`code` is generated from the graph when read."""
+
+    @property
+    def code(self) -> str:
+        """The forward's source, as ``fx.GraphModule.recompile`` generates it."""
+        return self.graph.python_code(root_module="self").src
+
+
+def symbolic(model: torch.nn.Module, leaf_modules: Sequence[str | type] = ()) -> Retrace:
+    """``model``'s forward as torch.fx traces it, without running it (no shapes on the nodes)
+    and without building a GraphModule: enough to compare the code two modes of one model, or
+    a model and a capture, trace to."""
+    tracer = _PathTracer(leaf_modules)
+    graph = _graph(tracer, model)
+    return Retrace(tracer.root, graph)
 
 
 def trace(
