@@ -23,6 +23,7 @@ inputs and those dims are normalised in ``inputs`` (re-exported here).
 
 from __future__ import annotations
 
+import collections
 import copy
 import fnmatch
 from collections.abc import Sequence
@@ -109,11 +110,21 @@ def signature(model: torch.nn.Module) -> dict:
     return out
 
 
+class _ModuleStack(collections.OrderedDict):
+    """The tracer's module stack, which it copies into every node's ``nn_module_stack``: the
+    same plain OrderedDict, made by its constructor instead of ``copy.copy``'s generic reduce
+    (a tenth of the cost, a millisecond or two a trace of ResNet-50)."""
+
+    def __copy__(self) -> collections.OrderedDict:
+        return collections.OrderedDict(self)
+
+
 class _PathTracer(fx.Tracer):
     """A tracer that keeps user leaf modules opaque and remembers the module it is inside."""
 
     def __init__(self, leaf_modules: Sequence[str | type] = ()):
         super().__init__()
+        self.module_stack = _ModuleStack()
         self.leaf_names = [x for x in leaf_modules if isinstance(x, str)]
         self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self.stack: list[str] = []
