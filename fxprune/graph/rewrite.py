@@ -36,13 +36,14 @@ def check_tied(gm, names) -> None:
     would change the other. Tied parameters that a removal leaves alone (an LM head tied to the
     embeddings while heads and FFN neurons go) are fine."""
     aliases: dict[int, list[str]] = {}
+    params = {}  # every name a parameter answers to: what gm.get_parameter resolves
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
+        params[name] = p
     for name in names:
-        try:
-            shared = aliases.get(id(gm.get_parameter(name)), [])
-        except AttributeError:
+        if name not in params:
             continue
+        shared = aliases[id(params[name])]
         if len(shared) > 1:
             raise UnsupportedModelError(
                 f"parameters '{shared[0]}' and '{shared[1]}' are the same tensor (tied weights) "
@@ -89,8 +90,7 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     try:
         with torch.no_grad():
             for name, dims in keeps.items():
-                t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
-                set_tensor(gm, name, _gather(t.detach(), dims))
+                _slice(gm, name, dims)
         for _node, fn in graph.rewrites:
             fn(removed)
         if len(gm.graph.nodes) != len(original) or any(
@@ -115,9 +115,17 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     return keeps
 
 
-def _is_param(gm, name: str) -> bool:
-    try:
-        gm.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
+def _slice(gm: nn.Module, name: str, dims: dict[int, np.ndarray]) -> None:
+    """Replace parameter or buffer ``name`` of ``gm`` with its kept indices (what
+    ``set_tensor(gm, name, _gather(gm.get_parameter(name) or get_buffer(name), dims))`` does,
+    with the owner module looked up once instead of four times; the snapshot restores it)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = mod._parameters.get(attr)
+    if isinstance(old, nn.Parameter):
+        new = _gather(old.detach(), dims)  # in its slot: the same name, no re-registration
+        mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+    elif isinstance(mod._buffers.get(attr), torch.Tensor):
+        mod._buffers[attr] = _gather(mod._buffers[attr].detach(), dims)
+    else:
+        raise AttributeError(f"{name} is neither a parameter nor a buffer")
