@@ -93,9 +93,9 @@ def channel_holders(graph: DependencyGraph) -> dict[int, set[str]]:
             vec = pd.vec[pd.vec >= 0]
             if pd.consumer or not vec.size:
                 continue
-            for gid in np.unique(unit_group[graph.label[vec]]):
+            for gid in set(unit_group[graph.label[vec]].tolist()):  # np.unique sorts: slower
                 if gid >= 0:
-                    holders[int(gid)].add(module)
+                    holders[gid].add(module)
     return holders
 
 
