@@ -34,6 +34,7 @@ from fxprune._util import lookup, registrar
 from fxprune.errors import ConfigError
 from fxprune.gates import learn
 from fxprune.graph.depgraph import DependencyGraph, Group
+from fxprune.graph.depgraph_atoms import unique
 
 
 class Criterion:
@@ -168,7 +169,7 @@ def _fpgm(graph: DependencyGraph, groups: list[Group]) -> dict[int, float]:
             for d, pd in dims.items():
                 if pd.role != "weight" or pd.consumer:
                     continue
-                held = np.unique(graph.label[pd.vec[pd.vec >= 0]])
+                held = unique(graph.label[pd.vec[pd.vec >= 0]])
                 if not any(int(u) in unit_group for u in held):
                     continue  # holds none of the scored units: not read
                 try:

@@ -243,3 +243,18 @@ def test_grouped_transposed_conv(mode):
     if mode == "fx":
         up = res.module.up
         assert (up.groups, up.in_channels, up.out_channels) == (2, 4, 6)
+
+
+def test_unique_is_numpys_unique():
+    """``depgraph_atoms.unique`` (one sort; NumPy's bare ``np.unique`` hashes, slower here)
+    gives exactly ``np.unique``: the sorted distinct values, same dtype, empty stays empty."""
+    import numpy as np
+
+    from fxprune.graph.depgraph_atoms import unique
+
+    rng = np.random.default_rng(0)
+    cases = [np.zeros(0, dtype=np.int64), np.array([3]), np.full((2, 3), -1)]
+    cases += [rng.integers(-1, n, (n,)) for n in (2, 9, 300, 5000)]
+    for a in cases:
+        got, want = unique(a), np.unique(a)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
