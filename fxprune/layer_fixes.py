@@ -139,9 +139,20 @@ def out_size(m: nn.Module) -> int | None:
     return None
 
 
+def _module_attr(m: nn.Module, name: str):
+    """``getattr(m, name, None)`` where that can be a module: an instance or class attribute
+    (a property) is read as getattr reads it; anything else can only be a child in
+    ``_modules`` (``Module.__getattr__`` finds parameters and buffers, never modules, in the
+    other dicts). Raising and catching ``Module.__getattr__``'s AttributeError for each of the
+    ~30 names probed on every module of the tree was most of ``materialize``'s fix time."""
+    if name in m.__dict__ or hasattr(type(m), name):
+        return getattr(m, name, None)
+    return m._modules.get(name)
+
+
 def _first(m: nn.Module, names) -> tuple[str, nn.Module] | None:
     for n in names:
-        child = getattr(m, n, None)
+        child = _module_attr(m, n)
         if isinstance(child, nn.Module):
             return n, child
     return None
@@ -153,12 +164,10 @@ def fix_attention(m: nn.Module, shrunk: set[int]) -> None:
     without a ``head_dim`` attribute derives its sizes per call; the agreement check decides."""
     q, k, qkv = _first(m, Q_PROJ), _first(m, K_PROJ), _first(m, QKV_PROJ)
     proj = [p[1] for p in (q, k, qkv) if p is not None]
+    if not any(id(p) in shrunk for p in proj):  # the common case: read no more attributes
+        return
     hd = next((getattr(m, a) for a in HEAD_DIM if isinstance(getattr(m, a, None), int)), None)
-    if (
-        hd is None
-        or not any(id(p) in shrunk for p in proj)
-        or any(out_size(p) is None for p in proj)
-    ):
+    if hd is None or any(out_size(p) is None for p in proj):
         return
     if q is None:  # fused q, k, v
         n_q, n_kv = _fused_counts(m, out_size(qkv[1]) // hd)
