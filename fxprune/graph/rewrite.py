@@ -54,9 +54,18 @@ def check_tied(gm, names) -> None:
 
 def _gather(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
     """``t`` restricted to the kept indices of each dim. Successive ``index_select`` calls,
-    outermost dim first (each shrinks what the next reads), beat one advanced-indexing gather."""
-    for d in sorted(dims):
-        t = t.index_select(d, torch.as_tensor(np.flatnonzero(dims[d]), device=t.device))
+    outermost dim first (each shrinks what the next reads), beat one advanced-indexing gather;
+    but a conv weight cut on both channel dims with a kernel wider than a pixel is gathered in
+    one pass, its kept (out, in) kernels picked from the flat [out * in, kernel] view: half the
+    time of two passes on ResNet-50's 3x3 convs (a 1x1 conv's single floats: twice as slow)."""
+    idx = {d: torch.as_tensor(np.flatnonzero(m), device=t.device) for d, m in dims.items()}
+    if sorted(idx) == [0, 1] and t.ndim > 2 and t[0, 0].numel() > 1 and t.is_contiguous():
+        o, i = t.shape[:2]
+        flat = (idx[0][:, None] * i + idx[1][None, :]).reshape(-1)
+        kept = t.reshape(o * i, -1).index_select(0, flat)
+        return kept.view(idx[0].numel(), idx[1].numel(), *t.shape[2:])
+    for d in sorted(idx):
+        t = t.index_select(d, idx[d])
     return t.contiguous()
 
 
