@@ -110,30 +110,35 @@ def _atom_scores(
     """Per atom: the summed |w| (power 1) or w**2 (power 2) of every weight slice it owns.
     ``wanted`` (a bool per unit label) skips the dims that hold none of those units."""
     ids, vals = [], []
-    gm = graph.gm
     scratch = torch.empty(0)
-
-    def needed(pd) -> bool:
-        if wanted is None:
-            return True
-        vec = pd.vec[pd.vec >= 0]
-        return bool(vec.size) and bool(wanted[graph.label[vec]].any())
+    # per atom, and False for NONE (-1, the last slot): does it hold a wanted unit
+    held = None if wanted is None else np.append(wanted[graph.label], False)
+    todo = []  # (dims, tracked dims, weight) of each weight read
+    for name, dims in graph.params.items():
+        tracked = sorted(
+            d for d, pd in dims.items() if pd.role in roles and (held is None or held[pd.vec].any())
+        )
+        if not tracked:
+            continue
+        try:
+            w = tensors[name] if tensors is not None else graph.gm.get_parameter(name)
+        except (AttributeError, KeyError):
+            continue
+        todo.append((dims, tracked, w.detach()))
+    largest: dict = {}  # per device: the largest weight read there
+    for _, _, w in todo:
+        largest[w.device] = max(largest.get(w.device, 0), w.numel())
 
     with torch.no_grad():
-        for name, dims in graph.params.items():
-            tracked = sorted(d for d, pd in dims.items() if pd.role in roles and needed(pd))
-            if not tracked:
-                continue
-            try:
-                w = tensors[name] if tensors is not None else gm.get_parameter(name)
-            except (AttributeError, KeyError):
-                continue
-            w = w.detach()
+        for dims, tracked, w in todo:
             # One pass over the weight into a reused float32 scratch buffer (fresh 10 MB
             # temporaries cost more in page faults than the arithmetic; a bf16 weight is cast
             # into it, never copied to a new fp32 tensor), then reduce untracked dims.
             if scratch.numel() < w.numel() or scratch.device != w.device:
-                scratch = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
+                # sized for the largest weight at once: each larger buffer would fault in its
+                # fresh pages again as the weights grow through the network
+                size = largest[w.device]
+                scratch = torch.empty(size, dtype=torch.float32, device=w.device)
             tmp = scratch[: w.numel()].view(w.shape)
             if w.dtype == torch.float32:
                 (torch.abs if power == 1 else torch.square)(w, out=tmp)
@@ -226,7 +231,8 @@ class _Scorer:
         return np.sqrt(s) if power == 2 else s
 
     def of(self, s) -> dict[int, float]:
-        return {u: float(s[u]) for g in self.groups for u in g.units}
+        s = np.asarray(s, dtype=np.float64).tolist()  # the floats float(s[u]) gives, at once
+        return {u: s[u] for g in self.groups for u in g.units}
 
 
 def unit_scores(
