@@ -118,6 +118,15 @@ _BATCH_NORM_FNS = (
 
 
 class _FakeInterpreter(fx.Interpreter):
+    def fetch_attr(self, target: str):
+        """A called module from the name -> module map the Interpreter built (walking the
+        dotted path with hasattr + getattr per level was a third of a module node's cost);
+        anything else, or a name a class attribute of the root could shadow, the usual way."""
+        m = self.submodules.get(target)
+        if m is None or hasattr(type(self.module), target.partition(".")[0]):
+            return super().fetch_attr(target)
+        return m
+
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         x = args[0] if args else None
