@@ -47,10 +47,12 @@ def restore_training(model: nn.Module, flags: dict[str, bool]) -> None:
     modules the capture added, such as a GraphModule's own, take their parent's flag)."""
     for name, m in model.named_modules(remove_duplicate=False):
         if name in flags:
-            m.training = flags[name]
+            flag = flags[name]
         else:
             parent = name.rpartition(".")[0]
-            m.training = flags.get(parent, flags.get("", False))
+            flag = flags.get(parent, flags.get("", False))
+        if m.training is not flag:  # Module.__setattr__ is slow: set only what changes
+            m.training = flag
 
 
 def check_hooks(model: nn.Module) -> None:
