@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
+from fxprune._util import module_attr
+
 # ---------------------------------------------------------------- layer attributes from weights
 
 LAYERS: dict = {}  # layer type -> fix(module): its shape attributes follow its tensors
@@ -139,20 +141,9 @@ def out_size(m: nn.Module) -> int | None:
     return None
 
 
-def _module_attr(m: nn.Module, name: str):
-    """``getattr(m, name, None)`` where that can be a module: an instance or class attribute
-    (a property) is read as getattr reads it; anything else can only be a child in
-    ``_modules`` (``Module.__getattr__`` finds parameters and buffers, never modules, in the
-    other dicts). Raising and catching ``Module.__getattr__``'s AttributeError for each of the
-    ~30 names probed on every module of the tree was most of ``materialize``'s fix time."""
-    if name in m.__dict__ or hasattr(type(m), name):
-        return getattr(m, name, None)
-    return m._modules.get(name)
-
-
 def _first(m: nn.Module, names) -> tuple[str, nn.Module] | None:
     for n in names:
-        child = _module_attr(m, n)
+        child = module_attr(m, n)
         if isinstance(child, nn.Module):
             return n, child
     return None

@@ -257,10 +257,11 @@ def test_the_tree_wraps_in_fsdp_and_trains(tmp_path):
 
 def test_module_attributes_are_read_as_getattr_reads_them():
     """The fixes probe ~30 names on every module without raising Module.__getattr__'s error
-    for each (``layer_fixes._module_attr``): a child, a property, an instance attribute and a
+    for each (``_util.module_attr``): a child, a property, an instance attribute and a
     parameter under a probed name are found exactly as ``getattr`` finds them (a parameter or
     buffer, never a module, reads as None)."""
-    from fxprune.layer_fixes import _first, _module_attr
+    from fxprune._util import module_attr as _module_attr
+    from fxprune.layer_fixes import _first
 
     class Attn(nn.Module):
         def __init__(self):
