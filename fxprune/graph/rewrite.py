@@ -132,8 +132,8 @@ def _slice(gm: nn.Module, name: str, dims: dict[int, np.ndarray]) -> None:
     mod = gm.get_submodule(mod_name) if mod_name else gm
     old = mod._parameters.get(attr)
     if isinstance(old, nn.Parameter):
-        new = _gather(old.detach(), dims)  # in its slot: the same name, no re-registration
-        mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        new = _gather(old.detach(), dims)
+        setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
     elif isinstance(mod._buffers.get(attr), torch.Tensor):
         mod._buffers[attr] = _gather(mod._buffers[attr].detach(), dims)
     else:
