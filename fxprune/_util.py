@@ -17,13 +17,26 @@ from fxprune.errors import ConfigError
 def eval_mode(module: torch.nn.Module):
     """Every submodule in eval mode for the duration; each one's own flag is restored after."""
     modes = [(m, m.training) for m in module.modules()]
-    for m, _ in modes:
-        m.training = False
+    for m, was in modes:
+        if was:  # Module.__setattr__ is slow: an eval model (the usual case) sets nothing
+            m.training = False
     try:
         yield module
     finally:
         for m, was in modes:
-            m.training = was
+            if m.training is not was:
+                m.training = was
+
+
+def module_attr(m: nn.Module, name: str):
+    """``getattr(m, name, None)`` where that can be a module: an instance or class attribute
+    (a property) is read as getattr reads it; anything else can only be a child in
+    ``_modules`` (``Module.__getattr__`` finds parameters and buffers, never modules, in the
+    other dicts). Raising and catching ``Module.__getattr__``'s AttributeError for each of the
+    ~30 names ``layer_fixes`` probes on every module of the tree was most of its time."""
+    if name in m.__dict__ or hasattr(type(m), name):
+        return getattr(m, name, None)
+    return m._modules.get(name)
 
 
 def module_matches(name: str, pattern: str) -> bool:

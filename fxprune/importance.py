@@ -34,6 +34,8 @@ from fxprune._util import lookup, registrar
 from fxprune.errors import ConfigError
 from fxprune.gates import learn
 from fxprune.graph.depgraph import DependencyGraph, Group
+from fxprune.graph.depgraph_atoms import unique
+from fxprune.weight_norms import reduced, slab
 
 
 class Criterion:
@@ -99,29 +101,6 @@ def name_of(importance) -> str:
     return resolve(importance).name or type(importance).__name__
 
 
-_CHUNK = 1 << 19  # values per slab of dim 0 in _reduced: its float32 copy stays in cache
-
-
-def _reduced(w: torch.Tensor, tracked: list[int], power: int) -> torch.Tensor:
-    """``|w|`` (power 1) or ``w**2`` in float32 summed over every dim not in ``tracked``,
-    slab by slab along dim 0: each slab is cast, raised and reduced while it is in cache (one
-    read of the weight; one thread, a bf16 8640 x 3200 weight: 0.030 / 0.034 s by rows / by
-    columns, against 0.037 / 0.050 s for three whole-weight passes through a reused float32
-    buffer)."""
-    rest = [k for k in range(w.ndim) if k not in tracked]
-    if w.ndim == 0 or w.numel() == 0:
-        return w.float().abs() if power == 1 else w.float().square()
-    step = max(1, _CHUNK // max(1, w[0].numel()))
-    parts = []
-    for a in range(0, w.shape[0], step):
-        x = w[a : a + step].to(torch.float32)  # the weight itself where already float32
-        x = torch.abs(x) if power == 1 else torch.square(x)  # never in place
-        parts.append(x.sum(dim=rest) if rest else x)
-    if 0 in tracked:  # dim 0 is kept: the slabs' sums lie side by side
-        return torch.cat(parts)
-    return torch.stack(parts).sum(0)
-
-
 def _atom_scores(
     graph: DependencyGraph,
     roles: tuple[str, ...],
@@ -132,24 +111,28 @@ def _atom_scores(
     """Per atom: the summed |w| (power 1) or w**2 (power 2) of every weight slice it owns.
     ``wanted`` (a bool per unit label) skips the dims that hold none of those units."""
     ids, vals = [], []
-    gm = graph.gm
-
-    def needed(pd) -> bool:
-        if wanted is None:
-            return True
-        vec = pd.vec[pd.vec >= 0]
-        return bool(vec.size) and bool(wanted[graph.label[vec]].any())
+    # per atom, and False for NONE (-1, the last slot): does it hold a wanted unit
+    held = None if wanted is None else np.append(wanted[graph.label], False)
+    todo = []  # (dims, tracked dims, weight) of each weight read
+    for name, dims in graph.params.items():
+        tracked = sorted(
+            d for d, pd in dims.items() if pd.role in roles and (held is None or held[pd.vec].any())
+        )
+        if not tracked:
+            continue
+        try:
+            w = tensors[name] if tensors is not None else graph.gm.get_parameter(name)
+        except (AttributeError, KeyError):
+            continue
+        todo.append((dims, tracked, w.detach()))
+    size: dict = {}  # per device: the float32 scratch the largest slab read there needs
+    for _, _, w in todo:
+        size[w.device] = max(size.get(w.device, 0), slab(w)[1])
+    scratch = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in size.items()}
 
     with torch.no_grad():
-        for name, dims in graph.params.items():
-            tracked = sorted(d for d, pd in dims.items() if pd.role in roles and needed(pd))
-            if not tracked:
-                continue
-            try:
-                w = tensors[name] if tensors is not None else gm.get_parameter(name)
-            except (AttributeError, KeyError):
-                continue
-            m = _reduced(w.detach(), tracked, power)
+        for dims, tracked, w in todo:
+            m = reduced(w, tracked, power, scratch[w.device])
             for i, d in enumerate(tracked):
                 other = [k for k in range(m.ndim) if k != i]
                 s = (m.sum(dim=other) if other else m).cpu().numpy().astype(np.float64)
@@ -173,7 +156,7 @@ def _fpgm(graph: DependencyGraph, groups: list[Group]) -> dict[int, float]:
             for d, pd in dims.items():
                 if pd.role != "weight" or pd.consumer:
                     continue
-                held = np.unique(graph.label[pd.vec[pd.vec >= 0]])
+                held = unique(graph.label[pd.vec[pd.vec >= 0]])
                 if not any(int(u) in unit_group for u in held):
                     continue  # holds none of the scored units: not read
                 try:
@@ -230,7 +213,8 @@ class _Scorer:
         return np.sqrt(s) if power == 2 else s
 
     def of(self, s) -> dict[int, float]:
-        return {u: float(s[u]) for g in self.groups for u in g.units}
+        s = np.asarray(s, dtype=np.float64).tolist()  # the floats float(s[u]) gives, at once
+        return {u: s[u] for g in self.groups for u in g.units}
 
 
 def unit_scores(

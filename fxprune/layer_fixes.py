@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
+from fxprune._util import module_attr
+
 # ---------------------------------------------------------------- layer attributes from weights
 
 LAYERS: dict = {}  # layer type -> fix(module): its shape attributes follow its tensors
@@ -141,7 +143,7 @@ def out_size(m: nn.Module) -> int | None:
 
 def _first(m: nn.Module, names) -> tuple[str, nn.Module] | None:
     for n in names:
-        child = getattr(m, n, None)
+        child = module_attr(m, n)
         if isinstance(child, nn.Module):
             return n, child
     return None
@@ -153,12 +155,10 @@ def fix_attention(m: nn.Module, shrunk: set[int]) -> None:
     without a ``head_dim`` attribute derives its sizes per call; the agreement check decides."""
     q, k, qkv = _first(m, Q_PROJ), _first(m, K_PROJ), _first(m, QKV_PROJ)
     proj = [p[1] for p in (q, k, qkv) if p is not None]
+    if not any(id(p) in shrunk for p in proj):  # the common case: read no more attributes
+        return
     hd = next((getattr(m, a) for a in HEAD_DIM if isinstance(getattr(m, a, None), int)), None)
-    if (
-        hd is None
-        or not any(id(p) in shrunk for p in proj)
-        or any(out_size(p) is None for p in proj)
-    ):
+    if hd is None or any(out_size(p) is None for p in proj):
         return
     if q is None:  # fused q, k, v
         n_q, n_kv = _fused_counts(m, out_size(qkv[1]) // hd)

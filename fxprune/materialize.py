@@ -105,19 +105,24 @@ def changed_tensors(results) -> set[str]:
     return names
 
 
-def _get(root: nn.Module, name: str):
-    mod, _, attr = name.rpartition(".")
-    owner = root.get_submodule(mod) if mod else root
-    return owner, attr
-
-
 def take_tensors(tree: nn.Module, gm: nn.Module, names: set[str]) -> set[int]:
-    """Put ``gm``'s version of each named tensor into ``tree``; ids of the modules that changed."""
+    """Put ``gm``'s version of each named tensor into ``tree``; ids of the modules that changed.
+    Each owner module is looked up once per root (a layer's weight and bias share it; nothing
+    here adds or removes a module)."""
     touched: set[int] = set()
+    owners: dict[tuple[int, str], nn.Module] = {}
+
+    def owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+        path, _, attr = name.rpartition(".")
+        key = (id(root), path)
+        if key not in owners:
+            owners[key] = root.get_submodule(path) if path else root
+        return owners[key], attr
+
     for name in sorted(names):
-        owner, attr = _get(gm, name)
+        owner, attr = owner_of(gm, name)
         new = getattr(owner, attr)
-        mod, attr = _get(tree, name)
+        mod, attr = owner_of(tree, name)
         if attr in mod._parameters:
             if not isinstance(new, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=mod._parameters[attr].requires_grad)

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import copyreg
 import types
 
 import torch.nn as nn
@@ -45,10 +47,12 @@ def restore_training(model: nn.Module, flags: dict[str, bool]) -> None:
     modules the capture added, such as a GraphModule's own, take their parent's flag)."""
     for name, m in model.named_modules(remove_duplicate=False):
         if name in flags:
-            m.training = flags[name]
+            flag = flags[name]
         else:
             parent = name.rpartition(".")[0]
-            m.training = flags.get(parent, flags.get("", False))
+            flag = flags.get(parent, flags.get("", False))
+        if m.training is not flag:  # Module.__setattr__ is slow: set only what changes
+            m.training = flag
 
 
 def check_hooks(model: nn.Module) -> None:
@@ -109,7 +113,62 @@ def shared_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = b
-    return copy.deepcopy(model, memo)
+    return _deepcopy(model, memo)
+
+
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})
+_EMPTY = frozenset({dict, collections.OrderedDict, set})
+_PLAIN: dict[type, bool] = {}
+_NIL = object()
+
+
+def _plain(m: nn.Module) -> bool:
+    """Would ``copy.deepcopy`` copy ``m`` by the generic reduce (``cls.__new__``, then its
+    ``__getstate__`` dict deep-copied into its ``__setstate__``)? Not where the class or the
+    instance customises copying or reduction."""
+    cls = type(m)
+    if cls not in _PLAIN:
+        _PLAIN[cls] = (
+            getattr(cls, "__deepcopy__", None) is None
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and cls not in copyreg.dispatch_table
+            and not hasattr(cls, "__getnewargs_ex__")
+            and not hasattr(cls, "__getnewargs__")
+            and not copyreg._slotnames(cls)
+        )
+    own = ("__deepcopy__", "__reduce_ex__", "__getstate__")  # set on the instance itself
+    return _PLAIN[cls] and not any(k in m.__dict__ for k in own)
+
+
+def _deepcopy(x, memo: dict):
+    """``copy.deepcopy(x, memo)``, the same objects made, with the module tree's bulk done
+    directly: each plain module's state, its plain dicts and the dozen empty hook dicts every
+    module holds (copy's generic reduce path costs a few microseconds each: 7 of the 10 ms a
+    ResNet-50 copy took). Anything else goes to ``copy.deepcopy`` with the same memo."""
+    y = memo.get(id(x), _NIL)
+    if y is not _NIL:
+        return y
+    t = type(x)
+    if t in _ATOMS:
+        return x
+    if t is tuple and all(type(a) in _ATOMS for a in x):
+        return x  # what copy.deepcopy gives a tuple of atoms: itself
+    if t in _EMPTY and not x:
+        y = memo[id(x)] = t()
+        return y
+    if t is dict:
+        y = memo[id(x)] = {}
+        for k, v in x.items():
+            y[_deepcopy(k, memo)] = _deepcopy(v, memo)
+        return y
+    if isinstance(x, nn.Module) and _plain(x):
+        state = x.__getstate__()
+        if type(state) is dict:
+            y = memo[id(x)] = t.__new__(t)
+            y.__setstate__({k: _deepcopy(v, memo) for k, v in state.items()})
+            return y
+    return copy.deepcopy(x, memo)
 
 
 def commit_inplace(model: nn.Module, work: nn.Module) -> None:

@@ -19,6 +19,7 @@ LAYERS = [
         "fxprune.charts",
         "fxprune.hf",
         "fxprune.models",
+        "fxprune.weight_norms",
     ],
     ["fxprune.graph"],
     [

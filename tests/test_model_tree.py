@@ -253,3 +253,32 @@ def test_the_tree_wraps_in_fsdp_and_trains(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0 and "FSDP OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_module_attributes_are_read_as_getattr_reads_them():
+    """The fixes probe ~30 names on every module without raising Module.__getattr__'s error
+    for each (``_util.module_attr``): a child, a property, an instance attribute and a
+    parameter under a probed name are found exactly as ``getattr`` finds them (a parameter or
+    buffer, never a module, reads as None)."""
+    from fxprune._util import module_attr as _module_attr
+    from fxprune.layer_fixes import _first
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.q = nn.Parameter(torch.zeros(2))  # a parameter named like a projection
+            self.k_proj = nn.Linear(4, 8)
+
+        @property
+        def query(self):  # a property handing out a child
+            return self.inner
+
+    m = Attn()
+    m.__dict__["wk"] = nn.Linear(4, 2)  # an instance attribute outside _modules
+    for name in ("q_proj", "query", "q", "k_proj", "wk", "key", "nothing", "training"):
+        want = getattr(m, name, None)
+        got = _module_attr(m, name)
+        assert got is want if isinstance(want, (nn.Module, bool)) else got is None
+    assert _first(m, ("q_proj", "query", "q")) == ("query", m.inner)
+    assert _first(m, ("k", "wk", "k_proj")) == ("wk", m.wk)

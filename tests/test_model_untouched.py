@@ -4,6 +4,7 @@ trains like the dense model or refuses with the reason."""
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -238,3 +239,79 @@ def test_hooks_are_refused_with_the_module_name(where):
     model.get_submodule(where).register_forward_hook(lambda m, i, o: None)
     with pytest.raises(UnsupportedModelError, match=f"forward hook on '{where or 'Net'}'"):
         fxprune.compile(model.eval(), x, channels=0.5, ignore=["fc"])
+
+
+class _OwnCopy(nn.Linear):
+    def __deepcopy__(self, memo):  # a class that copies itself its own way
+        new = nn.Linear.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.copied_its_way = True
+        return new
+
+
+def _layout(root) -> list:
+    """Every object reachable from ``root`` (module state, containers) in visiting order: its
+    type, atoms by value, tensors by storage and flags, each object named by the index of its
+    first visit, so two copies with the same layout make the same objects and the same sharing."""
+    index: dict[int, int] = {}
+    out: list = []
+
+    def walk(x):
+        if isinstance(x, (int, float, str, bytes, type(None), type, torch.dtype)):
+            out.append(x)
+            return
+        if id(x) in index:
+            out.append(("seen", index[id(x)]))
+            return
+        index[id(x)] = len(index)
+        out.append(type(x))
+        if isinstance(x, torch.Tensor):
+            out.append((x.data_ptr(), tuple(x.shape), x.requires_grad))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple, set)):
+            for v in x if not isinstance(x, set) else sorted(x, key=repr):
+                walk(v)
+        elif hasattr(x, "__dict__"):
+            walk(x.__dict__)
+
+    walk(root)
+    return out
+
+
+def test_the_shared_copy_makes_what_deepcopy_makes():
+    """``shared_copy`` copies the module tree itself (copy's generic path is most of its cost)
+    and hands the rest to ``copy.deepcopy``: the objects, their sharing, a class's own
+    ``__deepcopy__`` and every container come out as ``copy.deepcopy`` with the same memo makes
+    them, and nothing mutable is the original's but the buffers."""
+    from fxprune.modelstate import shared_copy
+
+    model = Net()
+    shared = nn.Linear(8, 8)
+    model.twice = nn.ModuleList([shared, shared, _OwnCopy(8, 2)])
+    model.fc.weight.requires_grad_(False)
+    model.register_buffer("scale", torch.ones(3), persistent=False)
+    model.config = {"sizes": [8, 8], "name": "net", "nested": {"t": (1, [2])}}
+    empty = collections.OrderedDict()
+    model.a[0].extra = model.b[0].extra = empty  # one empty dict, held twice
+    model.a[0].pair = (3, "x")
+
+    def reference(m):
+        memo: dict[int, object] = {}
+        for p in m.parameters():
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        for b in m.buffers():
+            memo[id(b)] = b
+        return copy.deepcopy(m, memo)
+
+    got, want = shared_copy(model), reference(model)
+    assert _layout(got) == _layout(want)
+    assert got.twice[2].copied_its_way and got.twice[0] is got.twice[1]
+    assert got.a[0].extra is got.b[0].extra and got.a[0].extra is not model.a[0].extra
+    assert got.config is not model.config and got.config["sizes"] is not model.config["sizes"]
+    for (name, p), q in zip(model.named_parameters(), got.parameters(), strict=True):
+        assert q is not p and q.data_ptr() == p.data_ptr(), name
+    assert all(b is c for b, c in zip(model.buffers(), got.buffers(), strict=True))

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from fxprune._util import eval_mode
+from fxprune._util import eval_mode, module_attr
 from fxprune.graph.canonical import canonicalize
 from fxprune.graph.rules import find_rule
 from fxprune.graph.trace import Traced, symbolic, trace
@@ -53,7 +53,7 @@ def without_cache(model: nn.Module):
     """``config.use_cache`` off for the capture (torch.export cannot carry a DynamicCache), the
     user's setting back afterwards: the module tree and its saved config keep the KV cache."""
     # every config of the tree: T5's decoder stack holds its own copy, use_cache on
-    cfgs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    cfgs = {id(c): c for m in model.modules() if (c := module_attr(m, "config")) is not None}
     on = [c for c in cfgs.values() if getattr(c, "use_cache", None)]
     for c in on:
         c.use_cache = False

@@ -48,6 +48,7 @@ from fxprune.graph.depgraph_atoms import (
     compress,
     non_rectangular,
     none_like,
+    unique,
     varying_dims,
 )
 from fxprune.graph.depgraph_solve import Solver
@@ -181,13 +182,13 @@ class Analysis(Solver):
         """Mark the atoms in ``arr`` unprunable because of ``node``."""
         if arr is None:
             return
-        ids = np.unique(np.asarray(arr)[np.asarray(arr) >= 0])
+        ids = unique(np.asarray(arr)[np.asarray(arr) >= 0])
         if ids.size:
             self.barriers.append(Barrier(node.name, op_name(self.gm, node), reason, ids))
 
     def approximate(self, arr, node: fx.Node, reason: str) -> bool:
         """Atoms whose removal is inexact: blocked unless allow_approximate; returns True if allowed."""
-        ids = np.unique(np.asarray(arr)[np.asarray(arr) >= 0])
+        ids = unique(np.asarray(arr)[np.asarray(arr) >= 0])
         if ids.size:
             r = reason if self.allow_approximate else reason + " (pass allow_approximate=True)"
             self.barriers.append(

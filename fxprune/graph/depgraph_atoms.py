@@ -12,6 +12,14 @@ NONE = -1  # "no atom here": a position whose channel cannot be removed (model i
 AtomArray = np.ndarray
 
 
+def unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)``, the sorted distinct values, by one sort: NumPy 2.3+ answers a bare
+    ``np.unique`` with a hash table, several times slower on these int64 ids (1.6 ms instead
+    of 0.3 on ResNet-50's 27k atom labels, 80 us instead of 17 on a 2048-channel layer)."""
+    a = np.sort(a, axis=None)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size > 1 else a
+
+
 def none_like(ndim: int) -> AtomArray:
     return np.full((1,) * ndim, NONE, dtype=np.int64)
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from fxprune.graph.depgraph_atoms import non_rectangular, varying_dims
+from fxprune.graph.depgraph_atoms import non_rectangular, unique, varying_dims
 from fxprune.graph.depgraph_types import Barrier, DependencyGraph, Group, ParamDim
 
 
@@ -65,7 +65,7 @@ class Solver:
 
         has_src = atom_source >= 0
         ns = max(len(self.sources), 1)  # unique (unit, source) pairs via one int64 key
-        key = np.unique(label[has_src] * ns + atom_source[has_src])
+        key = unique(label[has_src] * ns + atom_source[has_src])
         pairs = (key // ns, key % ns)
         heads = np.zeros(n, dtype=bool)  # per unit label: an attention head
         for arr in self.head_atoms:
@@ -161,7 +161,7 @@ class Solver:
             for d in sorted(params[name]):
                 pd = params[name][d]
                 if pd.consumer:
-                    labs = np.unique(label[pd.vec[pd.vec >= 0]])
+                    labs = unique(label[pd.vec[pd.vec >= 0]])
                     np.add.at(consumed, labs, np.uint64(rng.integers(1, 2**63)))
                     if self._spatial(pd.name):
                         mixed[labs] = True

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from fxprune.graph.depgraph_atoms import unique
+
 
 @dataclass
 class Source:
@@ -96,7 +98,7 @@ class DependencyGraph:
         rows = []
         pl, ps = self.unit_sources
         for b in self.barriers:
-            srcs = np.unique(ps[np.isin(pl, self.label[b.atoms])])
+            srcs = unique(ps[np.isin(pl, self.label[b.atoms])])
             if not srcs.size:
                 continue
             layers = sorted({self.sources[s].layer for s in srcs.tolist()})

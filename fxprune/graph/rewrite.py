@@ -36,13 +36,14 @@ def check_tied(gm, names) -> None:
     would change the other. Tied parameters that a removal leaves alone (an LM head tied to the
     embeddings while heads and FFN neurons go) are fine."""
     aliases: dict[int, list[str]] = {}
+    params = {}  # every name a parameter answers to: what gm.get_parameter resolves
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
+        params[name] = p
     for name in names:
-        try:
-            shared = aliases.get(id(gm.get_parameter(name)), [])
-        except AttributeError:
+        if name not in params:
             continue
+        shared = aliases[id(params[name])]
         if len(shared) > 1:
             raise UnsupportedModelError(
                 f"parameters '{shared[0]}' and '{shared[1]}' are the same tensor (tied weights) "
@@ -53,9 +54,18 @@ def check_tied(gm, names) -> None:
 
 def _gather(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
     """``t`` restricted to the kept indices of each dim. Successive ``index_select`` calls,
-    outermost dim first (each shrinks what the next reads), beat one advanced-indexing gather."""
-    for d in sorted(dims):
-        t = t.index_select(d, torch.as_tensor(np.flatnonzero(dims[d]), device=t.device))
+    outermost dim first (each shrinks what the next reads), beat one advanced-indexing gather;
+    but a conv weight cut on both channel dims with a kernel wider than a pixel is gathered in
+    one pass, its kept (out, in) kernels picked from the flat [out * in, kernel] view: half the
+    time of two passes on ResNet-50's 3x3 convs (a 1x1 conv's single floats: twice as slow)."""
+    idx = {d: torch.as_tensor(np.flatnonzero(m), device=t.device) for d, m in dims.items()}
+    if sorted(idx) == [0, 1] and t.ndim > 2 and t[0, 0].numel() > 1 and t.is_contiguous():
+        o, i = t.shape[:2]
+        flat = (idx[0][:, None] * i + idx[1][None, :]).reshape(-1)
+        kept = t.reshape(o * i, -1).index_select(0, flat)
+        return kept.view(idx[0].numel(), idx[1].numel(), *t.shape[2:])
+    for d in sorted(idx):
+        t = t.index_select(d, idx[d])
     return t.contiguous()
 
 
@@ -89,8 +99,7 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     try:
         with torch.no_grad():
             for name, dims in keeps.items():
-                t = gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
-                set_tensor(gm, name, _gather(t.detach(), dims))
+                _slice(gm, name, dims)
         for _node, fn in graph.rewrites:
             fn(removed)
         if len(gm.graph.nodes) != len(original) or any(
@@ -115,9 +124,17 @@ def apply_removal(graph: DependencyGraph, units, args: tuple) -> dict[str, dict[
     return keeps
 
 
-def _is_param(gm, name: str) -> bool:
-    try:
-        gm.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
+def _slice(gm: nn.Module, name: str, dims: dict[int, np.ndarray]) -> None:
+    """Replace parameter or buffer ``name`` of ``gm`` with its kept indices (what
+    ``set_tensor(gm, name, _gather(gm.get_parameter(name) or get_buffer(name), dims))`` does,
+    with the owner module looked up once instead of four times; the snapshot restores it)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = mod._parameters.get(attr)
+    if isinstance(old, nn.Parameter):
+        new = _gather(old.detach(), dims)
+        setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    elif isinstance(mod._buffers.get(attr), torch.Tensor):
+        mod._buffers[attr] = _gather(mod._buffers[attr].detach(), dims)
+    else:
+        raise AttributeError(f"{name} is neither a parameter nor a buffer")

@@ -87,15 +87,15 @@ def channel_holders(graph: DependencyGraph) -> dict[int, set[str]]:
     for g in graph.groups:
         unit_group[g.units] = g.id
     holders: dict[int, set[str]] = {g.id: set(g.layers(graph)) for g in graph.groups}
+    atom_group = np.append(unit_group[graph.label], -1)  # NONE (-1) reads the last: no group
     for name, dims in graph.params.items():
         module = name.rsplit(".", 1)[0] if "." in name else ""
         for pd in dims.values():
-            vec = pd.vec[pd.vec >= 0]
-            if pd.consumer or not vec.size:
+            if pd.consumer:
                 continue
-            for gid in np.unique(unit_group[graph.label[vec]]):
+            for gid in set(atom_group[pd.vec].tolist()):  # np.unique sorts: slower
                 if gid >= 0:
-                    holders[int(gid)].add(module)
+                    holders[gid].add(module)
     return holders
 
 

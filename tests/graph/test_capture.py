@@ -101,3 +101,31 @@ def test_matmul_with_a_transposed_parameter_is_a_linear_layer(mode):
     assert res.module.get_parameter("w1").shape == (8, 8)  # its 16 outputs halved
     assert res.module.get_parameter("w2").shape == (4, 8)  # and the consumer's inputs
     assert fxprune.verify.equivalence(m, res, x).ok
+
+
+@pytest.mark.parametrize("leaf", [(), (nn.MultiheadAttention,)])
+def test_a_retrace_has_the_code_the_capture_has(leaf):
+    """The checks trace without building a GraphModule (``symbolic``): its code after the
+    capture's rewrites (a matmul made a Linear, dead nodes removed) is the capture's code, so
+    ``same_capture`` proves an unchanged model and refuses one whose forward traces otherwise."""
+    from fxprune.graph.canonical import canonicalize
+    from fxprune.graph.capture import same_capture
+    from fxprune.graph.trace import symbolic
+
+    for m, x in ((_MatmulMLP().eval(), torch.randn(3, 8)), (MHA().eval(), torch.randn(2, 5, 16))):
+        gm = capture(m, (x,), leaf_modules=leaf).gm
+        again = symbolic(m, leaf)
+        assert canonicalize(again) == (1 if isinstance(m, _MatmulMLP) else 0) * 2
+        assert again.code == gm.code
+        assert same_capture(gm, m, leaf)
+
+    class Flat(nn.Module):
+        n = 8
+
+        def forward(self, x):
+            return x.reshape(-1, self.n)
+
+    m = Flat()
+    gm = capture(m, (torch.randn(2, 8),)).gm
+    m.n = 4  # the forward now traces to other code
+    assert not same_capture(gm, m)

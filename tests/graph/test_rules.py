@@ -243,3 +243,39 @@ def test_grouped_transposed_conv(mode):
     if mode == "fx":
         up = res.module.up
         assert (up.groups, up.in_channels, up.out_channels) == (2, 4, 6)
+
+
+def test_unique_is_numpys_unique():
+    """``depgraph_atoms.unique`` (one sort; NumPy's bare ``np.unique`` hashes, slower here)
+    gives exactly ``np.unique``: the sorted distinct values, same dtype, empty stays empty."""
+    import numpy as np
+
+    from fxprune.graph.depgraph_atoms import unique
+
+    rng = np.random.default_rng(0)
+    cases = [np.zeros(0, dtype=np.int64), np.array([3]), np.full((2, 3), -1)]
+    cases += [rng.integers(-1, n, (n,)) for n in (2, 9, 300, 5000)]
+    for a in cases:
+        got, want = unique(a), np.unique(a)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_a_conv_weight_cut_on_both_channel_dims_is_gathered_exactly():
+    """``rewrite._gather`` takes a 3x3 conv's kept (out, in) kernels in one pass: the very
+    tensor two ``index_select`` calls give, contiguous."""
+    import numpy as np
+
+    from fxprune.graph.rewrite import _gather
+
+    rng = np.random.default_rng(0)
+    for shape in [(8, 6, 3, 3), (5, 4, 1, 1), (6, 1, 3, 3), (4, 6, 2, 3, 3), (7, 6)]:
+        w = torch.randn(shape)
+        dims = {d: rng.random(shape[d]) < 0.6 for d in (0, 1)}
+        for d in dims:
+            dims[d][0] = True
+        want = w
+        for d in (0, 1):
+            want = want.index_select(d, torch.as_tensor(np.flatnonzero(dims[d])))
+        got = _gather(w, dims)
+        assert torch.equal(got, want) and got.is_contiguous()
+        assert torch.equal(_gather(w, {1: dims[1]}), w[:, torch.as_tensor(dims[1])])

@@ -172,13 +172,23 @@ def test_the_decorator_registers_and_a_data_criterion_gets_its_statistics(monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,tracked",
-    [((40, 24), [0]), ((24, 40), [1]), ((16, 8, 3, 3), [0]), ((16, 8, 3, 3), [1]), ((9,), [0])],
+    [
+        ((40, 24), [0]),
+        ((24, 40), [1]),
+        ((16, 8, 3, 3), [0]),
+        ((16, 8, 3, 3), [1]),
+        ((16, 8, 3, 3), [0, 1]),
+        ((16, 8, 1, 1), [0, 1]),
+        ((40, 24), [0, 1]),
+        ((9,), [0]),
+    ],
 )
 def test_magnitude_sums_slab_by_slab_equal_the_whole_weights(dtype, shape, tracked, monkeypatch):
     """The L1 / L2 sums behind magnitude importance, made a slab of dim 0 at a time (several
     slabs here), equal the whole-weight float32 sums; the weight itself is not changed."""
-    from fxprune import importance
+    from fxprune import weight_norms as importance
 
+    monkeypatch.setattr(importance, "_SLAB", 60)
     monkeypatch.setattr(importance, "_CHUNK", 50)
     torch.manual_seed(0)
     w = torch.randn(shape).to(dtype)
@@ -187,5 +197,8 @@ def test_magnitude_sums_slab_by_slab_equal_the_whole_weights(dtype, shape, track
     for power in (1, 2):
         x = w.float().abs() if power == 1 else w.float().square()
         want = x.sum(dim=rest) if rest else x
-        torch.testing.assert_close(importance._reduced(w, tracked, power), want)
+        for slab in (60, 10**6):  # several slabs, and one piece
+            monkeypatch.setattr(importance, "_SLAB", slab)
+            scratch = torch.full((importance.slab(w)[1],), float("nan"))
+            torch.testing.assert_close(importance.reduced(w, tracked, power, scratch), want)
     assert torch.equal(w, keep)
