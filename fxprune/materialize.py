@@ -23,6 +23,7 @@ that raised. ``compile`` then keeps the graph module as ``result.model`` and say
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn as nn
@@ -188,6 +189,25 @@ def follow_head_count(tree: nn.Module, cfg, new_cfg) -> None:
                 setattr(m, a, after)
 
 
+_PROVED_BY_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fxprune_tree_proved_by_caller", default=False
+)
+
+
+@contextlib.contextmanager
+def proved_by_caller():
+    """Within it, :func:`module_tree` returns the rebuilt tree without running it against the
+    graph on the example and a fresh draw: for a caller that proves ``result.model`` itself
+    against the zeroed dense model on such inputs (``fxprune.stream`` with its per-block proof,
+    which fails the block where the tree computes anything else), the run would only repeat a
+    weaker check."""
+    token = _PROVED_BY_CALLER.set(True)
+    try:
+        yield
+    finally:
+        _PROVED_BY_CALLER.reset(token)
+
+
 def module_tree(work, gm, results, hf_config, args, leaf_modules=None) -> tuple[nn.Module, str]:
     """``(result.model, note)``: ``work`` made the pruned module tree when it computes what
     ``gm`` computes, else ``(gm, why not)``. With ``leaf_modules`` (``gm`` is a torch.fx
@@ -200,6 +220,8 @@ def module_tree(work, gm, results, hf_config, args, leaf_modules=None) -> tuple[
     except NotMaterialized as e:
         return gm, str(e)
     if leaf_modules is not None and same_capture(gm, work, leaf_modules):
+        return work, ""
+    if _PROVED_BY_CALLER.get():  # the caller proves this very tree against the dense model
         return work, ""
     try:
         with without_cache(work):

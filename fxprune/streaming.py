@@ -37,6 +37,7 @@ families' layouts, the source read from its shards, the shards written, the conf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import shutil
@@ -223,16 +224,8 @@ def stream(
         src, dst, heads, ffn, sparsity, sparsity_method, importance, measured, calibration
     )
     run = _Stack(src, log or (lambda s: None), trust)
-    options = dict(
-        heads=heads,
-        ffn=ffn,
-        sparsity=sparsity,
-        sparsity_method=sparsity_method,
-        importance=importance,
-        min_heads=min_heads,
-        round_to=round_to,
-        uniform=True,
-    )
+    options = dict(heads=heads, ffn=ffn, sparsity=sparsity, sparsity_method=sparsity_method)
+    options.update(importance=importance, min_heads=min_heads, round_to=round_to, uniform=True)
     from fxprune.verify.inputs import reused_copies
 
     hidden = None  # the calibration's hidden states entering the next block
@@ -325,6 +318,7 @@ class _Stack(Source):
     def prune_block(self, i, options, hidden, prove, result, writer, shapes):
         """Prune block i, prove it, write it; returns the calibration's next hidden states."""
         from fxprune.api import compile as compile_block
+        from fxprune.materialize import proved_by_caller
         from fxprune.options import sequential_nm
         from fxprune.verify import equivalence
 
@@ -336,15 +330,16 @@ class _Stack(Source):
         # a data-driven N:M pass calibrates layer by layer in its one forward, and that
         # forward's outputs (the pruned block's) are the next block's hidden states
         recipe, _ = sequential_nm(block, hidden is not None, **options)
-        res = compile_block(
-            block,
-            self.example,
-            recipe,
-            calibration=hidden,
-            calibration_batches=len(hidden) if hidden else None,
-            capture=self.capture(block),
-            dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},),
-        )
+        with proved_by_caller() if prove else contextlib.nullcontext():  # (proved below)
+            res = compile_block(
+                block,
+                self.example,
+                recipe,
+                calibration=hidden,
+                calibration_batches=len(hidden) if hidden else None,
+                capture=self.capture(block),
+                dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},),
+            )
         if res.model is res.module:
             raise UnsupportedModelError(
                 f"stream: block {i} ({type(block.layer).__name__}) cannot be rebuilt as its "

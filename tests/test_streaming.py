@@ -185,6 +185,34 @@ def test_every_block_is_proved_and_a_wrong_one_stops_the_run(tmp_path, monkeypat
     assert not (tmp_path / "out").exists()  # nothing half-written is left
 
 
+def test_a_tree_unlike_its_graph_fails_the_proof_or_the_agreement_run(tmp_path, monkeypatch):
+    """A proved stream skips the run of each block's rebuilt tree against its graph (the proof
+    checks result.model itself, on the same kind of inputs): a tree that computes something
+    else still stops the run, at the proof; an unproved stream keeps the agreement run, which
+    falls back to the graph module, and the stream refuses that block."""
+    import fxprune.materialize as mat
+
+    dense = _decoder("llama", layers=2)
+    src = _source(dense, tmp_path / "src")
+    real, runs = mat.materialize, []
+
+    def off(work, *a, **kw):  # the tree, not the graph, is wrong
+        real(work, *a, **kw)
+        with torch.no_grad():
+            for m in work.modules():
+                if hasattr(m, "down_proj"):
+                    m.down_proj.weight[0, 0] += 1.0
+
+    monkeypatch.setattr(mat, "materialize", off)
+    monkeypatch.setattr(mat, "agreement", lambda *a, **k: runs.append(1) or (False, "differs"))
+    with pytest.raises(PassError, match="block 0 fails its proof"):
+        fxprune.stream(src, tmp_path / "out", ffn=0.25)
+    assert not runs  # proved: no agreement run
+    with pytest.raises(UnsupportedModelError, match="cannot be rebuilt as its own class"):
+        fxprune.stream(src, tmp_path / "out2", ffn=0.25, prove=False)
+    assert runs
+
+
 def test_bad_input_is_refused_by_name(tmp_path):
     llama = _source(_decoder("llama", layers=1), tmp_path / "llama")
     from tests.test_save_pretrained import llama_checks_head_count
