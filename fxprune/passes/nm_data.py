@@ -112,7 +112,7 @@ def calibrate(
 
     def seen(src: str, xs) -> None:  # src's value in one batch, or a list: one per batch
         xs = [x.detach() for x in (xs if isinstance(xs, list) else [xs]) if torch.is_tensor(x)]
-        done, rows = set(), None
+        done, rows, x32 = set(), None, None
         for param, node, wl in want[src]:
             if key[param] in done or not xs:
                 continue
@@ -122,8 +122,9 @@ def calibrate(
                     rows = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs])
                 _accumulate(acc, gm, param, node, wl, rows, hessian, fallback, key[param])
             else:
-                for x in xs:
-                    _accumulate(acc, gm, param, node, wl, x.float(), hessian, fallback, key[param])
+                x32 = x32 or [x.float() for x in xs]  # cast once for every conv reading src
+                for x in x32:
+                    _accumulate(acc, gm, param, node, wl, x, hessian, fallback, key[param])
 
     def share(src: str) -> None:  # each weight reads its shared statistics under its own name
         for param, _, _ in want[src]:

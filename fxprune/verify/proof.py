@@ -195,7 +195,6 @@ def equivalence(
         return EquivalenceReport(*head, e.output, _dname(dtype), len(rows), skipped)
     finally:  # the copies made here, for the next proof within reused_copies()
         give_back(z, *(m for m in (pruned, dense) if m is not candidate and m is not model))
-        del z, pruned, dense
     return _report(rows, result, rtol, dtype, native, skipped, nm_violations(result), own)
 
 
